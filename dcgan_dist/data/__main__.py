@@ -1,0 +1,118 @@
+"""Shard tools.
+
+    python -m dcgan_dist.data synth   --out DIR --num N [--shard-size S] [--size 64] [--channels 3] [--seed K]
+    python -m dcgan_dist.data convert --src PATH --out DIR [--size 64] [--channels 3] [--crop PX] [--shard-size S]
+    python -m dcgan_dist.data inspect DIR [--preview FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..images import save_grid
+from .convert import convert
+from .shards import decode_sample, expand_shards, iter_samples, read_info
+from .synth import write_synthetic_shards
+
+
+def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> dict:
+    """Read every shard: count shards and samples, image shapes, unreadable data; write a preview grid."""
+    urls = expand_shards(spec)
+    shapes: Counter = Counter()
+    formats: Counter = Counter()
+    bad_samples, bad_shards, first = 0, 0, []
+
+    def on_error(exc: Exception) -> bool:
+        nonlocal bad_shards
+        bad_shards += 1
+        print(f"warning: unreadable shard data: {exc}", file=sys.stderr)
+        return True
+
+    for sample in iter_samples(urls, handler=on_error):
+        try:
+            array = decode_sample(sample)
+        except ValueError as exc:
+            bad_samples += 1
+            print(f"warning: {exc}", file=sys.stderr)
+            continue
+        shapes[array.shape] += 1
+        formats[next((k for k in ("png", "jpg", "jpeg") if k in sample), "?")] += 1
+        if len(first) < preview_count:
+            first.append(array)
+    report = {
+        "shards": len(urls),
+        "samples": sum(shapes.values()),
+        "image_shapes": {f"{h}x{w}x{c}": n for (h, w, c), n in shapes.items()},
+        "formats": dict(formats),
+        "bad_samples": bad_samples,
+        "bad_shards": bad_shards,
+    }
+    if first and preview:
+        grid = torch.from_numpy(np.stack([a for a in first if a.shape == first[0].shape])).permute(0, 3, 1, 2)
+        report["preview"] = str(save_grid(grid, preview))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.data", description="Write, convert and inspect face shards.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="draw synthetic faces into shards (the embedded default data set)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num", type=int, required=True)
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", default="png", choices=("png", "jpg"))
+    p.add_argument("--processes", type=int, default=0, help="drawing processes (0 = one per core)")
+
+    p = sub.add_parser("convert", help="convert an image folder, a zip of images or MNIST IDX files into shards")
+    p.add_argument("--src", required=True, help="image folder (e.g. img_align_celeba/), .zip, or *-images-idx3-ubyte[.gz]")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=None, help="output size (default 64; IDX files keep 28)")
+    p.add_argument("--channels", type=int, default=None, choices=(1, 3), help="default 3 (IDX: 1)")
+    p.add_argument("--crop", type=int, default=0, help="centre crop side in px before resizing (default: largest square)")
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--limit", type=int, default=0, help="convert only the first N images")
+
+    p = sub.add_parser("inspect", help="count shards and samples, report image size, write a preview grid")
+    p.add_argument("shards", help="directory, glob, brace pattern or URL of shards")
+    p.add_argument("--preview", default=None, help="preview PNG path (default: <DIR>/preview.png for a directory, else preview.png)")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "synth":
+            info = write_synthetic_shards(args.out, args.num, args.shard_size, args.size, args.seed, args.channels,
+                                          args.format, processes=args.processes or None)
+            print(f"wrote {info.num_samples} synthetic faces ({info.image_size}x{info.image_size}x{info.channels}) "
+                  f"in {info.num_shards} shard(s) to {args.out}")
+        elif args.command == "convert":
+            convert(args.src, args.out, args.size, args.channels, args.crop, args.shard_size, args.limit)
+        else:
+            preview = args.preview or (str(Path(args.shards) / "preview.png") if Path(args.shards).is_dir() else "preview.png")
+            report = inspect(args.shards, preview)
+            info = read_info(args.shards)
+            print(f"shards:   {report['shards']}")
+            print(f"samples:  {report['samples']}" + (f" (dataset.json says {info.num_samples})" if info else ""))
+            for shape, n in report["image_shapes"].items():
+                h, w, c = shape.split("x")
+                print(f"images:   {h}x{w}, {c} channel(s): {n}")
+            print(f"formats:  {', '.join(f'{k}: {v}' for k, v in report['formats'].items())}")
+            print(f"skipped:  {report['bad_samples']} undecodable sample(s), {report['bad_shards']} shard error(s)")
+            if "preview" in report:
+                print(f"preview:  {report['preview']}")
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""WebDataset shard format: writing shards, finding them, and decoding their samples.
+
+A shard is a plain tar file written by `webdataset.ShardWriter`. Each sample is `<key>.png` (lossless, the
+default) or `<key>.jpg`: the file extension records the format, so the loader needs no flag to read it.
+Images are stored at their training size (resized at conversion time), so training never resizes.
+
+A shard directory also holds `dataset.json` (sample count, image size, channels, format, source) so that
+tools can report epochs and check the model's image size without reading every shard.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
+META_FILE = "dataset.json"
+SHARD_PATTERN = "shard-%06d.tar"
+
+
+@dataclass
+class DatasetInfo:
+    num_samples: int
+    image_size: int
+    channels: int
+    format: str
+    num_shards: int
+    source: str = ""
+    skipped: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def encode_image(array: np.ndarray, fmt: str = "png") -> bytes:
+    """H x W x C (C = 1 or 3) uint8 -> PNG or JPEG bytes."""
+    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array, "L" if array.shape[2] == 1 else "RGB")
+    buf = io.BytesIO()
+    if fmt == "png":
+        image.save(buf, format="PNG", compress_level=3)
+    elif fmt in ("jpg", "jpeg"):
+        image.save(buf, format="JPEG", quality=95)
+    else:
+        raise ValueError(f"unknown image format '{fmt}' (png or jpg)")
+    return buf.getvalue()
+
+
+def decode_sample(sample: dict) -> np.ndarray:
+    """A WebDataset sample dict -> H x W x C uint8 array (C = 1 for greyscale, 3 for RGB).
+
+    Raises ValueError for a sample with no image or undecodable bytes; the caller counts and skips it.
+    """
+    for ext in IMAGE_EXTENSIONS:
+        data = sample.get(ext)
+        if data is not None:
+            break
+    else:
+        raise ValueError(f"sample '{sample.get('__key__')}' has no image ({', '.join(IMAGE_EXTENSIONS)})")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.mode not in ("L", "RGB"):
+                image = image.convert("RGB")
+            array = np.asarray(image)
+    except Exception as exc:
+        raise ValueError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')}: cannot decode: {exc}") from exc
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+class ShardWriter:
+    """Writes H x W x C uint8 images into numbered shards in `out_dir`, then `dataset.json`.
+
+    Use as a context manager; `write` takes one image at a time, keys are the running sample index.
+    """
+
+    def __init__(self, out_dir: str | Path, shard_size: int = 1000, fmt: str = "png", source: str = ""):
+        if shard_size < 1:
+            raise ValueError("shard_size must be at least 1")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        existing = sorted(self.out_dir.glob("*.tar"))
+        if existing:
+            raise FileExistsError(f"{self.out_dir} already holds {len(existing)} shards; choose an empty directory")
+        self.fmt, self.source = fmt, source
+        self.count, self.shape = 0, None
+        self.skipped = 0
+        self._writer = wds.ShardWriter(str(self.out_dir / SHARD_PATTERN), maxcount=shard_size, verbose=0)
+
+    def write(self, array: np.ndarray) -> None:
+        if array.ndim != 3 or array.dtype != np.uint8:
+            raise ValueError(f"expected H x W x C uint8, got {array.shape} {array.dtype}")
+        if self.shape is None:
+            self.shape = array.shape
+        elif array.shape != self.shape:
+            raise ValueError(f"image {self.count} has shape {array.shape}, the first had {self.shape}")
+        self._writer.write({"__key__": f"{self.count:09d}", self.fmt: encode_image(array, self.fmt)})
+        self.count += 1
+
+    def close(self) -> DatasetInfo:
+        self._writer.close()
+        if self.count == 0:
+            raise ValueError("no images were written")
+        info = DatasetInfo(
+            num_samples=self.count,
+            image_size=int(self.shape[0]),
+            channels=int(self.shape[2]),
+            format=self.fmt,
+            num_shards=len(list(self.out_dir.glob("*.tar"))),
+            source=self.source,
+            skipped=self.skipped,
+        )
+        write_info(self.out_dir, info)
+        return info
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            return
+        self._writer.close()
+
+
+def write_info(out_dir: str | Path, info: DatasetInfo) -> None:
+    tmp = Path(out_dir) / f".{META_FILE}.tmp"
+    tmp.write_text(json.dumps(asdict(info), indent=2) + "\n")
+    tmp.replace(Path(out_dir) / META_FILE)
+
+
+def _is_url(spec: str) -> bool:
+    return "://" in spec or spec.startswith("pipe:")
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Shard spec -> list of URLs/paths.
+
+    Accepts a directory (all *.tar inside, sorted), a glob (`data/*.tar`), a brace pattern
+    (`data/shard-{000000..000009}.tar`), a `pipe:` command or URL, and several of these joined by '::'.
+    """
+    urls: list[str] = []
+    for part in wds.shardlists.expand_urls(spec):
+        if _is_url(part):
+            urls.append(part)
+        elif os.path.isdir(part):
+            found = sorted(str(p) for p in Path(part).glob("*.tar"))
+            if not found:
+                raise FileNotFoundError(f"no .tar shards in directory '{part}'")
+            urls.extend(found)
+        elif any(ch in part for ch in "*?["):
+            found = sorted(glob.glob(os.path.expanduser(part)))
+            if not found:
+                raise FileNotFoundError(f"no shards match '{part}'")
+            urls.extend(found)
+        else:
+            path = os.path.expanduser(part)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"shard '{part}' does not exist")
+            urls.append(path)
+    if not urls:
+        raise FileNotFoundError(f"no shards in '{spec}'")
+    return urls
+
+
+def read_info(spec: str) -> DatasetInfo | None:
+    """dataset.json next to local shards (the directory, or the folder of the first shard), if any."""
+    first = wds.shardlists.expand_urls(spec)[0]
+    if _is_url(first):
+        return None
+    folder = Path(first) if os.path.isdir(first) else Path(expand_shards(spec)[0]).parent
+    meta = folder / META_FILE
+    if not meta.is_file():
+        return None
+    try:
+        return DatasetInfo(**json.loads(meta.read_text()))
+    except (TypeError, ValueError):
+        return None
+
+
+def iter_samples(urls: Iterable[str], handler=wds.handlers.reraise_exception) -> Iterator[dict]:
+    """Raw samples (dicts of bytes keyed by extension) from shards, in order, through webdataset's tar reader."""
+    return wds.tariterators.tarfile_samples(({"url": u} for u in urls), handler=handler)
