@@ -1,0 +1,67 @@
+"""Draw samples from a trained generator.
+
+    python -m dcgan_dist.sample --checkpoint runs/debug/checkpoints/step_0000600.pt --num 64 --out grid.png [--seed K]
+
+--checkpoint also takes a run directory (its newest checkpoint is used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import from_dict
+from .images import save_grid
+from .models import Generator
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, dict]:
+    """The generator of a checkpoint file (or of the newest checkpoint in a run directory), in eval mode."""
+    path = Path(path)
+    if path.is_dir():
+        found = ckpt.load_latest(path / "checkpoints" if (path / "checkpoints").is_dir() else path, map_location=device)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoints in {path}")
+        path, state = found
+    else:
+        state = ckpt.load(path, map_location=device)
+    cfg = from_dict(state["config"])
+    G = Generator(cfg.model.nz, cfg.model.ngf, cfg.model.channels, cfg.model.image_size).to(device)
+    G.load_state_dict(state["generator"])
+    return G.eval(), state
+
+
+@torch.no_grad()
+def generate(G: Generator, num: int, seed: int = 0, device: str | torch.device = "cpu", batch: int = 256) -> torch.Tensor:
+    """`num` images in [-1, 1]; the same seed gives the same images."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(num, G.nz, 1, 1, generator=gen)
+    return torch.cat([G(z[i : i + batch].to(device)).cpu() for i in range(0, num, batch)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.sample", description="Sample a grid from a checkpoint.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (newest checkpoint)")
+    parser.add_argument("--num", type=int, default=64)
+    parser.add_argument("--out", default="samples.png")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nrow", type=int, default=0, help="images per row (default: square grid)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    try:
+        G, state = load_generator(args.checkpoint, args.device)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    images = generate(G, args.num, args.seed, args.device)
+    path = save_grid(images, args.out, nrow=args.nrow or None)
+    print(f"wrote {args.num} samples from step {state['step']} to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
