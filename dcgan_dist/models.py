@@ -91,11 +91,11 @@ def init_weights(module: nn.Module) -> None:
 
 def build_models(model_cfg, seed: int = 0) -> tuple[Generator, Discriminator]:
     """G and D from a ModelSection, initialised deterministically from `seed` (same weights on every rank)."""
-    gen = torch.Generator().manual_seed(seed)
-    g = Generator(model_cfg.nz, model_cfg.ngf, model_cfg.channels, model_cfg.image_size)
-    d = Discriminator(model_cfg.ndf, model_cfg.channels, model_cfg.image_size)
+    # Construction draws from the global RNG too (torch's default init), so fork it: the caller's stream is untouched.
     with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.set_state(gen.get_state())
+        torch.manual_seed(seed)
+        g = Generator(model_cfg.nz, model_cfg.ngf, model_cfg.channels, model_cfg.image_size)
+        d = Discriminator(model_cfg.ndf, model_cfg.channels, model_cfg.image_size)
         g.apply(init_weights)
         d.apply(init_weights)
     return g, d

@@ -1,0 +1,42 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dcgan_dist.data import write_synthetic_shards
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A model small enough that a training step takes milliseconds on a laptop CPU.
+TINY = [
+    "model.image_size=32",
+    "model.nz=16",
+    "model.ngf=8",
+    "model.ndf=8",
+    "train.batch_size=16",
+    "train.num_threads=1",
+    "data.num_workers=0",
+    "data.shuffle_buffer=64",
+    "wandb.mode=disabled",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """512 synthetic 32x32 faces in 8 shards of 64."""
+    out = tmp_path_factory.mktemp("shards") / "faces32"
+    write_synthetic_shards(out, 512, shard_size=64, size=32, seed=3, processes=1, progress=False)
+    return out
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m ...` as a user would; returns the completed process (text output)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc

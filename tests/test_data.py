@@ -1,0 +1,248 @@
+"""Shards: writer -> loader round trip, rank/worker splitting, resume, faults, converters, CLI."""
+
+import gzip
+import io
+import struct
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from dcgan_dist.data import ImageBatches, ShardWriter, expand_shards, read_info, write_synthetic_shards
+from dcgan_dist.data.convert import convert
+from dcgan_dist.data.shards import iter_samples
+from dcgan_dist.data.synth import draw_face
+
+from .conftest import run_cli
+
+
+def tagged_images(n: int, size: int = 8, channels: int = 3, seed: int = 0) -> list[np.ndarray]:
+    """Random images whose first two pixel values encode their index."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(n):
+        a = rng.integers(0, 256, (size, size, channels), dtype=np.uint8)
+        a[0, 0, 0], a[0, 1, 0] = i % 256, i // 256
+        images.append(a)
+    return images
+
+
+def tag(image: torch.Tensor) -> int:  # C x H x W uint8
+    return int(image[0, 0, 0]) + 256 * int(image[0, 0, 1])
+
+
+def write(out: Path, images: list[np.ndarray], shard_size: int) -> Path:
+    with ShardWriter(out, shard_size=shard_size) as writer:
+        for a in images:
+            writer.write(a)
+        writer.close()
+    return out
+
+
+def take(batches: ImageBatches, n: int) -> list[torch.Tensor]:
+    return [next(batches) for _ in range(n)]
+
+
+def test_round_trip_is_pixel_exact(tmp_path):
+    images = tagged_images(96, channels=3)
+    write(tmp_path / "s", images, shard_size=32)
+    info = read_info(str(tmp_path / "s"))
+    assert (info.num_samples, info.num_shards, info.image_size, info.channels, info.format) == (96, 3, 8, 3, "png")
+    batches = ImageBatches(str(tmp_path / "s"), batch_size=8, seed=1, shuffle_buffer=16, expect_chw=(3, 8, 8))
+    got = torch.cat(take(batches, 12))  # exactly one pass
+    assert got.dtype == torch.uint8 and got.shape == (96, 3, 8, 8)
+    by_tag = {tag(img): img for img in got}
+    assert sorted(by_tag) == list(range(96))  # every sample once
+    for i, a in enumerate(images):
+        assert torch.equal(by_tag[i], torch.from_numpy(a).permute(2, 0, 1))
+    order = [tag(img) for img in got]
+    assert order != sorted(order)  # shuffled
+
+
+def test_greyscale_round_trip(tmp_path):
+    images = tagged_images(10, size=28, channels=1)
+    write(tmp_path / "g", images, shard_size=5)
+    got = torch.cat(take(ImageBatches(str(tmp_path / "g"), 5, shuffle_buffer=4), 2))
+    assert got.shape == (10, 1, 28, 28)
+    assert sorted(tag(img) for img in got) == list(range(10))
+
+
+@pytest.mark.parametrize("world_size, num_workers", [(1, 2), (2, 1), (2, 2), (3, 2)])
+def test_rank_and_worker_splits_are_disjoint_and_cover_the_set(tmp_path, world_size, num_workers):
+    n, shard_size = 144, 12  # 12 equal shards: every slot gets whole shards of the same length
+    write(tmp_path / "s", tagged_images(n), shard_size)
+    seen = []
+    for rank in range(world_size):
+        batches = ImageBatches(str(tmp_path / "s"), 1, rank=rank, world_size=world_size, seed=4,
+                               num_workers=num_workers, shuffle_buffer=8)
+        seen.append([tag(b[0]) for b in take(batches, n // world_size)])  # one pass of this rank
+        batches.close()
+    for rank_tags in seen:
+        assert len(set(rank_tags)) == len(rank_tags)  # no repeats within a pass
+    assert sorted(t for rank_tags in seen for t in rank_tags) == list(range(n))  # disjoint and complete
+
+
+def test_stream_is_infinite_and_reshuffles_each_pass(tmp_path):
+    write(tmp_path / "s", tagged_images(20), 5)
+    batches = ImageBatches(str(tmp_path / "s"), 4, shuffle_buffer=8)
+    first = [tag(i) for b in take(batches, 5) for i in b]
+    second = [tag(i) for b in take(batches, 5) for i in b]
+    assert sorted(first) == sorted(second) == list(range(20))
+    assert first != second
+
+
+@pytest.mark.parametrize("num_workers, consumed", [(0, 5), (2, 3), (2, 4)])
+def test_resume_continues_the_same_sequence(tmp_path, num_workers, consumed):
+    write(tmp_path / "s", tagged_images(64), 8)
+    kwargs = dict(batch_size=6, seed=2, num_workers=num_workers, shuffle_buffer=10)
+    reference = ImageBatches(str(tmp_path / "s"), **kwargs)
+    expected = take(reference, consumed + 8)
+    reference.close()
+    first = ImageBatches(str(tmp_path / "s"), **kwargs)
+    take(first, consumed)
+    state = first.state_dict()
+    first.close()
+    resumed = ImageBatches(str(tmp_path / "s"), **kwargs, state=state)
+    for want, got in zip(expected[consumed:], take(resumed, 8)):
+        assert torch.equal(want, got)
+
+
+def test_corrupt_shard_and_image_are_skipped_and_counted(tmp_path):
+    out = write(tmp_path / "s", tagged_images(40), 10)  # 4 good shards
+    # A corrupt image inside an otherwise valid shard.
+    with wds.TarWriter(str(out / "shard-000100.tar")) as sink:
+        sink.write({"__key__": "bad", "png": b"\x89PNG not really"})
+        for i, a in enumerate(tagged_images(3, seed=9)):
+            a[0, 0, 0], a[0, 1, 0] = (40 + i) % 256, 0
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, format="PNG")
+            sink.write({"__key__": f"ok{i}", "png": buf.getvalue()})
+    # A truncated shard and a file that is not a tar at all.
+    good = (out / "shard-000000.tar").read_bytes()
+    (out / "shard-000101.tar").write_bytes(good[: len(good) // 2 + 100])
+    (out / "shard-000102.tar").write_bytes(b"this is not a tar file" * 100)
+    batches = ImageBatches(str(out), 1, shuffle_buffer=4)
+    tags = [tag(b[0]) for b in take(batches, 60)]
+    assert set(range(43)) <= set(tags)  # every readable image still arrives
+    assert batches.counters.bad_samples >= 1
+    assert batches.counters.bad_shards >= 2
+    # The inspect command reports the same problems instead of failing.
+    proc = run_cli("-m", "dcgan_dist.data", "inspect", str(out), "--preview", str(tmp_path / "p.png"), check=True)
+    assert "shards:   7" in proc.stdout
+    assert "undecodable sample(s)" in proc.stdout and "skipped:  1 undecodable" in proc.stdout
+    assert (tmp_path / "p.png").is_file()
+
+
+def test_shape_mismatch_is_a_clear_error(tiny_shards):
+    batches = ImageBatches(str(tiny_shards), 4, expect_chw=(3, 64, 64))
+    with pytest.raises(ValueError, match="model.image_size"):
+        next(batches)
+
+
+def test_shard_specs(tiny_shards):
+    all_shards = expand_shards(str(tiny_shards))
+    assert len(all_shards) == 8
+    assert expand_shards(str(tiny_shards / "*.tar")) == all_shards
+    assert expand_shards(str(tiny_shards / "shard-{000000..000007}.tar")) == all_shards
+    assert len(expand_shards(f"{all_shards[0]}::{all_shards[1]}")) == 2
+    with pytest.raises(FileNotFoundError):
+        expand_shards(str(tiny_shards / "nothing-*.tar"))
+    # pipe: URLs go through webdataset's own opener (this is how S3/GCS shards are read).
+    piped = [f"pipe:cat {p}" for p in all_shards]
+    batches = ImageBatches(piped, 32, world_size=2, rank=1, shuffle_buffer=16)
+    assert next(batches).shape == (32, 3, 32, 32)
+
+
+def test_too_few_shards_for_the_world_is_a_clear_error(tmp_path):
+    write(tmp_path / "s", tagged_images(4), 4)
+    with pytest.raises(ValueError, match="1 shard"):
+        ImageBatches(str(tmp_path / "s"), 2, rank=0, world_size=2)
+
+
+def test_synthetic_faces_are_deterministic():
+    a, b, c = draw_face(7, seed=1, size=32), draw_face(7, seed=1, size=32), draw_face(7, seed=2, size=32)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    faces = np.stack([np.asarray(draw_face(i, 0, 64)) for i in range(16)])
+    assert faces.shape == (16, 64, 64, 3)
+    assert faces.std(axis=0).mean() > 20  # faces differ from each other
+
+
+def test_synth_and_inspect_cli(tmp_path):
+    out = tmp_path / "synth"
+    proc = run_cli("-m", "dcgan_dist.data", "synth", "--out", str(out), "--num", "30", "--shard-size", "10",
+                   "--size", "28", "--channels", "1", "--processes", "1", check=True)
+    assert "wrote 30 synthetic faces (28x28x1) in 3 shard(s)" in proc.stdout
+    proc = run_cli("-m", "dcgan_dist.data", "inspect", str(out), check=True)
+    assert "shards:   3" in proc.stdout and "samples:  30" in proc.stdout and "28x28, 1 channel(s): 30" in proc.stdout
+    assert (out / "preview.png").is_file()
+    # Same seed, same set; refusing to overwrite an existing set.
+    again = tmp_path / "again"
+    write_synthetic_shards(again, 30, 10, 28, 0, 1, processes=1, progress=False)
+    def pngs(folder):
+        return [s["png"] for s in iter_samples(expand_shards(str(folder)))]
+
+    assert pngs(out) == pngs(again)
+    assert run_cli("-m", "dcgan_dist.data", "synth", "--out", str(out), "--num", "5").returncode == 2
+
+
+def make_image_folder(root: Path) -> None:
+    root.mkdir(parents=True)
+    # 178x218 like CelebA's aligned faces: a red centre square, blue bands above and below.
+    a = np.zeros((218, 178, 3), np.uint8)
+    a[:, :] = (0, 0, 255)
+    a[20:198, :] = (255, 0, 0)
+    Image.fromarray(a).save(root / "000001.jpg", quality=98)
+    Image.fromarray(np.full((40, 90, 3), 128, np.uint8)).save(root / "000002.png")
+    (root / "sub").mkdir()
+    Image.fromarray(np.full((64, 64), 200, np.uint8), "L").save(root / "sub" / "000003.png")
+    (root / "000004.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    (root / "notes.txt").write_text("not an image")
+
+
+def test_convert_folder_center_crops_resizes_and_skips_corrupt(tmp_path):
+    make_image_folder(tmp_path / "img_align_celeba")
+    info = convert(tmp_path / "img_align_celeba", tmp_path / "out", shard_size=2, progress=False)
+    assert (info.num_samples, info.skipped, info.image_size, info.channels) == (3, 1, 64, 3)
+    batches = ImageBatches(str(tmp_path / "out"), 3, shuffle_buffer=1)
+    images = next(batches).float()
+    # The centre crop of the first image is all red: the blue bands were cropped away.
+    reds = [img for img in images if img[0].mean() > 200]
+    assert len(reds) == 1 and reds[0][2].max() < 40
+
+
+def test_convert_zip(tmp_path):
+    make_image_folder(tmp_path / "imgs")
+    with zipfile.ZipFile(tmp_path / "faces.zip", "w") as z:
+        for p in sorted((tmp_path / "imgs").rglob("*")):
+            if p.is_file():
+                z.write(p, p.relative_to(tmp_path))
+    proc = run_cli("-m", "dcgan_dist.data", "convert", "--src", str(tmp_path / "faces.zip"), "--out",
+                   str(tmp_path / "out"), "--size", "32", check=True)
+    assert "wrote 3 images (32x32x3)" in proc.stdout and "skipped 1 unreadable" in proc.stdout
+    assert "skipping imgs/000004.jpg" in proc.stdout + proc.stderr
+
+
+def write_idx(path: Path, images: np.ndarray) -> None:
+    payload = struct.pack(">IIII", 0x00000803, *images.shape) + images.tobytes()
+    path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
+
+
+def test_convert_mnist_idx(tmp_path):
+    digits = np.random.default_rng(0).integers(0, 256, (25, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", digits)
+    info = convert(tmp_path / "train-images-idx3-ubyte.gz", tmp_path / "out", shard_size=10, progress=False)
+    assert (info.num_samples, info.num_shards, info.image_size, info.channels) == (25, 3, 28, 1)
+    got = torch.cat(take(ImageBatches(str(tmp_path / "out"), 5, shuffle_buffer=2), 5))
+    want = Counter(d.tobytes() for d in digits)
+    assert Counter(g[0].numpy().tobytes() for g in got) == want  # pixel-exact
+    # A truncated IDX file is a clear error.
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "t10k-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, 10, 28, 28) + b"\0" * 100)
+    with pytest.raises(ValueError, match="truncated"):
+        convert(tmp_path / "bad", tmp_path / "out2", progress=False)
