@@ -160,7 +160,7 @@ def _convert_idx(src: Path, out, size, crop, shard_size, limit, progress) -> Dat
 
 def _write(items, total: int, out, shard_size: int, source: str, progress: bool) -> DatasetInfo:
     skipped = 0
-    bar = tqdm(total=total, unit="img", desc=f"converting -> {out}", disable=not progress)
+    bar = tqdm(total=total, unit="img", desc=f"converting -> {out}", disable=None if progress else True)  # None: only on a terminal
     with ShardWriter(out, shard_size=shard_size, source=source) as writer:
         for name, result in items:
             if isinstance(result, Exception):

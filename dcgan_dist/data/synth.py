@@ -172,7 +172,7 @@ def write_synthetic_shards(
         for j, start in enumerate(range(0, num, shard_size))
     ]
     processes = processes or min(len(jobs), os.cpu_count() or 1)
-    bar = tqdm(total=num, unit="img", desc=f"drawing faces -> {out}", disable=not progress)
+    bar = tqdm(total=num, unit="img", desc=f"drawing faces -> {out}", disable=None if progress else True)  # None: only on a terminal
     if processes > 1:
         with mp.get_context("spawn").Pool(processes) as pool:
             for n in pool.imap_unordered(_write_shard, jobs):
