@@ -1,0 +1,30 @@
+"""Wrapping G and D for data-parallel training."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .env import DistEnv
+from .sync_batchnorm import convert_sync_batchnorm
+
+
+def wrap_models(G: nn.Module, D: nn.Module, env: DistEnv, sync_bn: bool) -> tuple[nn.Module, nn.Module]:
+    """Synchronised batch norm (optional) and one DDP wrapper per network; identity for one process.
+
+    DDP broadcasts rank 0's parameters and buffers at construction, so all ranks start identical.
+    `forward_sync_buffers=False`: DDP must not overwrite batch-norm buffers in place before each forward.
+    With D called twice per step (real, fake) before one backward, that in-place broadcast is what breaks
+    autograd in GANs ("modified by an inplace operation"). With sync_bn the running statistics are
+    computed from global batch statistics and stay identical on every rank anyway; without it, each rank
+    keeps its own (samples are drawn on rank 0, with rank 0's).
+    """
+    if not env.distributed:
+        return G, D
+    if sync_bn:
+        G = convert_sync_batchnorm(G, env.device.type)
+        D = convert_sync_batchnorm(D, env.device.type)
+    device_ids = [env.device.index if env.device.index is not None else env.local_rank] if env.device.type == "cuda" else None
+    G = DDP(G, device_ids=device_ids, forward_sync_buffers=False)
+    D = DDP(D, device_ids=device_ids, forward_sync_buffers=False)
+    return G, D

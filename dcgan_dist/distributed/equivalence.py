@@ -1,0 +1,153 @@
+"""The gold-standard check of synchronised batch norm under DDP.
+
+N workers with batch B each must train exactly like 1 worker with batch N*B on the same samples: same
+forward outputs, gradients, batch-norm running statistics and parameters after several optimizer steps, for
+G and D. With synchronisation off they must differ (so the check can fail).
+
+    python -m dcgan_dist.distributed.equivalence [--world-size 2] [--device cpu|cuda] [--dtype float64] [--no-sync]
+
+prints the largest absolute difference of each kind as JSON. On CUDA the workers use torch.nn.SyncBatchNorm
+and NCCL (several processes may share one GPU); on CPU, CrossProcessBatchNorm over gloo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ..config import ModelSection, OptimSection
+from ..gan import make_optimizers, train_step, unwrap
+from ..models import build_models
+from .ddp import wrap_models
+from .env import DistEnv
+
+
+@dataclass
+class Spec:
+    world_size: int = 2
+    batch: int = 4  # per worker
+    steps: int = 3
+    image_size: int = 32
+    channels: int = 3
+    nz: int = 8
+    width: int = 4
+    dtype: str = "float64"
+    device: str = "cpu"
+    sync_bn: bool = True
+    seed: int = 0
+
+
+def _inputs(spec: Spec) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Global batches (N*B) of images and latents for every step, plus one more for the forward check."""
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+    total = spec.world_size * spec.batch
+    # A non-zero mean and a wide spread exercise the numerics of combining per-rank statistics.
+    reals = [torch.tanh(torch.randn(total, spec.channels, spec.image_size, spec.image_size, generator=gen) + 0.3)
+             for _ in range(spec.steps + 1)]
+    zs = [torch.randn(total, spec.nz, 1, 1, generator=gen) * 2 for _ in range(spec.steps + 1)]
+    return reals, zs
+
+
+def _train(spec: Spec, env: DistEnv, rows: slice) -> dict:
+    dtype = getattr(torch, spec.dtype)
+    model = ModelSection(spec.image_size, spec.channels, spec.nz, spec.width, spec.width)
+    G, D = build_models(model, seed=spec.seed)
+    G, D = G.to(env.device, dtype), D.to(env.device, dtype)
+    opt_g, opt_d = make_optimizers(G, D, OptimSection())
+    G, D = wrap_models(G, D, env, sync_bn=spec.sync_bn)
+    reals, zs = _inputs(spec)
+    for real, z in zip(reals[:-1], zs[:-1]):
+        train_step(G, D, opt_g, opt_d, real[rows].to(env.device, dtype), z[rows].to(env.device, dtype))
+    result = {
+        name: {k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()} for name, net in (("G", G), ("D", D))
+    }
+    result["grads"] = {
+        f"{name}.{k}": p.grad.detach().cpu()
+        for name, net in (("G", G), ("D", D))
+        for k, p in unwrap(net).named_parameters()
+        if p.grad is not None
+    }
+    with torch.no_grad():  # forward outputs in training mode (batch statistics): every rank takes part
+        result["G(z)"] = G(zs[-1][rows].to(env.device, dtype)).cpu()
+        result["D(x)"] = D(reals[-1][rows].to(env.device, dtype)).cpu()
+    return result
+
+
+def _worker(rank: int, spec: Spec, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    backend = "nccl" if spec.device == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=spec.world_size)
+    try:
+        device = torch.device("cuda", 0) if spec.device == "cuda" else torch.device("cpu")
+        if spec.device == "cuda":
+            torch.cuda.set_device(device)
+        env = DistEnv(rank=rank, world_size=spec.world_size, device=device)
+        rows = slice(rank * spec.batch, (rank + 1) * spec.batch)
+        torch.save(_train(spec, env, rows), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run(spec: Spec) -> dict[str, float]:
+    """Largest absolute differences between the N-worker run and the 1-worker run with the global batch."""
+    # One process with the global batch; _inputs() depends only on the global batch size and seed, so it
+    # sees exactly the samples that the N workers share out.
+    single = Spec(**{**spec.__dict__, "world_size": 1, "batch": spec.world_size * spec.batch})
+    device = torch.device("cuda", 0) if spec.device == "cuda" else torch.device("cpu")
+    reference = _train(single, DistEnv(device=device), slice(None))
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_worker, args=(spec, os.path.join(tmp, "init"), tmp), nprocs=spec.world_size,
+                           start_method="spawn", join=True)
+        ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(spec.world_size)]
+
+    def max_diff(a: dict, b: dict, keys=None) -> float:
+        return max(((a[k].double() - b[k].double()).abs().max().item() for k in (keys or a)), default=0.0)
+
+    def is_param(name: str) -> bool:
+        return name.endswith(("weight", "bias"))
+
+    out = {}
+    for net in ("G", "D"):
+        params = [k for k in reference[net] if is_param(k)]
+        buffers = [k for k in reference[net] if k.startswith("net") and ("running" in k)]
+        out[f"{net}_params"] = max(max_diff(reference[net], r[net], params) for r in ranks)
+        out[f"{net}_running_stats"] = max(max_diff(reference[net], r[net], buffers) for r in ranks)
+        out[f"{net}_grads"] = max(
+            max_diff(reference["grads"], r["grads"], [k for k in reference["grads"] if k.startswith(net + ".")]) for r in ranks
+        )
+        # Ranks must agree with each other exactly, parameters and running statistics alike.
+        out[f"{net}_rank_disagreement"] = max(max_diff(ranks[0][net], r[net], params + buffers) for r in ranks[1:])
+    out["G_forward"] = (reference["G(z)"] - torch.cat([r["G(z)"] for r in ranks])).abs().max().item()
+    out["D_forward"] = (reference["D(x)"] - torch.cat([r["D(x)"] for r in ranks])).abs().max().item()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.distributed.equivalence", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4, help="per worker")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="float64", choices=("float64", "float32"))
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--width", type=int, default=4)
+    parser.add_argument("--no-sync", action="store_true", help="plain per-rank batch norm (expected to differ)")
+    args = parser.parse_args(argv)
+    spec = Spec(world_size=args.world_size, batch=args.batch, steps=args.steps, device=args.device, dtype=args.dtype,
+                image_size=args.image_size, width=args.width, sync_bn=not args.no_sync)
+    result = run(spec)
+    print(json.dumps({"spec": spec.__dict__, "max_abs_diff": result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
