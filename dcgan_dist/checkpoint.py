@@ -87,3 +87,24 @@ def restore_rng_state(state: dict[str, Any], noise_generator: torch.Generator) -
     noise_generator.set_state(state["noise"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class DirectoryStore:
+    """Checkpoints as step files in a directory (the local launcher). Only the main process writes."""
+
+    def __init__(self, directory: str | Path, keep: int, is_main: bool = True):
+        self.directory, self.keep, self.is_main = Path(directory), keep, is_main
+
+    def latest(self, map_location: str | torch.device = "cpu") -> tuple[str, dict[str, Any]] | None:
+        found = load_latest(self.directory, map_location)
+        return (str(found[0]), found[1]) if found else None
+
+    def save(self, state: dict[str, Any] | None, step: int, metrics: dict[str, Any]) -> str | None:
+        if not self.is_main or state is None:
+            return None
+        path = save_atomic(state, checkpoint_path(self.directory, step))
+        prune(self.directory, self.keep)
+        return str(path)
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        """Metrics between checkpoints: nothing to do locally (metrics.jsonl has them)."""

@@ -73,9 +73,15 @@ class OptimSection:
 
 @dataclass
 class DistSection:
-    launcher: str = "local"  # local: this process, no Ray; ray: Ray Train workers
-    num_workers: int = 1
-    use_gpu: bool = False
+    launcher: str = "local"  # local: this process, no Ray; ray: Ray Train workers (cluster in RAY_ADDRESS, else a local one)
+    num_workers: int = 1  # training processes (ray); each reads its own slice of the shards
+    use_gpu: bool = False  # ray: one GPU per worker, NCCL
+    sync_bn: bool = True  # batch norm statistics over the global batch (all workers), for G and D
+    cpus_per_worker: int = 1  # ray: CPUs reserved per worker (loader processes and torch threads use them)
+    max_failures: int = 3  # ray: restarts of the worker group from the latest checkpoint after a failure
+    # ray: where Ray Train keeps checkpoints (<storage_path>/<run.name>/checkpoint_*). Multi-node: shared storage
+    # (NFS path, s3://..., gs://...). Empty: <run.dir>/ray.
+    storage_path: str = ""
 
 
 @dataclass
@@ -130,6 +136,8 @@ MINIMUM: dict[str, int] = {
     "data.synth_num": 1,
     "data.num_samples": 0,
     "dist.num_workers": 1,
+    "dist.cpus_per_worker": 1,
+    "dist.max_failures": 0,
     "fault.crash_at_step": 0,
 }
 

@@ -21,25 +21,14 @@ from . import config as config_lib
 from .config import Config
 from .data import ImageBatches, ensure_synthetic, normalise, read_info
 from .data.loader import slot_seed
+from .distributed.ddp import wrap_models
+from .distributed.env import DistEnv
 from .gan import make_optimizers, train_step, unwrap
 from .images import save_grid
 from .models import build_models
 from .reporting import Meter, MetricsLog, Progress, Throughput
 
 NUM_FIXED_SAMPLES = 64
-
-
-@dataclass
-class DistEnv:
-    """Where this training process sits: its rank among `world_size` processes and its device."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 @dataclass
@@ -71,7 +60,7 @@ def resolve_data(cfg: Config) -> tuple[str, int]:
     return spec, num
 
 
-def _check_compatible(saved: dict, cfg: Config, path: Path) -> None:
+def _check_compatible(saved: dict, cfg: Config, path: str) -> None:
     old_model = saved["config"]["model"]
     new_model = config_lib.to_dict(cfg)["model"]
     if old_model != new_model:
@@ -92,7 +81,14 @@ def _maybe_crash(cfg: Config, env: DistEnv, step: int, run_dir: Path) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train(cfg: Config, env: DistEnv | None = None) -> TrainResult:
+def train(cfg: Config, env: DistEnv | None = None, store=None) -> TrainResult:
+    """Train to cfg.train.max_steps, resuming from the store's latest checkpoint.
+
+    env: this process's rank/device (default: one local process). store: where checkpoints go and where
+    metrics are reported (default: step files in <run.dir>/checkpoints; the Ray launcher passes its own).
+    Every rank runs this function; collectives (DDP, synchronised batch norm, metric reduction, checkpoint
+    state gathering, Ray reports) happen at the same steps on all of them.
+    """
     env = env or DistEnv(device=pick_device(cfg.train.device))
     device = env.device
     started = time.perf_counter()
@@ -103,7 +99,8 @@ def train(cfg: Config, env: DistEnv | None = None) -> TrainResult:
     torch.manual_seed(cfg.run.seed)
 
     run_dir = Path(cfg.run.dir).expanduser()
-    ckpt_dir, sample_dir = run_dir / "checkpoints", run_dir / "samples"
+    sample_dir = run_dir / "samples"
+    store = store or ckpt.DirectoryStore(run_dir / "checkpoints", cfg.train.keep_checkpoints, env.is_main)
     if env.is_main:
         config_lib.save(cfg, run_dir / "config.yaml")
 
@@ -120,19 +117,24 @@ def train(cfg: Config, env: DistEnv | None = None) -> TrainResult:
     fixed_noise = torch.randn(NUM_FIXED_SAMPLES, cfg.model.nz, 1, 1, generator=torch.Generator().manual_seed(cfg.run.seed))
     fixed_noise = fixed_noise.to(device)
 
-    step, data_state = 0, None
-    latest = ckpt.load_latest(ckpt_dir, map_location=device)
+    step, rank_state = 0, None
+    latest = store.latest(map_location=device)
     if latest is not None:
-        path, state = latest
-        _check_compatible(state, cfg, path)
-        unwrap(G).load_state_dict(state["generator"])
-        unwrap(D).load_state_dict(state["discriminator"])
+        where, state = latest
+        _check_compatible(state, cfg, where)
+        G.load_state_dict(state["generator"])
+        D.load_state_dict(state["discriminator"])
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
-        ckpt.restore_rng_state(state["rng"], noise)
-        step, data_state = int(state["step"]), state["data"].get(env.rank)
-        say(f"Resuming from {path} (step {step})")
-    last_checkpoint = str(latest[0]) if latest else None
+        step = int(state["step"])
+        rank_state = state["ranks"].get(env.rank)
+        if rank_state is not None:
+            ckpt.restore_rng_state(rank_state["rng"], noise)
+        else:  # more workers than when the checkpoint was written: this rank starts a fresh noise/data stream
+            say(f"rank {env.rank}: no saved stream state (the checkpoint had {len(state['ranks'])} worker(s))")
+        say(f"Resuming from {where} (step {step})")
+    last_checkpoint = latest[0] if latest else None
+    G, D = wrap_models(G, D, env, sync_bn=cfg.dist.sync_bn)
 
     if step >= cfg.train.max_steps:
         say(f"Already trained to step {step} (train.max_steps={cfg.train.max_steps}); nothing to do. "
@@ -141,7 +143,9 @@ def train(cfg: Config, env: DistEnv | None = None) -> TrainResult:
 
     params = sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())
     global_batch = cfg.train.batch_size * env.world_size
-    say(f"Run dir: {run_dir}  |  device: {device}  |  G {params[0]/1e6:.2f}M params, D {params[1]/1e6:.2f}M params")
+    say(f"Run dir: {run_dir}  |  {env.world_size} worker(s), device {device}"
+        + (f", synchronised batch norm: {cfg.dist.sync_bn}" if env.distributed else "")
+        + f"  |  G {params[0]/1e6:.2f}M params, D {params[1]/1e6:.2f}M params")
     say(f"Data: {shards} ({num_samples or 'unknown number of'} samples), "
         f"{cfg.model.image_size}x{cfg.model.image_size}x{cfg.model.channels}, global batch {global_batch}"
         + (f", {num_samples / global_batch:.1f} steps per epoch" if num_samples else ""))
@@ -155,7 +159,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> TrainResult:
         num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer,
         expect_chw=(cfg.model.channels, cfg.model.image_size, cfg.model.image_size),
-        state=data_state,
+        state=rank_state["data"] if rank_state else None,
         pin_memory=device.type == "cuda",
     )
     metrics_log = MetricsLog(run_dir / "metrics.jsonl") if env.is_main else None
@@ -174,8 +178,13 @@ def train(cfg: Config, env: DistEnv | None = None) -> TrainResult:
             progress.update()
             final = step == cfg.train.max_steps
 
-            if step % cfg.train.log_every == 0 or final:
-                record = {"step": step, **meter.means(), "images_per_s": throughput.rate()}
+            log_now = step % cfg.train.log_every == 0 or final
+            checkpoint_now = bool(cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or final
+            record = {"step": step}
+            if log_now:  # a collective: every rank logs at the same steps
+                names, means = meter.take()
+                record.update(zip(names, env.all_reduce_mean(means).tolist()))  # global means over all workers
+                record["images_per_s"] = throughput.rate()
                 if num_samples:
                     record["epoch"] = step * global_batch / num_samples
                 if batches.counters.bad_samples or batches.counters.bad_shards:
@@ -190,22 +199,27 @@ def train(cfg: Config, env: DistEnv | None = None) -> TrainResult:
                 path = save_samples(G, fixed_noise, sample_dir / f"step_{step:07d}.png")
                 progress.message(f"step {step}: samples -> {path}")
 
-            if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or final:
-                state = {
-                    "format_version": ckpt.FORMAT_VERSION,
-                    "step": step,
-                    "generator": unwrap(G).state_dict(),
-                    "discriminator": unwrap(D).state_dict(),
-                    "opt_g": opt_g.state_dict(),
-                    "opt_d": opt_d.state_dict(),
-                    "rng": ckpt.rng_state(noise),
-                    "data": {env.rank: batches.state_dict()},
-                    "config": config_lib.to_dict(cfg),
-                }
+            if checkpoint_now:
+                # Each rank's stream position and noise state travel in rank 0's checkpoint (a collective).
+                ranks = env.gather_objects({"data": batches.state_dict(), "rng": ckpt.rng_state(noise)})
+                state = None
                 if env.is_main:
-                    last_checkpoint = str(ckpt.save_atomic(state, ckpt.checkpoint_path(ckpt_dir, step)))
-                    ckpt.prune(ckpt_dir, cfg.train.keep_checkpoints)
-                    progress.message(f"step {step}: checkpoint -> {last_checkpoint}")
+                    state = {
+                        "format_version": ckpt.FORMAT_VERSION,
+                        "step": step,
+                        "generator": unwrap(G).state_dict(),
+                        "discriminator": unwrap(D).state_dict(),
+                        "opt_g": opt_g.state_dict(),
+                        "opt_d": opt_d.state_dict(),
+                        "ranks": dict(enumerate(ranks)),
+                        "config": config_lib.to_dict(cfg),
+                    }
+                saved = store.save(state, step, record)
+                if saved:
+                    last_checkpoint = saved
+                    progress.message(f"step {step}: checkpoint -> {saved}")
+            elif log_now:
+                store.report(record)
 
             _maybe_crash(cfg, env, step, run_dir)
     finally:

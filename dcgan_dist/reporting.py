@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 
 class Meter:
-    """Sums step metrics as tensors (no host sync per step); `means()` reads and resets them."""
+    """Sums step metrics as tensors (no host sync per step); `take()` returns their means and resets."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
@@ -27,13 +27,12 @@ class Meter:
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
         self.count += 1
 
-    def means(self) -> dict[str, float]:
-        if not self.count:
-            return {}
+    def take(self) -> tuple[list[str], torch.Tensor]:
+        """(names, one float tensor of their means since the last take), ready for a single all-reduce."""
         keys = list(self.sums)
-        values = (torch.stack([self.sums[k] for k in keys]).float() / self.count).tolist()
+        values = torch.stack([self.sums[k] for k in keys]).float() / max(self.count, 1) if keys else torch.zeros(0)
         self.sums, self.count = {}, 0
-        return dict(zip(keys, values))
+        return keys, values
 
 
 class MetricsLog:

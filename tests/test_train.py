@@ -32,7 +32,8 @@ def test_cli_run_writes_checkpoints_samples_metrics_and_resumes(tmp_path, tiny_s
     assert all(METRIC_KEYS <= set(r) and r["images_per_s"] > 0 for r in records)
     assert build_config(str(run_dir / "config.yaml"), []).train.max_steps == 6  # the resolved config, reloadable
     state = ckpt.load(run_dir / "checkpoints" / "step_0000006.pt")
-    assert {"generator", "discriminator", "opt_g", "opt_d", "step", "rng", "data", "config"} <= set(state)
+    assert {"generator", "discriminator", "opt_g", "opt_d", "step", "ranks", "config"} <= set(state)
+    assert {"data", "rng"} <= set(state["ranks"][0])  # per-rank stream position and RNG states
 
     # The same command again: nothing left to do. A higher max_steps: resumes from step 6.
     proc = run_cli(*args, check=True)
@@ -74,7 +75,7 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, tiny_shards):
         for key, st in a[part]["state"].items():
             for name in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(st[name], b[part]["state"][key][name])
-    assert torch.equal(a["rng"]["noise"], b["rng"]["noise"])
+    assert torch.equal(a["ranks"][0]["rng"]["noise"], b["ranks"][0]["rng"]["noise"])
     # metrics.jsonl shows the recovery: steps 6-7 logged twice (before the kill and after the resume).
     steps = [r["step"] for r in read_metrics(crashed_dir / "metrics.jsonl")]
     assert steps == list(range(1, 8)) + list(range(6, 13))

@@ -4,8 +4,9 @@
 module does the same job: in training mode each rank computes its per-channel count, mean and (biased)
 variance, one differentiable all-gather shares them, and every rank combines them into the global mean and
 variance. Combining means and variances with counts (Chan et al.) rather than raw sums and sums of squares
-keeps float32 accurate when activations have a large mean. The all-gather's backward sums each rank's
-gradient with respect to the shared statistics back to their owners, so the backward pass is that of batch
+keeps float32 accurate when activations have a large mean. The all-gather's backward (an all-reduce of the
+gradient with respect to the gathered statistics, each rank keeping its own row) returns every rank's
+gradient contribution to the statistics' owners, so the backward pass is that of batch
 norm over the global batch. Running statistics are updated from the global values, hence identical on
 every rank. In eval mode it is plain batch norm with the running statistics: no communication.
 
@@ -18,7 +19,27 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed import _functional_collectives as funcol
+
+
+class AllGatherRows(torch.autograd.Function):
+    """Differentiable all-gather of one small vector per rank -> [world, n].
+
+    Plain blocking collectives (all supported by gloo and NCCL); the gradient of rank r's row is the sum over
+    ranks of their gradients for that row.
+    """
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
+        ctx.group, ctx.rank = group, dist.get_rank(group)
+        rows = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(rows, local.contiguous(), group=group)
+        return torch.stack(rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank], None
 
 
 class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -57,8 +78,7 @@ class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
         stats_x = x if x.dtype in (torch.float32, torch.float64) else x.float()
         var_local, mean_local = torch.var_mean(stats_x, dim=reduce_dims, correction=0)
         local = torch.cat([stats_x.new_full((1,), float(count)), mean_local, var_local])  # [1 + 2C]
-        group = self.process_group or dist.group.WORLD
-        gathered = funcol.all_gather_single_autograd(local, 0, group).view(world, 1 + 2 * channels)
+        gathered = AllGatherRows.apply(local, self.process_group)  # [world, 1 + 2C]
         counts, means, vars_ = gathered[:, :1], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
         total = counts.sum()
         mean = (counts * means).sum(0) / total
