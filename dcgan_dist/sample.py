@@ -22,6 +22,8 @@ from .models import Generator
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, dict]:
     """The generator of a checkpoint file (or of the newest checkpoint in a run directory), in eval mode."""
     path = Path(path)
+    if path.is_dir() and (path / "state.pt").is_file():  # a Ray Train checkpoint directory
+        path = path / "state.pt"
     if path.is_dir():
         found = ckpt.load_latest(path / "checkpoints" if (path / "checkpoints").is_dir() else path, map_location=device)
         if found is None:

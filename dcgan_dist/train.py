@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if cfg.dist.launcher == "ray":
-        print("error: dist.launcher=ray: the Ray Train launcher is not in this version yet; "
-              "use dist.launcher=local (one process)", file=sys.stderr)
-        return 2
-    from .loop import train  # imported late so config errors answer fast
+        from .distributed.ray_launcher import launch  # imported late: config errors answer fast, Ray is optional
+
+        return launch(cfg)
+    from .loop import train
 
     result = train(cfg)
     return 0 if result.step >= cfg.train.max_steps else 1
