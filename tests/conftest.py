@@ -40,3 +40,32 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, check: bo
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A local two-node Ray cluster (head + one extra node, 1 CPU each, token auth), shared by all Ray tests.
+
+    Started with the documented script, exactly as the README tells a user. Yields the environment a client
+    needs (RAY_ADDRESS for the driver, the dashboard address for `ray job submit`, the auth settings).
+    """
+    token_dir = tmp_path_factory.mktemp("ray-auth")
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_dir / "auth_token"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
+    start = subprocess.run(["bash", str(ROOT / "cluster" / "ray-cluster.sh"), "local", "--num-cpus", "1"],
+                           env=env, capture_output=True, text=True, timeout=180)
+    if start.returncode != 0:
+        raise RuntimeError(f"cannot start the local Ray cluster:\n{start.stdout}\n{start.stderr}")
+    assert "2 nodes" in start.stdout, start.stdout
+    yield {**env, "RAY_ADDRESS": "127.0.0.1:6379", "RAY_JOB_ADDRESS": "http://127.0.0.1:8265"}
+    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def run_with_env(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
