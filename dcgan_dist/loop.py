@@ -26,7 +26,7 @@ from .distributed.env import DistEnv
 from .gan import make_optimizers, train_step, unwrap
 from .images import save_grid
 from .models import build_models
-from .reporting import Meter, MetricsLog, Progress, Throughput
+from .reporting import Meter, MetricsLog, Progress, Throughput, emit
 
 NUM_FIXED_SAMPLES = 64
 
@@ -77,7 +77,7 @@ def _maybe_crash(cfg: Config, env: DistEnv, step: int, run_dir: Path) -> None:
         return  # crash once per run dir, so the restarted run can pass this step
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
-    print(f"fault injection: rank {env.rank} kills itself after step {step}", flush=True)
+    emit(f"fault injection: rank {env.rank} kills itself after step {step}")
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -106,7 +106,7 @@ def train(cfg: Config, env: DistEnv | None = None, store=None) -> TrainResult:
 
     def say(text: str) -> None:  # before and after the progress bar
         if env.is_main:
-            print(text, flush=True)
+            emit(text)
 
     shards, num_samples = resolve_data(cfg)
     G, D = build_models(cfg.model, seed=cfg.run.seed)

@@ -55,6 +55,12 @@ def read_metrics(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def emit(text: str) -> None:
+    """One line to stdout. Not print(): Ray Train patches print in workers into logging, which repeats lines."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 class Progress:
     """A tqdm bar on a terminal; plain log lines otherwise (CI, Ray job logs), one per logged step."""
 
@@ -74,11 +80,11 @@ class Progress:
             self.bar.set_postfix({**{k: f"{v:.3f}" for k, v in fields.items()}, "img/s": f"{record['images_per_s']:.0f}"})
         else:
             text = " ".join(f"{k}={v:.3f}" for k, v in fields.items())
-            print(f"step {record['step']:>7}/{self.bar.total}  {text}  images/s={record['images_per_s']:.1f}", flush=True)
+            emit(f"step {record['step']:>7}/{self.bar.total}  {text}  images/s={record['images_per_s']:.1f}")
 
     def message(self, text: str) -> None:
         if self.enabled:
-            tqdm.write(text) if self.interactive else print(text, flush=True)
+            tqdm.write(text) if self.interactive else emit(text)
 
     def close(self) -> None:
         self.bar.close()

@@ -23,6 +23,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..config import Config, from_dict, to_dict
+from ..reporting import emit
 from .env import DistEnv
 
 STATE_FILE = "state.pt"
@@ -83,8 +84,8 @@ def train_worker(config: dict) -> dict:
         device=device,
         node_id=ray.get_runtime_context().get_node_id(),
     )
-    print(f"worker rank {env.rank}/{env.world_size}: node {env.node_id} ({socket.gethostname()}), "
-          f"device {device}, pid {os.getpid()}", flush=True)
+    emit(f"worker rank {env.rank}/{env.world_size}: node {env.node_id} ({socket.gethostname()}), "
+         f"device {device}, pid {os.getpid()}")
     placement = env.gather_objects({"rank": env.rank, "node_id": env.node_id, "host": socket.gethostname()})
     result = train(cfg, env, RayStore(env))
     return {"step": result.step, "metrics": result.metrics, "workers": placement, "train_seconds": result.seconds}
