@@ -62,6 +62,15 @@ class TrainSection:
     keep_checkpoints: int = 3  # newest step checkpoints kept on disk
     device: str = "auto"  # local launcher: auto (CUDA if present, else CPU), cpu or cuda
     num_threads: int = 0  # torch CPU threads per process; 0 = torch's default
+    ema_decay: float = 0.0  # EMA of G's weights for samples and evaluation (e.g. 0.999); 0 = off
+    eval_every: int = 0  # SWD against real images every N steps, keeping checkpoints/best.pt; 0 = off
+
+
+@dataclass
+class EvalSection:
+    num: int = 1024  # images per side (real, generated) for the in-training SWD
+    nhoods_per_image: int = 64  # 7x7 neighbourhoods per image and pyramid level
+    inception_weights: str = ""  # local InceptionV3 weights for FID (evaluate command); never downloaded
 
 
 @dataclass
@@ -87,7 +96,7 @@ class DistSection:
 @dataclass
 class WandbSection:
     mode: str = "offline"  # offline (no account needed; `wandb sync` later), online or disabled
-    project: str = "dcgan_dist"
+    project: str = ""  # empty: $WANDB_PROJECT, else "dcgan_dist"
     entity: str = ""
 
 
@@ -106,6 +115,7 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     dist: DistSection = field(default_factory=DistSection)
     wandb: WandbSection = field(default_factory=WandbSection)
     fault: FaultSection = field(default_factory=FaultSection)
@@ -131,6 +141,9 @@ MINIMUM: dict[str, int] = {
     "train.checkpoint_every": 0,
     "train.sample_every": 0,
     "train.num_threads": 0,
+    "train.eval_every": 0,
+    "eval.num": 16,
+    "eval.nhoods_per_image": 1,
     "data.num_workers": 0,
     "data.shuffle_buffer": 1,
     "data.synth_num": 1,
@@ -267,7 +280,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' is {get(cfg, key)}; it must be at least {low}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"config key 'optim.lr' is {cfg.optim.lr}; it must be positive")
-    for key in ("optim.beta1", "optim.beta2"):
+    for key in ("optim.beta1", "optim.beta2", "train.ema_decay"):
         if not 0.0 <= get(cfg, key) < 1.0:
             raise ConfigError(f"config key '{key}' is {get(cfg, key)}; it must be in [0, 1)")
     if cfg.dist.launcher == "local" and cfg.dist.num_workers != 1:

@@ -24,9 +24,10 @@ from .data.loader import slot_seed
 from .distributed.ddp import wrap_models
 from .distributed.env import DistEnv
 from .gan import make_optimizers, train_step, unwrap
-from .images import save_grid
 from .models import build_models
-from .reporting import Meter, MetricsLog, Progress, Throughput, emit
+from .ema import EMA
+from .evaluate import SWDEvaluator
+from .reporting import Meter, Reporter, Throughput, emit
 
 NUM_FIXED_SAMPLES = 64
 
@@ -112,12 +113,13 @@ def train(cfg: Config, env: DistEnv | None = None, store=None) -> TrainResult:
     G, D = build_models(cfg.model, seed=cfg.run.seed)
     G, D = G.to(device), D.to(device)
     opt_g, opt_d = make_optimizers(G, D, cfg.optim)
+    ema = EMA(G, cfg.train.ema_decay) if cfg.train.ema_decay > 0 and env.is_main else None
     # Latent noise comes from its own generator (per rank), so its state can be checkpointed exactly.
     noise = torch.Generator(device=device).manual_seed(slot_seed(cfg.run.seed, env.rank, 7))
     fixed_noise = torch.randn(NUM_FIXED_SAMPLES, cfg.model.nz, 1, 1, generator=torch.Generator().manual_seed(cfg.run.seed))
     fixed_noise = fixed_noise.to(device)
 
-    step, rank_state = 0, None
+    step, rank_state, extras = 0, None, {}
     latest = store.latest(map_location=device)
     if latest is not None:
         where, state = latest
@@ -126,7 +128,9 @@ def train(cfg: Config, env: DistEnv | None = None, store=None) -> TrainResult:
         D.load_state_dict(state["discriminator"])
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
-        step = int(state["step"])
+        if ema is not None and "generator_ema" in state:
+            ema.load_state_dict(state["generator_ema"])
+        step, extras = int(state["step"]), state.get("extras", {})
         rank_state = state["ranks"].get(env.rank)
         if rank_state is not None:
             ckpt.restore_rng_state(rank_state["rng"], noise)
@@ -150,6 +154,7 @@ def train(cfg: Config, env: DistEnv | None = None, store=None) -> TrainResult:
         f"{cfg.model.image_size}x{cfg.model.image_size}x{cfg.model.channels}, global batch {global_batch}"
         + (f", {num_samples / global_batch:.1f} steps per epoch" if num_samples else ""))
 
+    expect_chw = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     batches = ImageBatches(
         shards,
         cfg.train.batch_size,
@@ -158,75 +163,87 @@ def train(cfg: Config, env: DistEnv | None = None, store=None) -> TrainResult:
         seed=cfg.run.seed,
         num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer,
-        expect_chw=(cfg.model.channels, cfg.model.image_size, cfg.model.image_size),
+        expect_chw=expect_chw,
         state=rank_state["data"] if rank_state else None,
         pin_memory=device.type == "cuda",
     )
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl") if env.is_main else None
-    progress = Progress(step, cfg.train.max_steps, enabled=env.is_main)
-    meter, throughput, last_record = Meter(), Throughput(), {}
+    reporter = Reporter(cfg, run_dir, step, env.is_main, wandb_run_id=extras.get("wandb_run_id"))
+    evaluator = SWDEvaluator(cfg, shards, expect_chw) if env.is_main and cfg.train.eval_every else None
+    best = extras.get("best_swd")
+    meter, throughput, step_timer, last_record = Meter(), Throughput(), Meter(), {}
     train_started = time.perf_counter()
     first_step = step
 
     try:
         while step < cfg.train.max_steps:
+            step_started = time.perf_counter()
             real = normalise(next(batches), device)
             z = torch.randn(real.shape[0], cfg.model.nz, 1, 1, device=device, generator=noise)
             meter.add(train_step(G, D, opt_g, opt_d, real, z))
+            if ema is not None:
+                ema.update(G)
             step += 1
+            step_timer.add({"step_time": torch.tensor(time.perf_counter() - step_started)})
             throughput.add(global_batch)
-            progress.update()
+            reporter.advance()
             final = step == cfg.train.max_steps
+            sample_model = ema.model if ema is not None else unwrap(G)
 
+            # Every rank takes these decisions from the step number alone: they involve collectives.
             log_now = step % cfg.train.log_every == 0 or final
+            eval_now = bool(cfg.train.eval_every and step % cfg.train.eval_every == 0) or (final and cfg.train.eval_every > 0)
             checkpoint_now = bool(cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or final
-            record = {"step": step}
-            if log_now:  # a collective: every rank logs at the same steps
+
+            record: dict = {"step": step}
+            if log_now:
                 names, means = meter.take()
                 record.update(zip(names, env.all_reduce_mean(means).tolist()))  # global means over all workers
                 record["images_per_s"] = throughput.rate()
+                _, mean_step_time = step_timer.take()
+                for rank, seconds in enumerate(env.gather_scalars(float(mean_step_time[0]))):
+                    record[f"step_time_s/rank{rank}"] = seconds
+                record["lr_g"], record["lr_d"] = opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
                 if num_samples:
                     record["epoch"] = step * global_batch / num_samples
                 if batches.counters.bad_samples or batches.counters.bad_shards:
                     record["bad_samples"] = batches.counters.bad_samples
                     record["bad_shards"] = batches.counters.bad_shards
-                last_record = record
-                if metrics_log:
-                    metrics_log.write(record)
-                progress.log(record)
+                if device.type == "cuda":
+                    record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if eval_now and evaluator is not None:  # rank 0 alone; the others wait at their next collective
+                eval_started = time.perf_counter()
+                record.update(evaluator.evaluate(sample_model))
+                throughput.exclude(time.perf_counter() - eval_started)
+                if best is None or record["swd"] < best:
+                    best = record["swd"]
+                    state = _model_state(step, G, D, ema, cfg, {"swd": best})
+                    path = ckpt.save_atomic(state, run_dir / "checkpoints" / "best.pt")
+                    reporter.message(f"step {step}: SWD {best:.2f} is the best so far -> {path}")
+            if log_now or (eval_now and evaluator is not None):
+                last_record = {**last_record, **record} if not log_now else record
+                reporter.log(record)
 
             if env.is_main and ((cfg.train.sample_every and step % cfg.train.sample_every == 0) or final):
-                path = save_samples(G, fixed_noise, sample_dir / f"step_{step:07d}.png")
-                progress.message(f"step {step}: samples -> {path}")
+                reporter.samples(sample_model, fixed_noise, step)
 
             if checkpoint_now:
                 # Each rank's stream position and noise state travel in rank 0's checkpoint (a collective).
                 ranks = env.gather_objects({"data": batches.state_dict(), "rng": ckpt.rng_state(noise)})
                 state = None
                 if env.is_main:
-                    state = {
-                        "format_version": ckpt.FORMAT_VERSION,
-                        "step": step,
-                        "generator": unwrap(G).state_dict(),
-                        "discriminator": unwrap(D).state_dict(),
-                        "opt_g": opt_g.state_dict(),
-                        "opt_d": opt_d.state_dict(),
-                        "ranks": dict(enumerate(ranks)),
-                        "config": config_lib.to_dict(cfg),
-                    }
+                    state = _model_state(step, G, D, ema, cfg, {"wandb_run_id": reporter.wandb_run_id, "best_swd": best})
+                    state.update(opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(), ranks=dict(enumerate(ranks)))
                 saved = store.save(state, step, record)
                 if saved:
                     last_checkpoint = saved
-                    progress.message(f"step {step}: checkpoint -> {saved}")
+                    reporter.message(f"step {step}: checkpoint -> {saved}")
             elif log_now:
                 store.report(record)
 
             _maybe_crash(cfg, env, step, run_dir)
     finally:
         batches.close()
-        progress.close()
-        if metrics_log:
-            metrics_log.close()
+        reporter.close(final_step=step)
 
     seconds = time.perf_counter() - train_started
     rate = (step - first_step) * global_batch / max(seconds, 1e-9)
@@ -235,13 +252,16 @@ def train(cfg: Config, env: DistEnv | None = None, store=None) -> TrainResult:
     return TrainResult(step, last_checkpoint, str(run_dir), last_record, seconds)
 
 
-@torch.no_grad()
-def save_samples(G: torch.nn.Module, z: torch.Tensor, path: str | Path) -> Path:
-    """A grid of G(z) in eval mode (running batch-norm statistics: no cross-rank collective, no state change)."""
-    model = unwrap(G)
-    was_training = model.training
-    model.eval()
-    try:
-        return save_grid(model(z), path, nrow=8)
-    finally:
-        model.train(was_training)
+def _model_state(step: int, G, D, ema: EMA | None, cfg: Config, extras: dict) -> dict:
+    """The weights part of a checkpoint (all a `best` checkpoint needs); resume state is added by the caller."""
+    state = {
+        "format_version": ckpt.FORMAT_VERSION,
+        "step": step,
+        "generator": unwrap(G).state_dict(),
+        "discriminator": unwrap(D).state_dict(),
+        "config": config_lib.to_dict(cfg),
+        "extras": extras,
+    }
+    if ema is not None:
+        state["generator_ema"] = ema.state_dict()
+    return state

@@ -12,7 +12,11 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm import tqdm
+
+from .gan import unwrap
+from .images import save_gif, save_grid
 
 
 class Meter:
@@ -100,8 +104,95 @@ class Throughput:
     def add(self, images: int) -> None:
         self.images += images
 
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent on something else (an evaluation) out of the rate."""
+        self.last += seconds
+
     def rate(self) -> float:
         now = time.perf_counter()
         rate = self.images / max(now - self.last, 1e-9)
         self.last, self.images = now, 0
         return rate
+
+
+@torch.no_grad()
+def save_samples(G: torch.nn.Module, z: torch.Tensor, path: str | Path) -> Path:
+    """A grid of G(z) in eval mode (running batch-norm statistics: no cross-rank collective, no state change)."""
+    model = unwrap(G)
+    was_training = model.training
+    model.eval()
+    try:
+        return save_grid(model(z), path, nrow=8)
+    finally:
+        model.train(was_training)
+
+
+def progress_animation(sample_dir: str | Path, out: str | Path, duration_ms: int = 250) -> Path:
+    """The fixed-noise grids of a run (samples/step_*.png, in step order) as one animated GIF."""
+    frames = sorted(Path(sample_dir).glob("step_*.png"))
+    if not frames:
+        raise FileNotFoundError(f"no sample grids (step_*.png) in {sample_dir}")
+    images = []
+    for path in frames:
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    return save_gif(images, out, duration_ms=duration_ms)
+
+
+class Reporter:
+    """Everything rank 0 tells the outside world; on other ranks every method does nothing."""
+
+    def __init__(self, cfg, run_dir: Path, start_step: int, is_main: bool, wandb_run_id: str | None = None):
+        self.is_main, self.run_dir = is_main, run_dir
+        self.sample_dir = run_dir / "samples"
+        self.progress = Progress(start_step, cfg.train.max_steps, enabled=is_main)
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl") if is_main else None
+        self.wandb = None
+        if is_main and cfg.wandb.mode != "disabled":
+            from . import config as config_lib
+            from .wandb_logger import WandbLogger
+
+            self.wandb = WandbLogger(cfg, run_dir, config_lib.to_dict(cfg), run_id=wandb_run_id)
+            self.message(f"W&B ({cfg.wandb.mode}): run {self.wandb.run_id} in {run_dir / 'wandb'}")
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return self.wandb.run_id if self.wandb else None
+
+    def advance(self) -> None:
+        self.progress.update()
+
+    def message(self, text: str) -> None:
+        self.progress.message(text)
+
+    def log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        self.metrics.write(record)
+        if "images_per_s" in record:
+            self.progress.log(record)
+        if "swd" in record:
+            self.message(f"step {record['step']}: SWD {record['swd']:.2f}")
+        if self.wandb:
+            self.wandb.log(record, record["step"])
+
+    def samples(self, G: torch.nn.Module, z: torch.Tensor, step: int) -> None:
+        if not self.is_main:
+            return
+        path = save_samples(G, z, self.sample_dir / f"step_{step:07d}.png")
+        self.message(f"step {step}: samples -> {path}")
+        if self.wandb:
+            self.wandb.log_image("samples", path, step, caption=f"fixed noise, step {step}")
+
+    def close(self, final_step: int) -> None:
+        if not self.is_main:
+            return
+        self.progress.close()
+        self.metrics.close()
+        if any(self.sample_dir.glob("step_*.png")):
+            gif = progress_animation(self.sample_dir, self.run_dir / "progress.gif")
+            emit(f"progress animation -> {gif}")
+            if self.wandb:
+                self.wandb.log_animation("progress", gif, final_step)
+        if self.wandb:
+            self.wandb.finish()

@@ -14,13 +14,14 @@ from dcgan_dist import checkpoint as ckpt
 from dcgan_dist.reporting import read_metrics
 
 from .conftest import TINY, run_cli, run_with_env
+from .wandb_offline import history
 
 pytest.importorskip("ray")
 
 
 def ray_train_args(tiny_shards, run_dir, *extra):
     return ["--config", "configs/debug.yaml", *TINY, "dist.launcher=ray", "dist.num_workers=2",
-            f"data.shards={tiny_shards}", f"run.dir={run_dir}", "train.sample_every=0", *extra]
+            f"data.shards={tiny_shards}", f"run.dir={run_dir}", "train.sample_every=0", "train.ema_decay=0.9", *extra]
 
 
 def final_checkpoint(stdout: str) -> Path:
@@ -39,14 +40,26 @@ def test_job_submit_on_two_nodes(ray_cluster, tiny_shards, tmp_path):
     run_dir = tmp_path / "job"
     proc = run_with_env(["ray", "job", "submit", "--working-dir", ".", "--", "python", "-m", "dcgan_dist.train",
                          *ray_train_args(tiny_shards, run_dir, "train.max_steps=6", "train.checkpoint_every=3",
-                                         "train.log_every=3")], env)
+                                         "train.log_every=3", "train.sample_every=3", "wandb.mode=offline")], env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     nodes = worker_nodes(out)
     assert set(nodes) == {0, 1} and nodes[0] != nodes[1], nodes  # the two workers ran on different Ray nodes
     path = final_checkpoint(out)
     assert path.is_file() and ckpt.load(path)["step"] == 6
-    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [3, 6]
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [3, 6]
+    # W&B (offline): exactly one run, written by rank 0, whose history matches metrics.jsonl, with images.
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    rows = history(next(runs[0].glob("run-*.wandb")))
+    assert [row["_step"] for row in rows] == [3, 6]
+    for row, record in zip(rows, records):
+        for key in ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s", "lr_g", "step_time_s/rank0", "step_time_s/rank1"):
+            assert row[key] == pytest.approx(record[key]), key
+        assert row["samples/_type"] == "image-file"
+    assert len(list((runs[0] / "files" / "media" / "images").glob("samples_*.png"))) == 2
+    assert list((runs[0] / "files" / "media" / "videos").glob("progress_*.gif"))  # the progress animation
     sample = run_cli("-m", "dcgan_dist.sample", "--checkpoint", str(path.parent), "--num", "4",
                      "--out", str(tmp_path / "s.png"), check=True)
     assert "from step 6" in sample.stdout
@@ -64,7 +77,7 @@ def uninterrupted(ray_cluster, tiny_shards, tmp_path_factory):
 
 
 def assert_same_training_state(a: dict, b: dict) -> None:
-    for part in ("generator", "discriminator"):
+    for part in ("generator", "discriminator", "generator_ema"):
         for name, tensor in a[part].items():
             assert torch.equal(tensor, b[part][name]), f"{part}.{name}"
     for part in ("opt_g", "opt_d"):

@@ -46,6 +46,15 @@ class DistEnv:
         dist.all_gather_object(out, obj)
         return out
 
+    def gather_scalars(self, value: float) -> list[float]:
+        """Every rank's number, indexed by rank (one small all-reduce)."""
+        if not self.distributed:
+            return [value]
+        slots = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+        slots[self.rank] = value
+        dist.all_reduce(slots, op=dist.ReduceOp.SUM)
+        return slots.tolist()
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -1,0 +1,110 @@
+"""Evaluate a generator: multi-scale SWD always, FID when Inception weights are on this machine.
+
+    python -m dcgan_dist.evaluate --checkpoint runs/debug [--shards DIR] [--num 4096] [--untrained]
+
+Prints one JSON line: swd (x1e3, mean over pyramid levels) and swd_levels, swd_real_vs_real (the same
+metric between two disjoint halves of the real data: the floor a perfect generator would reach at this
+sample size), fid (or null with fid_reason), and with --untrained the SWD of the freshly initialised
+generator for scale. The generated set uses the EMA weights when the checkpoint has them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+
+from .config import Config, from_dict
+from .data import ImageBatches
+from .models import build_models
+from .quality import fid, swd
+from .sample import generate, load_generator
+
+
+def real_images(shards: str, num: int, expect_chw, seed: int, half: int | None = None) -> torch.Tensor:
+    """`num` real images (uint8); half=0/1 draws from one of two disjoint halves of the shards."""
+    rank, world = (half, 2) if half is not None else (0, 1)
+    batch = min(num, 256)
+    stream = ImageBatches(shards, batch, rank=rank, world_size=world, seed=seed, shuffle_buffer=1000, expect_chw=expect_chw)
+    try:
+        return torch.cat([next(stream) for _ in range(math.ceil(num / batch))])[:num]
+    finally:
+        stream.close()
+
+
+class SWDEvaluator:
+    """In-training SWD: fixed real images and fixed latents, so values are comparable across steps."""
+
+    def __init__(self, cfg: Config, shards: str, expect_chw: tuple[int, int, int]):
+        self.cfg, self.shards, self.expect_chw = cfg, shards, expect_chw
+        self.real: torch.Tensor | None = None
+        self.seed = cfg.run.seed + 1_000_003  # not the training stream's order
+
+    def evaluate(self, G: torch.nn.Module) -> dict:
+        if self.real is None:  # loaded at the first evaluation, not at start-up
+            self.real = real_images(self.shards, self.cfg.eval.num, self.expect_chw, self.seed)
+        device = next(G.parameters()).device
+        was_training = G.training
+        try:
+            fake = generate(G.eval(), self.cfg.eval.num, seed=self.seed, device=device)
+        finally:
+            G.train(was_training)
+        return swd(self.real, fake, nhoods_per_image=self.cfg.eval.nhoods_per_image, seed=self.seed).as_dict()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file, Ray checkpoint dir, or run directory")
+    parser.add_argument("--shards", default=None, help="real images (default: the run's data.shards)")
+    parser.add_argument("--num", type=int, default=4096, help="images per set")
+    parser.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"))
+    parser.add_argument("--inception-weights", default=None, help="local InceptionV3 weights for FID")
+    parser.add_argument("--nhoods-per-image", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--untrained", action="store_true", help="also report the SWD of the untrained generator")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the real-vs-real SWD")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    try:
+        G, state, which = load_generator(args.checkpoint, args.device, args.weights)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cfg = from_dict(state["config"])
+    if args.shards:
+        shards = args.shards
+    else:
+        from .loop import resolve_data
+
+        shards, _ = resolve_data(cfg)
+    chw = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
+    print(f"evaluating step {state['step']} ({which} weights) on {args.num} images from {shards}", file=sys.stderr)
+
+    try:
+        real_a = real_images(shards, args.num, chw, args.seed, half=0)
+        real_b = None if args.no_baseline else real_images(shards, args.num, chw, args.seed, half=1)
+    except ValueError as exc:  # a single shard cannot be halved
+        print(f"warning: {exc}; comparing with all shards, no real-vs-real baseline", file=sys.stderr)
+        real_a, real_b = real_images(shards, args.num, chw, args.seed), None
+    fake = generate(G, args.num, seed=args.seed + 1, device=args.device)
+    kw = dict(nhoods_per_image=args.nhoods_per_image, seed=args.seed)
+    result = {"checkpoint": str(args.checkpoint), "step": state["step"], "weights": which, "num": args.num}
+    result.update(swd(real_a, fake, **kw).as_dict())
+    result["swd_real_vs_real"] = swd(real_a, real_b, **kw).mean if real_b is not None else None
+    if args.untrained:
+        G0, _ = build_models(cfg.model, seed=cfg.run.seed)
+        result["swd_untrained"] = swd(real_a, generate(G0.to(args.device).eval(), args.num, args.seed + 1, args.device), **kw).mean
+    value, reason = fid(real_a, fake, args.inception_weights, args.device)
+    result["fid"] = value
+    if reason:
+        result["fid_reason"] = reason
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
