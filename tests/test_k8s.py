@@ -1,0 +1,193 @@
+"""k8s/: every overlay renders with `kubectl kustomize`, validates against the Kubernetes and KubeRay schemas,
+and keeps the invariants users rely on (entrypoint, scale, GPUs, secrets, /dev/shm, non-root, pinned images)."""
+
+import copy
+import json
+import math
+import re
+import shlex
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from dcgan_dist.config import build_config, split_args
+
+from .conftest import ROOT
+
+OVERLAYS = ["cpu-smoke", "gpu", "raycluster"]
+SCHEMA_DIR = ROOT.parent / "shared" / "k8s-schemas"
+K8S_VERSION = "1.32.0"
+SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "SidecarMode", "InteractiveMode"}
+
+if shutil.which("kubectl") is None:
+    pytest.skip("kubectl is not installed (apt-get install -y kubectl): manifests not rendered", allow_module_level=True)
+jsonschema = pytest.importorskip("jsonschema")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+
+def render(path) -> list[dict]:
+    proc = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+def strict(schema):
+    """Reject unknown keys: add additionalProperties: false wherever an object lists its properties."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "properties" in node and "additionalProperties" not in node:
+                node["additionalProperties"] = False
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    return schema
+
+
+@pytest.fixture(scope="module")
+def kuberay_validators():
+    if not SCHEMA_DIR.is_dir():
+        pytest.skip(f"KubeRay schemas not found at {SCHEMA_DIR}")
+    return {
+        kind: jsonschema.Draft7Validator(strict(json.loads((SCHEMA_DIR / f"{kind.lower()}-ray.io-v1.json").read_text())))
+        for kind in ("RayJob", "RayCluster")
+    }
+
+
+def validate(obj: dict, kuberay_validators) -> None:
+    if obj["apiVersion"] == "ray.io/v1":
+        kuberay_validators[obj["kind"]].validate(obj)
+    else:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request):
+    return request.param, render(ROOT / "k8s" / "overlays" / request.param)
+
+
+def cluster_spec(obj: dict) -> dict:
+    return obj["spec"]["rayClusterSpec"] if obj["kind"] == "RayJob" else obj["spec"]
+
+
+def pod_templates(obj: dict) -> list[dict]:
+    spec = cluster_spec(obj)
+    return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+
+
+def ray_objects(objects):
+    return [o for o in objects if o["apiVersion"] == "ray.io/v1"]
+
+
+def test_every_object_validates(rendered, kuberay_validators):
+    name, objects = rendered
+    kinds = {o["kind"] for o in objects}
+    assert "ConfigMap" in kinds and kinds & {"RayJob", "RayCluster"}, kinds
+    for obj in objects:
+        validate(obj, kuberay_validators)
+    for obj in ray_objects(objects):
+        if obj["kind"] == "RayJob":
+            assert obj["spec"].get("submissionMode", "K8sJobMode") in SUBMISSION_MODES  # no enum in the schema
+
+
+def test_broken_manifests_fail_validation(kuberay_validators):
+    objects = render(ROOT / "k8s" / "overlays" / "gpu")
+    job = copy.deepcopy(next(o for o in objects if o["kind"] == "RayJob"))
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "four"  # wrong type
+    with pytest.raises(jsonschema.ValidationError):
+        validate(job, kuberay_validators)
+    typo = copy.deepcopy(next(o for o in objects if o["kind"] == "RayJob"))
+    typo["spec"]["shutdownAfterJobFinish"] = True  # misspelt key
+    with pytest.raises(jsonschema.ValidationError):
+        validate(typo, kuberay_validators)
+    pvc = copy.deepcopy(next(o for o in objects if o["kind"] == "PersistentVolumeClaim"))
+    pvc["spec"]["accessModes"] = "ReadWriteMany"  # a string where a list belongs
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(pvc, kuberay_validators)
+
+
+def test_configmap_is_the_presets(rendered):
+    _, objects = rendered
+    configmap = next(o for o in objects if o["kind"] == "ConfigMap")
+    assert configmap["metadata"]["name"].startswith("dcgan-configs")
+    for file in (ROOT / "configs").glob("*.yaml"):
+        if file.name != "kustomization.yaml":
+            assert configmap["data"][file.name] == file.read_text()
+    for obj in ray_objects(objects):  # every pod mounts the generated (hash-suffixed) name
+        for template in pod_templates(obj):
+            names = [v["configMap"]["name"] for v in template["spec"]["volumes"] if "configMap" in v]
+            assert names == [configmap["metadata"]["name"]]
+
+
+def entrypoint_config(job: dict):
+    args = shlex.split(job["spec"]["entrypoint"])
+    assert args[:3] == ["python", "-m", "dcgan_dist.train"], args
+    config_file, overrides = split_args(args[3:])
+    assert config_file.startswith("/etc/dcgan/configs/")
+    return build_config(str(ROOT / "configs" / config_file.rsplit("/", 1)[1]), overrides)  # a valid command line
+
+
+def workers_per_pod(group: dict, cfg) -> int:
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    if cfg.dist.use_gpu:
+        return int(limits["nvidia.com/gpu"])
+    cpus = int(group.get("rayStartParams", {}).get("num-cpus", math.floor(float(limits["cpu"]))))
+    return cpus // cfg.dist.cpus_per_worker
+
+
+def test_rayjob_entrypoint_and_scale(rendered):
+    name, objects = rendered
+    for job in (o for o in objects if o["kind"] == "RayJob"):
+        cfg = entrypoint_config(job)
+        assert cfg.dist.launcher == "ray"
+        groups = cluster_spec(job)["workerGroupSpecs"]
+        total = sum(g["replicas"] * workers_per_pod(g, cfg) for g in groups)
+        assert cfg.dist.num_workers == total, (cfg.dist.num_workers, total)
+        for g in groups:
+            assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+        assert cluster_spec(job)["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no training on the head
+        if name == "gpu":
+            assert cfg.dist.use_gpu and cfg.dist.sync_bn
+            assert all(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1 for g in groups)
+            assert cfg.dist.storage_path.startswith("/runs") and cfg.run.dir.startswith("/runs")  # on the PVC
+        if name == "cpu-smoke":
+            assert not cfg.dist.use_gpu and cfg.data.shards == "" and total == 2  # synthetic faces, 2 workers
+
+
+def test_pods_are_safe_and_pinned(rendered):
+    _, objects = rendered
+    assert not [o for o in objects if o["kind"] == "Secret"]  # credentials never live in the manifests
+    for obj in ray_objects(objects):
+        assert cluster_spec(obj)["authOptions"]["mode"] == "token"
+        for template in pod_templates(obj):
+            spec = template["spec"]
+            assert spec["securityContext"]["runAsNonRoot"] is True
+            shm = [v for v in spec["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+            assert len(shm) == 1
+            for container in spec["containers"]:
+                assert re.fullmatch(r"[\w./-]+:[\w.-]+", container["image"]) and not container["image"].endswith(":latest")
+                assert container["resources"]["requests"] and container["resources"]["limits"]
+                assert container["securityContext"]["allowPrivilegeEscalation"] is False
+                mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+                assert mounts[shm[0]["name"]] == "/dev/shm"
+                for env in container.get("env", []):
+                    if re.search(r"KEY|TOKEN|PASSWORD|SECRET", env["name"]):
+                        assert "value" not in env and "secretKeyRef" in env["valueFrom"], env
+
+
+def test_gpu_overlay_reads_the_wandb_key_from_a_secret():
+    objects = render(ROOT / "k8s" / "overlays" / "gpu")
+    job = next(o for o in objects if o["kind"] == "RayJob")
+    for template in pod_templates(job):
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "wandb", "key": "api-key"}
+    assert entrypoint_config(job).wandb.mode == "online"
+    worker_env = {e["name"] for e in cluster_spec(job)["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]}
+    assert {"NCCL_DEBUG", "NCCL_SOCKET_IFNAME"} <= worker_env
