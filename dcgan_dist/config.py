@@ -64,6 +64,9 @@ class TrainSection:
     num_threads: int = 0  # torch CPU threads per process; 0 = torch's default
     ema_decay: float = 0.0  # EMA of G's weights for samples and evaluation (e.g. 0.999); 0 = off
     eval_every: int = 0  # SWD against real images every N steps, keeping checkpoints/best.pt; 0 = off
+    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 adds gradient scaling). bf16/fp16 are for GPUs
+    channels_last: bool = False  # NHWC memory layout (faster convolutions on tensor-core GPUs)
+    compile: bool = False  # torch.compile G and D (minutes of compilation first)
 
 
 @dataclass
@@ -78,6 +81,7 @@ class OptimSection:
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
+    fused: str = "auto"  # fused Adam: auto (on CUDA), always, never
 
 
 @dataclass
@@ -126,6 +130,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.image_size": (28, 32, 64, 128),
     "model.channels": (1, 3),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "optim.fused": ("auto", "always", "never"),
     "dist.launcher": ("local", "ray"),
     "wandb.mode": ("offline", "online", "disabled"),
 }

@@ -96,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     result.update(swd(real_a, fake, **kw).as_dict())
     result["swd_real_vs_real"] = swd(real_a, real_b, **kw).mean if real_b is not None else None
     if args.untrained:
+        # The generator as training starts: batch statistics (train mode). In eval mode an untrained G, whose
+        # running statistics are still the initial ones, draws one flat image for every z: a degenerate baseline.
         G0, _ = build_models(cfg.model, seed=cfg.run.seed)
-        result["swd_untrained"] = swd(real_a, generate(G0.to(args.device).eval(), args.num, args.seed + 1, args.device), **kw).mean
+        untrained = generate(G0.to(args.device).train(), args.num, args.seed + 1, args.device)
+        result["swd_untrained"] = swd(real_a, untrained, **kw).mean
     value, reason = fid(real_a, fake, args.inception_weights, args.device)
     result["fid"] = value
     if reason:

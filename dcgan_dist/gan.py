@@ -6,7 +6,7 @@ Nothing here knows which: the step is pure PyTorch.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import torch
@@ -15,8 +15,48 @@ from torch import nn
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel (or similar) wrapper, else the module itself."""
-    return getattr(module, "module", module)
+    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        if inner is None:
+            return module
+        module = inner
+
+
+class Precision:
+    """fp32, or autocast to bf16/fp16 (fp16 with one gradient scaler per network)."""
+
+    DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+    def __init__(self, name: str = "fp32", device_type: str = "cpu"):
+        self.name, self.device_type, self.dtype = name, device_type, self.DTYPES[name]
+        self.scalers = None
+        if name == "fp16":
+            self.scalers = {"d": torch.amp.GradScaler(device_type), "g": torch.amp.GradScaler(device_type)}
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype) if self.dtype is not None else nullcontext()
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, which: str) -> None:
+        if self.scalers is None:
+            loss.backward()
+            optimizer.step()
+            return
+        scaler = self.scalers[which]
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def state_dict(self) -> dict:
+        return {k: v.state_dict() for k, v in (self.scalers or {}).items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            if self.scalers and k in self.scalers:
+                self.scalers[k].load_state_dict(v)
+
+
+FP32 = Precision()
 
 
 @contextmanager
@@ -38,6 +78,7 @@ def train_step(
     opt_d: torch.optim.Optimizer,
     real: torch.Tensor,
     z: torch.Tensor,
+    precision: Precision = FP32,
 ) -> dict[str, torch.Tensor]:
     """One GAN step: update D on a real and a fake batch, then G with the non-saturating loss.
 
@@ -49,22 +90,21 @@ def train_step(
 
     # Discriminator: maximise log D(x) + log(1 - D(G(z))). Real and fake go through D as separate batches,
     # so batch norm statistics are never mixed across the two (DCGAN paper, sec. 4).
-    fake = G(z)
-    logits_real = D(real)
-    logits_fake = D(fake.detach())
+    with precision.autocast():
+        fake = G(z)
+        logits_real = D(real).float()
+        logits_fake = D(fake.detach()).float()
     loss_d = F.binary_cross_entropy_with_logits(logits_real, ones) + F.binary_cross_entropy_with_logits(logits_fake, zeros)
     opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    opt_d.step()
+    precision.backward_and_step(loss_d, opt_d, "d")
 
     # Generator: maximise log D(G(z)) (the non-saturating loss). D's weights are frozen and D is called
     # unwrapped: gradients flow through D into G only, and DDP does not all-reduce D gradients nobody uses.
-    with frozen(unwrap(D)) as d_plain:
-        logits_gen = d_plain(fake)
+    with frozen(unwrap(D)) as d_plain, precision.autocast():
+        logits_gen = d_plain(fake).float()
     loss_g = F.binary_cross_entropy_with_logits(logits_gen, ones)
     opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    opt_g.step()
+    precision.backward_and_step(loss_g, opt_g, "g")
 
     return {
         "loss_d": loss_d.detach(),
@@ -75,9 +115,8 @@ def train_step(
     }
 
 
-def make_optimizers(G: nn.Module, D: nn.Module, optim_cfg) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+def make_optimizers(G: nn.Module, D: nn.Module, optim_cfg, fused: bool = False) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """Adam for each network; fused=True uses the single-kernel implementation (CUDA)."""
     betas = (optim_cfg.beta1, optim_cfg.beta2)
-    return (
-        torch.optim.Adam(G.parameters(), lr=optim_cfg.lr, betas=betas),
-        torch.optim.Adam(D.parameters(), lr=optim_cfg.lr, betas=betas),
-    )
+    kwargs = {"lr": optim_cfg.lr, "betas": betas, **({"fused": True} if fused else {})}
+    return torch.optim.Adam(G.parameters(), **kwargs), torch.optim.Adam(D.parameters(), **kwargs)

@@ -23,7 +23,7 @@ from .data import ImageBatches, ensure_synthetic, normalise, read_info
 from .data.loader import slot_seed
 from .distributed.ddp import wrap_models
 from .distributed.env import DistEnv
-from .gan import make_optimizers, train_step, unwrap
+from .gan import Precision, make_optimizers, train_step, unwrap
 from .models import build_models
 from .ema import EMA
 from .evaluate import SWDEvaluator
@@ -59,6 +59,20 @@ def resolve_data(cfg: Config) -> tuple[str, int]:
         info = read_info(spec)
         num = info.num_samples if info else 0
     return spec, num
+
+
+def use_fused_adam(cfg: Config, device: torch.device) -> bool:
+    return cfg.optim.fused == "always" or (cfg.optim.fused == "auto" and device.type == "cuda")
+
+
+def prepare_models(G: torch.nn.Module, D: torch.nn.Module, cfg: Config, env: DistEnv):
+    """Memory layout, synchronised batch norm + DDP (several workers), torch.compile: what runs the steps."""
+    if cfg.train.channels_last:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    G, D = wrap_models(G, D, env, sync_bn=cfg.dist.sync_bn)
+    if cfg.train.compile:
+        G, D = torch.compile(G), torch.compile(D)
+    return G, D
 
 
 def _check_compatible(saved: dict, cfg: Config, path: str) -> None:
@@ -112,7 +126,8 @@ def train(cfg: Config, env: DistEnv | None = None, store=None) -> TrainResult:
     shards, num_samples = resolve_data(cfg)
     G, D = build_models(cfg.model, seed=cfg.run.seed)
     G, D = G.to(device), D.to(device)
-    opt_g, opt_d = make_optimizers(G, D, cfg.optim)
+    opt_g, opt_d = make_optimizers(G, D, cfg.optim, fused=use_fused_adam(cfg, device))
+    precision = Precision(cfg.train.precision, device.type)
     ema = EMA(G, cfg.train.ema_decay) if cfg.train.ema_decay > 0 and env.is_main else None
     # Latent noise comes from its own generator (per rank), so its state can be checkpointed exactly.
     noise = torch.Generator(device=device).manual_seed(slot_seed(cfg.run.seed, env.rank, 7))
@@ -130,6 +145,7 @@ def train(cfg: Config, env: DistEnv | None = None, store=None) -> TrainResult:
         opt_d.load_state_dict(state["opt_d"])
         if ema is not None and "generator_ema" in state:
             ema.load_state_dict(state["generator_ema"])
+        precision.load_state_dict(state.get("precision", {}))
         step, extras = int(state["step"]), state.get("extras", {})
         rank_state = state["ranks"].get(env.rank)
         if rank_state is not None:
@@ -138,7 +154,7 @@ def train(cfg: Config, env: DistEnv | None = None, store=None) -> TrainResult:
             say(f"rank {env.rank}: no saved stream state (the checkpoint had {len(state['ranks'])} worker(s))")
         say(f"Resuming from {where} (step {step})")
     last_checkpoint = latest[0] if latest else None
-    G, D = wrap_models(G, D, env, sync_bn=cfg.dist.sync_bn)
+    G, D = prepare_models(G, D, cfg, env)
 
     if step >= cfg.train.max_steps:
         say(f"Already trained to step {step} (train.max_steps={cfg.train.max_steps}); nothing to do. "
@@ -177,9 +193,9 @@ def train(cfg: Config, env: DistEnv | None = None, store=None) -> TrainResult:
     try:
         while step < cfg.train.max_steps:
             step_started = time.perf_counter()
-            real = normalise(next(batches), device)
+            real = normalise(next(batches), device, channels_last=cfg.train.channels_last)
             z = torch.randn(real.shape[0], cfg.model.nz, 1, 1, device=device, generator=noise)
-            meter.add(train_step(G, D, opt_g, opt_d, real, z))
+            meter.add(train_step(G, D, opt_g, opt_d, real, z, precision))
             if ema is not None:
                 ema.update(G)
             step += 1
@@ -232,7 +248,8 @@ def train(cfg: Config, env: DistEnv | None = None, store=None) -> TrainResult:
                 state = None
                 if env.is_main:
                     state = _model_state(step, G, D, ema, cfg, {"wandb_run_id": reporter.wandb_run_id, "best_swd": best})
-                    state.update(opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(), ranks=dict(enumerate(ranks)))
+                    state.update(opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(), ranks=dict(enumerate(ranks)),
+                                 precision=precision.state_dict())
                 saved = store.save(state, step, record)
                 if saved:
                     last_checkpoint = saved

@@ -20,6 +20,8 @@ TINY = [
     "data.num_workers=0",
     "data.shuffle_buffer=64",
     "wandb.mode=disabled",
+    "train.eval_every=0",
+    "train.ema_decay=0",
 ]
 
 

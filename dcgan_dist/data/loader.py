@@ -220,6 +220,10 @@ def _loader_worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding is PIL work; keep torch from spawning thread pools per worker
 
 
-def normalise(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """uint8 [0, 255] batch -> float in [-1, 1] on `device` (the generator's Tanh range)."""
-    return images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+def normalise(images: torch.Tensor, device: torch.device | str, channels_last: bool = False) -> torch.Tensor:
+    """uint8 [0, 255] batch -> float in [-1, 1] on `device` (the generator's Tanh range).
+
+    The uint8 batch crosses to the device (4x less traffic than float), the conversion runs there.
+    """
+    out = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
