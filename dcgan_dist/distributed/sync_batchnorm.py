@@ -2,12 +2,10 @@
 
 `torch.nn.SyncBatchNorm` runs only on CUDA (DDP refuses it on CPU modules), so for CPU/gloo workers this
 module does the same job: in training mode each rank computes its per-channel count, mean and (biased)
-variance, one differentiable all-gather shares them, and every rank combines them into the global mean and
-variance. Combining means and variances with counts (Chan et al.) rather than raw sums and sums of squares
-keeps float32 accurate when activations have a large mean. The all-gather's backward (an all-reduce of the
-gradient with respect to the gathered statistics, each rank keeping its own row) returns every rank's
-gradient contribution to the statistics' owners, so the backward pass is that of batch
-norm over the global batch. Running statistics are updated from the global values, hence identical on
+variance, one all-gather shares them, and every rank combines them into the global mean and variance.
+Combining means and variances with counts (Chan et al.) rather than raw sums and sums of squares keeps
+float32 accurate when activations have a large mean. The backward pass is that of batch norm over the
+global batch, with one all-reduce of two per-channel sums (as torch's SyncBatchNorm does on CUDA). Running statistics are updated from the global values, hence identical on
 every rank. In eval mode it is plain batch norm with the running statistics: no communication.
 
 Every training-mode call is a collective: all ranks must call it the same number of times, in the same order.
@@ -21,25 +19,57 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class AllGatherRows(torch.autograd.Function):
-    """Differentiable all-gather of one small vector per rank -> [world, n].
+class SyncBatchNormFunction(torch.autograd.Function):
+    """Batch norm over the global batch with plain blocking collectives (gloo or NCCL).
 
-    Plain blocking collectives (all supported by gloo and NCCL); the gradient of rank r's row is the sum over
-    ranks of their gradients for that row.
+    Forward: one all-gather of (count, mean, variance) per rank, combined with counts; the normalisation itself
+    is torch's fused kernel. Backward: one all-reduce of the per-channel sums of dy and dy * x_hat, then the
+    batch-norm gradient over the global batch: dx = invstd * w * (dy - mean(dy) - x_hat * mean(dy * x_hat)).
+    The weight and bias gradients are this rank's sums; DDP averages them like any parameter gradient.
     """
 
     @staticmethod
-    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
-        ctx.group, ctx.rank = group, dist.get_rank(group)
-        rows = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(rows, local.contiguous(), group=group)
-        return torch.stack(rows)
+    def forward(ctx, x, weight, bias, eps, group):
+        world = dist.get_world_size(group)
+        channels = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        # Statistics in at least float32 (a count of 10^5 or a large mean would not survive in half precision).
+        xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        var_local, mean_local = torch.var_mean(xs, dim=dims, correction=0)
+        local = torch.cat([xs.new_full((1,), float(xs.numel() // channels)), mean_local, var_local])
+        rows = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(rows, local, group=group)
+        gathered = torch.stack(rows)  # [world, 1 + 2C]
+        counts, means, variances = gathered[:, :1], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
+        total = counts.sum()
+        mean = (counts * means).sum(0) / total
+        var = (counts * (variances + (means - mean) ** 2)).sum(0) / total  # biased, over the global batch
+        y = F.batch_norm(xs, mean, var, weight, bias, False, 0.0, eps)  # torch's fused kernel, global statistics
+        invstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(xs, weight, mean, invstd)
+        ctx.total, ctx.group, ctx.in_dtype = total, group, x.dtype
+        unbiased = var * (total / (total - 1).clamp(min=1))
+        ctx.mark_non_differentiable(mean, unbiased)
+        return y.to(x.dtype), mean, unbiased
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank], None
+    def backward(ctx, dy, _dmean, _dvar):
+        xs, weight, mean, invstd = ctx.saved_tensors
+        shape = [1, -1] + [1] * (xs.dim() - 2)
+        dims = [0, *range(2, xs.dim())]
+        dy = dy.to(xs.dtype)
+        x_hat = (xs - mean.view(shape)) * invstd.view(shape)
+        sum_dy = dy.sum(dims)
+        sum_dy_xhat = (dy * x_hat).sum(dims)
+        grad_weight, grad_bias = sum_dy_xhat.clone(), sum_dy.clone()  # this rank's share, before the reduce
+        sums = torch.stack([sum_dy, sum_dy_xhat])
+        dist.all_reduce(sums, group=ctx.group)
+        mean_dy, mean_dy_xhat = sums[0] / ctx.total, sums[1] / ctx.total
+        scale = invstd if weight is None else invstd * weight
+        dx = (dy - mean_dy.view(shape) - x_hat * mean_dy_xhat.view(shape)) * scale.view(shape)
+        if weight is None:
+            return dx.to(ctx.in_dtype), None, None, None, None
+        return dx.to(ctx.in_dtype), grad_weight, grad_bias, None, None
 
 
 class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -61,8 +91,7 @@ class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        world = self._group_size()
-        if not self.training or world == 1:
+        if not self.training or self._group_size() == 1:
             return F.batch_norm(
                 x,
                 self.running_mean if not self.training or self.track_running_stats else None,
@@ -70,33 +99,15 @@ class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.weight, self.bias, self.training or not self.track_running_stats,
                 self.momentum if self.momentum is not None else 0.0, self.eps,
             )
-
-        channels = x.shape[1]
-        reduce_dims = [0, *range(2, x.dim())]
-        count = x.numel() // channels
-        # Statistics in at least float32 (a count of 10^5 or a large mean would not survive in half precision).
-        stats_x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        var_local, mean_local = torch.var_mean(stats_x, dim=reduce_dims, correction=0)
-        local = torch.cat([stats_x.new_full((1,), float(count)), mean_local, var_local])  # [1 + 2C]
-        gathered = AllGatherRows.apply(local, self.process_group)  # [world, 1 + 2C]
-        counts, means, vars_ = gathered[:, :1], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
-        total = counts.sum()
-        mean = (counts * means).sum(0) / total
-        var = (counts * (vars_ + (means - mean) ** 2)).sum(0) / total  # biased, over the global batch
-
+        group = self.process_group or dist.group.WORLD
+        out, mean, unbiased_var = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps, group)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                unbiased = var * (total / (total - 1).clamp(min=1))
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
-                self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), momentum)
-
-        shape = [1, channels] + [1] * (x.dim() - 2)
-        out = (stats_x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out.to(x.dtype)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), momentum)
+        return out
 
 
 def convert_sync_batchnorm(module: nn.Module, device_type: str = "cpu", process_group=None) -> nn.Module:

@@ -1,0 +1,259 @@
+"""Measure training speed: the loader, the full training step, the scaling of N Ray workers.
+
+    python -m dcgan_dist.bench [--config FILE] [key=value ...] [--steps 20] [--warmup 5] [--baseline]
+
+Local launcher: data_images_per_s (shards -> normalised tensors on the device, the real loader) and
+train_images_per_s (the real training step on batches from that loader: the code `train` runs, without its
+logging and checkpoints). --baseline also times a minimal hand-written DCGAN loop on in-memory random tensors
+(same architecture, batch and precision) and reports the ratio.
+
+Ray launcher (dist.launcher=ray, dist.num_workers=N): the same N Ray workers run, one after the other,
+  c: rank 0 alone (1 worker; the others wait),
+  b: all N each running the identical step with no communication (the machine's contention ceiling),
+  a-nosync: N workers with DDP but per-worker batch norm,
+  a: N workers training together (DDP gradient all-reduce + synchronised batch norm).
+speedup = a/c, comm_efficiency = a/b, with the cost breakdown per step: compute and data wait (from b),
+gradient all-reduce (a-nosync - b) and batch-norm synchronisation (a - a-nosync).
+
+The last line printed is one JSON object with the figures, the device, batch size, widths and threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config, ConfigError, build_config, from_dict, split_args, to_dict
+from .data import ImageBatches, normalise
+from .distributed.env import DistEnv
+from .gan import Precision, make_optimizers, train_step
+from .loop import pick_device, prepare_models, resolve_data, use_fused_adam
+from .models import build_models
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _loader(cfg: Config, env: DistEnv, shards: str) -> ImageBatches:
+    return ImageBatches(shards, cfg.train.batch_size, rank=env.rank, world_size=env.world_size, seed=cfg.run.seed,
+                        num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+                        expect_chw=(cfg.model.channels, cfg.model.image_size, cfg.model.image_size),
+                        pin_memory=env.device.type == "cuda")
+
+
+def measure_data(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int) -> float:
+    batches = _loader(cfg, env, shards)
+    try:
+        for _ in range(warmup):
+            normalise(next(batches), env.device)
+        _sync(env.device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            normalise(next(batches), env.device, cfg.train.channels_last)
+        _sync(env.device)
+        return steps * cfg.train.batch_size / (time.perf_counter() - started)
+    finally:
+        batches.close()
+
+
+def measure_train(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int, data_env: DistEnv | None = None) -> dict:
+    """Images/s of this process running the real training step; `env` decides DDP/sync (world 1 = none).
+
+    data_env: whose slice of the shards to read (defaults to env), so independent workers still read apart.
+    """
+    device = env.device
+    G, D = build_models(cfg.model, seed=cfg.run.seed)
+    G, D = G.to(device), D.to(device)
+    opt_g, opt_d = make_optimizers(G, D, cfg.optim, fused=use_fused_adam(cfg, device))
+    precision = Precision(cfg.train.precision, device.type)
+    G, D = prepare_models(G, D, cfg, env)
+    batches = _loader(cfg, data_env or env, shards)
+    noise = torch.Generator(device=device).manual_seed(cfg.run.seed + (data_env or env).rank)
+    data_wait = 0.0
+    try:
+        for i in range(warmup + steps):
+            if i == warmup:
+                _sync(device)
+                started, data_wait = time.perf_counter(), 0.0
+            fetch = time.perf_counter()
+            real = normalise(next(batches), device, cfg.train.channels_last)
+            data_wait += time.perf_counter() - fetch
+            z = torch.randn(real.shape[0], cfg.model.nz, 1, 1, device=device, generator=noise)
+            train_step(G, D, opt_g, opt_d, real, z, precision)
+        _sync(device)
+        seconds = time.perf_counter() - started
+    finally:
+        batches.close()
+    return {"images_per_s": steps * cfg.train.batch_size / seconds, "step_s": seconds / steps, "data_wait_s": data_wait / steps}
+
+
+# --- the baseline: a minimal DCGAN loop, as in PyTorch's example, on random in-memory tensors ----------------
+
+
+def baseline(cfg: Config, device: torch.device, steps: int, warmup: int) -> float:
+    m = cfg.model
+    G, D = build_models(m, seed=0)
+    G, D = G.to(device), D.to(device)
+    opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    b = cfg.train.batch_size
+    real = torch.rand(b, m.channels, m.image_size, m.image_size, device=device) * 2 - 1
+    ones, zeros = torch.ones(b, device=device), torch.zeros(b, device=device)
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            started = time.perf_counter()
+        z = torch.randn(b, m.nz, 1, 1, device=device)
+        fake = G(z)
+        D.zero_grad()
+        loss_d = F.binary_cross_entropy_with_logits(D(real), ones) + F.binary_cross_entropy_with_logits(D(fake.detach()), zeros)
+        loss_d.backward()
+        opt_d.step()
+        G.zero_grad()
+        loss_g = F.binary_cross_entropy_with_logits(D(fake), ones)
+        loss_g.backward()
+        opt_g.step()
+    _sync(device)
+    return steps * b / (time.perf_counter() - started)
+
+
+# --- Ray -----------------------------------------------------------------------------------------------------
+
+
+def _ray_bench_worker(config: dict) -> dict:
+    import ray.train
+    import ray.train.torch
+
+    steps, warmup = config.pop("_steps"), config.pop("_warmup")
+    cfg = from_dict(config)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device() if cfg.dist.use_gpu else torch.device("cpu")
+    env = DistEnv(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), local_rank=ctx.get_local_rank(), device=device)
+    alone = DistEnv(rank=0, world_size=1, device=device)
+    shards, _ = resolve_data(cfg) if env.is_main else (None, 0)
+    shards = env.gather_objects(shards)[0]  # rank 0 generates the synthetic set once; the others reuse it
+    out = {}
+    # c: one worker, the others idle at a barrier.
+    if env.is_main:
+        out["c"] = measure_train(cfg, alone, shards, steps, warmup, data_env=env)
+    env.barrier()
+    # b: every worker alone, no communication at all.
+    b = measure_train(cfg, alone, shards, steps, warmup, data_env=env)
+    env.barrier()
+    # a-nosync and a: DDP, then DDP + synchronised batch norm.
+    a_nosync = measure_train(replace(cfg, dist=replace(cfg.dist, sync_bn=False)), env, shards, steps, warmup)
+    a = measure_train(cfg, env, shards, steps, warmup)
+    for name, r in (("b", b), ("a_nosync", a_nosync), ("a", a)):
+        rates = env.gather_scalars(r["images_per_s"])
+        out[name] = {**{k: sum(env.gather_scalars(v)) / env.world_size for k, v in r.items() if k != "images_per_s"},
+                     "images_per_s": sum(rates)}
+    return out
+
+
+def bench_ray(cfg: Config, steps: int, warmup: int) -> dict:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.init(log_to_driver=True)
+    config = {**to_dict(cfg), "_steps": steps, "_warmup": warmup}
+    per_worker = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if cfg.dist.use_gpu else {})}
+    trainer = TorchTrainer(
+        _ray_bench_worker, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(name=f"bench-{int(time.time())}", storage_path=str((Path(cfg.run.dir) / "bench").resolve())),
+    )
+    r = trainer.fit().return_value
+    a, b, a_nosync, c = r["a"]["images_per_s"], r["b"]["images_per_s"], r["a_nosync"]["images_per_s"], r["c"]["images_per_s"]
+    breakdown = {
+        "compute_s": r["b"]["step_s"] - r["b"]["data_wait_s"],
+        "data_wait_s": r["a"]["data_wait_s"],
+        "grad_allreduce_s": r["a_nosync"]["step_s"] - r["b"]["step_s"],
+        "bn_sync_s": r["a"]["step_s"] - r["a_nosync"]["step_s"],
+        "step_s": r["a"]["step_s"],
+    }
+    return {"train_images_per_s": a, "single_worker_images_per_s": c, "independent_images_per_s": b,
+            "ddp_without_sync_bn_images_per_s": a_nosync, "speedup": a / c, "comm_efficiency": a / b,
+            "step_breakdown": breakdown}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.bench", description=__doc__.split("\n\n")[0],
+                                     epilog="Settings: [--config FILE] [key=value ...], as for dcgan_dist.train.")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--baseline", action="store_true", help="also time a minimal hand-written DCGAN loop")
+    parser.add_argument("--skip-data", action="store_true", help="do not measure the loader alone")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        config_file, overrides = split_args(rest)
+        cfg = build_config(config_file or "default", overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    threads = cfg.train.num_threads or torch.get_num_threads()
+    m = cfg.model
+    result: dict = {
+        "launcher": cfg.dist.launcher,
+        "batch_size": cfg.train.batch_size,
+        "image_size": m.image_size,
+        "ngf": m.ngf,
+        "ndf": m.ndf,
+        "precision": cfg.train.precision,
+        "threads": threads,
+        "dist_workers": cfg.dist.num_workers,
+        "loader_workers": cfg.data.num_workers,
+        "steps": args.steps,
+    }
+    device = torch.device("cuda") if cfg.dist.launcher == "ray" and cfg.dist.use_gpu else pick_device(cfg.train.device)
+    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} threads)"
+    shards, _ = resolve_data(cfg)
+    env = DistEnv(device=device)
+    rows = []
+    if not args.skip_data:
+        result["data_images_per_s"] = measure_data(cfg, env, shards, args.steps * 2, args.warmup)
+        rows.append(("loader alone (shards -> normalised tensors)", result["data_images_per_s"]))
+    if cfg.dist.launcher == "ray":
+        result.update(bench_ray(cfg, args.steps, args.warmup))
+        n = cfg.dist.num_workers
+        rows += [("c: 1 worker", result["single_worker_images_per_s"]),
+                 (f"b: {n} workers, no communication", result["independent_images_per_s"]),
+                 (f"a-nosync: {n} workers, DDP, per-worker BN", result["ddp_without_sync_bn_images_per_s"]),
+                 (f"a: {n} workers, DDP + synchronised BN", result["train_images_per_s"])]
+    else:
+        result["train_images_per_s"] = measure_train(cfg, env, shards, args.steps, args.warmup)["images_per_s"]
+        rows.append(("training step (real loader)", result["train_images_per_s"]))
+    if args.baseline:
+        result["baseline_images_per_s"] = baseline(cfg, device, args.steps, args.warmup)
+        result["vs_baseline"] = result["train_images_per_s"] / result["baseline_images_per_s"]
+        rows.append(("baseline: minimal loop, random tensors", result["baseline_images_per_s"]))
+
+    print(f"\n{'':2}{'measurement':<48}{'images/s':>12}")
+    for name, value in rows:
+        print(f"  {name:<48}{value:>12.1f}")
+    if "vs_baseline" in result:
+        print(f"  training step / baseline: {result['vs_baseline']:.3f}")
+    if "speedup" in result:
+        bd = result["step_breakdown"]
+        print(f"  speedup a/c: {result['speedup']:.3f}   comm_efficiency a/b: {result['comm_efficiency']:.3f}")
+        print("  per step: " + ", ".join(f"{k[:-2]} {v * 1000:.1f} ms" for k, v in bd.items()))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
