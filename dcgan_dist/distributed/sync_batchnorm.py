@@ -5,7 +5,7 @@ module does the same job: in training mode each rank computes its per-channel co
 variance, one all-gather shares them, and every rank combines them into the global mean and variance.
 Combining means and variances with counts (Chan et al.) rather than raw sums and sums of squares keeps
 float32 accurate when activations have a large mean. The backward pass is that of batch norm over the
-global batch, with one all-reduce of two per-channel sums (as torch's SyncBatchNorm does on CUDA). Running statistics are updated from the global values, hence identical on
+global batch, with one more collective for two per-channel sums (as torch's SyncBatchNorm does on CUDA). Running statistics are updated from the global values, hence identical on
 every rank. In eval mode it is plain batch norm with the running statistics: no communication.
 
 Every training-mode call is a collective: all ranks must call it the same number of times, in the same order.
@@ -22,9 +22,11 @@ from torch import nn
 class SyncBatchNormFunction(torch.autograd.Function):
     """Batch norm over the global batch with plain blocking collectives (gloo or NCCL).
 
-    Forward: one all-gather of (count, mean, variance) per rank, combined with counts; the normalisation itself
-    is torch's fused kernel. Backward: one all-reduce of the per-channel sums of dy and dy * x_hat, then the
-    batch-norm gradient over the global batch: dx = invstd * w * (dy - mean(dy) - x_hat * mean(dy * x_hat)).
+    Forward: one all-gather of (count, mean, variance) per rank, combined with counts; statistics and
+    normalisation are torch's native kernels. Backward: torch's native batch-norm backward with the global
+    statistics (whose reductions run over this rank's samples), one all-gather of those per-channel sums
+    (of dy and dy * x_hat), and a per-channel affine correction that turns the local means into global ones:
+    dx = invstd * w * (dy - mean_global(dy) - x_hat * mean_global(dy * x_hat)).
     The weight and bias gradients are this rank's sums; DDP averages them like any parameter gradient.
     """
 
@@ -32,11 +34,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, group):
         world = dist.get_world_size(group)
         channels = x.shape[1]
-        dims = [0, *range(2, x.dim())]
         # Statistics in at least float32 (a count of 10^5 or a large mean would not survive in half precision).
         xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        var_local, mean_local = torch.var_mean(xs, dim=dims, correction=0)
-        local = torch.cat([xs.new_full((1,), float(xs.numel() // channels)), mean_local, var_local])
+        mean_local, var_local = torch.batch_norm_update_stats(xs, None, None, 0.0)  # biased variance
+        local_count = xs.numel() // channels
+        local = torch.cat([xs.new_full((1,), float(local_count)), mean_local, var_local])
         rows = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(rows, local, group=group)
         gathered = torch.stack(rows)  # [world, 1 + 2C]
@@ -47,7 +49,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         y = F.batch_norm(xs, mean, var, weight, bias, False, 0.0, eps)  # torch's fused kernel, global statistics
         invstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(xs, weight, mean, invstd)
-        ctx.total, ctx.group, ctx.in_dtype = total, group, x.dtype
+        ctx.total, ctx.local_count, ctx.eps, ctx.group, ctx.in_dtype = total, local_count, eps, group, x.dtype
         unbiased = var * (total / (total - 1).clamp(min=1))
         ctx.mark_non_differentiable(mean, unbiased)
         return y.to(x.dtype), mean, unbiased
@@ -55,21 +57,28 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
         xs, weight, mean, invstd = ctx.saved_tensors
+        dy = dy.to(xs.dtype).contiguous()
+        w = weight if weight is not None else torch.ones_like(mean)
+        dx, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy, xs, w, None, None, mean, invstd, True, ctx.eps, [True, True, True]
+        )
+        # Summed over ranks via an all-gather: for small tensors gloo's all-gather is about twice as fast as its
+        # all-reduce here, and summing the rows in rank order gives every rank the same bits.
+        local = torch.stack([sum_dy, sum_dy_xhat])
+        rows = [torch.empty_like(local) for _ in range(dist.get_world_size(ctx.group))]
+        dist.all_gather(rows, local, group=ctx.group)
+        sums = torch.stack(rows).sum(0)
+        # dx above used this rank's means of dy and dy * x_hat; swap in the global ones. The difference is
+        # affine in x per channel: invstd * w * (a + x_hat * b), with x_hat = (x - mean) * invstd.
+        a = sum_dy / ctx.local_count - sums[0] / ctx.total
+        b = sum_dy_xhat / ctx.local_count - sums[1] / ctx.total
+        coef_x = invstd * w * b * invstd
+        offset = invstd * w * a - coef_x * mean
         shape = [1, -1] + [1] * (xs.dim() - 2)
-        dims = [0, *range(2, xs.dim())]
-        dy = dy.to(xs.dtype)
-        x_hat = (xs - mean.view(shape)) * invstd.view(shape)
-        sum_dy = dy.sum(dims)
-        sum_dy_xhat = (dy * x_hat).sum(dims)
-        grad_weight, grad_bias = sum_dy_xhat.clone(), sum_dy.clone()  # this rank's share, before the reduce
-        sums = torch.stack([sum_dy, sum_dy_xhat])
-        dist.all_reduce(sums, group=ctx.group)
-        mean_dy, mean_dy_xhat = sums[0] / ctx.total, sums[1] / ctx.total
-        scale = invstd if weight is None else invstd * weight
-        dx = (dy - mean_dy.view(shape) - x_hat * mean_dy_xhat.view(shape)) * scale.view(shape)
+        dx.addcmul_(xs, coef_x.view(shape)).add_(offset.view(shape))
         if weight is None:
             return dx.to(ctx.in_dtype), None, None, None, None
-        return dx.to(ctx.in_dtype), grad_weight, grad_bias, None, None
+        return dx.to(ctx.in_dtype), sum_dy_xhat, sum_dy, None, None
 
 
 class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
