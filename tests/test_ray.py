@@ -3,6 +3,7 @@
 All tests share one two-node cluster (session fixture); each training job runs two tiny workers on CPU/gloo.
 """
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -113,3 +114,15 @@ def test_rerun_with_the_same_name_resumes(ray_cluster, tiny_shards, uninterrupte
     assert ckpt.load(final_checkpoint(proc.stdout))["step"] == 15
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
     assert steps == list(range(1, 16))
+
+
+def test_bench_on_ray_reports_scaling(ray_cluster, tiny_shards, tmp_path):
+    proc = run_with_env([sys.executable, "-m", "dcgan_dist.bench", "--config", "debug", *TINY, "dist.launcher=ray",
+                         "dist.num_workers=2", f"data.shards={tiny_shards}", f"run.dir={tmp_path}", "--steps", "3",
+                         "--warmup", "1", "--skip-data"], ray_cluster)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("train_images_per_s", "single_worker_images_per_s", "independent_images_per_s", "speedup", "comm_efficiency"):
+        assert result[key] > 0, key
+    assert set(result["step_breakdown"]) == {"compute_s", "data_wait_s", "grad_allreduce_s", "bn_sync_s", "step_s"}
+    assert "comm_efficiency a/b" in proc.stdout
