@@ -7,7 +7,8 @@ train_images_per_s (the real training step on batches from that loader: the code
 logging and checkpoints). --baseline also times a minimal hand-written DCGAN loop on in-memory random tensors
 (same architecture, batch and precision) and reports the ratio.
 
-Ray launcher (dist.launcher=ray, dist.num_workers=N): the same N Ray workers run, one after the other,
+Ray launcher (dist.launcher=ray, dist.num_workers=N): the same N Ray workers run, taking turns in short
+rounds (--rounds) so that a slow spell of a shared machine hits every run alike,
   c: rank 0 alone (1 worker; the others wait),
   b: all N each running the identical step with no communication (the machine's contention ceiling),
   a-nosync: N workers with DDP but per-worker batch norm,
@@ -66,35 +67,55 @@ def measure_data(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int
         batches.close()
 
 
-def measure_train(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int, data_env: DistEnv | None = None) -> dict:
-    """Images/s of this process running the real training step; `env` decides DDP/sync (world 1 = none).
+class StepRunner:
+    """The real training step, ready to run: models, optimizers, loader. `env` decides DDP/sync (world 1 = none).
 
     data_env: whose slice of the shards to read (defaults to env), so independent workers still read apart.
     """
-    device = env.device
-    G, D = build_models(cfg.model, seed=cfg.run.seed)
-    G, D = G.to(device), D.to(device)
-    opt_g, opt_d = make_optimizers(G, D, cfg.optim, fused=use_fused_adam(cfg, device))
-    precision = Precision(cfg.train.precision, device.type)
-    G, D = prepare_models(G, D, cfg, env)
-    batches = _loader(cfg, data_env or env, shards)
-    noise = torch.Generator(device=device).manual_seed(cfg.run.seed + (data_env or env).rank)
-    data_wait = 0.0
-    try:
-        for i in range(warmup + steps):
-            if i == warmup:
-                _sync(device)
-                started, data_wait = time.perf_counter(), 0.0
+
+    def __init__(self, cfg: Config, env: DistEnv, shards: str, data_env: DistEnv | None = None):
+        self.cfg, self.device = cfg, env.device
+        G, D = build_models(cfg.model, seed=cfg.run.seed)
+        G, D = G.to(self.device), D.to(self.device)
+        self.opt_g, self.opt_d = make_optimizers(G, D, cfg.optim, fused=use_fused_adam(cfg, self.device))
+        self.precision = Precision(cfg.train.precision, self.device.type)
+        self.G, self.D = prepare_models(G, D, cfg, env)
+        self.batches = _loader(cfg, data_env or env, shards)
+        self.noise = torch.Generator(device=self.device).manual_seed(cfg.run.seed + (data_env or env).rank)
+        self.seconds = self.data_wait = 0.0
+        self.steps = 0
+
+    def run(self, steps: int, timed: bool = True) -> None:
+        _sync(self.device)
+        started = time.perf_counter()
+        for _ in range(steps):
             fetch = time.perf_counter()
-            real = normalise(next(batches), device, cfg.train.channels_last)
-            data_wait += time.perf_counter() - fetch
-            z = torch.randn(real.shape[0], cfg.model.nz, 1, 1, device=device, generator=noise)
-            train_step(G, D, opt_g, opt_d, real, z, precision)
-        _sync(device)
-        seconds = time.perf_counter() - started
+            real = normalise(next(self.batches), self.device, self.cfg.train.channels_last)
+            if timed:
+                self.data_wait += time.perf_counter() - fetch
+            z = torch.randn(real.shape[0], self.cfg.model.nz, 1, 1, device=self.device, generator=self.noise)
+            train_step(self.G, self.D, self.opt_g, self.opt_d, real, z, self.precision)
+        _sync(self.device)
+        if timed:
+            self.seconds += time.perf_counter() - started
+            self.steps += steps
+
+    def result(self) -> dict:
+        return {"images_per_s": self.steps * self.cfg.train.batch_size / self.seconds,
+                "step_s": self.seconds / self.steps, "data_wait_s": self.data_wait / self.steps}
+
+    def close(self) -> None:
+        self.batches.close()
+
+
+def measure_train(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int) -> dict:
+    runner = StepRunner(cfg, env, shards)
+    try:
+        runner.run(warmup, timed=False)
+        runner.run(steps)
+        return runner.result()
     finally:
-        batches.close()
-    return {"images_per_s": steps * cfg.train.batch_size / seconds, "step_s": seconds / steps, "data_wait_s": data_wait / steps}
+        runner.close()
 
 
 # --- the baseline: a minimal DCGAN loop, as in PyTorch's example, on random in-memory tensors ----------------
@@ -134,7 +155,7 @@ def _ray_bench_worker(config: dict) -> dict:
     import ray.train
     import ray.train.torch
 
-    steps, warmup = config.pop("_steps"), config.pop("_warmup")
+    steps, warmup, rounds = config.pop("_steps"), config.pop("_warmup"), config.pop("_rounds")
     cfg = from_dict(config)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -144,31 +165,41 @@ def _ray_bench_worker(config: dict) -> dict:
     alone = DistEnv(rank=0, world_size=1, device=device)
     shards, _ = resolve_data(cfg) if env.is_main else (None, 0)
     shards = env.gather_objects(shards)[0]  # rank 0 generates the synthetic set once; the others reuse it
+    runners = {
+        "c": StepRunner(cfg, alone, shards, data_env=env) if env.is_main else None,  # 1 worker, the others wait
+        "b": StepRunner(cfg, alone, shards, data_env=env),  # every worker alone, no communication at all
+        "a_nosync": StepRunner(replace(cfg, dist=replace(cfg.dist, sync_bn=False)), env, shards),  # DDP only
+        "a": StepRunner(cfg, env, shards),  # DDP + synchronised batch norm
+    }
+    # The runs take turns in short rounds, so a slow spell of a shared machine hits all of them alike.
+    chunk = max(1, steps // rounds)
+    for timed, n in ((False, warmup),) + ((True, chunk),) * rounds:
+        for name, runner in runners.items():
+            if runner is not None:
+                runner.run(n, timed)
+            if name in ("c", "b"):
+                env.barrier()
     out = {}
-    # c: one worker, the others idle at a barrier.
-    if env.is_main:
-        out["c"] = measure_train(cfg, alone, shards, steps, warmup, data_env=env)
-    env.barrier()
-    # b: every worker alone, no communication at all.
-    b = measure_train(cfg, alone, shards, steps, warmup, data_env=env)
-    env.barrier()
-    # a-nosync and a: DDP, then DDP + synchronised batch norm.
-    a_nosync = measure_train(replace(cfg, dist=replace(cfg.dist, sync_bn=False)), env, shards, steps, warmup)
-    a = measure_train(cfg, env, shards, steps, warmup)
-    for name, r in (("b", b), ("a_nosync", a_nosync), ("a", a)):
-        rates = env.gather_scalars(r["images_per_s"])
-        out[name] = {**{k: sum(env.gather_scalars(v)) / env.world_size for k, v in r.items() if k != "images_per_s"},
-                     "images_per_s": sum(rates)}
+    for name, runner in runners.items():
+        if name == "c":
+            out["c"] = runner.result() if runner else None
+            continue
+        r = runner.result()
+        out[name] = {k: sum(env.gather_scalars(v)) / env.world_size for k, v in r.items()}
+        out[name]["images_per_s"] = sum(env.gather_scalars(r["images_per_s"]))
+    for runner in runners.values():
+        if runner is not None:
+            runner.close()
     return out
 
 
-def bench_ray(cfg: Config, steps: int, warmup: int) -> dict:
+def bench_ray(cfg: Config, steps: int, warmup: int, rounds: int) -> dict:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     ray.init(log_to_driver=True)
-    config = {**to_dict(cfg), "_steps": steps, "_warmup": warmup}
+    config = {**to_dict(cfg), "_steps": steps, "_warmup": warmup, "_rounds": rounds}
     per_worker = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if cfg.dist.use_gpu else {})}
     trainer = TorchTrainer(
         _ray_bench_worker, train_loop_config=config,
@@ -194,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="Settings: [--config FILE] [key=value ...], as for dcgan_dist.train.")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="ray: the runs a, a-nosync, b, c take turns this many times")
     parser.add_argument("--baseline", action="store_true", help="also time a minimal hand-written DCGAN loop")
     parser.add_argument("--skip-data", action="store_true", help="do not measure the loader alone")
     args, rest = parser.parse_known_args(argv)
@@ -228,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         result["data_images_per_s"] = measure_data(cfg, env, shards, args.steps * 2, args.warmup)
         rows.append(("loader alone (shards -> normalised tensors)", result["data_images_per_s"]))
     if cfg.dist.launcher == "ray":
-        result.update(bench_ray(cfg, args.steps, args.warmup))
+        result.update(bench_ray(cfg, args.steps, args.warmup, args.rounds))
         n = cfg.dist.num_workers
         rows += [("c: 1 worker", result["single_worker_images_per_s"]),
                  (f"b: {n} workers, no communication", result["independent_images_per_s"]),
