@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .config import Config, ConfigError, build_config, from_dict, split_args, to_dict
 from .data import ImageBatches, normalise

@@ -165,40 +165,35 @@ class ConfigError(ValueError):
     """A bad setting; the message is one line that names the key."""
 
 
-def _section_keys(path: str) -> list[str]:
-    """Valid keys at a dotted path of the schema ('' = top level)."""
+def _schema_class(path: str) -> Any:
+    """The dataclass of the section at a dotted path of the schema ('' = the whole Config)."""
     node: Any = Config
     for part in [p for p in path.split(".") if p]:
-        fields = {f.name: f for f in dataclasses.fields(node)}
-        node = fields[part].default_factory  # type: ignore[misc]
-    return [f.name for f in dataclasses.fields(node)]
+        node = {f.name: f for f in dataclasses.fields(node)}[part].default_factory
+    return node
+
+
+def _section_keys(path: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(_schema_class(path))]
 
 
 def _check_keys(tree: Any, prefix: str = "") -> None:
     """Reject keys that the schema does not have, naming the valid ones."""
     if not isinstance(tree, dict):
         return
-    valid = _section_keys(prefix)
+    fields = {f.name: f for f in dataclasses.fields(_schema_class(prefix))}
     for key, value in tree.items():
         full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in valid:
+        if key not in fields:
             where = f"in '{prefix}'" if prefix else "at the top level"
-            raise ConfigError(f"unknown config key '{full}'; valid keys {where}: {', '.join(valid)}")
-        sub = f"{prefix}.{key}" if prefix else key
-        field_type = {f.name: f for f in dataclasses.fields(_schema_class(prefix))}[key].type
+            raise ConfigError(f"unknown config key '{full}'; valid keys {where}: {', '.join(fields)}")
+        is_section = str(fields[key].type).endswith("Section")
         if isinstance(value, dict):
-            if not field_type.endswith("Section"):
+            if not is_section:
                 raise ConfigError(f"config key '{full}' takes a single value, not a mapping")
-            _check_keys(value, sub)
-        elif field_type.endswith("Section"):
-            raise ConfigError(f"config key '{full}' is a section; set its keys: {', '.join(_section_keys(sub))}")
-
-
-def _schema_class(path: str) -> Any:
-    node: Any = Config
-    for part in [p for p in path.split(".") if p]:
-        node = {f.name: f for f in dataclasses.fields(node)}[part].default_factory
-    return node
+            _check_keys(value, full)
+        elif is_section:
+            raise ConfigError(f"config key '{full}' is a section; set its keys: {', '.join(_section_keys(full))}")
 
 
 def resolve_config_path(name: str) -> Path:

@@ -13,7 +13,6 @@ machine; nothing is ever downloaded.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path

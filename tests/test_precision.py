@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 from dcgan_dist.config import build_config
 from dcgan_dist.loop import train
