@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config, ConfigError, build_config, from_dict, split_args, to_dict
-from .data import ImageBatches, normalise
+from .data import normalise
 from .distributed.env import DistEnv
-from .gan import Precision, make_optimizers, train_step
-from .loop import pick_device, prepare_models, resolve_data, use_fused_adam
+from .gan import train_step
+from .loop import build_training, make_loader, pick_device, prepare_models, resolve_data
 from .models import build_models
 
 
@@ -44,15 +44,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _loader(cfg: Config, env: DistEnv, shards: str) -> ImageBatches:
-    return ImageBatches(shards, cfg.train.batch_size, rank=env.rank, world_size=env.world_size, seed=cfg.run.seed,
-                        num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                        expect_chw=(cfg.model.channels, cfg.model.image_size, cfg.model.image_size),
-                        pin_memory=env.device.type == "cuda")
-
-
 def measure_data(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int) -> float:
-    batches = _loader(cfg, env, shards)
+    batches = make_loader(cfg, env, shards)
     try:
         for _ in range(warmup):
             normalise(next(batches), env.device)
@@ -74,12 +67,9 @@ class StepRunner:
 
     def __init__(self, cfg: Config, env: DistEnv, shards: str, data_env: DistEnv | None = None):
         self.cfg, self.device = cfg, env.device
-        G, D = build_models(cfg.model, seed=cfg.run.seed)
-        G, D = G.to(self.device), D.to(self.device)
-        self.opt_g, self.opt_d = make_optimizers(G, D, cfg.optim, fused=use_fused_adam(cfg, self.device))
-        self.precision = Precision(cfg.train.precision, self.device.type)
+        G, D, self.opt_g, self.opt_d, self.precision = build_training(cfg, self.device)
         self.G, self.D = prepare_models(G, D, cfg, env)
-        self.batches = _loader(cfg, data_env or env, shards)
+        self.batches = make_loader(cfg, data_env or env, shards)
         self.noise = torch.Generator(device=self.device).manual_seed(cfg.run.seed + (data_env or env).rank)
         self.seconds = self.data_wait = 0.0
         self.steps = 0
@@ -151,17 +141,14 @@ def baseline(cfg: Config, device: torch.device, steps: int, warmup: int) -> floa
 
 
 def _ray_bench_worker(config: dict) -> dict:
-    import ray.train
-    import ray.train.torch
+    from .distributed.ray_launcher import worker_env
 
     steps, warmup, rounds = config.pop("_steps"), config.pop("_warmup"), config.pop("_rounds")
     cfg = from_dict(config)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    ctx = ray.train.get_context()
-    device = ray.train.torch.get_device() if cfg.dist.use_gpu else torch.device("cpu")
-    env = DistEnv(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), local_rank=ctx.get_local_rank(), device=device)
-    alone = DistEnv(rank=0, world_size=1, device=device)
+    env = worker_env(cfg)
+    alone = DistEnv(rank=0, world_size=1, device=env.device)
     shards, _ = resolve_data(cfg) if env.is_main else (None, 0)
     shards = env.gather_objects(shards)[0]  # rank 0 generates the synthetic set once; the others reuse it
     runners = {
@@ -183,9 +170,9 @@ def _ray_bench_worker(config: dict) -> dict:
         if name == "c":
             out["c"] = runner.result() if runner else None
             continue
-        r = runner.result()
-        out[name] = {k: sum(env.gather_scalars(v)) / env.world_size for k, v in r.items()}
-        out[name]["images_per_s"] = sum(env.gather_scalars(r["images_per_s"]))
+        # Rates add up over workers; times are averaged.
+        r = {k: sum(env.gather_scalars(v)) for k, v in runner.result().items()}
+        out[name] = {k: v if k == "images_per_s" else v / env.world_size for k, v in r.items()}
     for runner in runners.values():
         if runner is not None:
             runner.close()
@@ -194,15 +181,16 @@ def _ray_bench_worker(config: dict) -> dict:
 
 def bench_ray(cfg: Config, steps: int, warmup: int, rounds: int) -> dict:
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
+
+    from .distributed.ray_launcher import scaling_config
 
     ray.init(log_to_driver=True)
     config = {**to_dict(cfg), "_steps": steps, "_warmup": warmup, "_rounds": rounds}
-    per_worker = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if cfg.dist.use_gpu else {})}
     trainer = TorchTrainer(
         _ray_bench_worker, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu, resources_per_worker=per_worker),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(name=f"bench-{int(time.time())}", storage_path=str((Path(cfg.run.dir) / "bench").resolve())),
     )
     r = trainer.fit().return_value

@@ -19,6 +19,7 @@ import torch
 
 from .config import Config, from_dict
 from .data import ImageBatches
+from .gan import eval_mode
 from .models import build_models
 from .quality import fid, swd
 from .sample import generate, load_generator
@@ -46,12 +47,8 @@ class SWDEvaluator:
     def evaluate(self, G: torch.nn.Module) -> dict:
         if self.real is None:  # loaded at the first evaluation, not at start-up
             self.real = real_images(self.shards, self.cfg.eval.num, self.expect_chw, self.seed)
-        device = next(G.parameters()).device
-        was_training = G.training
-        try:
-            fake = generate(G.eval(), self.cfg.eval.num, seed=self.seed, device=device)
-        finally:
-            G.train(was_training)
+        with eval_mode(G) as model:
+            fake = generate(model, self.cfg.eval.num, seed=self.seed, device=next(model.parameters()).device)
         return swd(self.real, fake, nhoods_per_image=self.cfg.eval.nhoods_per_image, seed=self.seed).as_dict()
 
 

@@ -71,6 +71,19 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """The plain module in eval mode inside the block (running batch-norm statistics: no cross-rank
+    collective, no state change), its previous mode restored after."""
+    model = unwrap(module)
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def train_step(
     G: nn.Module,
     D: nn.Module,

@@ -65,6 +65,34 @@ def use_fused_adam(cfg: Config, device: torch.device) -> bool:
     return cfg.optim.fused == "always" or (cfg.optim.fused == "auto" and device.type == "cuda")
 
 
+def image_chw(cfg: Config) -> tuple[int, int, int]:
+    return cfg.model.channels, cfg.model.image_size, cfg.model.image_size
+
+
+def build_training(cfg: Config, device: torch.device):
+    """(G, D, opt_g, opt_d, precision): plain modules on `device`, seeded identically on every rank."""
+    G, D = build_models(cfg.model, seed=cfg.run.seed)
+    G, D = G.to(device), D.to(device)
+    opt_g, opt_d = make_optimizers(G, D, cfg.optim, fused=use_fused_adam(cfg, device))
+    return G, D, opt_g, opt_d, Precision(cfg.train.precision, device.type)
+
+
+def make_loader(cfg: Config, env: DistEnv, shards: str, state: dict | None = None) -> ImageBatches:
+    """This rank's stream of uint8 training batches (resumed from `state` when given)."""
+    return ImageBatches(
+        shards,
+        cfg.train.batch_size,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=cfg.run.seed,
+        num_workers=cfg.data.num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        expect_chw=image_chw(cfg),
+        state=state,
+        pin_memory=env.device.type == "cuda",
+    )
+
+
 def prepare_models(G: torch.nn.Module, D: torch.nn.Module, cfg: Config, env: DistEnv):
     """Memory layout, synchronised batch norm + DDP (several workers), torch.compile: what runs the steps."""
     if cfg.train.channels_last:
@@ -124,10 +152,7 @@ def train(cfg: Config, env: DistEnv | None = None, store=None) -> TrainResult:
             emit(text)
 
     shards, num_samples = resolve_data(cfg)
-    G, D = build_models(cfg.model, seed=cfg.run.seed)
-    G, D = G.to(device), D.to(device)
-    opt_g, opt_d = make_optimizers(G, D, cfg.optim, fused=use_fused_adam(cfg, device))
-    precision = Precision(cfg.train.precision, device.type)
+    G, D, opt_g, opt_d, precision = build_training(cfg, device)
     ema = EMA(G, cfg.train.ema_decay) if cfg.train.ema_decay > 0 and env.is_main else None
     # Latent noise comes from its own generator (per rank), so its state can be checkpointed exactly.
     noise = torch.Generator(device=device).manual_seed(slot_seed(cfg.run.seed, env.rank, 7))
@@ -170,21 +195,9 @@ def train(cfg: Config, env: DistEnv | None = None, store=None) -> TrainResult:
         f"{cfg.model.image_size}x{cfg.model.image_size}x{cfg.model.channels}, global batch {global_batch}"
         + (f", {num_samples / global_batch:.1f} steps per epoch" if num_samples else ""))
 
-    expect_chw = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
-    batches = ImageBatches(
-        shards,
-        cfg.train.batch_size,
-        rank=env.rank,
-        world_size=env.world_size,
-        seed=cfg.run.seed,
-        num_workers=cfg.data.num_workers,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        expect_chw=expect_chw,
-        state=rank_state["data"] if rank_state else None,
-        pin_memory=device.type == "cuda",
-    )
+    batches = make_loader(cfg, env, shards, state=rank_state["data"] if rank_state else None)
     reporter = Reporter(cfg, run_dir, step, env.is_main, wandb_run_id=extras.get("wandb_run_id"))
-    evaluator = SWDEvaluator(cfg, shards, expect_chw) if env.is_main and cfg.train.eval_every else None
+    evaluator = SWDEvaluator(cfg, shards, image_chw(cfg)) if env.is_main and cfg.train.eval_every else None
     best = extras.get("best_swd")
     meter, throughput, step_timer, last_record = Meter(), Throughput(), Meter(), {}
     train_started = time.perf_counter()
@@ -207,8 +220,8 @@ def train(cfg: Config, env: DistEnv | None = None, store=None) -> TrainResult:
 
             # Every rank takes these decisions from the step number alone: they involve collectives.
             log_now = step % cfg.train.log_every == 0 or final
-            eval_now = bool(cfg.train.eval_every and step % cfg.train.eval_every == 0) or (final and cfg.train.eval_every > 0)
-            checkpoint_now = bool(cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or final
+            eval_now = cfg.train.eval_every > 0 and (step % cfg.train.eval_every == 0 or final)
+            checkpoint_now = final or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0)
 
             record: dict = {"step": step}
             if log_now:

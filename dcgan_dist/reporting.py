@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .gan import unwrap
+from .gan import eval_mode
 from .images import save_gif, save_grid
 
 
@@ -117,14 +117,9 @@ class Throughput:
 
 @torch.no_grad()
 def save_samples(G: torch.nn.Module, z: torch.Tensor, path: str | Path) -> Path:
-    """A grid of G(z) in eval mode (running batch-norm statistics: no cross-rank collective, no state change)."""
-    model = unwrap(G)
-    was_training = model.training
-    model.eval()
-    try:
+    """A grid of G(z) in eval mode."""
+    with eval_mode(G) as model:
         return save_grid(model(z), path, nrow=8)
-    finally:
-        model.train(was_training)
 
 
 def progress_animation(sample_dir: str | Path, out: str | Path, duration_ms: int = 250) -> Path:

@@ -64,26 +64,40 @@ class RayStore:
         ray.train.report(metrics)
 
 
-def train_worker(config: dict) -> dict:
-    """Body of every Ray Train worker."""
+def worker_env(cfg: Config) -> DistEnv:
+    """This Ray Train worker's rank and device (the process group is already initialised by Ray)."""
     import ray
     import ray.train
     import ray.train.torch
 
-    from ..loop import train
-
-    cfg = from_dict(config)
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device() if cfg.dist.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    env = DistEnv(
+    return DistEnv(
         rank=ctx.get_world_rank(),
         world_size=ctx.get_world_size(),
         local_rank=ctx.get_local_rank(),
         device=device,
         node_id=ray.get_runtime_context().get_node_id(),
     )
+
+
+def scaling_config(cfg: Config):
+    """dist.num_workers workers, each reserving dist.cpus_per_worker CPUs (and one GPU with dist.use_gpu)."""
+    from ray.train import ScalingConfig
+
+    per_worker = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if cfg.dist.use_gpu else {})}
+    return ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu, resources_per_worker=per_worker)
+
+
+def train_worker(config: dict) -> dict:
+    """Body of every Ray Train worker."""
+    from ..loop import train
+
+    cfg = from_dict(config)
+    env = worker_env(cfg)
+    device = env.device
     emit(f"worker rank {env.rank}/{env.world_size}: node {env.node_id} ({socket.gethostname()}), "
          f"device {device}, pid {os.getpid()}")
     placement = env.gather_objects({"rank": env.rank, "node_id": env.node_id, "host": socket.gethostname()})
@@ -101,7 +115,7 @@ def _storage_path(cfg: Config) -> str:
 def launch(cfg: Config) -> int:
     """Run training on Ray; prints where the final checkpoint is. Returns a process exit code."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     if not Path(cfg.run.dir).is_absolute() and "working_dir_files" in os.getcwd():
@@ -122,14 +136,11 @@ def launch(cfg: Config) -> int:
     print(f"Ray cluster: {len(nodes)} node(s), {resources.get('CPU', 0):g} CPU(s), {resources.get('GPU', 0):g} GPU(s) "
           f"(connected in {ray_seconds:.1f} s)", flush=True)
 
-    per_worker = {"CPU": cfg.dist.cpus_per_worker}
-    if cfg.dist.use_gpu:
-        per_worker["GPU"] = 1
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu, resources_per_worker=per_worker),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=cfg.run.name,  # fixed, so a rerun finds the run's snapshot and resumes
             storage_path=storage,
