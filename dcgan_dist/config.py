@@ -90,6 +90,9 @@ class DistSection:
     num_workers: int = 1  # training processes (ray); each reads its own slice of the shards
     use_gpu: bool = False  # ray: one GPU per worker, NCCL
     sync_bn: bool = True  # batch norm statistics over the global batch (all workers), for G and D
+    # CPU workers: how gradients and batch-norm statistics travel. auto: shared memory when every worker is on
+    # this host (x86-64), else gloo; shm: shared memory or fail; gloo: always gloo.
+    cpu_transport: str = "auto"
     cpus_per_worker: int = 1  # ray: CPUs reserved per worker (loader processes and torch threads use them)
     max_failures: int = 3  # ray: restarts of the worker group from the latest checkpoint after a failure
     # ray: where Ray Train keeps checkpoints (<storage_path>/<run.name>/checkpoint_*). Multi-node: shared storage
@@ -133,6 +136,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "optim.fused": ("auto", "always", "never"),
     "dist.launcher": ("local", "ray"),
+    "dist.cpu_transport": ("auto", "shm", "gloo"),
     "wandb.mode": ("offline", "online", "disabled"),
 }
 # Settings that must be at least this large.

@@ -97,7 +97,7 @@ def prepare_models(G: torch.nn.Module, D: torch.nn.Module, cfg: Config, env: Dis
     """Memory layout, synchronised batch norm + DDP (several workers), torch.compile: what runs the steps."""
     if cfg.train.channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    G, D = wrap_models(G, D, env, sync_bn=cfg.dist.sync_bn)
+    G, D = wrap_models(G, D, env, sync_bn=cfg.dist.sync_bn, cpu_transport=cfg.dist.cpu_transport)
     if cfg.train.compile:
         G, D = torch.compile(G), torch.compile(D)
     return G, D

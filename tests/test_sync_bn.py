@@ -15,8 +15,11 @@ from dcgan_dist.distributed.equivalence import Spec, run
 FLOAT64_TOLERANCE = 1e-12
 
 
-def test_two_workers_equal_one_worker_with_the_global_batch():
-    diffs = run(Spec(world_size=2, batch=4, steps=3, dtype="float64", sync_bn=True))
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_two_workers_equal_one_worker_with_the_global_batch(transport):
+    result = run(Spec(world_size=2, batch=4, steps=3, dtype="float64", sync_bn=True, transport=transport))
+    assert result["transport"] == transport
+    diffs = result["max_abs_diff"]
     for kind in ("params", "running_stats", "grads"):
         for net in ("G", "D"):
             assert diffs[f"{net}_{kind}"] < FLOAT64_TOLERANCE, (kind, net, diffs)
@@ -25,14 +28,14 @@ def test_two_workers_equal_one_worker_with_the_global_batch():
 
 
 def test_without_sync_the_runs_differ():
-    diffs = run(Spec(world_size=2, batch=4, steps=3, dtype="float64", sync_bn=False))
+    diffs = run(Spec(world_size=2, batch=4, steps=3, dtype="float64", sync_bn=False))["max_abs_diff"]
     assert diffs["G_forward"] > 1e-3 and diffs["D_forward"] > 1e-3, diffs
     assert diffs["G_running_stats"] > 1e-4 and diffs["D_grads"] > 1e-3, diffs
 
 
 @pytest.mark.slow
 def test_three_workers_float32():
-    diffs = run(Spec(world_size=3, batch=3, steps=2, dtype="float32", sync_bn=True))
+    diffs = run(Spec(world_size=3, batch=3, steps=2, dtype="float32", sync_bn=True))["max_abs_diff"]
     assert max(diffs.values()) < 1e-4, diffs
 
 

@@ -1,26 +1,59 @@
-"""Batch norm with statistics over the global batch of all workers, on any device.
+"""Batch norm with statistics over the global batch of all workers, for CPU workers.
 
 `torch.nn.SyncBatchNorm` runs only on CUDA (DDP refuses it on CPU modules), so for CPU/gloo workers this
 module does the same job: in training mode each rank computes its per-channel count, mean and (biased)
 variance, one all-gather shares them, and every rank combines them into the global mean and variance.
 Combining means and variances with counts (Chan et al.) rather than raw sums and sums of squares keeps
 float32 accurate when activations have a large mean. The backward pass is that of batch norm over the
-global batch, with one more collective for two per-channel sums (as torch's SyncBatchNorm does on CUDA). Running statistics are updated from the global values, hence identical on
-every rank. In eval mode it is plain batch norm with the running statistics: no communication.
+global batch, with one more collective for two per-channel sums (as torch's SyncBatchNorm does on CUDA).
+Running statistics are updated from the global values, hence identical on every rank. In eval mode it is plain batch norm with the running statistics: no communication.
 
 Every training-mode call is a collective: all ranks must call it the same number of times, in the same order.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .shm import active_transport
+
+
+def _gather_rows(local: np.ndarray, group) -> np.ndarray:
+    """[world, n]: every rank's `local` vector, in rank order. Through shared memory when the ranks share this
+    host (see shm.py), else the process group's backend (gloo)."""
+    shm = active_transport(group)
+    if shm is not None:
+        return shm.gather_rows(local)
+    tensor = torch.from_numpy(local)
+    rows = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, tensor, group=group)
+    return torch.stack(rows).numpy()
+
+
+def _global_stats(gathered: np.ndarray, channels: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """Global count, mean and biased variance from rows of (count, mean[C], variance[C]), one per rank."""
+    counts, means, variances = gathered[:, :1], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total
+    var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
+    return float(total), mean, var
+
+
+def _local_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance, in two passes (mean, then mean squared deviation: accurate for any
+    mean). On CPU this is about twice as fast as torch's batch-norm statistics kernel for NCHW activations."""
+    dims = [0] + list(range(2, x.dim()))
+    mean = x.mean(dims, keepdim=True)
+    var = (x - mean).square_().mean(dims)
+    return mean.flatten(), var
+
 
 class SyncBatchNormFunction(torch.autograd.Function):
-    """Batch norm over the global batch with plain blocking collectives (gloo or NCCL).
+    """Batch norm over the global batch with plain blocking collectives, for CPU workers.
 
     Forward: one all-gather of (count, mean, variance) per rank, combined with counts; statistics and
     normalisation are torch's native kernels. Backward: torch's native batch-norm backward with the global
@@ -28,57 +61,58 @@ class SyncBatchNormFunction(torch.autograd.Function):
     (of dy and dy * x_hat), and a per-channel affine correction that turns the local means into global ones:
     dx = invstd * w * (dy - mean_global(dy) - x_hat * mean_global(dy * x_hat)).
     The weight and bias gradients are this rank's sums; DDP averages them like any parameter gradient.
+    The per-channel arithmetic between the kernels runs in NumPy: a few microseconds per call instead of
+    tens for each small torch op, which added up to ~5 % of a CPU GAN step (26 calls).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, group):
-        world = dist.get_world_size(group)
         channels = x.shape[1]
         # Statistics in at least float32 (a count of 10^5 or a large mean would not survive in half precision).
         xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        mean_local, var_local = torch.batch_norm_update_stats(xs, None, None, 0.0)  # biased variance
+        mean_local, var_local = _local_stats(xs)
         local_count = xs.numel() // channels
-        local = torch.cat([xs.new_full((1,), float(local_count)), mean_local, var_local])
-        rows = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(rows, local, group=group)
-        gathered = torch.stack(rows)  # [world, 1 + 2C]
-        counts, means, variances = gathered[:, :1], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
-        total = counts.sum()
-        mean = (counts * means).sum(0) / total
-        var = (counts * (variances + (means - mean) ** 2)).sum(0) / total  # biased, over the global batch
+        local = np.empty(1 + 2 * channels, dtype=_NUMPY_DTYPE[xs.dtype])
+        local[0], local[1 : 1 + channels], local[1 + channels :] = local_count, mean_local.numpy(), var_local.numpy()
+        total, mean_np, var_np = _global_stats(_gather_rows(local, group), channels)
+        invstd_np = 1.0 / np.sqrt(var_np + eps)
+        mean, var, invstd = torch.from_numpy(mean_np), torch.from_numpy(var_np), torch.from_numpy(invstd_np)
         y = F.batch_norm(xs, mean, var, weight, bias, False, 0.0, eps)  # torch's fused kernel, global statistics
-        invstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(xs, weight, mean, invstd)
+        ctx.save_for_backward(xs, weight)
+        ctx.mean_np, ctx.invstd_np, ctx.mean, ctx.invstd = mean_np, invstd_np, mean, invstd
         ctx.total, ctx.local_count, ctx.eps, ctx.group, ctx.in_dtype = total, local_count, eps, group, x.dtype
-        unbiased = var * (total / (total - 1).clamp(min=1))
+        unbiased = torch.from_numpy(var_np * (total / max(total - 1.0, 1.0)))
         ctx.mark_non_differentiable(mean, unbiased)
         return y.to(x.dtype), mean, unbiased
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
-        xs, weight, mean, invstd = ctx.saved_tensors
+        xs, weight = ctx.saved_tensors
         dy = dy.to(xs.dtype).contiguous()
-        w = weight if weight is not None else torch.ones_like(mean)
+        w = weight if weight is not None else torch.ones_like(ctx.mean)
         dx, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            dy, xs, w, None, None, mean, invstd, True, ctx.eps, [True, True, True]
+            dy, xs, w, None, None, ctx.mean, ctx.invstd, True, ctx.eps, [True, True, True]
         )
         # Summed over ranks via an all-gather: for small tensors gloo's all-gather is about twice as fast as its
-        # all-reduce here, and summing the rows in rank order gives every rank the same bits.
-        local = torch.stack([sum_dy, sum_dy_xhat])
-        rows = [torch.empty_like(local) for _ in range(dist.get_world_size(ctx.group))]
-        dist.all_gather(rows, local, group=ctx.group)
-        sums = torch.stack(rows).sum(0)
+        # all-reduce, and summing the rows in rank order gives every rank the same bits.
+        local_dy, local_dy_xhat = sum_dy.detach().numpy(), sum_dy_xhat.detach().numpy()
+        channels = local_dy.shape[0]
+        sums = _gather_rows(np.concatenate([local_dy, local_dy_xhat]), ctx.group).sum(0)
         # dx above used this rank's means of dy and dy * x_hat; swap in the global ones. The difference is
         # affine in x per channel: invstd * w * (a + x_hat * b), with x_hat = (x - mean) * invstd.
-        a = sum_dy / ctx.local_count - sums[0] / ctx.total
-        b = sum_dy_xhat / ctx.local_count - sums[1] / ctx.total
-        coef_x = invstd * w * b * invstd
-        offset = invstd * w * a - coef_x * mean
+        a = local_dy / ctx.local_count - sums[:channels] / ctx.total
+        b = local_dy_xhat / ctx.local_count - sums[channels:] / ctx.total
+        scale = ctx.invstd_np * w.detach().numpy()
+        coef_x = scale * b * ctx.invstd_np
+        offset = scale * a - coef_x * ctx.mean_np
         shape = [1, -1] + [1] * (xs.dim() - 2)
-        dx.addcmul_(xs, coef_x.view(shape)).add_(offset.view(shape))
+        dx.addcmul_(xs, torch.from_numpy(coef_x).view(shape)).add_(torch.from_numpy(offset).view(shape))
         if weight is None:
             return dx.to(ctx.in_dtype), None, None, None, None
         return dx.to(ctx.in_dtype), sum_dy_xhat, sum_dy, None, None
+
+
+_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
