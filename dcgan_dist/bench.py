@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from .config import Config, ConfigError, build_config, from_dict, split_args, to_dict
 from .data import normalise
 from .distributed.env import DistEnv
+from .distributed.shm import active_transport
 from .gan import train_step
 from .loop import build_training, make_loader, pick_device, prepare_models, resolve_data
 from .models import build_models
@@ -157,6 +159,7 @@ def _ray_bench_worker(config: dict) -> dict:
         "a_nosync": StepRunner(replace(cfg, dist=replace(cfg.dist, sync_bn=False)), env, shards),  # DDP only
         "a": StepRunner(cfg, env, shards),  # DDP + synchronised batch norm
     }
+    transport = "shm" if active_transport() is not None else ("nccl" if env.device.type == "cuda" else "gloo")
     # The runs take turns in short rounds, so a slow spell of a shared machine hits all of them alike.
     chunk = max(1, steps // rounds)
     for timed, n in ((False, warmup),) + ((True, chunk),) * rounds:
@@ -165,7 +168,7 @@ def _ray_bench_worker(config: dict) -> dict:
                 runner.run(n, timed)
             if name in ("c", "b"):
                 env.barrier()
-    out = {}
+    out = {"transport": transport, "cpu_affinity": env.gather_objects(sorted(os.sched_getaffinity(0)))}
     for name, runner in runners.items():
         if name == "c":
             out["c"] = runner.result() if runner else None
@@ -202,7 +205,8 @@ def bench_ray(cfg: Config, steps: int, warmup: int, rounds: int) -> dict:
         "bn_sync_s": r["a"]["step_s"] - r["a_nosync"]["step_s"],
         "step_s": r["a"]["step_s"],
     }
-    return {"train_images_per_s": a, "single_worker_images_per_s": c, "independent_images_per_s": b,
+    return {"transport": r["transport"], "cpu_affinity": r["cpu_affinity"],
+            "train_images_per_s": a, "single_worker_images_per_s": c, "independent_images_per_s": b,
             "ddp_without_sync_bn_images_per_s": a_nosync, "speedup": a / c, "comm_efficiency": a / b,
             "step_breakdown": breakdown}
 
@@ -268,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  training step / baseline: {result['vs_baseline']:.3f}")
     if "speedup" in result:
         bd = result["step_breakdown"]
-        print(f"  speedup a/c: {result['speedup']:.3f}   comm_efficiency a/b: {result['comm_efficiency']:.3f}")
+        print(f"  speedup a/c: {result['speedup']:.3f}   comm_efficiency a/b: {result['comm_efficiency']:.3f}   "
+              f"(collectives: {result['transport']}; worker CPUs: {result['cpu_affinity']})")
         print("  per step: " + ", ".join(f"{k[:-2]} {v * 1000:.1f} ms" for k, v in bd.items()))
     print(json.dumps(result))
     return 0
