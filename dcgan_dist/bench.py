@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import replace
@@ -168,7 +167,7 @@ def _ray_bench_worker(config: dict) -> dict:
                 runner.run(n, timed)
             if name in ("c", "b"):
                 env.barrier()
-    out = {"transport": transport, "cpu_affinity": env.gather_objects(sorted(os.sched_getaffinity(0)))}
+    out = {"transport": transport}
     for name, runner in runners.items():
         if name == "c":
             out["c"] = runner.result() if runner else None
@@ -205,7 +204,7 @@ def bench_ray(cfg: Config, steps: int, warmup: int, rounds: int) -> dict:
         "bn_sync_s": r["a"]["step_s"] - r["a_nosync"]["step_s"],
         "step_s": r["a"]["step_s"],
     }
-    return {"transport": r["transport"], "cpu_affinity": r["cpu_affinity"],
+    return {"transport": r["transport"],
             "train_images_per_s": a, "single_worker_images_per_s": c, "independent_images_per_s": b,
             "ddp_without_sync_bn_images_per_s": a_nosync, "speedup": a / c, "comm_efficiency": a / b,
             "step_breakdown": breakdown}
@@ -273,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if "speedup" in result:
         bd = result["step_breakdown"]
         print(f"  speedup a/c: {result['speedup']:.3f}   comm_efficiency a/b: {result['comm_efficiency']:.3f}   "
-              f"(collectives: {result['transport']}; worker CPUs: {result['cpu_affinity']})")
+              f"(collectives: {result['transport']})")
         print("  per step: " + ", ".join(f"{k[:-2]} {v * 1000:.1f} ms" for k, v in bd.items()))
     print(json.dumps(result))
     return 0

@@ -94,9 +94,6 @@ class DistSection:
     # this host (x86-64), else gloo; shm: shared memory or fail; gloo: always gloo.
     cpu_transport: str = "auto"
     cpus_per_worker: int = 1  # ray: CPUs reserved per worker (loader processes and torch threads use them)
-    # ray, CPU workers: pin the workers of a node to disjoint CPUs (local rank i gets cpus_per_worker of them).
-    # Steadier steps when workers wait for each other; only for a node the job has to itself.
-    pin_cpus: bool = False
     max_failures: int = 3  # ray: restarts of the worker group from the latest checkpoint after a failure
     # ray: where Ray Train keeps checkpoints (<storage_path>/<run.name>/checkpoint_*). Multi-node: shared storage
     # (NFS path, s3://..., gs://...). Empty: <run.dir>/ray.

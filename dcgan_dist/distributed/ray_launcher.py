@@ -74,31 +74,13 @@ def worker_env(cfg: Config) -> DistEnv:
     device = ray.train.torch.get_device() if cfg.dist.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    env = DistEnv(
+    return DistEnv(
         rank=ctx.get_world_rank(),
         world_size=ctx.get_world_size(),
         local_rank=ctx.get_local_rank(),
         device=device,
         node_id=ray.get_runtime_context().get_node_id(),
     )
-    if cfg.dist.pin_cpus and device.type == "cpu":
-        pin_cpus(env.local_rank, ctx.get_local_world_size(), cfg.dist.cpus_per_worker)
-    return env
-
-
-def pin_cpus(local_rank: int, local_workers: int, cpus_per_worker: int) -> list[int] | None:
-    """Bind this process (and the loader processes it forks) to its own CPUs: local rank i gets the i-th block
-    of `cpus_per_worker` CPUs this process may use. Why: workers that wait for each other at every batch-norm
-    call run in step when the scheduler cannot move two of them onto one core. Skipped, with a message, when
-    the node has too few CPUs for every local worker."""
-    allowed = sorted(os.sched_getaffinity(0))
-    if local_workers * cpus_per_worker > len(allowed):
-        emit(f"dist.pin_cpus: {local_workers} workers x {cpus_per_worker} CPUs do not fit in CPUs {allowed}; not pinned")
-        return None
-    mine = allowed[local_rank * cpus_per_worker : (local_rank + 1) * cpus_per_worker]
-    os.sched_setaffinity(0, mine)
-    emit(f"dist.pin_cpus: local rank {local_rank} pinned to CPU(s) {mine}")
-    return mine
 
 
 def scaling_config(cfg: Config):
