@@ -167,7 +167,7 @@ def _ray_bench_worker(config: dict) -> dict:
                 runner.run(n, timed)
             if name in ("c", "b"):
                 env.barrier()
-    out = {"transport": transport}
+    out = {"transport": transport, "b_rank_step_s": env.gather_scalars(runners["b"].result()["step_s"])}
     for name, runner in runners.items():
         if name == "c":
             out["c"] = runner.result() if runner else None
@@ -204,7 +204,11 @@ def bench_ray(cfg: Config, steps: int, warmup: int, rounds: int) -> dict:
         "bn_sync_s": r["a"]["step_s"] - r["a_nosync"]["step_s"],
         "step_s": r["a"]["step_s"],
     }
-    return {"transport": r["transport"],
+    # Workers that wait for each other go at the pace of the slowest; on a machine whose cores are not equally
+    # fast, that alone caps a/b below 1 however cheap the communication.
+    rank_steps = r["b_rank_step_s"]
+    imbalance_bound = len(rank_steps) / max(rank_steps) / sum(1 / t for t in rank_steps)
+    return {"transport": r["transport"], "rank_step_s_alone": rank_steps, "imbalance_bound": imbalance_bound,
             "train_images_per_s": a, "single_worker_images_per_s": c, "independent_images_per_s": b,
             "ddp_without_sync_bn_images_per_s": a_nosync, "speedup": a / c, "comm_efficiency": a / b,
             "step_breakdown": breakdown}
@@ -273,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         bd = result["step_breakdown"]
         print(f"  speedup a/c: {result['speedup']:.3f}   comm_efficiency a/b: {result['comm_efficiency']:.3f}   "
               f"(collectives: {result['transport']})")
+        print(f"  each worker alone (b), s/step: {', '.join(f'{t:.3f}' for t in result['rank_step_s_alone'])}: their "
+              f"imbalance alone caps comm_efficiency at {result['imbalance_bound']:.3f}")
         print("  per step: " + ", ".join(f"{k[:-2]} {v * 1000:.1f} ms" for k, v in bd.items()))
     print(json.dumps(result))
     return 0

@@ -127,4 +127,5 @@ def test_bench_on_ray_reports_scaling(ray_cluster, tiny_shards, tmp_path):
     assert set(result["step_breakdown"]) == {"compute_s", "data_wait_s", "grad_allreduce_s", "bn_sync_s", "step_s"}
     assert "comm_efficiency a/b" in proc.stdout
     assert result["transport"] == "shm"  # the two Ray nodes of the test cluster share this host
+    assert len(result["rank_step_s_alone"]) == 2 and 0 < result["imbalance_bound"] <= 1
 
