@@ -54,7 +54,9 @@ class ShmCollectives:
         fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
         try:
             if create:
-                os.ftruncate(fd, size)
+                # Reserve the pages now: on a full tmpfs (Docker's 64 MB /dev/shm) this fails here with an
+                # OSError, and set-up falls back to gloo, instead of a SIGBUS at the first write.
+                os.posix_fallocate(fd, 0, size)
             self._mm = mmap.mmap(fd, size)
         finally:
             os.close(fd)
@@ -67,6 +69,7 @@ class ShmCollectives:
         self._counters = np.frombuffer(self._mm, dtype=np.int64, count=self.counters_bytes // 8)[:: _LINE // 8]
         self._sequence = 0  # exchanges made by this rank
         self.pids: list[int] = []
+        self.check_pids = False
 
     # --- set-up ---------------------------------------------------------------------------------------------
 
@@ -100,6 +103,8 @@ class ShmCollectives:
         if not all(f[0] for f in flags):
             return None
         shm.pids = [f[1] for f in flags]
+        # Liveness checks need the peers' pids to be visible here (not so across PID namespaces).
+        shm.check_pids = all(_alive(pid) for pid in shm.pids)
         return shm
 
     # --- waiting ----------------------------------------------------------------------------------------------
@@ -130,7 +135,7 @@ class ShmCollectives:
         return k
 
     def _check_peers(self, waited: float, k: int) -> None:
-        for r, pid in enumerate(self.pids):
+        for r, pid in enumerate(self.pids if self.check_pids else []):
             if r != self.rank and self._counters[r] < k and not _alive(pid):
                 raise PeerGone(f"rank {r} (pid {pid}) exited while rank {self.rank} waited for it in a collective")
         if waited > self.timeout_s:
