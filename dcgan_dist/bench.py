@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .config import Config, ConfigError, build_config, from_dict, split_args, to_dict
 from .data import normalise
 from .distributed.env import DistEnv
-from .distributed.shm import active_transport
+from .distributed.shm import transport_name
 from .gan import train_step
 from .loop import build_training, make_loader, pick_device, prepare_models, resolve_data
 from .models import build_models
@@ -158,7 +158,6 @@ def _ray_bench_worker(config: dict) -> dict:
         "a_nosync": StepRunner(replace(cfg, dist=replace(cfg.dist, sync_bn=False)), env, shards),  # DDP only
         "a": StepRunner(cfg, env, shards),  # DDP + synchronised batch norm
     }
-    transport = "shm" if active_transport() is not None else ("nccl" if env.device.type == "cuda" else "gloo")
     # The runs take turns in short rounds, so a slow spell of a shared machine hits all of them alike.
     chunk = max(1, steps // rounds)
     for timed, n in ((False, warmup),) + ((True, chunk),) * rounds:
@@ -167,7 +166,7 @@ def _ray_bench_worker(config: dict) -> dict:
                 runner.run(n, timed)
             if name in ("c", "b"):
                 env.barrier()
-    out = {"transport": transport, "b_rank_step_s": env.gather_scalars(runners["b"].result()["step_s"])}
+    out = {"transport": transport_name(env.device.type), "b_rank_step_s": env.gather_scalars(runners["b"].result()["step_s"])}
     for name, runner in runners.items():
         if name == "c":
             out["c"] = runner.result() if runner else None

@@ -30,7 +30,7 @@ from ..gan import make_optimizers, train_step, unwrap
 from ..models import build_models
 from .ddp import wrap_models
 from .env import DistEnv
-from .shm import active_transport, teardown_cpu_transport
+from .shm import teardown_cpu_transport, transport_name
 
 
 @dataclass
@@ -71,7 +71,7 @@ def _train(spec: Spec, env: DistEnv, rows: slice) -> dict:
     for real, z in zip(reals[:-1], zs[:-1]):
         train_step(G, D, opt_g, opt_d, real[rows].to(env.device, dtype), z[rows].to(env.device, dtype))
     result = {
-        "transport": "shm" if active_transport() is not None else ("nccl" if env.device.type == "cuda" else "gloo"),
+        "transport": transport_name(env.device.type),
         **{name: {k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()} for name, net in (("G", G), ("D", D))},
     }
     result["grads"] = {

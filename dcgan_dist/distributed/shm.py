@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 SHM_DIR = "/dev/shm"
 _LINE = 64  # bytes: each rank's counter on its own cache line
-_SLOT_BYTES = int(os.environ.get("SLOT", 1 << 20))  # per rank and parity; larger tensors go through in pieces
+_SLOT_BYTES = 1 << 20  # per rank and parity; larger tensors go through in pieces
 
 
 class PeerGone(RuntimeError):
@@ -250,6 +250,13 @@ def active_transport(group=None) -> ShmCollectives | None:
     if _ACTIVE is None or _ACTIVE_GROUP is not dist.group.WORLD or (group is not None and group is not dist.group.WORLD):
         return None
     return _ACTIVE
+
+
+def transport_name(device_type: str) -> str:
+    """What this process's gradient and batch-norm collectives go through: shm, gloo or nccl."""
+    if active_transport() is not None:
+        return "shm"
+    return "nccl" if device_type == "cuda" else "gloo"
 
 
 def teardown_cpu_transport() -> None:

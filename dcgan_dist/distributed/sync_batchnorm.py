@@ -6,7 +6,8 @@ variance, one all-gather shares them, and every rank combines them into the glob
 Combining means and variances with counts (Chan et al.) rather than raw sums and sums of squares keeps
 float32 accurate when activations have a large mean. The backward pass is that of batch norm over the
 global batch, with one more collective for two per-channel sums (as torch's SyncBatchNorm does on CUDA).
-Running statistics are updated from the global values, hence identical on every rank. In eval mode it is plain batch norm with the running statistics: no communication.
+Running statistics are updated from the global values, hence identical on every rank. In eval mode it is
+plain batch norm with the running statistics: no communication.
 
 Every training-mode call is a collective: all ranks must call it the same number of times, in the same order.
 """
@@ -52,11 +53,14 @@ def _local_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.flatten(), var
 
 
+_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
     """Batch norm over the global batch with plain blocking collectives, for CPU workers.
 
-    Forward: one all-gather of (count, mean, variance) per rank, combined with counts; statistics and
-    normalisation are torch's native kernels. Backward: torch's native batch-norm backward with the global
+    Forward: one all-gather of (count, mean, variance) per rank, combined with counts; the normalisation is
+    torch's fused kernel with the global statistics. Backward: torch's native batch-norm backward with the global
     statistics (whose reductions run over this rank's samples), one all-gather of those per-channel sums
     (of dy and dy * x_hat), and a per-channel affine correction that turns the local means into global ones:
     dx = invstd * w * (dy - mean_global(dy) - x_hat * mean_global(dy * x_hat)).
@@ -75,11 +79,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
         local = np.empty(1 + 2 * channels, dtype=_NUMPY_DTYPE[xs.dtype])
         local[0], local[1 : 1 + channels], local[1 + channels :] = local_count, mean_local.numpy(), var_local.numpy()
         total, mean_np, var_np = _global_stats(_gather_rows(local, group), channels)
-        invstd_np = 1.0 / np.sqrt(var_np + eps)
-        mean, var, invstd = torch.from_numpy(mean_np), torch.from_numpy(var_np), torch.from_numpy(invstd_np)
+        mean, var = torch.from_numpy(mean_np), torch.from_numpy(var_np)
         y = F.batch_norm(xs, mean, var, weight, bias, False, 0.0, eps)  # torch's fused kernel, global statistics
         ctx.save_for_backward(xs, weight)
-        ctx.mean_np, ctx.invstd_np, ctx.mean, ctx.invstd = mean_np, invstd_np, mean, invstd
+        ctx.mean, ctx.invstd = mean, torch.from_numpy(1.0 / np.sqrt(var_np + eps))  # NumPy-backed: .numpy() is free
         ctx.total, ctx.local_count, ctx.eps, ctx.group, ctx.in_dtype = total, local_count, eps, group, x.dtype
         unbiased = torch.from_numpy(var_np * (total / max(total - 1.0, 1.0)))
         ctx.mark_non_differentiable(mean, unbiased)
@@ -102,17 +105,15 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # affine in x per channel: invstd * w * (a + x_hat * b), with x_hat = (x - mean) * invstd.
         a = local_dy / ctx.local_count - sums[:channels] / ctx.total
         b = local_dy_xhat / ctx.local_count - sums[channels:] / ctx.total
-        scale = ctx.invstd_np * w.detach().numpy()
-        coef_x = scale * b * ctx.invstd_np
-        offset = scale * a - coef_x * ctx.mean_np
+        invstd = ctx.invstd.numpy()
+        scale = invstd * w.detach().numpy()
+        coef_x = scale * b * invstd
+        offset = scale * a - coef_x * ctx.mean.numpy()
         shape = [1, -1] + [1] * (xs.dim() - 2)
         dx.addcmul_(xs, torch.from_numpy(coef_x).view(shape)).add_(torch.from_numpy(offset).view(shape))
         if weight is None:
             return dx.to(ctx.in_dtype), None, None, None, None
         return dx.to(ctx.in_dtype), sum_dy_xhat, sum_dy, None, None
-
-
-_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
