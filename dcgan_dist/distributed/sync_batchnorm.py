@@ -142,6 +142,9 @@ class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.weight, self.bias, self.training or not self.track_running_stats,
                 self.momentum if self.momentum is not None else 0.0, self.eps,
             )
+        if x.device.type != "cpu":
+            raise RuntimeError(f"CrossProcessBatchNorm synchronises CPU workers; for {x.device.type} tensors use "
+                               f"torch.nn.SyncBatchNorm (convert_sync_batchnorm(module, '{x.device.type}') picks it)")
         group = self.process_group or dist.group.WORLD
         out, mean, unbiased_var = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps, group)
         if self.track_running_stats:
