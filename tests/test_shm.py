@@ -109,6 +109,23 @@ def test_ranks_on_different_hosts_keep_gloo(tmp_path, mode):
         assert all(o.startswith("error: dist.cpu_transport=shm") for o in outcomes), outcomes
 
 
+def _full_shm_worker(rank: int, world: int, tmp: str) -> None:
+    if rank == 0:
+        def full(fd, offset, length):
+            raise OSError(28, "No space left on device")  # as on a full /dev/shm
+        os.posix_fallocate = full
+    _init(rank, world, tmp)
+    try:
+        _save(tmp, rank, "shm" if shm.setup_cpu_transport("auto", "cpu") is not None else "gloo")
+    finally:
+        shm.teardown_cpu_transport()
+        dist.destroy_process_group()
+
+
+def test_a_segment_that_cannot_be_made_falls_back_to_gloo_on_every_rank(tmp_path):
+    assert _spawn(_full_shm_worker, 2, tmp_path) == ["gloo", "gloo"]
+
+
 def _gloo_mode_worker(rank: int, world: int, tmp: str) -> None:
     _init(rank, world, tmp)
     try:

@@ -60,12 +60,15 @@ class ShmCollectives:
             self._mm = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        self._bytes = torch.frombuffer(self._mm, dtype=torch.uint8)
-        whole = np.frombuffer(self._mm, dtype=np.uint8)
-        self._np_slots = [  # per parity: [world, _SLOT_BYTES] input slots, as NumPy views (cheapest to index)
-            whole[self.counters_bytes + p * self.area_bytes :][: world * _SLOT_BYTES].reshape(world, _SLOT_BYTES)
-            for p in (0, 1)
-        ]
+        whole = torch.frombuffer(self._mm, dtype=torch.uint8)
+        # Per parity: [world, _SLOT_BYTES] input slots and the output area, as torch views (any dtype for the
+        # reduction) and the slots again as NumPy views of the same bytes (cheapest to index for small gathers).
+        self._slots, self._out = [], []
+        for parity in (0, 1):
+            start = self.counters_bytes + parity * self.area_bytes
+            self._slots.append(whole[start : start + world * _SLOT_BYTES].view(world, _SLOT_BYTES))
+            self._out.append(whole[start + world * _SLOT_BYTES : start + self.area_bytes])
+        self._np_slots = [slots.numpy() for slots in self._slots]
         self._counters = np.frombuffer(self._mm, dtype=np.int64, count=self.counters_bytes // 8)[:: _LINE // 8]
         self._sequence = 0  # exchanges made by this rank
         self.pids: list[int] = []
@@ -77,23 +80,17 @@ class ShmCollectives:
     def create(cls, rank: int, world: int) -> "ShmCollectives | None":
         """Collective over the default group: a shared segment if every rank is on this host, else None."""
         here = (socket.gethostname(), _boot_id(), os.path.isdir(SHM_DIR))
-        hosts: list = [None] * world
-        dist.all_gather_object(hosts, here)
-        if not all(h == here for h in hosts) or not here[2]:
+        if not all(h == here for h in _gather(here)) or not here[2]:
             return None
         name = [f"{SHM_DIR}/dcgan-dist-{os.getpid()}-{secrets.token_hex(6)}" if rank == 0 else None]
         dist.broadcast_object_list(name, src=0)
-        shm = None
-        try:
-            shm = cls(name[0], rank, world, create=rank == 0) if rank == 0 else None
-            dist.barrier()  # the file exists
-            if rank != 0:
-                shm = cls(name[0], rank, world, create=False)
-            ok = True
-        except OSError:
-            ok = False
-        flags: list = [None] * world
-        dist.all_gather_object(flags, (ok, os.getpid()))
+        shm, ok = None, True
+        if rank == 0:
+            shm, ok = _map(name[0], rank, world, create=True)
+        dist.barrier()  # the file exists (or rank 0 failed: every rank still meets here)
+        if rank != 0:
+            shm, ok = _map(name[0], rank, world, create=False)
+        flags = _gather((ok, os.getpid()))
         dist.barrier()  # everyone has mapped it (or failed): the name can go, the mapping stays
         if rank == 0:
             try:
@@ -141,12 +138,6 @@ class ShmCollectives:
         if waited > self.timeout_s:
             raise TimeoutError(f"rank {self.rank} waited {waited:.0f} s for the other ranks in a shared-memory collective")
 
-    def _area(self, parity: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = self.counters_bytes + parity * self.area_bytes
-        slots = self._bytes[start : start + self.world * _SLOT_BYTES].view(self.world, _SLOT_BYTES)
-        out = self._bytes[start + self.world * _SLOT_BYTES : start + self.area_bytes]
-        return slots, out
-
     # --- collectives ------------------------------------------------------------------------------------------
 
     def gather_rows(self, local: np.ndarray) -> np.ndarray:
@@ -170,7 +161,8 @@ class ShmCollectives:
     def _reduce_piece(self, piece: torch.Tensor) -> None:
         n, dtype = piece.numel(), piece.dtype
         nbytes = n * piece.element_size()
-        slots, out = self._area((self._sequence + 1) % 2)
+        parity = (self._sequence + 1) % 2
+        slots, out = self._slots[parity], self._out[parity]
         slots[self.rank, :nbytes].copy_(piece.view(torch.uint8))
         self._arrive_and_wait()
         # Reduce-scatter: this rank sums its share of the elements over all ranks, in rank order.
@@ -188,11 +180,24 @@ class ShmCollectives:
         piece.view(torch.uint8).copy_(out[:nbytes])
 
     def close(self) -> None:
-        self._bytes = self._counters = self._np_slots = None
+        self._slots = self._out = self._np_slots = self._counters = None
         try:
             self._mm.close()
         except BufferError:
             pass  # a view still exists somewhere; the mapping goes with the process
+
+
+def _map(path: str, rank: int, world: int, create: bool) -> tuple[ShmCollectives | None, bool]:
+    """(the mapped segment, True), or (None, False) where it cannot be made or mapped here."""
+    try:
+        return ShmCollectives(path, rank, world, create), True
+    except (OSError, ValueError):  # ValueError: a segment shorter than expected (its creator failed)
+        if create:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        return None, False
 
 
 def _boot_id() -> str:

@@ -74,15 +74,14 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # Statistics in at least float32 (a count of 10^5 or a large mean would not survive in half precision).
         xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
         mean_local, var_local = _local_stats(xs)
-        local_count = xs.numel() // channels
         local = np.empty(1 + 2 * channels, dtype=_NUMPY_DTYPE[xs.dtype])
-        local[0], local[1 : 1 + channels], local[1 + channels :] = local_count, mean_local.numpy(), var_local.numpy()
+        local[0], local[1 : 1 + channels], local[1 + channels :] = xs.numel() // channels, mean_local.numpy(), var_local.numpy()
         total, mean_np, var_np = _global_stats(_gather_rows(local, group), channels)
         mean, var = torch.from_numpy(mean_np), torch.from_numpy(var_np)
         y = F.batch_norm(xs, mean, var, weight, bias, False, 0.0, eps)  # torch's fused kernel, global statistics
         ctx.save_for_backward(xs, weight)
         ctx.mean, ctx.invstd = mean, torch.from_numpy(1.0 / np.sqrt(var_np + eps))  # NumPy-backed: .numpy() is free
-        ctx.total, ctx.local_count, ctx.eps, ctx.group, ctx.in_dtype = total, local_count, eps, group, x.dtype
+        ctx.total, ctx.eps, ctx.group, ctx.in_dtype = total, eps, group, x.dtype
         unbiased = torch.from_numpy(var_np * (total / max(total - 1.0, 1.0)))
         ctx.mark_non_differentiable(mean, unbiased)
         return y.to(x.dtype), mean, unbiased
