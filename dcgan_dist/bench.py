@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from dataclasses import replace
@@ -38,6 +39,12 @@ from .distributed.shm import transport_name
 from .gan import train_step
 from .loop import build_training, make_loader, pick_device, prepare_models, resolve_data
 from .models import build_models
+from .runtime import configure_process
+
+
+def _page_faults() -> int:
+    """This process's minor page faults so far (see runtime.py for why they matter)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _sync(device: torch.device) -> None:
@@ -73,11 +80,11 @@ class StepRunner:
         self.batches = make_loader(cfg, data_env or env, shards)
         self.noise = torch.Generator(device=self.device).manual_seed(cfg.run.seed + (data_env or env).rank)
         self.seconds = self.data_wait = 0.0
-        self.steps = 0
+        self.steps = self.page_faults = 0
 
     def run(self, steps: int, timed: bool = True) -> None:
         _sync(self.device)
-        started = time.perf_counter()
+        faults, started = _page_faults(), time.perf_counter()
         for _ in range(steps):
             fetch = time.perf_counter()
             real = normalise(next(self.batches), self.device, self.cfg.train.channels_last)
@@ -88,11 +95,13 @@ class StepRunner:
         _sync(self.device)
         if timed:
             self.seconds += time.perf_counter() - started
+            self.page_faults += _page_faults() - faults
             self.steps += steps
 
     def result(self) -> dict:
         return {"images_per_s": self.steps * self.cfg.train.batch_size / self.seconds,
-                "step_s": self.seconds / self.steps, "data_wait_s": self.data_wait / self.steps}
+                "step_s": self.seconds / self.steps, "data_wait_s": self.data_wait / self.steps,
+                "page_faults_per_step": self.page_faults / self.steps}
 
     def close(self) -> None:
         self.batches.close()
@@ -146,8 +155,7 @@ def _ray_bench_worker(config: dict) -> dict:
 
     steps, warmup, rounds = config.pop("_steps"), config.pop("_warmup"), config.pop("_rounds")
     cfg = from_dict(config)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    configure_process(cfg.train)
     env = worker_env(cfg)
     alone = DistEnv(rank=0, world_size=1, device=env.device)
     shards, _ = resolve_data(cfg) if env.is_main else (None, 0)
@@ -185,14 +193,15 @@ def bench_ray(cfg: Config, steps: int, warmup: int, rounds: int) -> dict:
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
-    from .distributed.ray_launcher import scaling_config
+    from .distributed.ray_launcher import scaling_config, worker_runtime_env
 
     ray.init(log_to_driver=True)
     config = {**to_dict(cfg), "_steps": steps, "_warmup": warmup, "_rounds": rounds}
     trainer = TorchTrainer(
         _ray_bench_worker, train_loop_config=config,
         scaling_config=scaling_config(cfg),
-        run_config=RunConfig(name=f"bench-{int(time.time())}", storage_path=str((Path(cfg.run.dir) / "bench").resolve())),
+        run_config=RunConfig(name=f"bench-{int(time.time())}", storage_path=str((Path(cfg.run.dir) / "bench").resolve()),
+                             worker_runtime_env=worker_runtime_env(cfg)),
     )
     r = trainer.fit().return_value
     a, b, a_nosync, c = r["a"]["images_per_s"], r["b"]["images_per_s"], r["a_nosync"]["images_per_s"], r["c"]["images_per_s"]
@@ -210,7 +219,7 @@ def bench_ray(cfg: Config, steps: int, warmup: int, rounds: int) -> dict:
     return {"transport": r["transport"], "rank_step_s_alone": rank_steps, "imbalance_bound": imbalance_bound,
             "train_images_per_s": a, "single_worker_images_per_s": c, "independent_images_per_s": b,
             "ddp_without_sync_bn_images_per_s": a_nosync, "speedup": a / c, "comm_efficiency": a / b,
-            "step_breakdown": breakdown}
+            "step_breakdown": breakdown, "page_faults_per_step": r["a"]["page_faults_per_step"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,8 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    configure_process(cfg.train)  # before the baseline too: both loops run with the same allocator settings
     threads = cfg.train.num_threads or torch.get_num_threads()
     m = cfg.model
     result: dict = {
@@ -240,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "ndf": m.ndf,
         "precision": cfg.train.precision,
         "threads": threads,
+        "keep_freed_memory": cfg.train.keep_freed_memory,
         "dist_workers": cfg.dist.num_workers,
         "loader_workers": cfg.data.num_workers,
         "steps": args.steps,
@@ -260,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                  (f"a-nosync: {n} workers, DDP, per-worker BN", result["ddp_without_sync_bn_images_per_s"]),
                  (f"a: {n} workers, DDP + synchronised BN", result["train_images_per_s"])]
     else:
-        result["train_images_per_s"] = measure_train(cfg, env, shards, args.steps, args.warmup)["images_per_s"]
+        train = measure_train(cfg, env, shards, args.steps, args.warmup)
+        result["train_images_per_s"], result["page_faults_per_step"] = train["images_per_s"], train["page_faults_per_step"]
         rows.append(("training step (real loader)", result["train_images_per_s"]))
     if args.baseline:
         result["baseline_images_per_s"] = baseline(cfg, device, args.steps, args.warmup)
@@ -270,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'':2}{'measurement':<48}{'images/s':>12}")
     for name, value in rows:
         print(f"  {name:<48}{value:>12.1f}")
+    print(f"  page faults per training step: {result['page_faults_per_step']:.0f} "
+          f"(train.keep_freed_memory={str(cfg.train.keep_freed_memory).lower()})")
     if "vs_baseline" in result:
         print(f"  training step / baseline: {result['vs_baseline']:.3f}")
     if "speedup" in result:

@@ -62,6 +62,7 @@ class TrainSection:
     keep_checkpoints: int = 3  # newest step checkpoints kept on disk
     device: str = "auto"  # local launcher: auto (CUDA if present, else CPU), cpu or cuda
     num_threads: int = 0  # torch CPU threads per process; 0 = torch's default
+    keep_freed_memory: bool = True  # glibc malloc keeps freed memory for reuse (no page faults each step; runtime.py)
     ema_decay: float = 0.0  # EMA of G's weights for samples and evaluation (e.g. 0.999); 0 = off
     eval_every: int = 0  # SWD against real images every N steps, keeping checkpoints/best.pt; 0 = off
     precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 adds gradient scaling). bf16/fp16 are for GPUs

@@ -28,6 +28,7 @@ from .models import build_models
 from .ema import EMA
 from .evaluate import SWDEvaluator
 from .reporting import Meter, Reporter, Throughput, emit
+from .runtime import configure_process
 
 NUM_FIXED_SAMPLES = 64
 
@@ -135,8 +136,7 @@ def train(cfg: Config, env: DistEnv | None = None, store=None) -> TrainResult:
     env = env or DistEnv(device=pick_device(cfg.train.device))
     device = env.device
     started = time.perf_counter()
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    configure_process(cfg.train)
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed % 2**32)
     torch.manual_seed(cfg.run.seed)
