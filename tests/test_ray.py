@@ -128,4 +128,5 @@ def test_bench_on_ray_reports_scaling(ray_cluster, tiny_shards, tmp_path):
     assert "comm_efficiency a/b" in proc.stdout
     assert result["transport"] == "shm"  # the two Ray nodes of the test cluster share this host
     assert len(result["rank_step_s_alone"]) == 2 and 0 < result["imbalance_bound"] <= 1
+    assert result["page_faults_per_step"] >= 0 and result["keep_freed_memory"] is True
 

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from dcgan_dist.config import build_config
+from dcgan_dist.distributed.ray_launcher import FORWARDED_ENV, worker_runtime_env
 from dcgan_dist.runtime import keep_freed_memory
 
 # Allocate a step's worth of large activations, touch them, free them; count the page faults per round.
@@ -12,6 +13,7 @@ from dcgan_dist.runtime import keep_freed_memory
 CHURN = """
 import json, resource, sys, torch
 from dcgan_dist.config import build_config
+from dcgan_dist.distributed.ray_launcher import FORWARDED_ENV, worker_runtime_env
 from dcgan_dist.runtime import configure_process
 configure_process(build_config("default", ["train.keep_freed_memory=" + sys.argv[1]]).train)
 def round_():
@@ -44,3 +46,13 @@ def test_freed_memory_is_reused_instead_of_faulted_back():
 def test_the_setting_is_on_by_default_and_can_be_turned_off():
     assert build_config("default", []).train.keep_freed_memory is True
     assert build_config("default", ["train.keep_freed_memory=false"]).train.keep_freed_memory is False
+
+
+def test_ray_cpu_workers_start_with_one_malloc_arena(monkeypatch):
+    for key in FORWARDED_ENV:
+        monkeypatch.delenv(key, raising=False)
+    assert worker_runtime_env(build_config("default", ["train.keep_freed_memory=false"])) is None
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert worker_runtime_env(build_config("default", []))["env_vars"] == {"WANDB_MODE": "offline", "MALLOC_ARENA_MAX": "1"}
+    # GPU workers keep glibc's default arenas (their host side allocates little; other threads may allocate a lot).
+    assert worker_runtime_env(build_config("default", ["dist.use_gpu=true"]))["env_vars"] == {"WANDB_MODE": "offline"}

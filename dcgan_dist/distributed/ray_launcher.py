@@ -96,7 +96,8 @@ def worker_runtime_env(cfg: Config) -> dict | None:
     workers MALLOC_ARENA_MAX=1. Why: Ray Train runs the training function in a thread, and glibc gives each
     thread its own malloc arena, whose 64 MiB heaps go back to the OS whenever they empty, whatever mallopt
     says; in the main arena train.keep_freed_memory holds (12,900 page faults per step -> 0, see runtime.py).
-    glibc reads it at process start, hence here rather than in the worker."""
+    glibc reads it at process start, hence here rather than in the worker. GPU workers keep glibc's default:
+    their activations live on the GPU, and one arena would serialise the allocations of their other threads."""
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     if cfg.train.keep_freed_memory and not cfg.dist.use_gpu:
         env_vars["MALLOC_ARENA_MAX"] = "1"
