@@ -4,8 +4,8 @@ Why the allocator: glibc's malloc hands large freed blocks back to the OS (munma
 training step maps its activations afresh and the kernel zero-fills every page on first touch. A CPU
 DCGAN-64 step (ngf=ndf=32, batch 64) took ~20,000 page faults and ~40 ms of system time out of ~350-400 ms;
 keeping freed memory in the process made steps 2-11 % faster (docs/performance.md), and data-parallel
-workers in lock step gain a little more (they no longer fault and zero-fill at the same moments). The process then keeps its peak
-footprint, which a training loop returns to every step anyway.
+workers in lock step gain a little more (they no longer fault and zero-fill at the same moments). The
+process then keeps its peak footprint, which a training loop returns to every step anyway.
 """
 
 from __future__ import annotations
