@@ -13,7 +13,8 @@ rounds (--rounds) so that a slow spell of a shared machine hits every run alike,
   b: all N each running the identical step with no communication (the machine's contention ceiling),
   a-nosync: N workers with DDP but per-worker batch norm,
   a: N workers training together (DDP gradient all-reduce + synchronised batch norm).
-speedup = a/c, comm_efficiency = a/b, with the cost breakdown per step: compute and data wait (from b),
+speedup = a/c, comm_efficiency = a/b (also round by round, to show how much it moves with the machine's
+noise), with the cost breakdown per step: compute and data wait (from b),
 gradient all-reduce (a-nosync - b) and batch-norm synchronisation (a - a-nosync).
 
 The last line printed is one JSON object with the figures, the device, batch size, widths and threads.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -81,6 +83,7 @@ class StepRunner:
         self.noise = torch.Generator(device=self.device).manual_seed(cfg.run.seed + (data_env or env).rank)
         self.seconds = self.data_wait = 0.0
         self.steps = self.page_faults = 0
+        self.chunk_rates: list[float] = []  # images/s of each timed call (one per bench round)
 
     def run(self, steps: int, timed: bool = True) -> None:
         _sync(self.device)
@@ -94,9 +97,11 @@ class StepRunner:
             train_step(self.G, self.D, self.opt_g, self.opt_d, real, z, self.precision)
         _sync(self.device)
         if timed:
-            self.seconds += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.seconds += elapsed
             self.page_faults += _page_faults() - faults
             self.steps += steps
+            self.chunk_rates.append(steps * self.cfg.train.batch_size / elapsed)
 
     def result(self) -> dict:
         return {"images_per_s": self.steps * self.cfg.train.batch_size / self.seconds,
@@ -175,6 +180,9 @@ def _ray_bench_worker(config: dict) -> dict:
             if name in ("c", "b"):
                 env.barrier()
     out = {"transport": transport_name(env.device.type), "b_rank_step_s": env.gather_scalars(runners["b"].result()["step_s"])}
+    # a/b round by round (rates add up over workers): how much the figure moves with the machine's noise.
+    a_rounds, b_rounds = (map(sum, zip(*env.gather_objects(runners[k].chunk_rates))) for k in ("a", "b"))
+    out["ratio_rounds"] = [a / b for a, b in zip(a_rounds, b_rounds)]
     for name, runner in runners.items():
         if name == "c":
             out["c"] = runner.result() if runner else None
@@ -219,6 +227,7 @@ def bench_ray(cfg: Config, steps: int, warmup: int, rounds: int) -> dict:
     return {"transport": r["transport"], "rank_step_s_alone": rank_steps, "imbalance_bound": imbalance_bound,
             "train_images_per_s": a, "single_worker_images_per_s": c, "independent_images_per_s": b,
             "ddp_without_sync_bn_images_per_s": a_nosync, "speedup": a / c, "comm_efficiency": a / b,
+            "comm_efficiency_rounds": r["ratio_rounds"],
             "step_breakdown": breakdown, "page_faults_per_step": r["a"]["page_faults_per_step"]}
 
 
@@ -288,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         bd = result["step_breakdown"]
         print(f"  speedup a/c: {result['speedup']:.3f}   comm_efficiency a/b: {result['comm_efficiency']:.3f}   "
               f"(collectives: {result['transport']})")
+        rounds = result["comm_efficiency_rounds"]
+        print(f"  comm_efficiency round by round ({len(rounds)} rounds): median {statistics.median(rounds):.3f}, "
+              f"range {min(rounds):.3f}-{max(rounds):.3f}")
         print(f"  each worker alone (b), s/step: {', '.join(f'{t:.3f}' for t in result['rank_step_s_alone'])}: their "
               f"imbalance alone caps comm_efficiency at {result['imbalance_bound']:.3f}")
         print("  per step: " + ", ".join(f"{k[:-2]} {v * 1000:.1f} ms" for k, v in bd.items()))

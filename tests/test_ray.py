@@ -119,9 +119,11 @@ def test_rerun_with_the_same_name_resumes(ray_cluster, tiny_shards, uninterrupte
 def test_bench_on_ray_reports_scaling(ray_cluster, tiny_shards, tmp_path):
     proc = run_with_env([sys.executable, "-m", "dcgan_dist.bench", "--config", "debug", *TINY, "dist.launcher=ray",
                          "dist.num_workers=2", f"data.shards={tiny_shards}", f"run.dir={tmp_path}", "--steps", "3",
-                         "--warmup", "1", "--skip-data"], ray_cluster)
+                         "--warmup", "1", "--rounds", "3", "--skip-data"], ray_cluster)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(result["comm_efficiency_rounds"]) == 3 and all(r > 0 for r in result["comm_efficiency_rounds"])
+    assert "comm_efficiency round by round (3 rounds)" in proc.stdout
     for key in ("train_images_per_s", "single_worker_images_per_s", "independent_images_per_s", "speedup", "comm_efficiency"):
         assert result[key] > 0, key
     assert set(result["step_breakdown"]) == {"compute_s", "data_wait_s", "grad_allreduce_s", "bn_sync_s", "step_s"}
