@@ -10,8 +10,8 @@ logging and checkpoints). --baseline also times a minimal hand-written DCGAN loo
 Ray launcher (dist.launcher=ray, dist.num_workers=N): the same N Ray workers run, taking turns in short
 rounds (--rounds) so that a slow spell of a shared machine hits every run alike,
   c: rank 0 alone (1 worker; the others wait),
-  b: all N each running the identical step with no communication (the machine's contention ceiling),
   a-nosync: N workers with DDP but per-worker batch norm,
+  b: all N each running the identical step with no communication (the machine's contention ceiling),
   a: N workers training together (DDP gradient all-reduce + synchronised batch norm).
 speedup = a/c, comm_efficiency = a/b (also round by round, to show how much it moves with the machine's
 noise), with the cost breakdown per step: compute and data wait (from b),
@@ -167,11 +167,13 @@ def _ray_bench_worker(config: dict) -> dict:
     shards = env.gather_objects(shards)[0]  # rank 0 generates the synthetic set once; the others reuse it
     runners = {
         "c": StepRunner(cfg, alone, shards, data_env=env) if env.is_main else None,  # 1 worker, the others wait
-        "b": StepRunner(cfg, alone, shards, data_env=env),  # every worker alone, no communication at all
         "a_nosync": StepRunner(replace(cfg, dist=replace(cfg.dist, sync_bn=False)), env, shards),  # DDP only
+        "b": StepRunner(cfg, alone, shards, data_env=env),  # every worker alone, no communication at all
         "a": StepRunner(cfg, env, shards),  # DDP + synchronised batch norm
     }
-    # The runs take turns in short rounds, so a slow spell of a shared machine hits all of them alike.
+    # The runs take turns in short rounds, so a slow spell of a shared machine hits all of them alike. Order:
+    # b and a each follow a run in which every worker was busy; after c (the other workers idle), the worker
+    # that ran c was the faster one in b in 12 of 14 runs.
     chunk = max(1, steps // rounds)
     for timed, n in ((False, warmup),) + ((True, chunk),) * rounds:
         for name, runner in runners.items():
