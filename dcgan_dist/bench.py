@@ -229,6 +229,9 @@ def bench_ray(cfg: Config, steps: int, warmup: int, rounds: int) -> dict:
     return {"transport": r["transport"], "rank_step_s_alone": rank_steps, "imbalance_bound": imbalance_bound,
             "train_images_per_s": a, "single_worker_images_per_s": c, "independent_images_per_s": b,
             "ddp_without_sync_bn_images_per_s": a_nosync, "speedup": a / c, "comm_efficiency": a / b,
+            # comm_efficiency = ddp_efficiency x sync_bn_efficiency: what lock-step data parallelism itself costs
+            # (DDP's gradient all-reduce, per-worker BN), and what synchronising batch norm adds on top.
+            "ddp_efficiency": a_nosync / b, "sync_bn_efficiency": a / a_nosync,
             "comm_efficiency_rounds": r["ratio_rounds"],
             "step_breakdown": breakdown, "page_faults_per_step": r["a"]["page_faults_per_step"]}
 
@@ -299,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         bd = result["step_breakdown"]
         print(f"  speedup a/c: {result['speedup']:.3f}   comm_efficiency a/b: {result['comm_efficiency']:.3f}   "
               f"(collectives: {result['transport']})")
+        print(f"    = DDP alone, a-nosync/b: {result['ddp_efficiency']:.3f}"
+              f"  x  synchronised BN, a/a-nosync: {result['sync_bn_efficiency']:.3f}")
         rounds = result["comm_efficiency_rounds"]
         print(f"  comm_efficiency round by round ({len(rounds)} rounds): median {statistics.median(rounds):.3f}, "
               f"range {min(rounds):.3f}-{max(rounds):.3f}")

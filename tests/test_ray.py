@@ -128,6 +128,9 @@ def test_bench_on_ray_reports_scaling(ray_cluster, tiny_shards, tmp_path):
         assert result[key] > 0, key
     assert set(result["step_breakdown"]) == {"compute_s", "data_wait_s", "grad_allreduce_s", "bn_sync_s", "step_s"}
     assert "comm_efficiency a/b" in proc.stdout
+    # The decomposition multiplies back to the whole figure.
+    assert abs(result["ddp_efficiency"] * result["sync_bn_efficiency"] - result["comm_efficiency"]) < 1e-9
+    assert "DDP alone, a-nosync/b" in proc.stdout
     assert result["transport"] == "shm"  # the two Ray nodes of the test cluster share this host
     assert len(result["rank_step_s_alone"]) == 2 and 0 < result["imbalance_bound"] <= 1
     assert result["page_faults_per_step"] >= 0 and result["keep_freed_memory"] is True
