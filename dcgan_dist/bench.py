@@ -14,7 +14,8 @@ rounds (--rounds) so that a slow spell of a shared machine hits every run alike,
   b: all N each running the identical step with no communication (the machine's contention ceiling),
   a: N workers training together (DDP gradient all-reduce + synchronised batch norm).
 speedup = a/c, comm_efficiency = a/b (also round by round, to show how much it moves with the machine's
-noise), with the cost breakdown per step: compute and data wait (from b),
+noise; and split into ddp_efficiency = a-nosync/b times sync_bn_efficiency = a/a-nosync), with the cost
+breakdown per step: compute and data wait (from b),
 gradient all-reduce (a-nosync - b) and batch-norm synchronisation (a - a-nosync).
 
 The last line printed is one JSON object with the figures, the device, batch size, widths and threads.
