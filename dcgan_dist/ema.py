@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from .gan import unwrap
+from .models import unwrap
 
 
 class EMA:

@@ -2,6 +2,7 @@
 
     python -m dcgan_dist.evaluate --checkpoint runs/debug [--shards DIR] [--num 4096] [--untrained]
 
+--checkpoint takes what `sample` takes (a checkpoint file, a Ray checkpoint directory, a run directory).
 Prints one JSON line: swd (x1e3, mean over pyramid levels) and swd_levels, swd_real_vs_real (the same
 metric between two disjoint halves of the real data: the floor a perfect generator would reach at this
 sample size), fid (or null with fid_reason), and with --untrained the SWD of the freshly initialised
@@ -12,44 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 import torch
 
-from .config import Config, from_dict
-from .data import ImageBatches
-from .gan import eval_mode
-from .models import build_models
+from .checkpoint import CheckpointError, load_generator
+from .config import from_dict
+from .data import resolve_data
+from .evaluator import real_images
+from .models import build_models, generate
 from .quality import fid, swd
-from .sample import generate, load_generator
-
-
-def real_images(shards: str, num: int, expect_chw, seed: int, half: int | None = None) -> torch.Tensor:
-    """`num` real images (uint8); half=0/1 draws from one of two disjoint halves of the shards."""
-    rank, world = (half, 2) if half is not None else (0, 1)
-    batch = min(num, 256)
-    stream = ImageBatches(shards, batch, rank=rank, world_size=world, seed=seed, shuffle_buffer=1000, expect_chw=expect_chw)
-    try:
-        return torch.cat([next(stream) for _ in range(math.ceil(num / batch))])[:num]
-    finally:
-        stream.close()
-
-
-class SWDEvaluator:
-    """In-training SWD: fixed real images and fixed latents, so values are comparable across steps."""
-
-    def __init__(self, cfg: Config, shards: str, expect_chw: tuple[int, int, int]):
-        self.cfg, self.shards, self.expect_chw = cfg, shards, expect_chw
-        self.real: torch.Tensor | None = None
-        self.seed = cfg.run.seed + 1_000_003  # not the training stream's order
-
-    def evaluate(self, G: torch.nn.Module) -> dict:
-        if self.real is None:  # loaded at the first evaluation, not at start-up
-            self.real = real_images(self.shards, self.cfg.eval.num, self.expect_chw, self.seed)
-        with eval_mode(G) as model:
-            fake = generate(model, self.cfg.eval.num, seed=self.seed, device=next(model.parameters()).device)
-        return swd(self.real, fake, nhoods_per_image=self.cfg.eval.nhoods_per_image, seed=self.seed).as_dict()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,16 +41,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         G, state, which = load_generator(args.checkpoint, args.device, args.weights)
-    except (FileNotFoundError, ValueError) as exc:
+    except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cfg = from_dict(state["config"])
-    if args.shards:
-        shards = args.shards
-    else:
-        from .loop import resolve_data
-
-        shards, _ = resolve_data(cfg)
+    shards = args.shards or resolve_data(cfg.data, cfg.model)[0]
     chw = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     print(f"evaluating step {state['step']} ({which} weights) on {args.num} images from {shards}", file=sys.stderr)
 

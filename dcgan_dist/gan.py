@@ -6,57 +6,15 @@ Nothing here knows which: the step is pure PyTorch.
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
-    while True:
-        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
-        if inner is None:
-            return module
-        module = inner
-
-
-class Precision:
-    """fp32, or autocast to bf16/fp16 (fp16 with one gradient scaler per network)."""
-
-    DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-    def __init__(self, name: str = "fp32", device_type: str = "cpu"):
-        self.name, self.device_type, self.dtype = name, device_type, self.DTYPES[name]
-        self.scalers = None
-        if name == "fp16":
-            self.scalers = {"d": torch.amp.GradScaler(device_type), "g": torch.amp.GradScaler(device_type)}
-
-    def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.dtype) if self.dtype is not None else nullcontext()
-
-    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, which: str) -> None:
-        if self.scalers is None:
-            loss.backward()
-            optimizer.step()
-            return
-        scaler = self.scalers[which]
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    def state_dict(self) -> dict:
-        return {k: v.state_dict() for k, v in (self.scalers or {}).items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for k, v in state.items():
-            if self.scalers and k in self.scalers:
-                self.scalers[k].load_state_dict(v)
-
-
-FP32 = Precision()
+from .models import unwrap
+from .precision import FP32, Precision
 
 
 @contextmanager
@@ -69,19 +27,6 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p, flag in zip(module.parameters(), flags):
             p.requires_grad_(flag)
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """The plain module in eval mode inside the block (running batch-norm statistics: no cross-rank
-    collective, no state change), its previous mode restored after."""
-    model = unwrap(module)
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def train_step(
@@ -129,7 +74,7 @@ def train_step(
 
 
 def make_optimizers(G: nn.Module, D: nn.Module, optim_cfg, fused: bool = False) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    """Adam for each network; fused=True uses the single-kernel implementation (CUDA)."""
+    """Adam for each network; fused=True uses the single-kernel implementation (what CUDA devices get)."""
     betas = (optim_cfg.beta1, optim_cfg.beta2)
     kwargs = {"lr": optim_cfg.lr, "betas": betas, **({"fused": True} if fused else {})}
     return torch.optim.Adam(G.parameters(), **kwargs), torch.optim.Adam(D.parameters(), **kwargs)

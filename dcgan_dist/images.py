@@ -1,9 +1,12 @@
-"""Image grids and PNG/GIF writing (no torchvision needed)."""
+"""Image conversions, grids and PNG/GIF writing (no torchvision needed).
+
+Pixels live in two forms: uint8 in [0, 255] (shards, files) and float in [-1, 1] (the generator's Tanh range,
+what the networks see). `to_unit_range` and `to_uint8` convert between them; nothing else does.
+"""
 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -11,10 +14,26 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .files import atomic_write
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 in [-1, 1], on the tensor's device."""
+    return images.float().div_(127.5).sub_(1.0)
+
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (the generator's Tanh range), N x C x H x W -> uint8 in [0, 255]."""
+    """float in [-1, 1] -> uint8 [0, 255] on the CPU (uint8 input is returned as it is)."""
+    if images.dtype == torch.uint8:
+        return images.cpu()
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def array_to_pil(array: np.ndarray) -> Image.Image:
+    """H x W x C uint8 (C = 1 or 3) -> a greyscale or RGB PIL image."""
+    if array.shape[2] == 1:
+        return Image.fromarray(array[:, :, 0], "L")
+    return Image.fromarray(array, "RGB")
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:
@@ -33,29 +52,28 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, p
     return grid
 
 
-def array_to_pil(array: np.ndarray) -> Image.Image:
-    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array, "L" if array.shape[2] == 1 else "RGB")
-
-
-def save_image_atomic(image: Image.Image, path: str | Path, **save_kwargs) -> Path:
-    """Write via a temp file + rename so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(tmp, format=save_kwargs.pop("format", path.suffix.lstrip(".").upper() or "PNG"), **save_kwargs)
-    tmp.replace(path)
-    return path
+def save_image(image: Image.Image, path: str | Path, **save_kwargs) -> Path:
+    """Save a PIL image atomically (format from the suffix unless given)."""
+    fmt = save_kwargs.pop("format", Path(path).suffix.lstrip(".").upper() or "PNG")
+    return atomic_write(path, lambda f: image.save(f, format=fmt, **save_kwargs))
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
     """Save a batch (uint8, or float in [-1, 1]) as one PNG grid."""
-    if images.dtype != torch.uint8:
-        images = to_uint8(images)
-    return save_image_atomic(array_to_pil(make_grid(images, nrow)), path)
+    return save_image(array_to_pil(make_grid(to_uint8(images), nrow)), path)
 
 
 def save_gif(frames: Sequence[Image.Image], path: str | Path, duration_ms: int = 200) -> Path:
     if not frames:
         raise ValueError("no frames to animate")
     first, *rest = [f.convert("RGB") for f in frames]
-    return save_image_atomic(first, path, format="GIF", save_all=True, append_images=rest, duration=duration_ms, loop=0)
+    return save_image(first, path, format="GIF", save_all=True, append_images=rest, duration=duration_ms, loop=0)
+
+
+def animate(frame_paths: Sequence[str | Path], out: str | Path, duration_ms: int = 250) -> Path:
+    """PNG files (in the order given) -> one animated GIF."""
+    images = []
+    for path in frame_paths:
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    return save_gif(images, out, duration_ms=duration_ms)

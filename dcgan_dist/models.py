@@ -6,11 +6,14 @@ Discriminator: the mirror image with strided convs, LeakyReLU(0.2), BatchNorm on
 final conv to one logit per image. No fully connected hidden layers, no pooling.
 
 Sizes: 64 (the classic faces model: 4->8->16->32->64), 32, 128, and 28 for MNIST-like data (7->14->28).
+Also here: the helpers that look through wrappers (DDP, torch.compile) and draw images from a generator.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -99,3 +102,34 @@ def build_models(model_cfg, seed: int = 0) -> tuple[Generator, Discriminator]:
         g.apply(init_weights)
         d.apply(init_weights)
     return g, d
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        if inner is None:
+            return module
+        module = inner
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """The plain module in eval mode inside the block (running batch-norm statistics: no cross-rank
+    collective, no state change), its previous mode restored after."""
+    model = unwrap(module)
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def generate(G: nn.Module, num: int, seed: int = 0, device: str | torch.device = "cpu", batch: int = 256) -> torch.Tensor:
+    """`num` images in [-1, 1] on the CPU from G as it is (call it in eval mode for samples); the same seed gives
+    the same latent vectors."""
+    nz = unwrap(G).nz
+    z = torch.randn(num, nz, 1, 1, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([G(z[i : i + batch].to(device)).cpu() for i in range(0, num, batch)])

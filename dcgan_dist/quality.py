@@ -5,7 +5,8 @@ every image; at each level take random 7x7 neighbourhoods (128 per image), norma
 per colour channel, and compare the two sets' distributions by the sliced Wasserstein distance (mean over
 random unit directions of the 1-D Wasserstein-1 distance between the sorted projections). Reported x 1e3, per
 level (finest first) and averaged, as in the paper. Small numbers mean the local image statistics match at
-every scale. Images are compared as uint8-range values, like the reference code.
+every scale. Images are compared as uint8 values (generated ones rounded as a saved PNG would be), like the
+reference code.
 
 FID (Heusel et al. 2017) is computed when the InceptionV3 weights used by torch-fidelity are available on this
 machine; nothing is ever downloaded.
@@ -20,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .images import to_uint8
 
 NHOOD_SIZE = 7
 MIN_LEVEL_SIZE = 16  # coarsest pyramid level, as in the paper
@@ -100,13 +103,6 @@ class SWDResult:
         return {"swd": self.mean, "swd_levels": {str(r): v for r, v in zip(self.resolutions, self.per_level)}}
 
 
-def to_uint8_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images, or floats in [-1, 1], -> float32 values in [0, 255]."""
-    if images.dtype == torch.uint8:
-        return images.float()
-    return (images.float().clamp(-1, 1) + 1) * 127.5
-
-
 def swd(real: torch.Tensor, fake: torch.Tensor, nhoods_per_image: int = 128, repeats: int = 4,
         dirs_per_repeat: int = 128, seed: int = 0, batch: int = 512) -> SWDResult:
     """Multi-scale SWD between two image sets (N x C x H x W; uint8 or [-1, 1] floats; same size and shape)."""
@@ -117,7 +113,7 @@ def swd(real: torch.Tensor, fake: torch.Tensor, nhoods_per_image: int = 128, rep
     resolutions: list[int] = []
     for which, images in enumerate((real, fake)):
         for start in range(0, images.shape[0], batch):
-            pyramid = laplacian_pyramid(to_uint8_range(images[start : start + batch]))
+            pyramid = laplacian_pyramid(to_uint8(images[start : start + batch]).float())
             if not resolutions:
                 resolutions = [lvl.shape[-1] for lvl in pyramid]
             if not descs[which]:
@@ -169,7 +165,7 @@ def inception_extractor(weights: str | None, device: str | torch.device = "cpu")
 def inception_features(extractor, images: torch.Tensor, device: str | torch.device = "cpu", batch: int = 128) -> np.ndarray:
     feats = []
     for start in range(0, images.shape[0], batch):
-        x = to_uint8_range(images[start : start + batch]).round().to(torch.uint8)
+        x = to_uint8(images[start : start + batch])
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         feats.append(extractor(x.to(device))[0].double().cpu().numpy())

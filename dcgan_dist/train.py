@@ -1,68 +1,56 @@
 """Train a DCGAN.
 
     python -m dcgan_dist.train                                  # quick start: the debug preset on this machine
+    python -m dcgan_dist.train train.max_steps=3000             # the quick-start run, trained further
     python -m dcgan_dist.train --config configs/default.yaml    # the classic 64x64 faces model
-    python -m dcgan_dist.train --config debug train.max_steps=2000 run.dir=runs/longer
+    python -m dcgan_dist.train --config debug train.max_steps=2000 run.name=longer
 
-`--config FILE` (a path, or a preset name from configs/) then any number of `key=value` overrides.
-Rerunning with the same run.dir resumes from its newest checkpoint.
+`--config FILE` (a path, or a preset name from configs/; default: the debug preset) then any number of
+`key=value` overrides. Rerunning with the same run.dir resumes from its newest checkpoint.
+`[--config FILE] [key=value ...] --help` lists every setting with the value that command line would use.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Sequence
 
-from .config import Config, ConfigError, build_config, split_args, to_yaml
-
-QUICKSTART_PRESET = "debug"
-
-
-def usage() -> str:
-    return (
-        __doc__.strip()
-        + "\n\nSettings (section.key=default):\n"
-        + "\n".join(f"  {line}" for line in _flatten(to_yaml(Config())))
-    )
+from .checkpoint import CheckpointError
+from .config import Config, ConfigError, allowed_values, flat_settings, from_args, split_args
+from .trainer import StepHook, Trainer
 
 
-def _flatten(yaml_text: str) -> list[str]:
-    out, section = [], ""
-    for line in yaml_text.splitlines():
-        if not line.startswith(" "):
-            section = line.rstrip(":")
-        else:
-            key, _, value = line.strip().partition(":")
-            out.append(f"{section}.{key}={value.strip()}")
-    return out
+def usage(cfg: Config, base: str) -> str:
+    lines = [__doc__.strip(), f"\nSettings (with --config {base} and the overrides given):"]
+    for key, value in flat_settings(cfg):
+        choices = allowed_values(key)
+        lines.append(f"  {key}={value}" + (f"    ({' | '.join(str(c) for c in choices)})" if choices else ""))
+    return "\n".join(lines)
 
 
-def parse(argv: list[str]) -> Config:
-    config_file, overrides = split_args(argv)
-    if config_file is None and not overrides:
-        print(f"No --config given: using the '{QUICKSTART_PRESET}' preset (configs/{QUICKSTART_PRESET}.yaml), "
-              "a small model that trains on a laptop CPU in minutes. "
-              "The classic 64x64 model: --config configs/default.yaml", flush=True)
-        config_file = QUICKSTART_PRESET
-    return build_config(config_file, overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(usage())
-        return 0
+    args = [a for a in argv if a not in ("-h", "--help")]
     try:
-        cfg = parse(argv)
+        cfg, base = from_args(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if len(args) < len(argv):
+        print(usage(cfg, base))
+        return 0
+    if split_args(args)[0] is None:
+        print(f"No --config given: using the '{base}' preset (configs/{base}.yaml), a small model that trains on a "
+              "laptop CPU in minutes. The classic 64x64 model: --config configs/default.yaml", flush=True)
     if cfg.dist.launcher == "ray":
-        from .distributed.ray_launcher import launch  # imported late: config errors answer fast, Ray is optional
+        from .ray_launcher import launch  # imported late: Ray is optional, and slow to import
 
-        return launch(cfg)
-    from .loop import train
-
-    result = train(cfg)
+        return launch(cfg, hooks)
+    try:
+        result = Trainer(cfg, hooks=hooks).fit()
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0 if result.step >= cfg.train.max_steps else 1
 
 

@@ -12,9 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .config import to_dict
+
 
 class WandbLogger:
-    def __init__(self, cfg, run_dir: Path, config: dict[str, Any], run_id: str | None = None):
+    def __init__(self, cfg, run_dir: Path, run_id: str | None = None):
         self.run = None
         if cfg.wandb.mode == "disabled":
             return
@@ -30,7 +32,7 @@ class WandbLogger:
             resume="allow" if run_id else None,
             mode=cfg.wandb.mode,
             dir=str(run_dir),
-            config=config,
+            config=to_dict(cfg),
             settings=wandb.Settings(console="off", silent=True),
         )
 

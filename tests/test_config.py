@@ -22,8 +22,8 @@ def test_defaults_are_the_classic_dcgan():
 
 
 def test_overrides_win_and_round_trip():
-    cfg = build_config("debug", ["train.max_steps=7", "optim.lr=1e-3", "dist.use_gpu=true", "run.name=x"])
-    assert cfg.train.max_steps == 7 and cfg.optim.lr == 1e-3 and cfg.dist.use_gpu is True and cfg.run.dir == "runs/x"
+    cfg = build_config("debug", ["train.max_steps=7", "optim.lr=1e-3", "train.device=cuda", "run.name=x"])
+    assert cfg.train.max_steps == 7 and cfg.optim.lr == 1e-3 and cfg.train.device == "cuda" and cfg.run.dir == "runs/x"
     assert from_dict(to_dict(cfg)) == cfg
 
 
@@ -36,6 +36,10 @@ def test_overrides_win_and_round_trip():
         (["dist.launcher=slurm"], ["'dist.launcher'", "local, ray"]),
         (["model.image_size=48"], ["'model.image_size'", "28, 32, 64, 128"]),
         (["train.batch_size=0"], ["'train.batch_size'", "at least 1"]),
+        (["optim.beta1=1.0"], ["'optim.beta1'", "below 1"]),
+        (["optim.lr=0"], ["'optim.lr'", "above 0"]),
+        (["train.precision=fp8"], ["'train.precision'", "fp32, bf16, fp16"]),
+        (["dist.num_workers=2"], ["'dist.num_workers'", "dist.launcher=ray"]),
         (["train=1"], ["'train'", "section"]),
         (["train.max_steps"], ["key=value"]),
     ],
@@ -54,6 +58,12 @@ def test_bad_key_in_yaml_file(tmp_path):
     path.write_text("train:\n  max_step: 3\n")
     with pytest.raises(ConfigError, match="'train.max_step'.*max_steps"):
         build_config(str(path), [])
+
+
+def test_missing_config_file_offers_the_presets():
+    with pytest.raises(ConfigError) as err:
+        build_config("nosuch", [])
+    assert str(err.value).endswith("(presets: debug, default, mnist)")
 
 
 def test_split_args():

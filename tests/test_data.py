@@ -107,7 +107,8 @@ def test_resume_continues_the_same_sequence(tmp_path, num_workers, consumed):
     take(first, consumed)
     state = first.state_dict()
     first.close()
-    resumed = ImageBatches(str(tmp_path / "s"), **kwargs, state=state)
+    resumed = ImageBatches(str(tmp_path / "s"), **kwargs)
+    resumed.load_state_dict(state)
     for want, got in zip(expected[consumed:], take(resumed, 8)):
         assert torch.equal(want, got)
 

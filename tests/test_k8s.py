@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import yaml
 
-from dcgan_dist.config import build_config, split_args
+from dcgan_dist.config import build_config, presets, split_args
 
 from .conftest import ROOT
 
@@ -89,7 +89,7 @@ def ray_objects(objects):
 def test_every_object_validates(rendered, kuberay_validators):
     name, objects = rendered
     kinds = {o["kind"] for o in objects}
-    assert "ConfigMap" in kinds and kinds & {"RayJob", "RayCluster"}, kinds
+    assert kinds & {"RayJob", "RayCluster"}, kinds
     for obj in objects:
         validate(obj, kuberay_validators)
     for obj in ray_objects(objects):
@@ -113,30 +113,17 @@ def test_broken_manifests_fail_validation(kuberay_validators):
         validate(pvc, kuberay_validators)
 
 
-def test_configmap_is_the_presets(rendered):
-    _, objects = rendered
-    configmap = next(o for o in objects if o["kind"] == "ConfigMap")
-    assert configmap["metadata"]["name"].startswith("dcgan-configs")
-    for file in (ROOT / "configs").glob("*.yaml"):
-        if file.name != "kustomization.yaml":
-            assert configmap["data"][file.name] == file.read_text()
-    for obj in ray_objects(objects):  # every pod mounts the generated (hash-suffixed) name
-        for template in pod_templates(obj):
-            names = [v["configMap"]["name"] for v in template["spec"]["volumes"] if "configMap" in v]
-            assert names == [configmap["metadata"]["name"]]
-
-
 def entrypoint_config(job: dict):
     args = shlex.split(job["spec"]["entrypoint"])
     assert args[:3] == ["python", "-m", "dcgan_dist.train"], args
     config_file, overrides = split_args(args[3:])
-    assert config_file.startswith("/etc/dcgan/configs/")
-    return build_config(str(ROOT / "configs" / config_file.rsplit("/", 1)[1]), overrides)  # a valid command line
+    assert config_file in presets()  # a preset by name: configs/ is in the image
+    return build_config(config_file, overrides)  # a valid command line
 
 
 def workers_per_pod(group: dict, cfg) -> int:
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-    if cfg.dist.use_gpu:
+    if cfg.train.device == "cuda":
         return int(limits["nvidia.com/gpu"])
     cpus = int(group.get("rayStartParams", {}).get("num-cpus", math.floor(float(limits["cpu"]))))
     return cpus // cfg.dist.cpus_per_worker
@@ -154,11 +141,11 @@ def test_rayjob_entrypoint_and_scale(rendered):
             assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
         assert cluster_spec(job)["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no training on the head
         if name == "gpu":
-            assert cfg.dist.use_gpu and cfg.dist.sync_bn
+            assert cfg.train.device == "cuda" and cfg.dist.sync_bn
             assert all(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1 for g in groups)
             assert cfg.dist.storage_path.startswith("/runs") and cfg.run.dir.startswith("/runs")  # on the PVC
         if name == "cpu-smoke":
-            assert not cfg.dist.use_gpu and cfg.data.shards == "" and total == 2  # synthetic faces, 2 workers
+            assert cfg.train.device != "cuda" and cfg.data.shards == "" and total == 2  # synthetic faces, 2 workers
 
 
 def test_pods_are_safe_and_pinned(rendered):

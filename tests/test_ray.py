@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from dcgan_dist import checkpoint as ckpt
-from dcgan_dist.reporting import read_metrics
+from dcgan_dist.metrics import read_metrics
 
-from .conftest import TINY, run_cli, run_with_env
+from .conftest import ROOT, TINY, run_cli, run_with_env
 from .wandb_offline import history
 
 pytest.importorskip("ray")
@@ -61,9 +61,15 @@ def test_job_submit_on_two_nodes(ray_cluster, tiny_shards, tmp_path):
         assert row["samples/_type"] == "image-file"
     assert len(list((runs[0] / "files" / "media" / "images").glob("samples_*.png"))) == 2
     assert list((runs[0] / "files" / "media" / "videos").glob("progress_*.gif"))  # the progress animation
-    sample = run_cli("-m", "dcgan_dist.sample", "--checkpoint", str(path.parent), "--num", "4",
-                     "--out", str(tmp_path / "s.png"), check=True)
-    assert "from step 6" in sample.stdout
+    # sample and evaluate read the Ray checkpoint directory and the run directory as this command leaves it.
+    for source in (path.parent, run_dir):
+        out = tmp_path / "s.png"
+        run_cli("-m", "dcgan_dist.sample", "--checkpoint", str(source), "--num", "4", "--out", str(out), check=True)
+        assert out.is_file()
+        out.unlink()
+        proc = run_cli("-m", "dcgan_dist.evaluate", "--checkpoint", str(source), "--num", "32", "--nhoods-per-image", "4",
+                       "--no-baseline", check=True)
+        assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 6
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +84,7 @@ def uninterrupted(ray_cluster, tiny_shards, tmp_path_factory):
 
 
 def assert_same_training_state(a: dict, b: dict) -> None:
-    for part in ("generator", "discriminator", "generator_ema"):
+    for part in ("G", "D", "ema"):
         for name, tensor in a[part].items():
             assert torch.equal(tensor, b[part][name]), f"{part}.{name}"
     for part in ("opt_g", "opt_d"):
@@ -90,14 +96,12 @@ def test_worker_crash_recovers_from_the_latest_checkpoint(ray_cluster, tiny_shar
     """Rank 1 is SIGKILLed after step 7; Ray restarts both workers from the step-5 checkpoint; the run ends at
     step 12 with the same weights as a run that never crashed."""
     run_dir = tmp_path / "crash"
-    proc = run_with_env([sys.executable, "-m", "dcgan_dist.train",
+    proc = run_with_env([sys.executable, str(ROOT / "tests" / "kill_after_step.py"), "7", "1",
                          *ray_train_args(tiny_shards, run_dir, "train.max_steps=12", "train.checkpoint_every=5",
-                                         "train.log_every=1", "run.name=crash", "dist.max_failures=2",
-                                         "fault.crash_at_step=7", "fault.crash_rank=1")], ray_cluster)
+                                         "train.log_every=1", "run.name=crash", "dist.max_failures=2")], ray_cluster)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "fault injection: rank 1 kills itself after step 7" in out
-    assert "(step 5)" in out and "Resuming from" in out
+    assert (run_dir / ".killed_after_step_7").is_file()  # rank 1 did kill itself
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
     assert steps == list(range(1, 8)) + list(range(6, 13))  # steps 6-7 redone: less than checkpoint_every lost
     assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout)))
@@ -110,7 +114,6 @@ def test_rerun_with_the_same_name_resumes(ray_cluster, tiny_shards, uninterrupte
                                          "train.log_every=1", "run.name=whole")], ray_cluster)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "Resuming from" in out and "(step 12)" in out
     assert ckpt.load(final_checkpoint(proc.stdout))["step"] == 15
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
     assert steps == list(range(1, 16))
@@ -119,19 +122,12 @@ def test_rerun_with_the_same_name_resumes(ray_cluster, tiny_shards, uninterrupte
 def test_bench_on_ray_reports_scaling(ray_cluster, tiny_shards, tmp_path):
     proc = run_with_env([sys.executable, "-m", "dcgan_dist.bench", "--config", "debug", *TINY, "dist.launcher=ray",
                          "dist.num_workers=2", f"data.shards={tiny_shards}", f"run.dir={tmp_path}", "--steps", "3",
-                         "--warmup", "1", "--rounds", "3", "--skip-data"], ray_cluster)
+                         "--warmup", "1", "--skip-data"], ray_cluster)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(result["comm_efficiency_rounds"]) == 3 and all(r > 0 for r in result["comm_efficiency_rounds"])
-    assert "comm_efficiency round by round (3 rounds)" in proc.stdout
-    for key in ("train_images_per_s", "single_worker_images_per_s", "independent_images_per_s", "speedup", "comm_efficiency"):
+    for key in ("train_images_per_s", "single_worker_images_per_s", "independent_images_per_s",
+                "ddp_without_sync_bn_images_per_s", "speedup", "comm_efficiency"):
         assert result[key] > 0, key
-    assert set(result["step_breakdown"]) == {"compute_s", "data_wait_s", "grad_allreduce_s", "bn_sync_s", "step_s"}
-    assert "comm_efficiency a/b" in proc.stdout
-    # The decomposition multiplies back to the whole figure.
-    assert abs(result["ddp_efficiency"] * result["sync_bn_efficiency"] - result["comm_efficiency"]) < 1e-9
-    assert "DDP alone, a-nosync/b" in proc.stdout
-    assert result["transport"] == "shm"  # the two Ray nodes of the test cluster share this host
-    assert len(result["rank_step_s_alone"]) == 2 and 0 < result["imbalance_bound"] <= 1
-    assert result["page_faults_per_step"] >= 0 and result["keep_freed_memory"] is True
-
+    breakdown = result["step_breakdown"]
+    assert set(breakdown) == {"compute_s", "data_wait_s", "grad_allreduce_s", "bn_sync_s", "step_s"}
+    assert 0 < breakdown["compute_s"] < breakdown["step_s"]

@@ -1,6 +1,6 @@
 """Data: WebDataset shards of face images, the synthetic face set, converters and the streaming loader."""
 
-from .loader import ImageBatches, normalise
+from .loader import ImageBatches, normalise, resolve_data
 from .shards import DatasetInfo, ShardWriter, expand_shards, read_info
 from .synth import ensure_synthetic, write_synthetic_shards
 
@@ -11,6 +11,7 @@ __all__ = [
     "ensure_synthetic",
     "expand_shards",
     "normalise",
+    "resolve_data",
     "read_info",
     "write_synthetic_shards",
 ]

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..images import array_to_pil
 from .shards import DatasetInfo, ShardWriter
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -151,7 +152,7 @@ def _convert_idx(src: Path, out, size, crop, shard_size, limit, progress) -> Dat
     def items() -> Iterator[tuple[str, np.ndarray | Exception]]:
         for i, img in enumerate(images):
             if size and size != img.shape[0] or crop:
-                yield str(i), centre_crop_resize(Image.fromarray(img, "L"), size or img.shape[0], 1, crop)
+                yield str(i), centre_crop_resize(array_to_pil(img[:, :, None]), size or img.shape[0], 1, crop)
             else:
                 yield str(i), img[:, :, None]
 

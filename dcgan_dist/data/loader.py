@@ -27,7 +27,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import decode_sample, expand_shards, iter_samples
+from ..images import to_unit_range
+from .shards import decode_sample, expand_shards, iter_samples, read_info
+from .synth import ensure_synthetic
 
 log = logging.getLogger("dcgan_dist.data")
 
@@ -106,9 +108,8 @@ class ShardStream(IterableDataset):
             rng = random.Random(slot_seed(self.seed, self.rank, slot, pass_index))
             order = list(urls)
             rng.shuffle(order)
-            samples = wds.filters._shuffle(
-                iter_samples(order, handler=on_shard_error), bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng
-            )
+            shuffle = wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
+            samples = shuffle(iter_samples(order, handler=on_shard_error))
             consumed = 0
             for consumed, sample in enumerate(samples, 1):
                 if consumed <= skip:
@@ -142,8 +143,9 @@ class LoaderCounters:
 class ImageBatches:
     """Iterator of uint8 image batches for one rank, with a resumable position.
 
-    `state_dict()` after consuming k batches, passed back as `state`, continues with batch k + 1 of the same
-    sequence (same seed, shards, batch size, world size and worker count).
+    `state_dict()` after consuming k batches, given to `load_state_dict` of a new ImageBatches before its first
+    batch, continues with batch k + 1 of the same sequence (same seed, shards, batch size, world size and
+    worker count). The loader processes start at the first batch.
     """
 
     def __init__(
@@ -156,46 +158,45 @@ class ImageBatches:
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
         expect_chw: tuple[int, int, int] | None = None,
-        state: dict | None = None,
         pin_memory: bool = False,
     ):
-        urls = expand_shards(shards) if isinstance(shards, str) else list(shards)
-        rank_urls = split_for_rank(urls, rank, world_size)
+        self.urls = expand_shards(shards) if isinstance(shards, str) else list(shards)
+        rank_urls = split_for_rank(self.urls, rank, world_size)
         # A slot needs at least one shard of its own, so a rank never runs more loader workers than shards.
-        num_slots = max(1, min(num_workers, len(rank_urls))) if num_workers > 0 else 1
-        if num_workers > num_slots:
-            log.warning("rank %d has %d shard(s): using %d loader worker(s) instead of %d", rank, len(rank_urls), num_slots, num_workers)
-        self.layout = {"world_size": world_size, "rank": rank, "slots": num_slots, "batch_size": batch_size, "seed": seed}
+        self.num_slots = max(1, min(num_workers, len(rank_urls))) if num_workers > 0 else 1
+        if num_workers > self.num_slots:
+            log.warning("rank %d has %d shard(s): using %d loader worker(s) instead of %d",
+                        rank, len(rank_urls), self.num_slots, num_workers)
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.shuffle_buffer, self.expect_chw = shuffle_buffer, expect_chw
+        self.layout = {"world_size": world_size, "rank": rank, "slots": self.num_slots, "batch_size": batch_size, "seed": seed}
         self.counters = LoaderCounters()
         self.positions: dict[int, tuple[int, int]] = {}
-        if state:
-            if state.get("layout") == self.layout:
-                self.positions = {int(k): (int(v[0]), int(v[1])) for k, v in state["positions"].items()}
-                self.counters.batches = int(state["batches"])
-            else:
-                log.warning("data layout changed since the checkpoint (%s -> %s): the data stream restarts", state.get("layout"), self.layout)
+        self._it: Iterator | None = None
+
+    def _start(self) -> Iterator:
         stream = ShardStream(
-            urls, batch_size, rank, world_size, seed, num_slots, shuffle_buffer, expect_chw,
-            positions=self.positions, slot_offset=self.counters.batches % num_slots,
+            self.urls, self.batch_size, self.rank, self.world_size, self.seed, self.num_slots, self.shuffle_buffer,
+            self.expect_chw, positions=self.positions, slot_offset=self.counters.batches % self.num_slots,
         )
-        self._loader = DataLoader(
+        workers = self.num_slots if self.num_workers > 0 else 0
+        return iter(DataLoader(
             stream,
             batch_size=None,  # the stream batches itself
-            num_workers=num_slots if num_workers > 0 else 0,
-            pin_memory=pin_memory,
-            prefetch_factor=4 if num_workers > 0 else None,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=4 if workers else None,
             persistent_workers=False,
-            worker_init_fn=_loader_worker_init if num_workers > 0 else None,
-        )
-        self._it: Iterator | None = None
-        self.num_slots = num_slots
+            worker_init_fn=_loader_worker_init if workers else None,
+        ))
 
     def __iter__(self) -> "ImageBatches":
         return self
 
     def __next__(self) -> torch.Tensor:
         if self._it is None:
-            self._it = iter(self._loader)
+            self._it = self._start()
         images, meta = next(self._it)
         slot, pass_index, offset, bad_samples, bad_shards = (int(v) for v in meta.tolist())
         self.positions[slot] = (pass_index, offset)
@@ -211,6 +212,16 @@ class ImageBatches:
             "batches": self.counters.batches,
         }
 
+    def load_state_dict(self, state: dict) -> None:
+        if self._it is not None:
+            raise RuntimeError("load_state_dict must come before the first batch")
+        if state.get("layout") != self.layout:
+            log.warning("data layout changed since the checkpoint (%s -> %s): the data stream restarts",
+                        state.get("layout"), self.layout)
+            return
+        self.positions = {int(k): (int(v[0]), int(v[1])) for k, v in state["positions"].items()}
+        self.counters.batches = int(state["batches"])
+
     def close(self) -> None:
         # Dropping the iterator shuts the loader's worker processes down.
         self._it = None
@@ -221,9 +232,19 @@ def _loader_worker_init(_: int) -> None:
 
 
 def normalise(images: torch.Tensor, device: torch.device | str, channels_last: bool = False) -> torch.Tensor:
-    """uint8 [0, 255] batch -> float in [-1, 1] on `device` (the generator's Tanh range).
-
-    The uint8 batch crosses to the device (4x less traffic than float), the conversion runs there.
-    """
-    out = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    """uint8 batch -> float in [-1, 1] on `device`: the uint8 batch crosses to the device (4x less traffic than
+    float) and is converted there."""
+    out = to_unit_range(images.to(device, non_blocking=True))
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def resolve_data(data_cfg, model_cfg) -> tuple[str, int]:
+    """(shard spec, number of samples or 0 if unknown) for a run. Empty data.shards = the embedded synthetic
+    faces at the model's size, generated once into data.cache_dir."""
+    spec = data_cfg.shards or str(ensure_synthetic(data_cfg.cache_dir, data_cfg.synth_num, model_cfg.image_size,
+                                                   model_cfg.channels))
+    num = data_cfg.num_samples
+    if not num:
+        info = read_info(spec)
+        num = info.num_samples if info else 0
+    return spec, num

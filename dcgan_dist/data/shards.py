@@ -22,6 +22,9 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from ..files import atomic_write
+from ..images import array_to_pil
+
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 META_FILE = "dataset.json"
 SHARD_PATTERN = "shard-%06d.tar"
@@ -41,7 +44,7 @@ class DatasetInfo:
 
 def encode_image(array: np.ndarray, fmt: str = "png") -> bytes:
     """H x W x C (C = 1 or 3) uint8 -> PNG or JPEG bytes."""
-    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array, "L" if array.shape[2] == 1 else "RGB")
+    image = array_to_pil(array)
     buf = io.BytesIO()
     if fmt == "png":
         image.save(buf, format="PNG", compress_level=3)
@@ -129,9 +132,7 @@ class ShardWriter:
 
 
 def write_info(out_dir: str | Path, info: DatasetInfo) -> None:
-    tmp = Path(out_dir) / f".{META_FILE}.tmp"
-    tmp.write_text(json.dumps(asdict(info), indent=2) + "\n")
-    tmp.replace(Path(out_dir) / META_FILE)
+    atomic_write(Path(out_dir) / META_FILE, (json.dumps(asdict(info), indent=2) + "\n").encode())
 
 
 def _is_url(spec: str) -> bool:

@@ -6,13 +6,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .env import DistEnv
-from .shm import setup_cpu_transport, shm_allreduce_hook
 from .sync_batchnorm import convert_sync_batchnorm
 
 
-def wrap_models(
-    G: nn.Module, D: nn.Module, env: DistEnv, sync_bn: bool, cpu_transport: str = "auto"
-) -> tuple[nn.Module, nn.Module]:
+def wrap_models(G: nn.Module, D: nn.Module, env: DistEnv, sync_bn: bool) -> tuple[nn.Module, nn.Module]:
     """Synchronised batch norm (optional) and one DDP wrapper per network; identity for one process.
 
     DDP broadcasts rank 0's parameters and buffers at construction, so all ranks start identical.
@@ -21,9 +18,6 @@ def wrap_models(
     autograd in GANs ("modified by an inplace operation"). With sync_bn the running statistics are
     computed from global batch statistics and stay identical on every rank anyway; without it, each rank
     keeps its own (samples are drawn on rank 0, with rank 0's).
-
-    CPU workers on one host (cpu_transport auto/shm): gradients and batch-norm statistics go through shared
-    memory instead of gloo (distributed/shm.py); DDP's bucketing and hooks stay as they are.
     """
     if not env.distributed:
         return G, D
@@ -33,8 +27,4 @@ def wrap_models(
     device_ids = [env.device.index if env.device.index is not None else env.local_rank] if env.device.type == "cuda" else None
     G = DDP(G, device_ids=device_ids, forward_sync_buffers=False)
     D = DDP(D, device_ids=device_ids, forward_sync_buffers=False)
-    shm = setup_cpu_transport(cpu_transport, env.device.type)
-    if shm is not None:
-        G.register_comm_hook(shm, shm_allreduce_hook)
-        D.register_comm_hook(shm, shm_allreduce_hook)
     return G, D

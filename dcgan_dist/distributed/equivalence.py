@@ -7,8 +7,7 @@ G and D. With synchronisation off they must differ (so the check can fail).
     python -m dcgan_dist.distributed.equivalence [--world-size 2] [--device cpu|cuda] [--dtype float64] [--no-sync]
 
 prints the largest absolute difference of each kind as JSON. On CUDA the workers use torch.nn.SyncBatchNorm
-and NCCL (several processes may share one GPU); on CPU, CrossProcessBatchNorm, its statistics and the
-gradients going through shared memory (--transport auto/shm) or gloo (--transport gloo).
+and NCCL; on CPU, CrossProcessBatchNorm over gloo.
 """
 
 from __future__ import annotations
@@ -26,11 +25,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..config import ModelSection, OptimSection
-from ..gan import make_optimizers, train_step, unwrap
-from ..models import build_models
+from ..gan import make_optimizers, train_step
+from ..models import build_models, unwrap
 from .ddp import wrap_models
 from .env import DistEnv
-from .shm import teardown_cpu_transport, transport_name
 
 
 @dataclass
@@ -46,7 +44,6 @@ class Spec:
     device: str = "cpu"
     sync_bn: bool = True
     seed: int = 0
-    transport: str = "auto"  # CPU: auto (shared memory on one host), shm or gloo (dist.cpu_transport)
 
 
 def _inputs(spec: Spec) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -66,14 +63,11 @@ def _train(spec: Spec, env: DistEnv, rows: slice) -> dict:
     G, D = build_models(model, seed=spec.seed)
     G, D = G.to(env.device, dtype), D.to(env.device, dtype)
     opt_g, opt_d = make_optimizers(G, D, OptimSection())
-    G, D = wrap_models(G, D, env, sync_bn=spec.sync_bn, cpu_transport=spec.transport)
+    G, D = wrap_models(G, D, env, sync_bn=spec.sync_bn)
     reals, zs = _inputs(spec)
     for real, z in zip(reals[:-1], zs[:-1]):
         train_step(G, D, opt_g, opt_d, real[rows].to(env.device, dtype), z[rows].to(env.device, dtype))
-    result = {
-        "transport": transport_name(env.device.type),
-        **{name: {k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()} for name, net in (("G", G), ("D", D))},
-    }
+    result = {name: {k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()} for name, net in (("G", G), ("D", D))}
     result["grads"] = {
         f"{name}.{k}": p.grad.detach().cpu()
         for name, net in (("G", G), ("D", D))
@@ -98,13 +92,12 @@ def _worker(rank: int, spec: Spec, init_file: str, out_dir: str) -> None:
         rows = slice(rank * spec.batch, (rank + 1) * spec.batch)
         torch.save(_train(spec, env, rows), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        teardown_cpu_transport()
         dist.destroy_process_group()
 
 
 def run(spec: Spec) -> dict:
-    """{"transport": what the workers' collectives went through, "max_abs_diff": {kind: largest absolute
-    difference between the N-worker run and the 1-worker run with the global batch}}."""
+    """{"backend": the workers' collectives (gloo or nccl), "max_abs_diff": {kind: largest absolute difference
+    between the N-worker run and the 1-worker run with the global batch}}."""
     # One process with the global batch; _inputs() depends only on the global batch size and seed, so it
     # sees exactly the samples that the N workers share out.
     single = Spec(**{**spec.__dict__, "world_size": 1, "batch": spec.world_size * spec.batch})
@@ -134,7 +127,7 @@ def run(spec: Spec) -> dict:
         out[f"{net}_rank_disagreement"] = max(max_diff(ranks[0][net], r[net], params + buffers) for r in ranks[1:])
     out["G_forward"] = (reference["G(z)"] - torch.cat([r["G(z)"] for r in ranks])).abs().max().item()
     out["D_forward"] = (reference["D(x)"] - torch.cat([r["D(x)"] for r in ranks])).abs().max().item()
-    return {"transport": ranks[0]["transport"], "max_abs_diff": out}
+    return {"backend": "nccl" if spec.device == "cuda" else "gloo", "max_abs_diff": out}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,10 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--width", type=int, default=4)
     parser.add_argument("--no-sync", action="store_true", help="plain per-rank batch norm (expected to differ)")
-    parser.add_argument("--transport", default="auto", choices=("auto", "shm", "gloo"), help="CPU collectives (dist.cpu_transport)")
     args = parser.parse_args(argv)
     spec = Spec(world_size=args.world_size, batch=args.batch, steps=args.steps, device=args.device, dtype=args.dtype,
-                image_size=args.image_size, width=args.width, sync_bn=not args.no_sync, transport=args.transport)
+                image_size=args.image_size, width=args.width, sync_bn=not args.no_sync)
     print(json.dumps({"spec": spec.__dict__, **run(spec)}))
     return 0
 

@@ -1,114 +1,76 @@
 """Batch norm with statistics over the global batch of all workers, for CPU workers.
 
 `torch.nn.SyncBatchNorm` runs only on CUDA (DDP refuses it on CPU modules), so for CPU/gloo workers this
-module does the same job: in training mode each rank computes its per-channel count, mean and (biased)
-variance, one all-gather shares them, and every rank combines them into the global mean and variance.
-Combining means and variances with counts (Chan et al.) rather than raw sums and sums of squares keeps
-float32 accurate when activations have a large mean. The backward pass is that of batch norm over the
-global batch, with one more collective for two per-channel sums (as torch's SyncBatchNorm does on CUDA).
-Running statistics are updated from the global values, hence identical on every rank. In eval mode it is
-plain batch norm with the running statistics: no communication.
+module does the same job with the process group's collectives: in training mode each rank computes its
+per-channel count, mean and (biased) variance, one all-gather shares them, and every rank combines them into
+the global mean and variance. Combining means and variances with counts (Chan et al.) rather than raw sums and
+sums of squares keeps float32 accurate when activations have a large mean. The backward pass is that of batch
+norm over the global batch, with one all-reduce of two per-channel sums (as torch's SyncBatchNorm does on
+CUDA). Running statistics are updated from the global values, hence identical on every rank. In eval mode it
+is plain batch norm with the running statistics: no communication.
 
 Every training-mode call is a collective: all ranks must call it the same number of times, in the same order.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .shm import active_transport
+
+def _channel_dims(x: torch.Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
 
 
-def _gather_rows(local: np.ndarray, group) -> np.ndarray:
-    """[world, n]: every rank's `local` vector, in rank order. Through shared memory when the ranks share this
-    host (see shm.py), else the process group's backend (gloo)."""
-    shm = active_transport(group)
-    if shm is not None:
-        return shm.gather_rows(local)
-    tensor = torch.from_numpy(local)
-    rows = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(rows, tensor, group=group)
-    return torch.stack(rows).numpy()
-
-
-def _global_stats(gathered: np.ndarray, channels: int) -> tuple[float, np.ndarray, np.ndarray]:
-    """Global count, mean and biased variance from rows of (count, mean[C], variance[C]), one per rank."""
-    counts, means, variances = gathered[:, :1], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
-    total = counts.sum()
-    mean = (counts * means).sum(0) / total
-    var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
-    return float(total), mean, var
-
-
-def _local_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance, in two passes (mean, then mean squared deviation: accurate for any
-    mean). On CPU this is about twice as fast as torch's batch-norm statistics kernel for NCHW activations."""
-    dims = [0] + list(range(2, x.dim()))
-    mean = x.mean(dims, keepdim=True)
-    var = (x - mean).square_().mean(dims)
-    return mean.flatten(), var
-
-
-_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast against x (N x C x ...)."""
+    return t.view([1, -1] + [1] * (x.dim() - 2))
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
-    """Batch norm over the global batch with plain blocking collectives, for CPU workers.
-
-    Forward: one all-gather of (count, mean, variance) per rank, combined with counts; the normalisation is
-    torch's fused kernel with the global statistics. Backward: this rank's per-channel sums of dy and
-    dy * x_hat (torch's batch-norm backward kernel, sums only), one all-gather of them, then
-    dx = invstd * w * (dy - mean_global(dy) - x_hat * mean_global(dy * x_hat)) in two elementwise passes.
-    The weight and bias gradients are this rank's sums; DDP averages them like any parameter gradient.
-    The per-channel arithmetic between the kernels runs in NumPy: a few microseconds per call instead of
-    tens for each small torch op, which added up to ~5 % of a CPU GAN step (26 calls).
-    """
+    """Batch norm over the global batch: forward all-gathers (count, mean, variance) per rank, backward
+    all-reduces the per-channel sums of dy and dy * x_hat. The weight and bias gradients are this rank's sums;
+    DDP averages them like any parameter gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, group):
-        channels = x.shape[1]
         # Statistics in at least float32 (a count of 10^5 or a large mean would not survive in half precision).
         xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        mean_local, var_local = _local_stats(xs)
-        local = np.empty(1 + 2 * channels, dtype=_NUMPY_DTYPE[xs.dtype])
-        local[0], local[1 : 1 + channels], local[1 + channels :] = xs.numel() // channels, mean_local.numpy(), var_local.numpy()
-        total, mean_np, var_np = _global_stats(_gather_rows(local, group), channels)
-        mean, var = torch.from_numpy(mean_np), torch.from_numpy(var_np)
-        y = F.batch_norm(xs, mean, var, weight, bias, False, 0.0, eps)  # torch's fused kernel, global statistics
-        ctx.save_for_backward(xs, weight)
-        ctx.mean, ctx.invstd = mean, torch.from_numpy(1.0 / np.sqrt(var_np + eps))  # NumPy-backed: .numpy() is free
-        ctx.total, ctx.eps, ctx.group, ctx.in_dtype = total, eps, group, x.dtype
-        unbiased = torch.from_numpy(var_np * (total / max(total - 1.0, 1.0)))
+        dims = _channel_dims(xs)
+        mean_local = xs.mean(dims)
+        var_local = (xs - _per_channel(mean_local, xs)).square().mean(dims)  # two passes: accurate for any mean
+        count = torch.full((1,), xs.numel() // xs.shape[1], dtype=xs.dtype)
+        rows = [torch.empty(1 + 2 * xs.shape[1], dtype=xs.dtype) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(rows, torch.cat([count, mean_local, var_local]), group=group)
+        gathered = torch.stack(rows)
+        counts, means, variances = gathered[:, :1], gathered[:, 1 : 1 + xs.shape[1]], gathered[:, 1 + xs.shape[1] :]
+        total = counts.sum()
+        mean = (counts * means).sum(0) / total
+        var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
+        invstd = torch.rsqrt(var + eps)
+        y = F.batch_norm(xs, mean, var, weight, bias, False, 0.0, eps)  # torch's kernel with the global statistics
+        ctx.save_for_backward(xs, weight, mean, invstd)
+        ctx.total, ctx.group, ctx.in_dtype = total, group, x.dtype
+        unbiased = var * (total / (total - 1).clamp_min(1))
         ctx.mark_non_differentiable(mean, unbiased)
         return y.to(x.dtype), mean, unbiased
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
-        xs, weight = ctx.saved_tensors
-        dy = dy.to(xs.dtype).contiguous()
-        w = weight if weight is not None else torch.ones_like(ctx.mean)
-        # This rank's per-channel sums of dy and dy * x_hat (x_hat with the global statistics): one pass.
-        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            dy, xs, w, None, None, ctx.mean, ctx.invstd, True, ctx.eps, [False, True, True]
-        )
-        # Summed over ranks via an all-gather: for small tensors gloo's all-gather is about twice as fast as its
-        # all-reduce, and summing the rows in rank order gives every rank the same bits.
-        channels = sum_dy.shape[0]
-        sums = _gather_rows(np.concatenate([sum_dy.numpy(), sum_dy_xhat.numpy()]), ctx.group).sum(0)
-        mean_dy, mean_dy_xhat = sums[:channels] / ctx.total, sums[channels:] / ctx.total
-        # dx = invstd * w * (dy - mean(dy) - x_hat * mean(dy * x_hat)), means over the global batch, written
-        # per channel as dy * scale + x * coef_x + offset (x_hat = (x - mean) * invstd): two passes.
-        invstd = ctx.invstd.numpy()
-        scale = invstd * w.detach().numpy()
-        coef_x = -scale * mean_dy_xhat * invstd
-        offset = -scale * mean_dy - coef_x * ctx.mean.numpy()
-        shape = [1, -1] + [1] * (xs.dim() - 2)
-        dx = torch.addcmul(torch.from_numpy(offset).view(shape), xs, torch.from_numpy(coef_x).view(shape))
-        dx.addcmul_(dy, torch.from_numpy(scale).view(shape))
+        xs, weight, mean, invstd = ctx.saved_tensors
+        dy = dy.to(xs.dtype)
+        dims = _channel_dims(xs)
+        x_hat = (xs - _per_channel(mean, xs)) * _per_channel(invstd, xs)
+        sum_dy, sum_dy_xhat = dy.sum(dims), (dy * x_hat).sum(dims)
+        sums = torch.cat([sum_dy, sum_dy_xhat])
+        dist.all_reduce(sums, group=ctx.group)
+        mean_dy, mean_dy_xhat = sums.chunk(2)
+        mean_dy, mean_dy_xhat = mean_dy / ctx.total, mean_dy_xhat / ctx.total
+        # dx = w * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat)), means over the global batch.
+        scale = invstd if weight is None else invstd * weight
+        dx = _per_channel(scale, xs) * (dy - _per_channel(mean_dy, xs) - x_hat * _per_channel(mean_dy_xhat, xs))
         if weight is None:
             return dx.to(ctx.in_dtype), None, None, None, None
         return dx.to(ctx.in_dtype), sum_dy_xhat, sum_dy, None, None

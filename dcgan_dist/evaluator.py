@@ -1,0 +1,55 @@
+"""The evaluator part: SWD of the generator against real images every train.eval_every steps, keeping the best
+checkpoint (GAN samples often get worse late in a run). Rank 0 alone; the other ranks wait at their next
+collective."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointManager
+from .data import ImageBatches
+from .models import eval_mode, generate
+from .quality import swd
+from .schedule import Schedule
+
+
+def real_images(shards: str, num: int, expect_chw, seed: int, half: int | None = None) -> torch.Tensor:
+    """`num` real images (uint8); half=0/1 draws from one of two disjoint halves of the shards."""
+    rank, world = (half, 2) if half is not None else (0, 1)
+    batch = min(num, 256)
+    stream = ImageBatches(shards, batch, rank=rank, world_size=world, seed=seed, shuffle_buffer=1000, expect_chw=expect_chw)
+    try:
+        return torch.cat([next(stream) for _ in range(math.ceil(num / batch))])[:num]
+    finally:
+        stream.close()
+
+
+class Evaluator:
+    """Fixed real images and fixed latents, so values are comparable across steps."""
+
+    def __init__(self, cfg, shards: str, generator: Callable[[], nn.Module], checkpoints: CheckpointManager,
+                 is_main: bool):
+        self.schedule = Schedule.of(cfg.train.eval_every, last=cfg.train.max_steps)
+        self.cfg, self.shards, self.generator, self.checkpoints, self.is_main = cfg, shards, generator, checkpoints, is_main
+        self.chw = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
+        self.seed = cfg.run.seed + 1_000_003  # not the training stream's order
+        self.real: torch.Tensor | None = None
+
+    def __call__(self, step: int, record: dict) -> None:
+        if not self.is_main:
+            return
+        if self.real is None:  # loaded at the first evaluation, not at start-up
+            self.real = real_images(self.shards, self.cfg.eval.num, self.chw, self.seed)
+        with eval_mode(self.generator()) as G:
+            fake = generate(G, self.cfg.eval.num, seed=self.seed, device=next(G.parameters()).device)
+        result = swd(self.real, fake, nhoods_per_image=self.cfg.eval.nhoods_per_image, seed=self.seed).as_dict()
+        record.update(result)
+        path = self.checkpoints.offer_best(step, "swd", result["swd"])
+        self.checkpoints.say(f"step {step}: SWD {result['swd']:.2f}" + (f", the best so far -> {path}" if path else ""))
+
+    def close(self, step: int) -> None:
+        pass

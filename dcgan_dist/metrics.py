@@ -1,0 +1,160 @@
+"""The metrics part: step metrics averaged over all workers, then metrics.jsonl, console progress and W&B.
+
+Every rank adds its step's losses; at log steps one all-reduce gives their global means. Rank 0 alone writes:
+metrics.jsonl is the local source of truth for curves, one JSON object per logged step (values averaged over
+the steps since the previous log line, plus whatever other parts added at that step, e.g. SWD).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .distributed.env import DistEnv
+from .schedule import Schedule
+from .wandb_logger import WandbLogger
+
+
+def emit(text: str) -> None:
+    """One line to stdout. Not print(): Ray Train patches print in workers into logging, which repeats lines."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Meter:
+    """Sums step metrics as tensors (no host sync per step); `take()` returns their means and resets."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count += 1
+
+    def take(self) -> tuple[list[str], torch.Tensor]:
+        """(names, one float tensor of their means since the last take), ready for a single all-reduce."""
+        keys = list(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).float() / max(self.count, 1) if keys else torch.zeros(0)
+        self.sums, self.count = {}, 0
+        return keys, values
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain log lines otherwise (CI, Ray job logs), one per logged step."""
+
+    def __init__(self, start_step: int, max_steps: int):
+        self.interactive = sys.stderr.isatty()
+        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not self.interactive)
+
+    def log(self, record: dict) -> None:
+        self.bar.update(record["step"] - self.bar.n)
+        fields = {k: record[k] for k in ("loss_d", "loss_g", "d_real", "d_fake") if k in record}
+        if self.interactive:
+            self.bar.set_postfix({**{k: f"{v:.3f}" for k, v in fields.items()}, "img/s": f"{record['images_per_s']:.0f}"})
+        else:
+            text = " ".join(f"{k}={v:.3f}" for k, v in fields.items())
+            emit(f"step {record['step']:>7}/{self.bar.total}  {text}  images/s={record['images_per_s']:.1f}")
+
+    def message(self, text: str) -> None:
+        tqdm.write(text) if self.interactive else emit(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Metrics:
+    """The metrics part. Every rank: `add` each step, `__call__` at log steps (a collective). Rank 0: `write`
+    the step's record, `message`, and W&B images; the W&B run id is its state (a resumed run continues it)."""
+
+    def __init__(self, cfg, env: DistEnv, run_dir: Path, global_batch: int, num_samples: int, optimizers, batches):
+        self.cfg, self.env, self.run_dir = cfg, env, run_dir
+        self.schedule = Schedule.of(cfg.train.log_every, last=cfg.train.max_steps)
+        self.global_batch, self.num_samples = global_batch, num_samples
+        self.optimizers, self.batches = optimizers, batches
+        self.meter, self.seconds, self.steps = Meter(), 0.0, 0
+        self.wandb_run_id: str | None = None
+        self.progress: Progress | None = None
+        self.file = None
+        self.wandb: WandbLogger | None = None
+
+    def state_dict(self) -> dict:
+        return {"wandb_run_id": self.wandb_run_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.wandb_run_id = state.get("wandb_run_id")
+
+    def start(self, step: int) -> None:
+        """Rank 0 opens its outputs (after a restore, so that W&B continues the same run)."""
+        if not self.env.is_main:
+            return
+        self.progress = Progress(step, self.cfg.train.max_steps)
+        self.file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if self.cfg.wandb.mode != "disabled":
+            self.wandb = WandbLogger(self.cfg, self.run_dir, run_id=self.wandb_run_id)
+            self.wandb_run_id = self.wandb.run_id
+            self.message(f"W&B ({self.cfg.wandb.mode}): run {self.wandb_run_id} in {self.run_dir / 'wandb'}")
+
+    def add(self, losses: dict[str, torch.Tensor], seconds: float) -> None:
+        self.meter.add(losses)
+        self.seconds += seconds
+        self.steps += 1
+
+    def __call__(self, step: int, record: dict) -> None:
+        """Global means of the losses since the last log step, throughput, per-rank step times, data counters."""
+        names, means = self.meter.take()
+        record.update(zip(names, self.env.all_reduce_mean(means).tolist()))
+        seconds = self.env.gather_scalars(self.seconds)
+        for rank, total in enumerate(seconds):
+            record[f"step_time_s/rank{rank}"] = total / max(self.steps, 1)
+        # Images trained on per second of training steps (logging, evaluation and checkpoints left out);
+        # the workers go in lock step, so the slowest sets the pace.
+        record["images_per_s"] = self.steps * self.global_batch / max(max(seconds), 1e-9)
+        self.seconds, self.steps = 0.0, 0
+        record["lr_g"], record["lr_d"] = (opt.param_groups[0]["lr"] for opt in self.optimizers)
+        if self.num_samples:
+            record["epoch"] = step * self.global_batch / self.num_samples
+        counters = self.batches.counters
+        if counters.bad_samples or counters.bad_shards:
+            record["bad_samples"], record["bad_shards"] = counters.bad_samples, counters.bad_shards
+        if self.env.device.type == "cuda":
+            record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
+
+    def write(self, record: dict) -> None:
+        if not self.env.is_main:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        if "images_per_s" in record:
+            self.progress.log(record)
+        if self.wandb:
+            self.wandb.log(record, record["step"])
+
+    def message(self, text: str) -> None:
+        if self.env.is_main:
+            self.progress.message(text) if self.progress else emit(text)
+
+    def log_image(self, key: str, path: Path, step: int, caption: str) -> None:
+        if self.wandb:
+            self.wandb.log_image(key, path, step, caption)
+
+    def log_animation(self, key: str, path: Path, step: int) -> None:
+        if self.wandb:
+            self.wandb.log_animation(key, path, step)
+
+    def close(self, step: int) -> None:
+        if self.progress:
+            self.progress.close()
+        if self.file:
+            self.file.close()
+        if self.wandb:
+            self.wandb.finish()

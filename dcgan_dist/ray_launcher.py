@@ -1,0 +1,205 @@
+"""dist.launcher=ray: N data-parallel workers under Ray Train (V2), each running the Trainer.
+
+The driver connects to the cluster in RAY_ADDRESS (set by `ray job submit`), or to a cluster started on this
+machine with `ray start`, or else starts a local one. Each worker builds its DistEnv from the Ray Train
+context (process group already initialised: gloo on CPU, NCCL on GPU) and runs the same Trainer as local
+mode; only the checkpoint storage differs: rank 0 hands its checkpoint to `ray.train.report`, which persists
+it as <storage_path>/<run.name>/step_XXXXXXX/state.pt, and every rank reports at the same steps (a barrier).
+After a worker failure Ray restarts the whole group (up to dist.max_failures times) and
+`ray.train.get_checkpoint()` hands every rank the latest checkpoint; rerunning with the same run.name and
+storage resumes the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .checkpoint import BEST_FILE, STATE_FILE, load, step_name, to_bytes
+from .config import Config, from_dict, to_dict
+from .distributed.env import DistEnv
+from .metrics import emit
+from .trainer import StepHook, Trainer
+
+# Driver environment variables that workers need (Ray does not copy the driver's environment to workers).
+FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE", "WANDB_BASE_URL", "PYTHONUNBUFFERED")
+
+
+class RayCheckpoints:
+    """Checkpoints in Ray Train's storage: get_checkpoint() to resume, report(checkpoint=...) to save (Ray keeps
+    the newest CheckpointConfig.num_to_keep), and best.pt written beside them through Ray's storage filesystem."""
+
+    def latest(self) -> tuple[str, dict] | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            state = load(Path(directory) / STATE_FILE)
+        return f"{checkpoint.path}/{STATE_FILE}", state
+
+    def save(self, state: dict | None, step: int, metrics: dict) -> str | None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix="dcgan-ckpt-") as directory:
+            checkpoint = None
+            if state is not None:  # rank 0 only; the others report metrics alone (report is a barrier)
+                (Path(directory) / STATE_FILE).write_bytes(to_bytes(state))
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=step_name(step))
+        # Ray registers a reported checkpoint when its controller next polls the workers (every ~2 s); a worker
+        # lost before that would leave it unregistered. Waiting here makes "checkpoint -> path" mean resumable.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        if state is None:
+            return None
+        storage = ray.train.get_context().get_storage()
+        return f"{storage.experiment_fs_path}/{step_name(step)}/{STATE_FILE}"
+
+    def save_best(self, state: dict) -> str:
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+        fs, path = storage.storage_filesystem, f"{storage.experiment_fs_path}/{BEST_FILE}"
+        with fs.open_output_stream(f"{path}.tmp") as f:
+            f.write(to_bytes(state))
+        fs.move(f"{path}.tmp", path)  # a rename on a file system; an object store's PUT is atomic anyway
+        return path
+
+
+def worker_env(cfg: Config) -> DistEnv:
+    """This Ray Train worker's rank and device (the process group is already initialised by Ray)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device() if cfg.train.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return DistEnv(
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        local_rank=ctx.get_local_rank(),
+        device=device,
+        node_id=ray.get_runtime_context().get_node_id(),
+    )
+
+
+def scaling_config(cfg: Config):
+    """dist.num_workers workers, each reserving dist.cpus_per_worker CPUs (and one GPU with train.device=cuda)."""
+    from ray.train import ScalingConfig
+
+    use_gpu = cfg.train.device == "cuda"
+    per_worker = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    return ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker)
+
+
+def worker_runtime_env() -> dict | None:
+    """Environment for the worker processes (the driver's does not reach them): W&B settings."""
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    return {"env_vars": env_vars} if env_vars else None
+
+
+def resolve_device(cfg: Config) -> str:
+    """train.device for Ray workers, decided once in the driver: auto = cuda when the cluster has a GPU."""
+    import ray
+
+    if cfg.train.device != "auto":
+        return cfg.train.device
+    return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+
+
+def train_worker(config: dict, hooks: Sequence[StepHook] = ()) -> dict:
+    """Body of every Ray Train worker."""
+    cfg = from_dict(config)
+    env = worker_env(cfg)
+    emit(f"worker rank {env.rank}/{env.world_size}: node {env.node_id} ({socket.gethostname()}), "
+         f"device {env.device}, pid {os.getpid()}")
+    placement = env.gather_objects({"rank": env.rank, "node_id": env.node_id, "host": socket.gethostname()})
+    result = Trainer(cfg, env, RayCheckpoints(), hooks).fit()
+    return {"step": result.step, "checkpoint": result.checkpoint, "metrics": result.metrics, "workers": placement,
+            "train_seconds": result.seconds}
+
+
+def _storage_path(cfg: Config) -> str:
+    if cfg.dist.storage_path:
+        spec = cfg.dist.storage_path
+        return spec if "://" in spec else str(Path(spec).expanduser().resolve())
+    return str(Path(cfg.run.dir).expanduser().resolve() / "ray")
+
+
+def connect() -> float:
+    """Join the Ray cluster (RAY_ADDRESS, one started here with `ray start`, or a new local one); seconds taken."""
+    import ray
+
+    started = time.perf_counter()
+    ray.init(log_to_driver=True)
+    return time.perf_counter() - started
+
+
+def launch(cfg: Config, hooks: Sequence[StepHook] = ()) -> int:
+    """Run training on Ray; prints where the final checkpoint is. Returns a process exit code.
+
+    hooks are called in every worker after every step (they travel to the workers pickled)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    if not Path(cfg.run.dir).is_absolute() and "working_dir_files" in os.getcwd():
+        print(f"warning: run.dir={cfg.run.dir} is relative to this job's temporary working directory "
+              f"({os.getcwd()}); pass an absolute run.dir (or dist.storage_path on shared storage) to keep outputs",
+              flush=True)
+    ray_seconds = connect()
+    resources = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    print(f"Ray cluster: {len(nodes)} node(s), {resources.get('CPU', 0):g} CPU(s), {resources.get('GPU', 0):g} GPU(s) "
+          f"(connected in {ray_seconds:.1f} s)", flush=True)
+    # Workers may start in other directories (and other nodes): give them absolute paths and a fixed device.
+    config = to_dict(cfg)
+    config["run"]["dir"] = str(Path(cfg.run.dir).expanduser().resolve())
+    config["dist"]["storage_path"] = storage = _storage_path(cfg)
+    config["train"]["device"] = resolve_device(cfg)
+    cfg = from_dict(config)
+
+    def worker(config: dict) -> dict:
+        return train_worker(config, hooks)
+
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config=config,
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(
+            name=cfg.run.name,  # fixed, so a rerun finds the run's snapshot and resumes
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            worker_runtime_env=worker_runtime_env(),
+        ),
+    )
+    print(f"Training {cfg.dist.num_workers} worker(s) x batch {cfg.train.batch_size} on {cfg.train.device}; "
+          f"Ray storage: {storage}/{cfg.run.name}", flush=True)
+    fit_started = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # TrainingFailedError and friends: the cause is in the worker logs above
+        print(f"error: training failed: {type(exc).__name__}: {exc}", flush=True)
+        return 1
+    fit_seconds = time.perf_counter() - fit_started
+    info = result.return_value or {}
+    for worker_info in info.get("workers", []):
+        print(f"worker rank {worker_info['rank']} ran on node {worker_info['node_id']} ({worker_info['host']})")
+    train_seconds = info.get("train_seconds", 0.0)
+    print(f"Ray time: {ray_seconds:.1f} s to connect, {fit_seconds:.1f} s in fit() of which "
+          f"{train_seconds:.1f} s in the training loop ({fit_seconds - train_seconds:.1f} s of start-up and reporting)")
+    if result.checkpoint is None:
+        print("No checkpoint was written.")
+        return 1
+    print(f"Final checkpoint (step {info.get('step', '?')}): {result.checkpoint.path}/{STATE_FILE}")
+    return 0 if info.get("step", 0) >= cfg.train.max_steps else 1

@@ -1,0 +1,38 @@
+"""When the parts of a training run act: the one place where that is decided.
+
+Parts make collectives (metric means, checkpoint gathering, Ray reports), and a collective that one rank
+enters and another skips hangs the run. So every decision to act is a `Schedule` of the step number alone,
+which every rank knows alike; nothing that differs between ranks (time, rank, metric values) can enter it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Due at every multiple of any of `every` (0 = never) and at the `last` step of the run."""
+
+    every: tuple[int, ...]
+    last: int
+
+    @classmethod
+    def of(cls, *every: int, last: int) -> "Schedule":
+        return cls(tuple(every), last)
+
+    def due(self, step: int) -> bool:
+        return step == self.last or any(n > 0 and step % n == 0 for n in self.every)
+
+
+class Part(Protocol):
+    """One job of a training run (metrics, samples, evaluation, checkpoints), called after a training step
+    when its schedule says so. `record` is the step's metrics record: parts add to it, and the metrics part
+    writes it at the end of the step."""
+
+    schedule: Schedule
+
+    def __call__(self, step: int, record: dict) -> None: ...
+
+    def close(self, step: int) -> None: ...

@@ -1,0 +1,200 @@
+"""The Trainer: builds a run's parts, restores them from the newest checkpoint, then trains.
+
+    Trainer(cfg).fit()                                  # local: this process
+    Trainer(cfg, env, RayCheckpoints(...)).fit()        # every Ray Train worker (ray_launcher.py)
+
+`fit` is the whole training loop: a batch, `train_step`, then every part whose schedule is due (metrics,
+evaluator, sampler, checkpoints; see schedule.py for why only the step number decides). The same code runs in
+every process; `env` says which rank this is and on which device it runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import config as config_lib
+from .checkpoint import CheckpointManager, CheckpointStorage, LocalCheckpoints
+from .config import Config
+from .data import ImageBatches, normalise, resolve_data
+from .data.loader import slot_seed
+from .distributed.ddp import wrap_models
+from .distributed.env import DistEnv
+from .ema import EMA
+from .evaluator import Evaluator
+from .gan import make_optimizers, train_step
+from .metrics import Metrics
+from .models import build_models, unwrap
+from .precision import Precision, pick_device
+from .sampler import Sampler
+from .schedule import Schedule
+
+# Called after every training step with the step number and this process's DistEnv (tests inject faults here).
+StepHook = Callable[[int, DistEnv], None]
+
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: str | None
+    run_dir: str
+    metrics: dict
+    seconds: float
+
+
+def build_networks(cfg: Config, device: torch.device):
+    """(G, D, opt_g, opt_d, precision): plain modules on `device`, seeded identically on every rank."""
+    G, D = build_models(cfg.model, seed=cfg.run.seed)
+    G, D = G.to(device), D.to(device)
+    opt_g, opt_d = make_optimizers(G, D, cfg.optim, fused=device.type == "cuda")
+    return G, D, opt_g, opt_d, Precision(cfg.train.precision, device.type)
+
+
+def distribute(G: nn.Module, D: nn.Module, cfg: Config, env: DistEnv) -> tuple[nn.Module, nn.Module]:
+    """What runs the steps: memory layout, synchronised batch norm + DDP (several workers), torch.compile."""
+    if cfg.train.channels_last:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    G, D = wrap_models(G, D, env, sync_bn=cfg.dist.sync_bn)
+    if cfg.train.compile:
+        G, D = torch.compile(G), torch.compile(D)
+    return G, D
+
+
+def make_loader(cfg: Config, env: DistEnv, shards: str) -> ImageBatches:
+    """This rank's stream of uint8 training batches."""
+    return ImageBatches(
+        shards, cfg.train.batch_size, rank=env.rank, world_size=env.world_size, seed=cfg.run.seed,
+        num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+        expect_chw=(cfg.model.channels, cfg.model.image_size, cfg.model.image_size),
+        pin_memory=env.device.type == "cuda",
+    )
+
+
+class NoiseRNG:
+    """This rank's latent-noise stream: its own generator, so its state can be checkpointed exactly (torch's
+    global generators travel along, for anything else that draws from them)."""
+
+    def __init__(self, device: torch.device, seed: int):
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def latents(self, n: int, nz: int) -> torch.Tensor:
+        return torch.randn(n, nz, 1, 1, device=self.generator.device, generator=self.generator)
+
+    def state_dict(self) -> dict:
+        state = {"noise": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["noise"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """One training process's run: data, networks, the parts, and the loop.
+
+    env: this process's rank/device (default: one local process on train.device). checkpoint_storage: where
+    checkpoints go (default: <run.dir>/checkpoints; the Ray launcher passes Ray Train's storage). hooks: called
+    after every step.
+    """
+
+    def __init__(self, cfg: Config, env: DistEnv | None = None, checkpoint_storage: CheckpointStorage | None = None,
+                 hooks: Sequence[StepHook] = ()):
+        self.cfg, self.hooks = cfg, list(hooks)
+        self.env = env = env or DistEnv(device=pick_device(cfg.train.device))
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        torch.manual_seed(cfg.run.seed)
+        self.run_dir = Path(cfg.run.dir).expanduser()
+        self.shards, self.num_samples = resolve_data(cfg.data, cfg.model)
+        self.G, self.D, self.opt_g, self.opt_d, self.precision = build_networks(cfg, env.device)
+        self.ema = EMA(self.G, cfg.train.ema_decay) if cfg.train.ema_decay > 0 and env.is_main else None
+        self.noise = NoiseRNG(env.device, slot_seed(cfg.run.seed, env.rank, 7))
+        self.batches = make_loader(cfg, env, self.shards)
+        self.global_batch = cfg.train.batch_size * env.world_size
+
+        self.metrics = Metrics(cfg, env, self.run_dir, self.global_batch, self.num_samples, (self.opt_g, self.opt_d),
+                               self.batches)
+        self.say = self.metrics.message  # rank 0 only
+        states = {"G": self.G, "D": self.D, "opt_g": self.opt_g, "opt_d": self.opt_d, "precision": self.precision,
+                  "metrics": self.metrics, **({"ema": self.ema} if self.ema else {})}
+        storage = checkpoint_storage or LocalCheckpoints(self.run_dir / "checkpoints", cfg.train.keep_checkpoints,
+                                                         warn=self.say)
+        self.checkpoints = CheckpointManager(storage, env, config_lib.to_dict(cfg), states,
+                                             {"data": self.batches, "rng": self.noise},
+                                             Schedule.of(cfg.train.checkpoint_every, last=cfg.train.max_steps), self.say)
+        self.parts = [self.metrics]
+        if cfg.train.eval_every:
+            self.parts.append(Evaluator(cfg, self.shards, self.sample_model, self.checkpoints, env.is_main))
+        self.parts += [Sampler(cfg, self.run_dir, self.sample_model, self.metrics, env.device, env.is_main),
+                       self.checkpoints]
+
+    def sample_model(self) -> nn.Module:
+        """The generator that samples and evaluation use: the EMA when the run keeps one."""
+        return self.ema.model if self.ema is not None else unwrap(self.G)
+
+    def fit(self) -> TrainResult:
+        """Train to train.max_steps, continuing from the newest checkpoint."""
+        cfg, env = self.cfg, self.env
+        step = first = self.checkpoints.restore()
+        if env.is_main:  # after the restore: a refused resume leaves the run's record as it was
+            config_lib.save(cfg, self.run_dir / "config.yaml")
+        if step >= cfg.train.max_steps:
+            self.say(f"Already trained to step {step} (train.max_steps={cfg.train.max_steps}); nothing to do. "
+                     "Raise train.max_steps to train further.")
+            return TrainResult(step, self.checkpoints.last_saved, str(self.run_dir), {}, 0.0)
+        G, D = distribute(self.G, self.D, cfg, env)
+        self.describe()
+        self.metrics.start(step)
+        last_record: dict = {}
+        started = time.perf_counter()
+        try:
+            while step < cfg.train.max_steps:
+                step_started = time.perf_counter()
+                real = normalise(next(self.batches), env.device, cfg.train.channels_last)
+                z = self.noise.latents(real.shape[0], cfg.model.nz)
+                losses = train_step(G, D, self.opt_g, self.opt_d, real, z, self.precision)
+                if self.ema is not None:
+                    self.ema.update(G)
+                step += 1
+                self.metrics.add(losses, time.perf_counter() - step_started)
+
+                record = {"step": step}
+                for part in self.parts:
+                    if part.schedule.due(step):  # the step number alone decides: every rank acts at the same steps
+                        part(step, record)
+                if len(record) > 1:
+                    self.metrics.write(record)
+                    last_record = record
+                for hook in self.hooks:
+                    hook(step, env)
+        finally:
+            for part in reversed(self.parts):
+                part.close(step)
+            self.batches.close()
+
+        seconds = time.perf_counter() - started
+        rate = (step - first) * self.global_batch / max(seconds, 1e-9)
+        self.say(f"Done: step {step} in {seconds:.1f} s ({rate:.1f} images/s)")
+        self.say(f"  checkpoint: {self.checkpoints.last_saved}\n  samples:    {self.run_dir / 'samples'}\n"
+                 f"  metrics:    {self.run_dir / 'metrics.jsonl'}")
+        return TrainResult(step, self.checkpoints.last_saved, str(self.run_dir), last_record, seconds)
+
+    def describe(self) -> None:
+        cfg, env = self.cfg, self.env
+        params = [sum(p.numel() for p in net.parameters()) / 1e6 for net in (self.G, self.D)]
+        m = cfg.model
+        self.say(f"Run dir: {self.run_dir}  |  {env.world_size} worker(s), device {env.device}"
+                 + (f", synchronised batch norm: {cfg.dist.sync_bn}" if env.distributed else "")
+                 + f"  |  G {params[0]:.2f}M params, D {params[1]:.2f}M params")
+        self.say(f"Data: {self.shards} ({self.num_samples or 'unknown number of'} samples), "
+                 f"{m.image_size}x{m.image_size}x{m.channels}, global batch {self.global_batch}"
+                 + (f", {self.num_samples / self.global_batch:.1f} steps per epoch" if self.num_samples else ""))
