@@ -20,7 +20,9 @@ values.
 from __future__ import annotations
 
 import io
+import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -31,6 +33,8 @@ from .distributed.env import DistEnv
 from .files import atomic_write
 from .models import Generator
 from .schedule import Schedule
+
+log = logging.getLogger("dcgan_dist.checkpoint")
 
 FORMAT_VERSION = 2
 STATE_FILE = "state.pt"  # inside a Ray Train checkpoint directory
@@ -132,8 +136,12 @@ def candidates(path: str | Path) -> list[Path]:
                           "the Ray storage named in its config.yaml)")
 
 
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
-                    warn: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
+                    warn: Callable[[str], None] = _to_stderr) -> tuple[Path, dict[str, Any]]:
     """The newest readable checkpoint that `path` names (see `candidates`); an unreadable newest one (e.g. from
     a full disk) is reported and passed over for the one before it."""
     found = candidates(path)
@@ -167,7 +175,7 @@ class LocalCheckpoints:
     """Checkpoint files in one directory (the local launcher): step_XXXXXXX.pt, the newest `keep` of them,
     and best.pt. Each is written to a temporary name and renamed, so a crash never leaves half a file."""
 
-    def __init__(self, directory: str | Path, keep: int, warn: Callable[[str], None] = print):
+    def __init__(self, directory: str | Path, keep: int, warn: Callable[[str], None] = _to_stderr):
         self.directory, self.keep, self.warn = Path(directory), keep, warn
 
     def latest(self) -> tuple[str, dict] | None:
@@ -222,7 +230,7 @@ class CheckpointManager:
         self.best = state["best"]
         mine = state["ranks"].get(self.env.rank)
         if mine is None:  # more workers than when the checkpoint was written: this rank starts fresh streams
-            self.say(f"rank {self.env.rank}: no saved stream state (the checkpoint had {len(state['ranks'])} worker(s))")
+            log.warning("rank %d: no saved stream state (the checkpoint had %d worker(s))", self.env.rank, len(state["ranks"]))
         else:
             for name, part in self.rank_states.items():
                 part.load_state_dict(mine[name])

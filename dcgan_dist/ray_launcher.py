@@ -8,6 +8,8 @@ it as <storage_path>/<run.name>/step_XXXXXXX/state.pt, and every rank reports at
 After a worker failure Ray restarts the whole group (up to dist.max_failures times) and
 `ray.train.get_checkpoint()` hands every rank the latest checkpoint; rerunning with the same run.name and
 storage resumes the same way.
+
+Imported only for dist.launcher=ray: Ray is an optional dependency (pip install -e ".[ray]").
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
 from .checkpoint import BEST_FILE, STATE_FILE, load, step_name, to_bytes
 from .config import Config, from_dict, to_dict
@@ -36,8 +43,6 @@ class RayCheckpoints:
     the newest CheckpointConfig.num_to_keep), and best.pt written beside them through Ray's storage filesystem."""
 
     def latest(self) -> tuple[str, dict] | None:
-        import ray.train
-
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
@@ -46,8 +51,6 @@ class RayCheckpoints:
         return f"{checkpoint.path}/{STATE_FILE}", state
 
     def save(self, state: dict | None, step: int, metrics: dict) -> str | None:
-        import ray.train
-
         with tempfile.TemporaryDirectory(prefix="dcgan-ckpt-") as directory:
             checkpoint = None
             if state is not None:  # rank 0 only; the others report metrics alone (report is a barrier)
@@ -63,8 +66,6 @@ class RayCheckpoints:
         return f"{storage.experiment_fs_path}/{step_name(step)}/{STATE_FILE}"
 
     def save_best(self, state: dict) -> str:
-        import ray.train
-
         storage = ray.train.get_context().get_storage()
         fs, path = storage.storage_filesystem, f"{storage.experiment_fs_path}/{BEST_FILE}"
         with fs.open_output_stream(f"{path}.tmp") as f:
@@ -75,10 +76,6 @@ class RayCheckpoints:
 
 def worker_env(cfg: Config) -> DistEnv:
     """This Ray Train worker's rank and device (the process group is already initialised by Ray)."""
-    import ray
-    import ray.train
-    import ray.train.torch
-
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device() if cfg.train.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -94,8 +91,6 @@ def worker_env(cfg: Config) -> DistEnv:
 
 def scaling_config(cfg: Config):
     """dist.num_workers workers, each reserving dist.cpus_per_worker CPUs (and one GPU with train.device=cuda)."""
-    from ray.train import ScalingConfig
-
     use_gpu = cfg.train.device == "cuda"
     per_worker = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     return ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker)
@@ -109,8 +104,6 @@ def worker_runtime_env() -> dict | None:
 
 def resolve_device(cfg: Config) -> str:
     """train.device for Ray workers, decided once in the driver: auto = cuda when the cluster has a GPU."""
-    import ray
-
     if cfg.train.device != "auto":
         return cfg.train.device
     return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
@@ -137,8 +130,6 @@ def _storage_path(cfg: Config) -> str:
 
 def connect() -> float:
     """Join the Ray cluster (RAY_ADDRESS, one started here with `ray start`, or a new local one); seconds taken."""
-    import ray
-
     started = time.perf_counter()
     ray.init(log_to_driver=True)
     return time.perf_counter() - started
@@ -148,10 +139,6 @@ def launch(cfg: Config, hooks: Sequence[StepHook] = ()) -> int:
     """Run training on Ray; prints where the final checkpoint is. Returns a process exit code.
 
     hooks are called in every worker after every step (they travel to the workers pickled)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
     if not Path(cfg.run.dir).is_absolute() and "working_dir_files" in os.getcwd():
         print(f"warning: run.dir={cfg.run.dir} is relative to this job's temporary working directory "
               f"({os.getcwd()}); pass an absolute run.dir (or dist.storage_path on shared storage) to keep outputs",

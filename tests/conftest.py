@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -67,6 +68,18 @@ def ray_cluster(tmp_path_factory):
     assert "2 nodes" in start.stdout, start.stdout
     yield {**env, "RAY_ADDRESS": "127.0.0.1:6379", "RAY_JOB_ADDRESS": "http://127.0.0.1:8265"}
     subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def assert_sample_and_evaluate_read(source: Path, step: int, tmp_path: Path) -> None:
+    """`python -m dcgan_dist.sample` and `evaluate` both read the checkpoint that `source` names (a file, a run
+    directory, a Ray checkpoint directory), and it is the one of `step`."""
+    out = tmp_path / "samples-check.png"
+    run_cli("-m", "dcgan_dist.sample", "--checkpoint", str(source), "--num", "4", "--out", str(out), check=True)
+    assert out.is_file()
+    out.unlink()
+    proc = run_cli("-m", "dcgan_dist.evaluate", "--checkpoint", str(source), "--num", "32", "--nhoods-per-image", "4",
+                   "--no-baseline", check=True)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == step
 
 
 def run_with_env(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ import torch
 from dcgan_dist import checkpoint as ckpt
 from dcgan_dist.metrics import read_metrics
 
-from .conftest import ROOT, TINY, run_cli, run_with_env
+from .conftest import ROOT, TINY, assert_sample_and_evaluate_read, run_with_env
 from .wandb_offline import history
 
 pytest.importorskip("ray")
@@ -63,13 +63,7 @@ def test_job_submit_on_two_nodes(ray_cluster, tiny_shards, tmp_path):
     assert list((runs[0] / "files" / "media" / "videos").glob("progress_*.gif"))  # the progress animation
     # sample and evaluate read the Ray checkpoint directory and the run directory as this command leaves it.
     for source in (path.parent, run_dir):
-        out = tmp_path / "s.png"
-        run_cli("-m", "dcgan_dist.sample", "--checkpoint", str(source), "--num", "4", "--out", str(out), check=True)
-        assert out.is_file()
-        out.unlink()
-        proc = run_cli("-m", "dcgan_dist.evaluate", "--checkpoint", str(source), "--num", "32", "--nhoods-per-image", "4",
-                       "--no-baseline", check=True)
-        assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 6
+        assert_sample_and_evaluate_read(source, 6, tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Real training runs on tiny models: outputs, kill + resume equivalence, learning, sampling."""
 
-import json
 import signal
 
 import pytest
@@ -14,7 +13,7 @@ from dcgan_dist.metrics import read_metrics
 from dcgan_dist.models import build_models, generate
 from dcgan_dist.trainer import Trainer
 
-from .conftest import ROOT, TINY, run_cli
+from .conftest import ROOT, TINY, assert_sample_and_evaluate_read, run_cli
 
 METRIC_KEYS = {"step", "loss_d", "loss_g", "d_real", "d_fake", "images_per_s"}
 
@@ -51,14 +50,8 @@ def test_cli_run_writes_checkpoints_samples_metrics_and_resumes(tmp_path, tiny_s
     assert (run_dir / "config.yaml").read_text() == config_before
 
     # sample and evaluate read the run directory (its newest checkpoint) and a single checkpoint file.
-    for source, step in ((run_dir, 8), (run_dir / "checkpoints" / "step_0000006.pt", 6)):
-        out = tmp_path / "grid.png"
-        run_cli("-m", "dcgan_dist.sample", "--checkpoint", str(source), "--num", "16", "--out", str(out), check=True)
-        assert out.is_file()
-        out.unlink()
-        proc = run_cli("-m", "dcgan_dist.evaluate", "--checkpoint", str(source), "--num", "64", "--nhoods-per-image", "8",
-                       "--no-baseline", check=True)
-        assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == step
+    assert_sample_and_evaluate_read(run_dir, 8, tmp_path)
+    assert_sample_and_evaluate_read(run_dir / "checkpoints" / "step_0000006.pt", 6, tmp_path)
 
 
 def test_killed_run_resumes_to_the_same_parameters(tmp_path, tiny_shards):

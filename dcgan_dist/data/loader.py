@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -51,28 +51,20 @@ def split_for_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
     return urls[rank::world_size]
 
 
+@dataclass
 class ShardStream(IterableDataset):
-    """Infinite stream of (uint8 images B x C x H x W, info) batches for one rank."""
+    """Infinite stream of (uint8 images B x C x H x W, info) batches from one rank's shards, dealt out to its
+    `num_slots` loader workers. positions: {slot: (pass, raw samples consumed)} to resume from."""
 
-    def __init__(
-        self,
-        urls: list[str],
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        num_slots: int = 1,
-        shuffle_buffer: int = 1000,
-        expect_chw: tuple[int, int, int] | None = None,
-        positions: dict[int, tuple[int, int]] | None = None,
-        slot_offset: int = 0,
-    ):
-        self.rank_urls = split_for_rank(urls, rank, world_size)
-        self.num_slots = num_slots
-        self.batch_size, self.rank, self.seed = batch_size, rank, seed
-        self.shuffle_buffer, self.expect_chw = shuffle_buffer, expect_chw
-        self.positions = dict(positions or {})
-        self.slot_offset = slot_offset
+    rank_urls: list[str]
+    batch_size: int
+    rank: int
+    seed: int
+    num_slots: int
+    shuffle_buffer: int
+    expect_chw: tuple[int, int, int] | None
+    positions: dict[int, tuple[int, int]] = field(default_factory=dict)
+    slot_offset: int = 0
 
     def _check_shape(self, array: np.ndarray, sample: dict) -> None:
         if self.expect_chw is None:
@@ -88,7 +80,6 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        # Rotating roles on resume keeps the DataLoader's round-robin order identical to the interrupted run.
         slot = (worker + self.slot_offset) % self.num_slots
         urls = self.rank_urls[slot :: self.num_slots]
         pass_index, skip = self.positions.get(slot, (0, 0))
@@ -160,29 +151,26 @@ class ImageBatches:
         expect_chw: tuple[int, int, int] | None = None,
         pin_memory: bool = False,
     ):
-        self.urls = expand_shards(shards) if isinstance(shards, str) else list(shards)
-        rank_urls = split_for_rank(self.urls, rank, world_size)
+        urls = expand_shards(shards) if isinstance(shards, str) else list(shards)
+        rank_urls = split_for_rank(urls, rank, world_size)
         # A slot needs at least one shard of its own, so a rank never runs more loader workers than shards.
         self.num_slots = max(1, min(num_workers, len(rank_urls))) if num_workers > 0 else 1
         if num_workers > self.num_slots:
             log.warning("rank %d has %d shard(s): using %d loader worker(s) instead of %d",
                         rank, len(rank_urls), self.num_slots, num_workers)
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self.shuffle_buffer, self.expect_chw = shuffle_buffer, expect_chw
+        self.stream = ShardStream(rank_urls, batch_size, rank, seed, self.num_slots, shuffle_buffer, expect_chw)
         self.layout = {"world_size": world_size, "rank": rank, "slots": self.num_slots, "batch_size": batch_size, "seed": seed}
         self.counters = LoaderCounters()
         self.positions: dict[int, tuple[int, int]] = {}
         self._it: Iterator | None = None
 
     def _start(self) -> Iterator:
-        stream = ShardStream(
-            self.urls, self.batch_size, self.rank, self.world_size, self.seed, self.num_slots, self.shuffle_buffer,
-            self.expect_chw, positions=self.positions, slot_offset=self.counters.batches % self.num_slots,
-        )
+        # Rotating the slots' roles on resume keeps the DataLoader's round-robin order that of the interrupted run.
+        self.stream.positions, self.stream.slot_offset = dict(self.positions), self.counters.batches % self.num_slots
         workers = self.num_slots if self.num_workers > 0 else 0
         return iter(DataLoader(
-            stream,
+            self.stream,
             batch_size=None,  # the stream batches itself
             num_workers=workers,
             pin_memory=self.pin_memory,
