@@ -58,7 +58,6 @@ class Progress:
         self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not self.interactive)
 
     def log(self, record: dict) -> None:
-        self.bar.update(record["step"] - self.bar.n)
         fields = {k: record[k] for k in ("loss_d", "loss_g", "d_real", "d_fake") if k in record}
         if self.interactive:
             self.bar.set_postfix({**{k: f"{v:.3f}" for k, v in fields.items()}, "img/s": f"{record['images_per_s']:.0f}"})
@@ -109,6 +108,8 @@ class Metrics:
         self.meter.add(losses)
         self.seconds += seconds
         self.steps += 1
+        if self.progress:
+            self.progress.bar.update()
 
     def __call__(self, step: int, record: dict) -> None:
         """Global means of the losses since the last log step, throughput, per-rank step times, data counters."""

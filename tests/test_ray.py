@@ -41,13 +41,19 @@ def test_job_submit_on_two_nodes(ray_cluster, tiny_shards, tmp_path):
     run_dir = tmp_path / "job"
     proc = run_with_env(["ray", "job", "submit", "--working-dir", ".", "--", "python", "-m", "dcgan_dist.train",
                          *ray_train_args(tiny_shards, run_dir, "train.max_steps=6", "train.checkpoint_every=3",
-                                         "train.log_every=3", "train.sample_every=3", "wandb.mode=offline")], env)
+                                         "train.log_every=3", "train.sample_every=3", "wandb.mode=offline",
+                                         "train.eval_every=3", "eval.num=32", "eval.nhoods_per_image=4")], env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     nodes = worker_nodes(out)
     assert set(nodes) == {0, 1} and nodes[0] != nodes[1], nodes  # the two workers ran on different Ray nodes
     path = final_checkpoint(out)
     assert path.is_file() and ckpt.load(path)["step"] == 6
+    # The best checkpoint goes to the run's Ray storage beside the step checkpoints, not to rank 0's disk.
+    best = ckpt.load(path.parent.parent / ckpt.BEST_FILE)
+    evals = {r["step"]: r["swd"] for r in read_metrics(run_dir / "metrics.jsonl")}
+    assert best["best"]["swd"] == pytest.approx(min(evals.values())) and best["step"] == min(evals, key=evals.get)
+    assert not (run_dir / "checkpoints").exists()
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [3, 6]
     # W&B (offline): exactly one run, written by rank 0, whose history matches metrics.jsonl, with images.
