@@ -4,7 +4,7 @@ A checkpoint is one dict, composed by `CheckpointManager` from the `state_dict()
 run, and read back into the same parts with `load_state_dict`:
 
     {"format_version": 2, "step": 1500, "config": {...},            # the run's resolved settings
-     "G": ..., "D": ..., "ema": ..., "opt_g": ..., "opt_d": ..., "precision": ..., "log": ...,   # `states`
+     "G": ..., "D": ..., "ema": ..., "opt_g": ..., "opt_d": ..., "precision": ..., "metrics": ...,   # `states`
      "best": {"step": 1000, "swd": 31.9} or None,                   # best-by-metric so far
      "ranks": {0: {"data": ..., "rng": ...}, 1: {...}}}             # every rank's own `rank_states`
 
@@ -101,20 +101,26 @@ def _step_entries(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def ray_storage_path(cfg: config_lib.Config) -> str:
+    """Where Ray Train keeps a run's checkpoints: dist.storage_path (a URI, or a path made absolute), else
+    <run.dir>/ray; the run's own folder in it is <run.name>."""
+    spec = cfg.dist.storage_path
+    if "://" in spec:
+        return spec
+    return str(Path(spec or Path(cfg.run.dir) / "ray").expanduser().resolve())
+
+
 def _checkpoint_folders(path: Path) -> list[Path]:
-    """Where a run directory keeps its checkpoints: <run.dir>/checkpoints (local launcher), or Ray Train's
-    <storage_path>/<run.name> as the run's config.yaml says (default <run.dir>/ray/<run.name>)."""
+    """Where a folder may hold step checkpoints: in itself; a run directory in checkpoints/ (local launcher) or
+    in Ray Train's storage, which the run's config.yaml names (by default <this run directory>/ray)."""
     folders = [path, path / "checkpoints"]
-    saved = path / "config.yaml"
-    if saved.is_file():
+    if (path / "config.yaml").is_file():
         try:
-            cfg = config_lib.build_config(str(saved))
-        except config_lib.ConfigError:
-            cfg = None
-        if cfg is not None:
-            storage = Path(cfg.dist.storage_path).expanduser() if cfg.dist.storage_path else path / "ray"
+            cfg = config_lib.build_config(str(path / "config.yaml"))
+            storage = Path(ray_storage_path(cfg)) if cfg.dist.storage_path else path / "ray"
             folders.append(storage / cfg.run.name)
-    folders += sorted(p for p in (path / "ray").glob("*") if p.is_dir())
+        except config_lib.ConfigError:
+            pass  # written by another version: checkpoints/ is all that can be looked at
     return folders
 
 
@@ -142,17 +148,21 @@ def _to_stderr(text: str) -> None:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                     warn: Callable[[str], None] = _to_stderr) -> tuple[Path, dict[str, Any]]:
-    """The newest readable checkpoint that `path` names (see `candidates`); an unreadable newest one (e.g. from
-    a full disk) is reported and passed over for the one before it."""
-    found = candidates(path)
-    for i, file in enumerate(found):
+    """The newest readable checkpoint that `path` names (see `candidates`)."""
+    return _load_newest(candidates(path), map_location, warn)
+
+
+def _load_newest(files: list[Path], map_location, warn: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
+    """The first of `files` (newest first) that loads; an unreadable one (e.g. from a full disk) is reported and
+    passed over for the one before it."""
+    for i, file in enumerate(files):
         try:
             return file, load(file, map_location)
         except CheckpointError as exc:
-            if i == len(found) - 1:
+            if i == len(files) - 1:
                 raise
             warn(f"warning: {exc}; trying the one before")
-    raise AssertionError("unreachable")
+    raise AssertionError("no files")
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu", weights: str = "auto") -> tuple[Generator, dict, str]:
@@ -179,9 +189,10 @@ class LocalCheckpoints:
         self.directory, self.keep, self.warn = Path(directory), keep, warn
 
     def latest(self) -> tuple[str, dict] | None:
-        if not _step_entries(self.directory):
+        entries = _step_entries(self.directory)
+        if not entries:
             return None
-        file, state = load_checkpoint(self.directory, warn=self.warn)
+        file, state = _load_newest([p for _, p in reversed(entries)], "cpu", self.warn)
         return str(file), state
 
     def save(self, state: dict | None, step: int, metrics: dict) -> str | None:

@@ -247,13 +247,6 @@ def _merge(layers: list[DictConfig]) -> Config:
     return cfg
 
 
-def get(cfg: Config, key: str) -> Any:
-    value: Any = cfg
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def validate(cfg: Config) -> None:
     """The bounds declared with `bounded(...)` and the rules that relate settings (types and Literal values
     are checked by OmegaConf while merging)."""

@@ -5,6 +5,7 @@ collective."""
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from .checkpoint import CheckpointManager
 from .data import ImageBatches
+from .metrics import Metrics
 from .models import eval_mode, generate
 from .quality import swd
 from .schedule import Schedule
@@ -32,9 +34,10 @@ class Evaluator:
     """Fixed real images and fixed latents, so values are comparable across steps."""
 
     def __init__(self, cfg, shards: str, generator: Callable[[], nn.Module], checkpoints: CheckpointManager,
-                 is_main: bool):
-        self.schedule = Schedule.of(cfg.train.eval_every, last=cfg.train.max_steps)
-        self.cfg, self.shards, self.generator, self.checkpoints, self.is_main = cfg, shards, generator, checkpoints, is_main
+                 metrics: Metrics, is_main: bool):
+        self.schedule = Schedule(cfg.train.eval_every, last=cfg.train.max_steps)
+        self.cfg, self.shards, self.generator, self.is_main = cfg, shards, generator, is_main
+        self.checkpoints, self.metrics = checkpoints, metrics
         self.chw = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
         self.seed = cfg.run.seed + 1_000_003  # not the training stream's order
         self.real: torch.Tensor | None = None
@@ -42,6 +45,7 @@ class Evaluator:
     def __call__(self, step: int, record: dict) -> None:
         if not self.is_main:
             return
+        started = time.perf_counter()
         if self.real is None:  # loaded at the first evaluation, not at start-up
             self.real = real_images(self.shards, self.cfg.eval.num, self.chw, self.seed)
         with eval_mode(self.generator()) as G:
@@ -49,7 +53,8 @@ class Evaluator:
         result = swd(self.real, fake, nhoods_per_image=self.cfg.eval.nhoods_per_image, seed=self.seed).as_dict()
         record.update(result)
         path = self.checkpoints.offer_best(step, "swd", result["swd"])
-        self.checkpoints.say(f"step {step}: SWD {result['swd']:.2f}" + (f", the best so far -> {path}" if path else ""))
+        self.metrics.message(f"step {step}: SWD {result['swd']:.2f}" + (f", the best so far -> {path}" if path else ""))
+        self.metrics.exclude(time.perf_counter() - started)
 
     def close(self, step: int) -> None:
         pass

@@ -73,6 +73,14 @@ def train_step(
     }
 
 
+def set_hyperparameters(optimizers, optim_cfg) -> None:
+    """The settings' learning rate and betas on every parameter group (a restored optimizer state carries the
+    values it was saved with)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"], group["betas"] = optim_cfg.lr, (optim_cfg.beta1, optim_cfg.beta2)
+
+
 def make_optimizers(G: nn.Module, D: nn.Module, optim_cfg, fused: bool = False) -> tuple[torch.optim.Adam, torch.optim.Adam]:
     """Adam for each network; fused=True uses the single-kernel implementation (what CUDA devices get)."""
     betas = (optim_cfg.beta1, optim_cfg.beta2)

@@ -53,8 +53,8 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, p
 
 
 def save_image(image: Image.Image, path: str | Path, **save_kwargs) -> Path:
-    """Save a PIL image atomically (format from the suffix unless given)."""
-    fmt = save_kwargs.pop("format", Path(path).suffix.lstrip(".").upper() or "PNG")
+    """Save a PIL image atomically (format from the suffix unless given: .png, .jpg, .gif, ...)."""
+    fmt = save_kwargs.pop("format", None) or Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
     return atomic_write(path, lambda f: image.save(f, format=fmt, **save_kwargs))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -78,10 +79,11 @@ class Metrics:
 
     def __init__(self, cfg, env: DistEnv, run_dir: Path, global_batch: int, num_samples: int, optimizers, batches):
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
-        self.schedule = Schedule.of(cfg.train.log_every, last=cfg.train.max_steps)
+        self.schedule = Schedule(cfg.train.log_every, last=cfg.train.max_steps)
         self.global_batch, self.num_samples = global_batch, num_samples
         self.optimizers, self.batches = optimizers, batches
         self.meter, self.seconds, self.steps = Meter(), 0.0, 0
+        self.window_started, self.excluded = time.perf_counter(), 0.0
         self.wandb_run_id: str | None = None
         self.progress: Progress | None = None
         self.file = None
@@ -95,6 +97,7 @@ class Metrics:
 
     def start(self, step: int) -> None:
         """Rank 0 opens its outputs (after a restore, so that W&B continues the same run)."""
+        self.window_started = time.perf_counter()
         if not self.env.is_main:
             return
         self.progress = Progress(step, self.cfg.train.max_steps)
@@ -105,23 +108,29 @@ class Metrics:
             self.message(f"W&B ({self.cfg.wandb.mode}): run {self.wandb_run_id} in {self.run_dir / 'wandb'}")
 
     def add(self, losses: dict[str, torch.Tensor], seconds: float) -> None:
+        """One step's losses (tensors, not read here: no device sync per step) and its time on the host."""
         self.meter.add(losses)
         self.seconds += seconds
         self.steps += 1
         if self.progress:
             self.progress.bar.update()
 
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent on something else than training (an evaluation) out of images_per_s."""
+        self.excluded += seconds
+
     def __call__(self, step: int, record: dict) -> None:
         """Global means of the losses since the last log step, throughput, per-rank step times, data counters."""
         names, means = self.meter.take()
-        record.update(zip(names, self.env.all_reduce_mean(means).tolist()))
-        seconds = self.env.gather_scalars(self.seconds)
-        for rank, total in enumerate(seconds):
+        record.update(zip(names, self.env.all_reduce_mean(means).tolist()))  # .tolist() waits for the device
+        now = time.perf_counter()
+        # Wall clock since the last log step (work queued on a GPU is done by now), evaluations left out.
+        record["images_per_s"] = self.steps * self.global_batch / max(now - self.window_started - self.excluded, 1e-9)
+        # Each rank's own time per step on the host (loading and the step; on a GPU, launching it): a slow
+        # worker shows here, since in lock step all of them go at its pace.
+        for rank, total in enumerate(self.env.gather_scalars(self.seconds)):
             record[f"step_time_s/rank{rank}"] = total / max(self.steps, 1)
-        # Images trained on per second of training steps (logging, evaluation and checkpoints left out);
-        # the workers go in lock step, so the slowest sets the pace.
-        record["images_per_s"] = self.steps * self.global_batch / max(max(seconds), 1e-9)
-        self.seconds, self.steps = 0.0, 0
+        self.seconds, self.steps, self.window_started, self.excluded = 0.0, 0, now, 0.0
         record["lr_g"], record["lr_d"] = (opt.param_groups[0]["lr"] for opt in self.optimizers)
         if self.num_samples:
             record["epoch"] = step * self.global_batch / self.num_samples

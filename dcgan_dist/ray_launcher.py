@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from .checkpoint import BEST_FILE, STATE_FILE, load, step_name, to_bytes
+from .checkpoint import BEST_FILE, STATE_FILE, CheckpointError, load, ray_storage_path, step_name, to_bytes
 from .config import Config, from_dict, to_dict
 from .distributed.env import DistEnv
 from .metrics import emit
@@ -103,10 +104,11 @@ def worker_runtime_env() -> dict | None:
 
 
 def resolve_device(cfg: Config) -> str:
-    """train.device for Ray workers, decided once in the driver: auto = cuda when the cluster has a GPU."""
+    """train.device for Ray workers, decided once in the driver: auto = cuda when the cluster has a GPU for every
+    worker now (an autoscaling cluster whose GPU nodes are not up yet needs train.device=cuda)."""
     if cfg.train.device != "auto":
         return cfg.train.device
-    return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+    return "cuda" if ray.cluster_resources().get("GPU", 0) >= cfg.dist.num_workers else "cpu"
 
 
 def train_worker(config: dict, hooks: Sequence[StepHook] = ()) -> dict:
@@ -116,16 +118,12 @@ def train_worker(config: dict, hooks: Sequence[StepHook] = ()) -> dict:
     emit(f"worker rank {env.rank}/{env.world_size}: node {env.node_id} ({socket.gethostname()}), "
          f"device {env.device}, pid {os.getpid()}")
     placement = env.gather_objects({"rank": env.rank, "node_id": env.node_id, "host": socket.gethostname()})
-    result = Trainer(cfg, env, RayCheckpoints(), hooks).fit()
+    try:
+        result = Trainer(cfg, env, RayCheckpoints(), hooks).fit()
+    except CheckpointError as exc:  # every rank reads the same checkpoint: no restart would get further
+        return {"error": str(exc)}
     return {"step": result.step, "checkpoint": result.checkpoint, "metrics": result.metrics, "workers": placement,
             "train_seconds": result.seconds}
-
-
-def _storage_path(cfg: Config) -> str:
-    if cfg.dist.storage_path:
-        spec = cfg.dist.storage_path
-        return spec if "://" in spec else str(Path(spec).expanduser().resolve())
-    return str(Path(cfg.run.dir).expanduser().resolve() / "ray")
 
 
 def connect() -> float:
@@ -151,7 +149,7 @@ def launch(cfg: Config, hooks: Sequence[StepHook] = ()) -> int:
     # Workers may start in other directories (and other nodes): give them absolute paths and a fixed device.
     config = to_dict(cfg)
     config["run"]["dir"] = str(Path(cfg.run.dir).expanduser().resolve())
-    config["dist"]["storage_path"] = storage = _storage_path(cfg)
+    config["dist"]["storage_path"] = storage = ray_storage_path(cfg)
     config["train"]["device"] = resolve_device(cfg)
     cfg = from_dict(config)
 
@@ -180,6 +178,9 @@ def launch(cfg: Config, hooks: Sequence[StepHook] = ()) -> int:
         return 1
     fit_seconds = time.perf_counter() - fit_started
     info = result.return_value or {}
+    if "error" in info:
+        print(f"error: {info['error']}", file=sys.stderr, flush=True)
+        return 2
     for worker_info in info.get("workers", []):
         print(f"worker rank {worker_info['rank']} ran on node {worker_info['node_id']} ({worker_info['host']})")
     train_seconds = info.get("train_seconds", 0.0)

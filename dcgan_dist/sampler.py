@@ -33,7 +33,7 @@ def progress_animation(run_dir: str | Path, out: str | Path) -> Path:
 class Sampler:
     def __init__(self, cfg, run_dir: Path, generator: Callable[[], nn.Module], metrics: Metrics, device: torch.device,
                  is_main: bool):
-        self.schedule = Schedule.of(cfg.train.sample_every, last=cfg.train.max_steps)
+        self.schedule = Schedule(cfg.train.sample_every, last=cfg.train.max_steps)
         self.run_dir, self.generator, self.metrics, self.is_main = run_dir, generator, metrics, is_main
         noise = torch.Generator().manual_seed(cfg.run.seed)
         self.z = torch.randn(NUM_FIXED_SAMPLES, cfg.model.nz, 1, 1, generator=noise).to(device)

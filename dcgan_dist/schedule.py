@@ -13,17 +13,13 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class Schedule:
-    """Due at every multiple of any of `every` (0 = never) and at the `last` step of the run."""
+    """Due at every multiple of `every` (0: none) and at the `last` step of the run."""
 
-    every: tuple[int, ...]
+    every: int
     last: int
 
-    @classmethod
-    def of(cls, *every: int, last: int) -> "Schedule":
-        return cls(tuple(every), last)
-
     def due(self, step: int) -> bool:
-        return step == self.last or any(n > 0 and step % n == 0 for n in self.every)
+        return step == self.last or (self.every > 0 and step % self.every == 0)
 
 
 class Part(Protocol):

@@ -11,6 +11,7 @@ every process; `env` says which rank this is and on which device it runs.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,12 +28,12 @@ from .distributed.ddp import wrap_models
 from .distributed.env import DistEnv
 from .ema import EMA
 from .evaluator import Evaluator
-from .gan import make_optimizers, train_step
+from .gan import make_optimizers, set_hyperparameters, train_step
 from .metrics import Metrics
 from .models import build_models, unwrap
 from .precision import Precision, pick_device
 from .sampler import Sampler
-from .schedule import Schedule
+from .schedule import Part, Schedule
 
 # Called after every training step with the step number and this process's DistEnv (tests inject faults here).
 StepHook = Callable[[int, DistEnv], None]
@@ -130,10 +131,10 @@ class Trainer:
                                                          warn=self.say)
         self.checkpoints = CheckpointManager(storage, env, config_lib.to_dict(cfg), states,
                                              {"data": self.batches, "rng": self.noise},
-                                             Schedule.of(cfg.train.checkpoint_every, last=cfg.train.max_steps), self.say)
-        self.parts = [self.metrics]
+                                             Schedule(cfg.train.checkpoint_every, last=cfg.train.max_steps), self.say)
+        self.parts: list[Part] = [self.metrics]
         if cfg.train.eval_every:
-            self.parts.append(Evaluator(cfg, self.shards, self.sample_model, self.checkpoints, env.is_main))
+            self.parts.append(Evaluator(cfg, self.shards, self.sample_model, self.checkpoints, self.metrics, env.is_main))
         self.parts += [Sampler(cfg, self.run_dir, self.sample_model, self.metrics, env.device, env.is_main),
                        self.checkpoints]
 
@@ -145,6 +146,7 @@ class Trainer:
         """Train to train.max_steps, continuing from the newest checkpoint."""
         cfg, env = self.cfg, self.env
         step = first = self.checkpoints.restore()
+        set_hyperparameters((self.opt_g, self.opt_d), cfg.optim)  # this command line's, not the checkpoint's
         if env.is_main:  # after the restore: a refused resume leaves the run's record as it was
             config_lib.save(cfg, self.run_dir / "config.yaml")
         if step >= cfg.train.max_steps:
@@ -156,7 +158,10 @@ class Trainer:
         self.metrics.start(step)
         last_record: dict = {}
         started = time.perf_counter()
-        try:
+        with ExitStack() as closing:  # on the way out, whatever happens: parts last to first, then the loader
+            closing.callback(self.batches.close)
+            for part in self.parts:
+                closing.callback(lambda part=part: part.close(step))
             while step < cfg.train.max_steps:
                 step_started = time.perf_counter()
                 real = normalise(next(self.batches), env.device, cfg.train.channels_last)
@@ -176,10 +181,6 @@ class Trainer:
                     last_record = record
                 for hook in self.hooks:
                     hook(step, env)
-        finally:
-            for part in reversed(self.parts):
-                part.close(step)
-            self.batches.close()
 
         seconds = time.perf_counter() - started
         rate = (step - first) * self.global_batch / max(seconds, 1e-9)

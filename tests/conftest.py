@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dcgan_dist.data import write_synthetic_shards
 
@@ -80,6 +81,22 @@ def assert_sample_and_evaluate_read(source: Path, step: int, tmp_path: Path) -> 
     proc = run_cli("-m", "dcgan_dist.evaluate", "--checkpoint", str(source), "--num", "32", "--nhoods-per-image", "4",
                    "--no-baseline", check=True)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == step
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two checkpoints hold bit-identical training state: weights, EMA, Adam moments, every rank's noise RNG
+    and data-stream position."""
+    for part in ("G", "D", "ema"):  # the EMA is restored on resume too
+        for name, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][name]), f"{part}.{name} differs"
+    for part in ("opt_g", "opt_d"):
+        for key, st in a[part]["state"].items():
+            for name in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(st[name], b[part]["state"][key][name]), f"{part}.{key}.{name} differs"
+    assert a["ranks"].keys() == b["ranks"].keys()
+    for rank, state in a["ranks"].items():
+        assert torch.equal(state["rng"]["noise"], b["ranks"][rank]["rng"]["noise"])
+        assert state["data"] == b["ranks"][rank]["data"]
 
 
 def run_with_env(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:

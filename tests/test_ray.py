@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from dcgan_dist import checkpoint as ckpt
 from dcgan_dist.metrics import read_metrics
 
-from .conftest import ROOT, TINY, assert_sample_and_evaluate_read, run_with_env
+from .conftest import ROOT, TINY, assert_same_training_state, assert_sample_and_evaluate_read, run_with_env
 from .wandb_offline import history
 
 pytest.importorskip("ray")
@@ -83,15 +82,6 @@ def uninterrupted(ray_cluster, tiny_shards, tmp_path_factory):
     return run_dir, final_checkpoint(proc.stdout)
 
 
-def assert_same_training_state(a: dict, b: dict) -> None:
-    for part in ("G", "D", "ema"):
-        for name, tensor in a[part].items():
-            assert torch.equal(tensor, b[part][name]), f"{part}.{name}"
-    for part in ("opt_g", "opt_d"):
-        for key, st in a[part]["state"].items():
-            assert torch.equal(st["exp_avg"], b[part]["state"][key]["exp_avg"])
-
-
 def test_worker_crash_recovers_from_the_latest_checkpoint(ray_cluster, tiny_shards, tmp_path, uninterrupted):
     """Rank 1 is SIGKILLed after step 7; Ray restarts both workers from the step-5 checkpoint; the run ends at
     step 12 with the same weights as a run that never crashed."""
@@ -117,6 +107,14 @@ def test_rerun_with_the_same_name_resumes(ray_cluster, tiny_shards, uninterrupte
     assert ckpt.load(final_checkpoint(proc.stdout))["step"] == 15
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
     assert steps == list(range(1, 16))
+    # Another model cannot resume this run: one line and exit 2, not dist.max_failures futile restarts.
+    proc = run_with_env([sys.executable, "-m", "dcgan_dist.train",
+                         *ray_train_args(tiny_shards, run_dir, "train.max_steps=20", "train.checkpoint_every=5",
+                                         "run.name=whole", "model.ngf=16")], ray_cluster)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.ngf: 8 -> 16" in errors[0]
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == steps  # nothing was trained
 
 
 def test_bench_on_ray_reports_scaling(ray_cluster, tiny_shards, tmp_path):

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def _channel_dims(x: torch.Tensor) -> list[int]:
@@ -58,6 +59,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return y.to(x.dtype), mean, unbiased
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, _dmean, _dvar):
         xs, weight, mean, invstd = ctx.saved_tensors
         dy = dy.to(xs.dtype)
