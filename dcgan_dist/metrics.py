@@ -2,7 +2,8 @@
 
 Every rank adds its step's losses; at log steps one all-reduce gives their global means. Rank 0 alone writes:
 metrics.jsonl is the local source of truth for curves, one JSON object per logged step (values averaged over
-the steps since the previous log line, plus whatever other parts added at that step, e.g. SWD).
+the steps since the previous log line, plus whatever other parts added at that step, e.g. SWD). A resumed
+run drops the records past its checkpoint first, so no step appears twice.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .distributed.env import DistEnv
+from .files import atomic_write
 from .schedule import Schedule
 from .wandb_logger import WandbLogger
 
@@ -79,7 +81,7 @@ class Metrics:
 
     def __init__(self, cfg, env: DistEnv, run_dir: Path, global_batch: int, num_samples: int, optimizers, batches):
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
-        self.schedule = Schedule(cfg.train.log_every, last=cfg.train.max_steps)
+        self.schedule = Schedule(cfg.train.log_every, last=cfg.train.max_steps, on_stop=True)
         self.global_batch, self.num_samples = global_batch, num_samples
         self.optimizers, self.batches = optimizers, batches
         self.meter, self.seconds, self.steps = Meter(), 0.0, 0
@@ -101,7 +103,11 @@ class Metrics:
         if not self.env.is_main:
             return
         self.progress = Progress(step, self.cfg.train.max_steps)
-        self.file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():  # records past the checkpoint resumed from are trained again: drop them
+            kept = [r for r in read_metrics(path) if r["step"] <= step]
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        self.file = open(path, "a", buffering=1)
         if self.cfg.wandb.mode != "disabled":
             self.wandb = WandbLogger(self.cfg, self.run_dir, run_id=self.wandb_run_id)
             self.wandb_run_id = self.wandb.run_id

@@ -14,20 +14,28 @@ Imported only for dist.launcher=ray: Ray is an optional dependency (pip install 
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import ray
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch.config import _TorchBackend
+
+from . import stopping
 
 from .checkpoint import BEST_FILE, STATE_FILE, CheckpointError, load, ray_storage_path, step_name, to_bytes
 from .config import Config, from_dict, to_dict
@@ -75,6 +83,41 @@ class RayCheckpoints:
         return path
 
 
+class _Backend(_TorchBackend):
+    """Ray Train's torch backend (process group, devices), plus graceful-stop signal handlers in every worker's
+    main thread: the training function runs in another thread, where Python cannot install them."""
+
+    def on_training_start(self, worker_group, backend_config) -> None:
+        super().on_training_start(worker_group, backend_config)
+        worker_group.execute(stopping.install_handlers)
+
+
+class TorchConfigWithStop(TorchConfig):
+    @property
+    def backend_cls(self):
+        return _Backend
+
+
+@ray.remote(num_cpus=0)
+class StopRequest:
+    """The driver's stop request (`ray job stop`, Ctrl-C), waited for by a thread in every worker."""
+
+    def __init__(self) -> None:
+        self.signum, self.event = 0, asyncio.Event()
+
+    async def request(self, signum: int) -> None:
+        self.signum = self.signum or signum
+        self.event.set()
+
+    async def wait(self) -> int:
+        await self.event.wait()
+        return self.signum
+
+
+def _watch(stop: "ray.actor.ActorHandle") -> None:
+    stopping.request(ray.get(stop.wait.remote()))
+
+
 def worker_env(cfg: Config) -> DistEnv:
     """This Ray Train worker's rank and device (the process group is already initialised by Ray)."""
     ctx = ray.train.get_context()
@@ -87,6 +130,7 @@ def worker_env(cfg: Config) -> DistEnv:
         local_rank=ctx.get_local_rank(),
         device=device,
         node_id=ray.get_runtime_context().get_node_id(),
+        cpu_group=dist.new_group(backend="gloo") if device.type == "cuda" else None,  # every rank, in order
     )
 
 
@@ -111,8 +155,9 @@ def resolve_device(cfg: Config) -> str:
     return "cuda" if ray.cluster_resources().get("GPU", 0) >= cfg.dist.num_workers else "cpu"
 
 
-def train_worker(config: dict, hooks: Sequence[StepHook] = ()) -> dict:
+def train_worker(config: dict, stop: "ray.actor.ActorHandle", hooks: Sequence[StepHook] = ()) -> dict:
     """Body of every Ray Train worker."""
+    threading.Thread(target=_watch, args=(stop,), daemon=True, name="dcgan-stop-watch").start()
     cfg = from_dict(config)
     env = worker_env(cfg)
     emit(f"worker rank {env.rank}/{env.world_size}: node {env.node_id} ({socket.gethostname()}), "
@@ -123,7 +168,7 @@ def train_worker(config: dict, hooks: Sequence[StepHook] = ()) -> dict:
     except CheckpointError as exc:  # every rank reads the same checkpoint: no restart would get further
         return {"error": str(exc)}
     return {"step": result.step, "checkpoint": result.checkpoint, "metrics": result.metrics, "workers": placement,
-            "train_seconds": result.seconds}
+            "train_seconds": result.seconds, "stopped_by": result.stopped_by}
 
 
 def connect() -> float:
@@ -133,10 +178,11 @@ def connect() -> float:
     return time.perf_counter() - started
 
 
-def launch(cfg: Config, hooks: Sequence[StepHook] = ()) -> int:
+def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = ()) -> int:
     """Run training on Ray; prints where the final checkpoint is. Returns a process exit code.
 
-    hooks are called in every worker after every step (they travel to the workers pickled)."""
+    argv: the command line's settings (for the resume command a stopped run prints); hooks are called in every
+    worker after every step (they travel to the workers pickled)."""
     if not Path(cfg.run.dir).is_absolute() and "working_dir_files" in os.getcwd():
         print(f"warning: run.dir={cfg.run.dir} is relative to this job's temporary working directory "
               f"({os.getcwd()}); pass an absolute run.dir (or dist.storage_path on shared storage) to keep outputs",
@@ -153,12 +199,15 @@ def launch(cfg: Config, hooks: Sequence[StepHook] = ()) -> int:
     config["train"]["device"] = resolve_device(cfg)
     cfg = from_dict(config)
 
+    stop = StopRequest.remote()
+
     def worker(config: dict) -> dict:
-        return train_worker(config, hooks)
+        return train_worker(config, stop, hooks)
 
     trainer = TorchTrainer(
         worker,
         train_loop_config=config,
+        torch_config=TorchConfigWithStop(),
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=cfg.run.name,  # fixed, so a rerun finds the run's snapshot and resumes
@@ -172,7 +221,8 @@ def launch(cfg: Config, hooks: Sequence[StepHook] = ()) -> int:
           f"Ray storage: {storage}/{cfg.run.name}", flush=True)
     fit_started = time.perf_counter()
     try:
-        result = trainer.fit()
+        with _forward_stop_signals(stop):
+            result = trainer.fit()
     except Exception as exc:  # TrainingFailedError and friends: the cause is in the worker logs above
         print(f"error: training failed: {type(exc).__name__}: {exc}", flush=True)
         return 1
@@ -190,4 +240,29 @@ def launch(cfg: Config, hooks: Sequence[StepHook] = ()) -> int:
         print("No checkpoint was written.")
         return 1
     print(f"Final checkpoint (step {info.get('step', '?')}): {result.checkpoint.path}/{STATE_FILE}")
+    if info.get("stopped_by"):
+        return stopping.report(info["stopped_by"], info["step"], info["checkpoint"], argv)
     return 0 if info.get("step", 0) >= cfg.train.max_steps else 1
+
+
+@contextmanager
+def _forward_stop_signals(stop: "ray.actor.ActorHandle") -> Iterator[None]:
+    """While fit() runs, SIGTERM/SIGINT to the driver ask the workers for a graceful stop (from a thread: no Ray
+    call inside a signal handler); a second signal ends the driver as before."""
+    previous = {signum: signal.getsignal(signum) for signum in stopping.SIGNALS}
+
+    def handler(signum, frame):
+        if stopping.requested():
+            signal.signal(signum, previous[signum])
+            signal.raise_signal(signum)
+            return
+        stopping.request(signum)
+        threading.Thread(target=lambda: ray.get(stop.request.remote(signum)), daemon=True).start()
+
+    for signum in stopping.SIGNALS:
+        signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+from . import stopping
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, allowed_values, flat_settings, from_args, split_args
 from .trainer import StepHook, Trainer
@@ -45,12 +46,14 @@ def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
     if cfg.dist.launcher == "ray":
         from .ray_launcher import launch  # imported late: Ray is optional, and slow to import
 
-        return launch(cfg, hooks)
+        return launch(cfg, argv, hooks)
     try:
         result = Trainer(cfg, hooks=hooks).fit()
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if result.stopped_by:
+        return stopping.report(result.stopped_by, result.step, result.checkpoint, argv)
     return 0 if result.step >= cfg.train.max_steps else 1
 
 

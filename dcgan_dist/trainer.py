@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import config as config_lib
+from . import stopping
 from .checkpoint import CheckpointManager, CheckpointStorage, LocalCheckpoints
 from .config import Config
 from .data import ImageBatches, normalise, resolve_data
@@ -35,7 +36,8 @@ from .precision import Precision, pick_device
 from .sampler import Sampler
 from .schedule import Part, Schedule
 
-# Called after every training step with the step number and this process's DistEnv (tests inject faults here).
+# Called right after every training step (before the parts act) with the step number and this process's DistEnv;
+# tests inject faults here.
 StepHook = Callable[[int, DistEnv], None]
 
 
@@ -46,6 +48,7 @@ class TrainResult:
     run_dir: str
     metrics: dict
     seconds: float
+    stopped_by: int = 0  # the signal that stopped the run early (after a checkpoint), 0: it ran to max_steps
 
 
 def build_networks(cfg: Config, device: torch.device):
@@ -131,7 +134,8 @@ class Trainer:
                                                          warn=self.say)
         self.checkpoints = CheckpointManager(storage, env, config_lib.to_dict(cfg), states,
                                              {"data": self.batches, "rng": self.noise},
-                                             Schedule(cfg.train.checkpoint_every, last=cfg.train.max_steps), self.say)
+                                             Schedule(cfg.train.checkpoint_every, last=cfg.train.max_steps, on_stop=True),
+                                             self.say)
         self.parts: list[Part] = [self.metrics]
         if cfg.train.eval_every:
             self.parts.append(Evaluator(cfg, self.shards, self.sample_model, self.checkpoints, self.metrics, env.is_main))
@@ -157,12 +161,14 @@ class Trainer:
         self.describe()
         self.metrics.start(step)
         last_record: dict = {}
+        stop = 0
         started = time.perf_counter()
         with ExitStack() as closing:  # on the way out, whatever happens: parts last to first, then the loader
+            closing.enter_context(stopping.handle_signals())
             closing.callback(self.batches.close)
             for part in self.parts:
                 closing.callback(lambda part=part: part.close(step))
-            while step < cfg.train.max_steps:
+            while step < cfg.train.max_steps and not stop:
                 step_started = time.perf_counter()
                 real = normalise(next(self.batches), env.device, cfg.train.channels_last)
                 z = self.noise.latents(real.shape[0], cfg.model.nz)
@@ -171,23 +177,24 @@ class Trainer:
                     self.ema.update(G)
                 step += 1
                 self.metrics.add(losses, time.perf_counter() - step_started)
+                for hook in self.hooks:
+                    hook(step, env)
+                stop = env.agree_max(stopping.requested())  # a graceful stop: after this step on every rank
 
                 record = {"step": step}
                 for part in self.parts:
-                    if part.schedule.due(step):  # the step number alone decides: every rank acts at the same steps
+                    if part.schedule.due(step, bool(stop)):  # the same decision on every rank
                         part(step, record)
                 if len(record) > 1:
                     self.metrics.write(record)
                     last_record = record
-                for hook in self.hooks:
-                    hook(step, env)
 
         seconds = time.perf_counter() - started
         rate = (step - first) * self.global_batch / max(seconds, 1e-9)
-        self.say(f"Done: step {step} in {seconds:.1f} s ({rate:.1f} images/s)")
+        self.say(f"{'Stopped' if stop else 'Done'}: step {step} in {seconds:.1f} s ({rate:.1f} images/s)")
         self.say(f"  checkpoint: {self.checkpoints.last_saved}\n  samples:    {self.run_dir / 'samples'}\n"
                  f"  metrics:    {self.run_dir / 'metrics.jsonl'}")
-        return TrainResult(step, self.checkpoints.last_saved, str(self.run_dir), last_record, seconds)
+        return TrainResult(step, self.checkpoints.last_saved, str(self.run_dir), last_record, seconds, stop)
 
     def describe(self) -> None:
         cfg, env = self.cfg, self.env

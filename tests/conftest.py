@@ -35,11 +35,15 @@ def tiny_shards(tmp_path_factory) -> Path:
     return out
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
-    """Run `python -m ...` as a user would; returns the completed process (text output)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, check: bool = False,
+            new_session: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m ...` as a user would; returns the completed process (text output). new_session: in a
+    process group of its own (a signal it sends to its group does not reach pytest)."""
+    # PYTHONPATH: the tree under test, also for scripts in tests/ (whatever checkout pip last installed).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, *args], cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, *args], cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        start_new_session=new_session,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
@@ -59,6 +63,9 @@ def ray_cluster(tmp_path_factory):
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_dir / "auth_token"),
         "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(ROOT),  # drivers and Ray's worker processes import the tree under test
+        # `ray job stop` gives a job this long after SIGTERM to checkpoint and exit (Ray's default: 3 s).
+        "RAY_JOB_STOP_WAIT_TIME_S": "60",
     }
     env.pop("RAY_ADDRESS", None)
     subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)

@@ -6,6 +6,7 @@ All tests share one two-node cluster (session fixture); each training job runs t
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,15 +87,67 @@ def test_worker_crash_recovers_from_the_latest_checkpoint(ray_cluster, tiny_shar
     """Rank 1 is SIGKILLed after step 7; Ray restarts both workers from the step-5 checkpoint; the run ends at
     step 12 with the same weights as a run that never crashed."""
     run_dir = tmp_path / "crash"
-    proc = run_with_env([sys.executable, str(ROOT / "tests" / "kill_after_step.py"), "7", "1",
+    proc = run_with_env([sys.executable, str(ROOT / "tests" / "step_hooks.py"), "--signal=KILL", "--after=7", "--rank=1",
                          *ray_train_args(tiny_shards, run_dir, "train.max_steps=12", "train.checkpoint_every=5",
                                          "train.log_every=1", "run.name=crash", "dist.max_failures=2")], ray_cluster)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert (run_dir / ".killed_after_step_7").is_file()  # rank 1 did kill itself
-    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
-    assert steps == list(range(1, 8)) + list(range(6, 13))  # steps 6-7 redone: less than checkpoint_every lost
+    assert (run_dir / ".signalled_after_step_7").is_file()  # rank 1 did kill itself
+    # Steps 6-7 were trained again (less than checkpoint_every lost); metrics.jsonl holds each step once.
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13))
     assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout)))
+
+
+def test_sigterm_to_one_worker_stops_every_rank_after_the_same_step(ray_cluster, tiny_shards, tmp_path, uninterrupted):
+    """SIGTERM to rank 1's worker process after step 7 (a preempted pod): both ranks agree to stop after the same
+    step, one checkpoint of it, exit 143 with one line; the rerun ends bit-identical to an uninterrupted run.
+    (Python runs the handler in the worker's main thread, which Ray wakes every few ms: the training thread may
+    finish step 8 before it sees the request.)"""
+    run_dir = tmp_path / "preempted"
+    command = [sys.executable, str(ROOT / "tests" / "step_hooks.py"), "--signal=TERM", "--after=7", "--rank=1",
+               *ray_train_args(tiny_shards, run_dir, "train.max_steps=12", "train.checkpoint_every=5",
+                               "train.log_every=1", "run.name=preempted")]
+    proc = run_with_env(command, ray_cluster)
+    assert proc.returncode == 143, (proc.stdout + proc.stderr)[-4000:]
+    stopped = re.search(r"^stopped by SIGTERM after step (\d+); checkpoint: (\S+);", proc.stderr, re.M)
+    assert stopped, proc.stderr[-4000:]
+    step = int(stopped.group(1))
+    assert step in (7, 8) and ckpt.load(stopped.group(2))["step"] == step
+    experiment = run_dir / "ray" / "preempted"
+    assert sorted(p.name for p in experiment.glob("step_*")) == ["step_0000005", f"step_{step:07d}"]  # one more
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, step + 1))
+    proc = run_with_env(command, ray_cluster)  # the same command: resumes from step 7 (the signal does not repeat)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout)))
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13))
+
+
+def test_ray_job_stop_checkpoints_and_the_job_resumes(ray_cluster, tiny_shards, tmp_path, uninterrupted):
+    """`ray job stop` (SIGTERM to the driver): the workers finish their step, checkpoint it and the job ends with
+    the stop line; resubmitting the job ends bit-identical to an uninterrupted run."""
+    env = {**ray_cluster, "RAY_ADDRESS": ray_cluster["RAY_JOB_ADDRESS"]}
+    run_dir = tmp_path / "stopped"
+    args = ray_train_args(tiny_shards, run_dir, "train.max_steps=12", "train.checkpoint_every=5", "train.log_every=1",
+                          "run.name=stopped")
+    submit = run_with_env(["ray", "job", "submit", "--no-wait", "--working-dir", ".", "--", "python",
+                           "tests/step_hooks.py", "--sleep=1", *args], env)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
+    deadline = time.time() + 240
+    while not ((run_dir / "metrics.jsonl").is_file() and read_metrics(run_dir / "metrics.jsonl")):
+        assert time.time() < deadline, run_with_env(["ray", "job", "logs", job_id], env).stdout[-3000:]
+        time.sleep(0.5)
+    assert run_with_env(["ray", "job", "stop", job_id], env).returncode == 0
+    logs = run_with_env(["ray", "job", "logs", job_id], env).stdout
+    stopped = re.search(r"stopped by SIGTERM after step (\d+); checkpoint: (\S+);", logs)
+    assert stopped, logs[-3000:]
+    step = int(stopped.group(1))
+    assert 1 <= step < 12 and ckpt.load(stopped.group(2))["step"] == step
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, step + 1))
+    proc = run_with_env(["ray", "job", "submit", "--working-dir", ".", "--", "python", "-m", "dcgan_dist.train", *args], env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout + proc.stderr)))
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13))
 
 
 def test_rerun_with_the_same_name_resumes(ray_cluster, tiny_shards, uninterrupted):

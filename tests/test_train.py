@@ -1,6 +1,7 @@
 """Real training runs on tiny models: outputs, kill + resume equivalence, learning, sampling."""
 
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,25 +56,65 @@ def test_cli_run_writes_checkpoints_samples_metrics_and_resumes(tmp_path, tiny_s
     assert_sample_and_evaluate_read(run_dir / "checkpoints" / "step_0000006.pt", 6, tmp_path)
 
 
-def test_killed_run_resumes_to_the_same_parameters(tmp_path, tiny_shards):
-    """SIGKILL mid-run, rerun the same command: bit-exact equal to an uninterrupted run (CPU, tolerance 0)."""
-    common = ["--config", "debug", *TINY, f"data.shards={tiny_shards}", "data.num_workers=2", "train.max_steps=12",
-              "train.checkpoint_every=5", "train.sample_every=0", "train.log_every=1", "train.ema_decay=0.9"]
-    run_cli("-m", "dcgan_dist.train", *common, f"run.dir={tmp_path / 'whole'}", check=True)
+def resume_args(tiny_shards) -> list[str]:
+    return ["--config", "debug", *TINY, f"data.shards={tiny_shards}", "data.num_workers=2", "train.max_steps=12",
+            "train.checkpoint_every=5", "train.sample_every=0", "train.log_every=1", "train.ema_decay=0.9"]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_shards, tmp_path_factory) -> dict:
+    """The final checkpoint of a 12-step run that nothing interrupted: what every resumed run must equal."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    run_cli("-m", "dcgan_dist.train", *resume_args(tiny_shards), f"run.dir={run_dir}", check=True)
+    return ckpt.load(run_dir / "checkpoints" / "step_0000012.pt")
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs of live processes whose command line contains `text` (a run's loader processes included)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path, tiny_shards, uninterrupted):
+    """SIGKILL mid-run, rerun the same command: bit-exact equal to an uninterrupted run (CPU, tolerance 0)."""
     crashed_dir = tmp_path / "crashed"
-    kill = [str(ROOT / "tests" / "kill_after_step.py"), "7", "0", *common, f"run.dir={crashed_dir}"]
+    kill = [str(ROOT / "tests" / "step_hooks.py"), "--signal=KILL", "--after=7", *resume_args(tiny_shards),
+            f"run.dir={crashed_dir}"]
     crash = run_cli(*kill)
     assert crash.returncode == -signal.SIGKILL, crash.stderr  # really killed, after step 7
     assert sorted(p.name for p in (crashed_dir / "checkpoints").glob("step_*")) == ["step_0000005.pt"]
     run_cli(*kill, check=True)  # the same command again resumes from step 5 and passes step 7
+    assert_same_training_state(uninterrupted, ckpt.load(crashed_dir / "checkpoints" / "step_0000012.pt"))
+    # Steps 6-7 were trained twice, but metrics.jsonl holds each step once: the resumed run's.
+    assert [r["step"] for r in read_metrics(crashed_dir / "metrics.jsonl")] == list(range(1, 13))
 
-    a = ckpt.load(tmp_path / "whole" / "checkpoints" / "step_0000012.pt")
-    b = ckpt.load(crashed_dir / "checkpoints" / "step_0000012.pt")
-    assert_same_training_state(a, b)
-    # metrics.jsonl shows the recovery: steps 6-7 logged twice (before the kill and after the resume).
-    steps = [r["step"] for r in read_metrics(crashed_dir / "metrics.jsonl")]
-    assert steps == list(range(1, 8)) + list(range(6, 13))
+
+@pytest.mark.parametrize("name, exit_code", [("TERM", 143), ("INT", 130)])
+def test_a_stop_signal_checkpoints_that_step_and_the_rerun_resumes_exactly(tmp_path, tiny_shards, uninterrupted,
+                                                                         name, exit_code):
+    """SIGTERM (a preemption) or Ctrl-C (SIGINT to the whole process group, loader processes too) after step 7:
+    the step finishes, a checkpoint of step 7 is written, the loader processes are gone, one line says where
+    and how to resume; the rerun ends bit-identical to an uninterrupted run."""
+    run_dir = tmp_path / "stopped"
+    command = [str(ROOT / "tests" / "step_hooks.py"), f"--signal={name}", "--after=7", *resume_args(tiny_shards),
+               f"run.dir={run_dir}"]
+    proc = run_cli(*command, new_session=True)
+    assert proc.returncode == exit_code, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"stopped by SIG{name} after step 7") and str(run_dir / "checkpoints" / "step_0000007.pt") in last
+    assert "Traceback" not in proc.stderr
+    assert ckpt.load(run_dir / "checkpoints" / "step_0000007.pt")["step"] == 7
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 8))  # flushed to step 7
+    assert processes_mentioning(str(run_dir)) == []  # no loader process outlives the run
+    run_cli(*command, check=True)  # the rerun resumes from step 7 (the marker keeps the signal from repeating)
+    assert_same_training_state(uninterrupted, ckpt.load(run_dir / "checkpoints" / "step_0000012.pt"))
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13))
 
 
 def _layout_gap(G, real: torch.Tensor) -> float:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -217,6 +218,10 @@ class ImageBatches:
 
 def _loader_worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding is PIL work; keep torch from spawning thread pools per worker
+    # Ctrl-C reaches the whole process group: the training process stops gracefully and shuts its loader
+    # processes down itself (and they exit when it dies), so they must not die first with a traceback.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def normalise(images: torch.Tensor, device: torch.device | str, channels_last: bool = False) -> torch.Tensor:

@@ -21,6 +21,9 @@ class DistEnv:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     node_id: str = ""
+    # Host-side agreements (agree_max) go over gloo; with NCCL as the default backend, a gloo group of all
+    # ranks (made by every rank alike, e.g. dist.new_group(backend="gloo")), so that they never wait on the GPU.
+    cpu_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -54,6 +57,14 @@ class DistEnv:
         slots[self.rank] = value
         dist.all_reduce(slots, op=dist.ReduceOp.SUM)
         return slots.tolist()
+
+    def agree_max(self, value: int) -> int:
+        """The largest of every rank's `value`, on every rank: a decision all ranks take alike."""
+        if not self.distributed:
+            return value
+        out = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return int(out.item())
 
     def barrier(self) -> None:
         if self.distributed:

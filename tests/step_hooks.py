@@ -1,0 +1,57 @@
+"""`python tests/step_hooks.py [--signal NAME --after STEP --rank R] [--sleep S] [train arguments]`:
+`python -m dcgan_dist.train` with faults injected through the Trainer's step hooks.
+
+--signal: rank R sends itself SIGKILL, SIGTERM or SIGINT (NAME: KILL, TERM, INT) right after step STEP, once per
+run directory (a marker file there), so that the resumed or restarted run passes that step. INT goes to the
+whole process group, as Ctrl-C in a terminal does (run it in a session of its own). --sleep: every step takes S
+seconds longer (time to stop a job from outside). Under dist.launcher=ray the hooks travel to the Ray workers
+(pickled by value, being defined in this script)."""
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from dcgan_dist.train import main
+
+
+class SignalAfterStep:
+    def __init__(self, signum: int, step: int, rank: int, marker: Path):
+        self.signum, self.step, self.rank, self.marker = signum, step, rank, marker
+
+    def __call__(self, step, env) -> None:
+        if step != self.step or env.rank != self.rank or self.marker.exists():
+            return
+        self.marker.parent.mkdir(parents=True, exist_ok=True)
+        self.marker.touch()
+        if self.signum == signal.SIGINT and not env.distributed:
+            os.killpg(os.getpgid(0), self.signum)
+        else:
+            os.kill(os.getpid(), self.signum)
+
+
+class Sleep:
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __call__(self, step, env) -> None:
+        time.sleep(self.seconds)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--signal", choices=("KILL", "TERM", "INT"))
+    parser.add_argument("--after", type=int, default=0)
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--sleep", type=float, default=0.0)
+    args, train_args = parser.parse_known_args()
+    hooks = []
+    if args.signal:
+        run_dir = Path(next(a.split("=", 1)[1] for a in train_args if a.startswith("run.dir=")))
+        marker = run_dir / f".signalled_after_step_{args.after}"
+        hooks.append(SignalAfterStep(signal.Signals[f"SIG{args.signal}"], args.after, args.rank, marker))
+    if args.sleep:
+        hooks.append(Sleep(args.sleep))
+    sys.exit(main(train_args, hooks=hooks))
