@@ -50,6 +50,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used here; the message is one line that says why."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (a full disk); the one before it is intact."""
+
+
 class Stateful(Protocol):
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
@@ -198,13 +202,23 @@ class LocalCheckpoints:
     def save(self, state: dict | None, step: int, metrics: dict) -> str | None:
         if state is None:
             return None
-        path = atomic_write(self.directory / f"{step_name(step)}.pt", lambda f: torch.save(state, f))
+        path = self._write(self.directory / f"{step_name(step)}.pt", state)
         for _, old in _step_entries(self.directory)[: -self.keep]:
             old.unlink(missing_ok=True)
         return str(path)
 
     def save_best(self, state: dict) -> str:
-        return str(atomic_write(self.directory / BEST_FILE, lambda f: torch.save(state, f)))
+        return str(self._write(self.directory / BEST_FILE, state))
+
+    def _write(self, path: Path, state: dict) -> Path:
+        data = to_bytes(state)
+        try:
+            return atomic_write(path, data)
+        except OSError as exc:  # ENOSPC, EDQUOT, EFBIG: nothing was renamed, the earlier files are as they were
+            entries = _step_entries(self.directory)
+            kept = f"the newest complete one is {entries[-1][1]}" if entries else "no earlier checkpoint exists"
+            raise CheckpointWriteError(f"cannot write checkpoint {path} ({exc.strerror or exc}): it needs "
+                                       f"{len(data) / 2**20:.1f} MiB free there; {kept}") from None
 
 
 class CheckpointManager:

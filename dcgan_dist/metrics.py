@@ -140,9 +140,11 @@ class Metrics:
         record["lr_g"], record["lr_d"] = (opt.param_groups[0]["lr"] for opt in self.optimizers)
         if self.num_samples:
             record["epoch"] = step * self.global_batch / self.num_samples
-        counters = self.batches.counters
-        if counters.bad_samples or counters.bad_shards:
-            record["bad_samples"], record["bad_shards"] = counters.bad_samples, counters.bad_shards
+        # Data problems so far, summed over every rank's loader (0 for a healthy data set: then left out).
+        names = ("bad_samples", "bad_shards", "missing_samples")
+        local = torch.tensor([float(getattr(self.batches.counters, n)) for n in names])
+        totals = (self.env.all_reduce_mean(local) * self.env.world_size).round().long().tolist()
+        record.update({n: v for n, v in zip(names, totals) if v})
         if self.env.device.type == "cuda":
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
 

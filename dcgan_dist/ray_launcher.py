@@ -38,7 +38,7 @@ from ray.train.torch.config import _TorchBackend
 from . import stopping
 
 from .checkpoint import BEST_FILE, STATE_FILE, CheckpointError, load, ray_storage_path, step_name, to_bytes
-from .config import Config, from_dict, to_dict
+from .config import Config, ConfigError, from_dict, to_dict
 from .distributed.env import DistEnv
 from .metrics import emit
 from .trainer import StepHook, Trainer
@@ -163,9 +163,19 @@ def train_worker(config: dict, stop: "ray.actor.ActorHandle", hooks: Sequence[St
     emit(f"worker rank {env.rank}/{env.world_size}: node {env.node_id} ({socket.gethostname()}), "
          f"device {env.device}, pid {os.getpid()}")
     placement = env.gather_objects({"rank": env.rank, "node_id": env.node_id, "host": socket.gethostname()})
+    # A setting that does not work here (one node may lack the shards) ends every rank alike, without restarts
+    # that could not get further; the same goes for a checkpoint they all read.
+    trainer, error = None, None
     try:
-        result = Trainer(cfg, env, RayCheckpoints(), hooks).fit()
-    except CheckpointError as exc:  # every rank reads the same checkpoint: no restart would get further
+        trainer = Trainer(cfg, env, RayCheckpoints(), hooks)
+    except ConfigError as exc:
+        error = str(exc)
+    errors = [e for e in env.gather_objects(error) if e]
+    if errors:
+        return {"error": errors[0]}
+    try:
+        result = trainer.fit()
+    except CheckpointError as exc:
         return {"error": str(exc)}
     return {"step": result.step, "checkpoint": result.checkpoint, "metrics": result.metrics, "workers": placement,
             "train_seconds": result.seconds, "stopped_by": result.stopped_by}

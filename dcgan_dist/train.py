@@ -16,9 +16,9 @@ import sys
 from typing import Sequence
 
 from . import stopping
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, CheckpointWriteError
 from .config import Config, ConfigError, allowed_values, flat_settings, from_args, split_args
-from .trainer import StepHook, Trainer
+from .trainer import StepHook, Trainer, check_settings
 
 
 def usage(cfg: Config, base: str) -> str:
@@ -46,10 +46,18 @@ def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
     if cfg.dist.launcher == "ray":
         from .ray_launcher import launch  # imported late: Ray is optional, and slow to import
 
+        try:
+            check_settings(cfg, cfg.dist.num_workers)  # here first: an error in seconds, not after Ray starts
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         return launch(cfg, argv, hooks)
     try:
         result = Trainer(cfg, hooks=hooks).fit()
-    except CheckpointError as exc:
+    except CheckpointWriteError as exc:  # mid-run (a full disk): the run stops, its last checkpoint intact
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (ConfigError, CheckpointError) as exc:  # before any training: the run directory is as it was
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if result.stopped_by:

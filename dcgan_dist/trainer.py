@@ -10,6 +10,7 @@ every process; `env` says which rank this is and on which device it runs.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ from torch import nn
 from . import config as config_lib
 from . import stopping
 from .checkpoint import CheckpointManager, CheckpointStorage, LocalCheckpoints
-from .config import Config
-from .data import ImageBatches, normalise, resolve_data
+from .config import Config, ConfigError
+from .data import ImageBatches, check_shards, normalise, resolve_data
 from .data.loader import slot_seed
 from .distributed.ddp import wrap_models
 from .distributed.env import DistEnv
@@ -49,6 +50,26 @@ class TrainResult:
     metrics: dict
     seconds: float
     stopped_by: int = 0  # the signal that stopped the run early (after a checkpoint), 0: it ran to max_steps
+
+
+def check_settings(cfg: Config, world_size: int = 1, check_run_dir: bool = True) -> None:
+    """What the settings point at, checked before any run file exists: the shards (they exist, enough for every
+    worker, the model's image size and channels) and run.dir (it can be made and written). Raises ConfigError:
+    one line naming the setting."""
+    if cfg.data.shards:
+        try:
+            check_shards(cfg.data.shards, (cfg.model.channels, cfg.model.image_size, cfg.model.image_size), world_size)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"data.shards={cfg.data.shards}: {exc}") from None
+    if check_run_dir:
+        run_dir = Path(cfg.run.dir).expanduser()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=run_dir):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"run.dir={cfg.run.dir}: cannot write there ({exc.strerror or exc}); "
+                              "choose another run.dir") from None
 
 
 def build_networks(cfg: Config, device: torch.device):
@@ -117,6 +138,7 @@ class Trainer:
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         torch.manual_seed(cfg.run.seed)
+        check_settings(cfg, env.world_size, check_run_dir=env.is_main)  # rank 0 alone writes run.dir
         self.run_dir = Path(cfg.run.dir).expanduser()
         self.shards, self.num_samples = resolve_data(cfg.data, cfg.model)
         self.G, self.D, self.opt_g, self.opt_d, self.precision = build_networks(cfg, env.device)
@@ -206,3 +228,6 @@ class Trainer:
         self.say(f"Data: {self.shards} ({self.num_samples or 'unknown number of'} samples), "
                  f"{m.image_size}x{m.image_size}x{m.channels}, global batch {self.global_batch}"
                  + (f", {self.num_samples / self.global_batch:.1f} steps per epoch" if self.num_samples else ""))
+        if self.num_samples and self.global_batch > self.num_samples:
+            self.say(f"warning: the global batch ({self.global_batch}) is larger than the data set "
+                     f"({self.num_samples} samples): every batch repeats images")

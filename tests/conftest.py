@@ -36,14 +36,13 @@ def tiny_shards(tmp_path_factory) -> Path:
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, check: bool = False,
-            new_session: bool = False) -> subprocess.CompletedProcess:
-    """Run `python -m ...` as a user would; returns the completed process (text output). new_session: in a
-    process group of its own (a signal it sends to its group does not reach pytest)."""
+            **popen) -> subprocess.CompletedProcess:
+    """Run `python -m ...` as a user would; returns the completed process (text output). popen: more for
+    subprocess.run, e.g. start_new_session=True (a signal it sends to its process group does not reach pytest)."""
     # PYTHONPATH: the tree under test, also for scripts in tests/ (whatever checkout pip last installed).
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, *args], cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-        start_new_session=new_session,
+        [sys.executable, *args], cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout, **popen
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")

@@ -3,6 +3,7 @@
 import gzip
 import io
 import struct
+import tarfile
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -132,11 +133,31 @@ def test_corrupt_shard_and_image_are_skipped_and_counted(tmp_path):
     assert set(range(43)) <= set(tags)  # every readable image still arrives
     assert batches.counters.bad_samples >= 1
     assert batches.counters.bad_shards >= 2
-    # The inspect command reports the same problems instead of failing.
-    proc = run_cli("-m", "dcgan_dist.data", "inspect", str(out), "--preview", str(tmp_path / "p.png"), check=True)
-    assert "shards:   7" in proc.stdout
-    assert "undecodable sample(s)" in proc.stdout and "skipped:  1 undecodable" in proc.stdout
-    assert (tmp_path / "p.png").is_file()
+    # The inspect command reads everything it can, names every bad shard and exits 1.
+    proc = run_cli("-m", "dcgan_dist.data", "inspect", str(out), "--preview", str(tmp_path / "p.png"))
+    assert proc.returncode == 1 and (tmp_path / "p.png").is_file()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: shard ")]
+    assert sorted(line.split()[2] for line in errors) == ["shard-000101.tar:", "shard-000102.tar:"]
+
+
+def truncate_at_member(shard: Path, keep: int) -> None:
+    """Cut a shard right before its member number `keep`: a valid-looking tar that just ends early."""
+    with tarfile.open(shard) as tar:
+        offset = tar.getmembers()[keep].offset
+    shard.write_bytes(shard.read_bytes()[:offset])
+
+
+def test_a_shard_truncated_at_a_member_boundary_is_counted_and_reported(tmp_path):
+    out = write(tmp_path / "s", tagged_images(40), 10)  # 4 shards of 10; dataset.json records each count
+    assert read_info(str(out)).shard_counts == {f"shard-{i:06d}.tar": 10 for i in range(4)}
+    truncate_at_member(out / "shard-000002.tar", 7)  # 3 samples lost, no read error
+    batches = ImageBatches(str(out), 1, shuffle_buffer=4)
+    tags = [tag(b[0]) for b in take(batches, 2 * 37)]  # two passes
+    assert len(set(tags)) == 37 and batches.counters.bad_shards == 0
+    assert batches.counters.missing_samples == 3  # the first pass's shortfall, counted when it ended
+    proc = run_cli("-m", "dcgan_dist.data", "inspect", str(out))
+    assert proc.returncode == 1
+    assert "error: shard shard-000002.tar: 7 samples, dataset.json says 10 (truncated?)" in proc.stderr.splitlines()
 
 
 def test_shape_mismatch_is_a_clear_error(tiny_shards):

@@ -178,3 +178,18 @@ def test_gpu_overlay_reads_the_wandb_key_from_a_secret():
     assert entrypoint_config(job).wandb.mode == "online"
     worker_env = {e["name"] for e in cluster_spec(job)["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]}
     assert {"NCCL_DEBUG", "NCCL_SOCKET_IFNAME"} <= worker_env
+
+
+def test_worker_pods_stop_training_gracefully(rendered):
+    """A deleted or preempted worker pod: preStop SIGTERMs the Ray Train workers (graceful stop, checkpoint) within a
+    grace period that leaves time for it; the head gives `ray job stop` as long."""
+    _, objects = rendered
+    for obj in ray_objects(objects):
+        spec = cluster_spec(obj)
+        for group in spec["workerGroupSpecs"]:
+            pod = group["template"]["spec"]
+            assert pod["terminationGracePeriodSeconds"] >= 60
+            command = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+            assert "pkill -TERM -f 'ray::RayTrainWorker'" in command[-1]
+        head_env = {e["name"]: e.get("value") for e in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+        assert int(head_env["RAY_JOB_STOP_WAIT_TIME_S"]) >= 60

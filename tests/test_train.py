@@ -104,7 +104,7 @@ def test_a_stop_signal_checkpoints_that_step_and_the_rerun_resumes_exactly(tmp_p
     run_dir = tmp_path / "stopped"
     command = [str(ROOT / "tests" / "step_hooks.py"), f"--signal={name}", "--after=7", *resume_args(tiny_shards),
                f"run.dir={run_dir}"]
-    proc = run_cli(*command, new_session=True)
+    proc = run_cli(*command, start_new_session=True)
     assert proc.returncode == exit_code, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"stopped by SIG{name} after step 7") and str(run_dir / "checkpoints" / "step_0000007.pt") in last

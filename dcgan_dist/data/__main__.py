@@ -2,7 +2,7 @@
 
     python -m dcgan_dist.data synth   --out DIR --num N [--shard-size S] [--size 64] [--channels 3] [--seed K]
     python -m dcgan_dist.data convert --src PATH --out DIR [--size 64] [--channels 3] [--crop PX] [--shard-size S]
-    python -m dcgan_dist.data inspect DIR [--preview FILE]
+    python -m dcgan_dist.data inspect DIR [--preview FILE]     # exits 1 when a shard is unreadable or short
 """
 
 from __future__ import annotations
@@ -22,36 +22,46 @@ from .synth import write_synthetic_shards
 
 
 def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> dict:
-    """Read every shard: count shards and samples, image shapes, unreadable data; write a preview grid."""
+    """Read every shard: count shards and samples, image shapes, undecodable samples; compare each shard's count
+    with dataset.json's; write a preview grid. `errors` lists every unreadable or short shard by name."""
     urls = expand_shards(spec)
+    info = read_info(spec)
+    expected = info.shard_counts if info else {}
     shapes: Counter = Counter()
     formats: Counter = Counter()
-    bad_samples, bad_shards, first = 0, 0, []
+    bad_samples, first, errors = 0, [], []
+    for url in urls:
+        read, failure = 0, []
 
-    def on_error(exc: Exception) -> bool:
-        nonlocal bad_shards
-        bad_shards += 1
-        print(f"warning: unreadable shard data: {exc}", file=sys.stderr)
-        return True
+        def keep_going(exc: Exception) -> bool:
+            failure.append(exc)
+            return True
 
-    for sample in iter_samples(urls, handler=on_error):
-        try:
-            array = decode_sample(sample)
-        except ValueError as exc:
-            bad_samples += 1
-            print(f"warning: {exc}", file=sys.stderr)
-            continue
-        shapes[array.shape] += 1
-        formats[next((k for k in ("png", "jpg", "jpeg") if k in sample), "?")] += 1
-        if len(first) < preview_count:
-            first.append(array)
+        for sample in iter_samples([url], handler=keep_going):
+            read += 1
+            try:
+                array = decode_sample(sample)
+            except ValueError as exc:
+                bad_samples += 1
+                print(f"warning: {exc}", file=sys.stderr)
+                continue
+            shapes[array.shape] += 1
+            formats[next((k for k in ("png", "jpg", "jpeg") if k in sample), "?")] += 1
+            if len(first) < preview_count:
+                first.append(array)
+        name, want = Path(url).name, expected.get(Path(url).name)
+        if failure:
+            errors.append(f"{name}: unreadable after {read} sample(s): {str(failure[0]).splitlines()[0][:200]}")
+        elif want is not None and read < want:
+            errors.append(f"{name}: {read} samples, dataset.json says {want} (truncated?)")
     report = {
         "shards": len(urls),
         "samples": sum(shapes.values()),
+        "expected_samples": info.num_samples if info else None,
         "image_shapes": {f"{h}x{w}x{c}": n for (h, w, c), n in shapes.items()},
         "formats": dict(formats),
         "bad_samples": bad_samples,
-        "bad_shards": bad_shards,
+        "errors": errors,
     }
     if first and preview:
         grid = torch.from_numpy(np.stack([a for a in first if a.shape == first[0].shape])).permute(0, 3, 1, 2)
@@ -98,16 +108,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             preview = args.preview or (str(Path(args.shards) / "preview.png") if Path(args.shards).is_dir() else "preview.png")
             report = inspect(args.shards, preview)
-            info = read_info(args.shards)
+            expected = report["expected_samples"]
             print(f"shards:   {report['shards']}")
-            print(f"samples:  {report['samples']}" + (f" (dataset.json says {info.num_samples})" if info else ""))
+            print(f"samples:  {report['samples']}" + (f" (dataset.json says {expected})" if expected else ""))
             for shape, n in report["image_shapes"].items():
                 h, w, c = shape.split("x")
                 print(f"images:   {h}x{w}, {c} channel(s): {n}")
             print(f"formats:  {', '.join(f'{k}: {v}' for k, v in report['formats'].items())}")
-            print(f"skipped:  {report['bad_samples']} undecodable sample(s), {report['bad_shards']} shard error(s)")
+            print(f"skipped:  {report['bad_samples']} undecodable sample(s)")
             if "preview" in report:
                 print(f"preview:  {report['preview']}")
+            for error in report["errors"]:
+                print(f"error: shard {error}", file=sys.stderr)
+            if report["errors"] or report["bad_samples"]:
+                print(f"{len(report['errors'])} bad shard(s), {report['bad_samples']} undecodable sample(s)",
+                      file=sys.stderr)
+                return 1
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

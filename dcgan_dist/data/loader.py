@@ -12,13 +12,17 @@ keeps the last position per slot; on resume a slot re-enters its pass and skips 
 without decoding them, which reproduces the exact batch sequence of an uninterrupted run.
 
 Faults. An unreadable shard (missing, truncated, not a tar) or an undecodable image is logged, counted and
-skipped; neither stops training. Counts travel with the batches to the training process.
+skipped; neither stops training. A shard that ends early without an error (truncated at a member boundary)
+is caught by comparing each pass's samples per shard with the counts dataset.json records: a warning once per
+shard, and the shortfall counted. Counts travel with the batches to the training process.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import re
 import signal
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -35,7 +39,7 @@ from .synth import ensure_synthetic
 log = logging.getLogger("dcgan_dist.data")
 
 # Fields of the per-batch info tensor that travels next to the images.
-_ROLE, _PASS, _OFFSET, _BAD_SAMPLES, _BAD_SHARDS = range(5)
+_COUNTERS = ("bad_samples", "bad_shards", "missing_samples")
 
 
 def slot_seed(*parts: int) -> int:
@@ -64,6 +68,7 @@ class ShardStream(IterableDataset):
     num_slots: int
     shuffle_buffer: int
     expect_chw: tuple[int, int, int] | None
+    shard_counts: dict[str, int] = field(default_factory=dict)  # file name -> samples written (dataset.json)
     positions: dict[int, tuple[int, int]] = field(default_factory=dict)
     slot_offset: int = 0
 
@@ -84,7 +89,7 @@ class ShardStream(IterableDataset):
         slot = (worker + self.slot_offset) % self.num_slots
         urls = self.rank_urls[slot :: self.num_slots]
         pass_index, skip = self.positions.get(slot, (0, 0))
-        counts = {"bad_samples": 0, "bad_shards": 0}
+        counts = dict.fromkeys(_COUNTERS, 0)
         warned: set[str] = set()
 
         def on_shard_error(exc: Exception) -> bool:
@@ -102,8 +107,9 @@ class ShardStream(IterableDataset):
             rng.shuffle(order)
             shuffle = wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
             samples = shuffle(iter_samples(order, handler=on_shard_error))
-            consumed = 0
+            consumed, per_shard = 0, dict.fromkeys(order, 0)
             for consumed, sample in enumerate(samples, 1):
+                per_shard[sample["__url__"]] = per_shard.get(sample["__url__"], 0) + 1
                 if consumed <= skip:
                     continue  # resuming: already trained on; skipped without decoding
                 try:
@@ -116,20 +122,29 @@ class ShardStream(IterableDataset):
                 batch.append(array)
                 if len(batch) == self.batch_size:
                     images = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
-                    meta = torch.tensor([slot, pass_index, consumed, counts["bad_samples"], counts["bad_shards"]])
-                    counts = {"bad_samples": 0, "bad_shards": 0}
+                    meta = torch.tensor([slot, pass_index, consumed, *(counts[k] for k in _COUNTERS)])
+                    counts = dict.fromkeys(_COUNTERS, 0)
                     batch = []
                     yield images, meta
             if consumed == 0:
                 raise RuntimeError(f"no readable samples in the shards of rank {self.rank}, slot {slot}: {order[:3]}...")
+            for url, got in per_shard.items():  # a shard that ended early (truncated at a member boundary)
+                want = self.shard_counts.get(os.path.basename(url), got)
+                if got < want:
+                    counts["missing_samples"] += want - got
+                    if url not in warned:
+                        warned.add(url)
+                        log.warning("shard %s gave %d of its %d samples (dataset.json); check it with "
+                                    "`python -m dcgan_dist.data inspect`", url, got, want)
             pass_index, skip = pass_index + 1, 0
 
 
 @dataclass
 class LoaderCounters:
     batches: int = 0
-    bad_samples: int = 0
-    bad_shards: int = 0
+    bad_samples: int = 0  # undecodable images, skipped
+    bad_shards: int = 0  # read errors (missing, truncated mid-member, not a tar), per pass
+    missing_samples: int = 0  # samples that shards did not give although dataset.json counts them, per pass
 
 
 class ImageBatches:
@@ -153,6 +168,7 @@ class ImageBatches:
         pin_memory: bool = False,
     ):
         urls = expand_shards(shards) if isinstance(shards, str) else list(shards)
+        info = read_info(shards) if isinstance(shards, str) else None
         rank_urls = split_for_rank(urls, rank, world_size)
         # A slot needs at least one shard of its own, so a rank never runs more loader workers than shards.
         self.num_slots = max(1, min(num_workers, len(rank_urls))) if num_workers > 0 else 1
@@ -160,7 +176,8 @@ class ImageBatches:
             log.warning("rank %d has %d shard(s): using %d loader worker(s) instead of %d",
                         rank, len(rank_urls), self.num_slots, num_workers)
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.stream = ShardStream(rank_urls, batch_size, rank, seed, self.num_slots, shuffle_buffer, expect_chw)
+        self.stream = ShardStream(rank_urls, batch_size, rank, seed, self.num_slots, shuffle_buffer, expect_chw,
+                                  shard_counts=info.shard_counts if info else {})
         self.layout = {"world_size": world_size, "rank": rank, "slots": self.num_slots, "batch_size": batch_size, "seed": seed}
         self.counters = LoaderCounters()
         self.positions: dict[int, tuple[int, int]] = {}
@@ -187,11 +204,11 @@ class ImageBatches:
         if self._it is None:
             self._it = self._start()
         images, meta = next(self._it)
-        slot, pass_index, offset, bad_samples, bad_shards = (int(v) for v in meta.tolist())
+        slot, pass_index, offset, *counts = (int(v) for v in meta.tolist())
         self.positions[slot] = (pass_index, offset)
         self.counters.batches += 1
-        self.counters.bad_samples += bad_samples
-        self.counters.bad_shards += bad_shards
+        for name, value in zip(_COUNTERS, counts):
+            setattr(self.counters, name, getattr(self.counters, name) + value)
         return images
 
     def state_dict(self) -> dict:
@@ -229,6 +246,32 @@ def normalise(images: torch.Tensor, device: torch.device | str, channels_last: b
     float) and is converted there."""
     out = to_unit_range(images.to(device, non_blocking=True))
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def check_shards(spec: str, expect_chw: tuple[int, int, int], world_size: int = 1) -> None:
+    """Before training: the shards exist, there are enough for every worker, and they hold images of the model's
+    size and channels (dataset.json says, else the first sample). Raises FileNotFoundError or ValueError with a
+    one-line message."""
+    urls = expand_shards(spec)
+    split_for_rank(urls, 0, world_size)
+    info = read_info(spec)
+    if info is not None:
+        shape, source = (info.image_size, info.image_size, info.channels), "dataset.json"
+    else:
+        try:
+            shape, source = decode_sample(next(iter(iter_samples(urls[:1])))).shape, urls[0]
+        except StopIteration:
+            raise ValueError(f"the first shard, {urls[0]}, holds no samples") from None
+        except Exception as exc:  # noqa: BLE001 - whatever the tar reader or the URL's opener raised
+            status = re.search(r"exit (\d+)", str(exc)) if urls[0].startswith("pipe:") else None
+            reason = (f"its command exited with status {status.group(1)}" if status
+                      else (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200])
+            raise ValueError(f"cannot read the first shard, {urls[0]}: {reason}") from None
+    c, h, w = expect_chw
+    if tuple(shape) != (h, w, c):
+        raise ValueError(f"the shards hold {shape[0]}x{shape[1]} images with {shape[2]} channel(s) ({source}) but the "
+                         f"model is {h}x{w} with {c}: set model.image_size={shape[0]} model.channels={shape[2]}, "
+                         f"or convert the data with --size {h}")
 
 
 def resolve_data(data_cfg, model_cfg) -> tuple[str, int]:

@@ -40,6 +40,9 @@ class DatasetInfo:
     source: str = ""
     skipped: int = 0
     extra: dict = field(default_factory=dict)
+    # Samples written into each shard (file name -> count): the loader and `data inspect` check what they read
+    # against it, so a truncated shard is reported instead of silently shrinking the data set.
+    shard_counts: dict = field(default_factory=dict)
 
 
 def encode_image(array: np.ndarray, fmt: str = "png") -> bytes:
@@ -91,10 +94,11 @@ class ShardWriter:
         existing = sorted(self.out_dir.glob("*.tar"))
         if existing:
             raise FileExistsError(f"{self.out_dir} already holds {len(existing)} shards; choose an empty directory")
-        self.fmt, self.source = fmt, source
+        self.fmt, self.source, self.shard_size = fmt, source, shard_size
         self.count, self.shape = 0, None
         self.skipped = 0
-        self._writer = wds.ShardWriter(str(self.out_dir / SHARD_PATTERN), maxcount=shard_size, verbose=0)
+        self.shard_counts: dict[str, int] = {}
+        self._tar: wds.TarWriter | None = None
 
     def write(self, array: np.ndarray) -> None:
         if array.ndim != 3 or array.dtype != np.uint8:
@@ -103,11 +107,21 @@ class ShardWriter:
             self.shape = array.shape
         elif array.shape != self.shape:
             raise ValueError(f"image {self.count} has shape {array.shape}, the first had {self.shape}")
-        self._writer.write({"__key__": f"{self.count:09d}", self.fmt: encode_image(array, self.fmt)})
+        if self.count % self.shard_size == 0:  # the next shard
+            self._close_tar()
+            name = SHARD_PATTERN % len(self.shard_counts)
+            self._tar, self.shard_counts[name] = wds.TarWriter(str(self.out_dir / name)), 0
+        self._tar.write({"__key__": f"{self.count:09d}", self.fmt: encode_image(array, self.fmt)})
+        self.shard_counts[SHARD_PATTERN % (len(self.shard_counts) - 1)] += 1
         self.count += 1
 
+    def _close_tar(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+
     def close(self) -> DatasetInfo:
-        self._writer.close()
+        self._close_tar()
         if self.count == 0:
             raise ValueError("no images were written")
         info = DatasetInfo(
@@ -115,9 +129,10 @@ class ShardWriter:
             image_size=int(self.shape[0]),
             channels=int(self.shape[2]),
             format=self.fmt,
-            num_shards=len(list(self.out_dir.glob("*.tar"))),
+            num_shards=len(self.shard_counts),
             source=self.source,
             skipped=self.skipped,
+            shard_counts=dict(self.shard_counts),
         )
         write_info(self.out_dir, info)
         return info
@@ -126,9 +141,8 @@ class ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            return
-        self._writer.close()
+        if exc_type is not None:
+            self._close_tar()
 
 
 def write_info(out_dir: str | Path, info: DatasetInfo) -> None:

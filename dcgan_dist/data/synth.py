@@ -181,7 +181,8 @@ def write_synthetic_shards(
         for job in jobs:
             bar.update(_write_shard(job))
     bar.close()
-    info = DatasetInfo(num, size, channels, fmt, len(jobs), source=f"synthetic faces, seed {seed}")
+    counts = {Path(path).name: stop - start for path, start, stop, *_ in jobs}
+    info = DatasetInfo(num, size, channels, fmt, len(jobs), source=f"synthetic faces, seed {seed}", shard_counts=counts)
     write_info(out, info)
     return info
 
