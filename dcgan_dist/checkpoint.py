@@ -19,6 +19,7 @@ values.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import re
@@ -37,6 +38,7 @@ from .schedule import Schedule
 log = logging.getLogger("dcgan_dist.checkpoint")
 
 FORMAT_VERSION = 2
+SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
 STATE_FILE = "state.pt"  # inside a Ray Train checkpoint directory
 BEST_FILE = "best.pt"
 _STEP_NAME = re.compile(r"^step_(\d+)(\.pt)?$")  # step_0001500.pt (local) or step_0001500/ (Ray)
@@ -214,11 +216,11 @@ class LocalCheckpoints:
         data = to_bytes(state)
         try:
             return atomic_write(path, data)
-        except OSError as exc:  # ENOSPC, EDQUOT, EFBIG: nothing was renamed, the earlier files are as they were
+        except OSError as exc:  # nothing was renamed: the earlier files are as they were
             entries = _step_entries(self.directory)
             kept = f"the newest complete one is {entries[-1][1]}" if entries else "no earlier checkpoint exists"
-            raise CheckpointWriteError(f"cannot write checkpoint {path} ({exc.strerror or exc}): it needs "
-                                       f"{len(data) / 2**20:.1f} MiB free there; {kept}") from None
+            need = f"it needs {len(data) / 2**20:.1f} MiB free there; " if exc.errno in SPACE_ERRORS else ""
+            raise CheckpointWriteError(f"cannot write checkpoint {path} ({exc.strerror or exc}): {need}{kept}") from None
 
 
 class CheckpointManager:

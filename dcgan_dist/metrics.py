@@ -29,8 +29,17 @@ def emit(text: str) -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line that is not one (cut short by a crash or a full disk) is left out."""
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "step" in record:
+                records.append(record)
+    return records
 
 
 class Meter:
@@ -142,7 +151,7 @@ class Metrics:
             record["epoch"] = step * self.global_batch / self.num_samples
         # Data problems so far, summed over every rank's loader (0 for a healthy data set: then left out).
         names = ("bad_samples", "bad_shards", "missing_samples")
-        local = torch.tensor([float(getattr(self.batches.counters, n)) for n in names])
+        local = torch.tensor([float(getattr(self.batches.counters, n)) for n in names], device=self.env.device)
         totals = (self.env.all_reduce_mean(local) * self.env.world_size).round().long().tolist()
         record.update({n: v for n, v in zip(names, totals) if v})
         if self.env.device.type == "cuda":

@@ -22,9 +22,8 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import ray
 import ray.train
@@ -33,7 +32,8 @@ import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.torch.config import _TorchBackend
+from ray.train.torch.config import _TorchBackend  # Ray's torch backend, extended by _Backend below
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import stopping
 
@@ -115,7 +115,12 @@ class StopRequest:
 
 
 def _watch(stop: "ray.actor.ActorHandle") -> None:
-    stopping.request(ray.get(stop.wait.remote()))
+    stopping.request(ray.get(stop.wait.remote()), from_driver=True)
+
+
+class Preempted(RuntimeError):
+    """A worker received SIGTERM (its node is going away): every rank has checkpointed the same step, and
+    raising lets Ray Train restart the workers from that checkpoint (dist.max_failures)."""
 
 
 def worker_env(cfg: Config) -> DistEnv:
@@ -177,6 +182,9 @@ def train_worker(config: dict, stop: "ray.actor.ActorHandle", hooks: Sequence[St
         result = trainer.fit()
     except CheckpointError as exc:
         return {"error": str(exc)}
+    if result.preempted:
+        raise Preempted(f"a worker received {signal.Signals(result.stopped_by).name}: stopped after step "
+                        f"{result.step} with a checkpoint; Ray restarts the workers from it")
     return {"step": result.step, "checkpoint": result.checkpoint, "metrics": result.metrics, "workers": placement,
             "train_seconds": result.seconds, "stopped_by": result.stopped_by}
 
@@ -209,7 +217,9 @@ def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = ()) -> int:
     config["train"]["device"] = resolve_device(cfg)
     cfg = from_dict(config)
 
-    stop = StopRequest.remote()
+    # On the driver's node: the driver's stop request must not go away with a preempted worker node.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    stop = StopRequest.options(scheduling_strategy=here).remote()
 
     def worker(config: dict) -> dict:
         return train_worker(config, stop, hooks)
@@ -231,8 +241,7 @@ def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = ()) -> int:
           f"Ray storage: {storage}/{cfg.run.name}", flush=True)
     fit_started = time.perf_counter()
     try:
-        with _forward_stop_signals(stop):
-            result = trainer.fit()
+        result = _fit_forwarding_stop_signals(trainer, stop)
     except Exception as exc:  # TrainingFailedError and friends: the cause is in the worker logs above
         print(f"error: training failed: {type(exc).__name__}: {exc}", flush=True)
         return 1
@@ -255,24 +264,30 @@ def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = ()) -> int:
     return 0 if info.get("step", 0) >= cfg.train.max_steps else 1
 
 
-@contextmanager
-def _forward_stop_signals(stop: "ray.actor.ActorHandle") -> Iterator[None]:
-    """While fit() runs, SIGTERM/SIGINT to the driver ask the workers for a graceful stop (from a thread: no Ray
-    call inside a signal handler); a second signal ends the driver as before."""
-    previous = {signum: signal.getsignal(signum) for signum in stopping.SIGNALS}
+def _fit_forwarding_stop_signals(trainer: TorchTrainer, stop: "ray.actor.ActorHandle"):
+    """trainer.fit(), while SIGTERM/SIGINT to the driver (`ray job stop`, Ctrl-C) ask every worker for a graceful
+    stop; a second signal ends the driver as before. fit() runs in a thread of its own, so that Ray Train does not
+    put its own SIGINT handler (an abort, no checkpoint) in the main thread's place."""
+    outcome: dict = {}
 
-    def handler(signum, frame):
-        if stopping.requested():
-            signal.signal(signum, previous[signum])
-            signal.raise_signal(signum)
-            return
-        stopping.request(signum)
-        threading.Thread(target=lambda: ray.get(stop.request.remote(signum)), daemon=True).start()
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            outcome["error"] = exc
 
-    for signum in stopping.SIGNALS:
-        signal.signal(signum, handler)
-    try:
-        yield
-    finally:
-        for signum, before in previous.items():
-            signal.signal(signum, before)
+    fitting = threading.Thread(target=run, name="dcgan-fit", daemon=True)
+    with stopping.handle_signals():
+        fitting.start()
+        forwarded = False
+        while fitting.is_alive():
+            fitting.join(timeout=0.2)
+            if stopping.code() and not forwarded:
+                signum = stopping.signal_of(stopping.code())
+                print(f"{signal.Signals(signum).name}: asking the workers to stop after their step, with a checkpoint "
+                      "(send it again to stop at once)", file=sys.stderr, flush=True)
+                stop.request.remote(signum)
+                forwarded = True
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -1,12 +1,14 @@
-"""Graceful stop: SIGTERM or SIGINT lets the current step finish; the run then checkpoints, flushes metrics.jsonl
-and W&B, stops its loader processes and exits with 128 + the signal's number (143, 130). A second signal stops
-at once, as without this.
+"""Graceful stop: SIGTERM or SIGINT lets the current step finish; that step is checkpointed, metrics.jsonl and W&B
+are flushed, the loader processes stop, and the run ends. A second signal stops at once, as without this.
 
-Where a stop request comes from: this process's own signals (`handle_signals`: the local launcher, and every
-Ray worker, whose handlers the Ray launcher installs in the worker's main thread), or the Ray driver (`ray job
-stop`, Ctrl-C), whose request reaches the workers through `request`. Every rank must stop after the same step
-(the last checkpoint gathers every rank), so each step the ranks agree on it with one small collective
-(`Trainer`, through `DistEnv.agree_max`).
+Where a request comes from, and what follows:
+- the training process's own signal (`handle_signals`: the local launcher; in every Ray worker the Ray launcher
+  installs the handlers in the worker's main thread): locally the run exits with 128 + the signal's number;
+  under Ray this is a preempted worker: the workers stop and Ray restarts them from that checkpoint.
+- the Ray driver (`ray job stop`, Ctrl-C), which passes the request to every worker (`request(...,
+  from_driver=True)`): the run ends, exiting with 128 + the signal's number.
+Every rank must stop after the same step (the checkpoint gathers every rank), so each step the ranks agree on
+it with one small collective of `code()` (the Trainer, through `DistEnv.agree_max`).
 """
 
 from __future__ import annotations
@@ -19,29 +21,35 @@ from contextlib import contextmanager
 from typing import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_requested = 0  # the signal number of this process's first stop request; 0: none
-_lock = threading.Lock()
+_OWN_SIGNAL = 1000  # added to the code when this process itself received the signal (a preempted Ray worker)
+_code = 0  # this process's first stop request (see code()); 0: none
 
 
-def request(signum: int) -> None:
-    """Ask this process's run to stop after its current step (the first request wins)."""
-    global _requested
-    with _lock:
-        if not _requested:
-            _requested = signum
-            sys.stderr.write(f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
-                             "(send it again to stop at once)\n")
-            sys.stderr.flush()
+def request(signum: int, from_driver: bool = False) -> None:
+    """Ask this process's run to stop after its current step; the first request wins. Signal-handler safe: it
+    only sets a number (the Trainer says what happens when it acts on it)."""
+    global _code
+    if not _code:
+        _code = signum + (0 if from_driver else _OWN_SIGNAL)
 
 
-def requested() -> int:
-    """The signal number of the stop request this process has seen (0: none)."""
-    return _requested
+def code() -> int:
+    """0: no stop; else the signal number, plus 1000 when this process received it itself. The largest code of
+    all ranks is the run's decision."""
+    return _code
+
+
+def signal_of(code: int) -> int:
+    return code % _OWN_SIGNAL
+
+
+def own_signal(code: int) -> bool:
+    return code >= _OWN_SIGNAL
 
 
 def clear() -> None:
-    global _requested
-    _requested = 0
+    global _code
+    _code = 0
 
 
 def report(signum: int, step: int, checkpoint: str | None, argv: list[str]) -> int:
@@ -54,23 +62,25 @@ def report(signum: int, step: int, checkpoint: str | None, argv: list[str]) -> i
 
 
 def install_handlers() -> dict:
-    """SIGTERM and SIGINT request a graceful stop; the second signal goes to the handler that was there before
-    (SIGINT: KeyboardInterrupt; SIGTERM: the default, death). Main thread only. Returns the previous handlers."""
+    """SIGTERM and SIGINT request a graceful stop; the second one goes to the handler that was there before
+    (SIGINT: KeyboardInterrupt; SIGTERM: the default, death). A signal that was ignored stays ignored (nohup,
+    background jobs). Main thread only. Returns the previous handlers."""
     previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
 
     def handler(signum, frame):
-        if not _requested:
+        if not _code:
             request(signum)
             return
         before = previous[signum]
         if callable(before):
             before(signum, frame)
-        else:  # SIG_DFL (SIG_IGN would not have let the signal reach here)
+        else:
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
 
-    for signum in SIGNALS:
-        signal.signal(signum, handler)
+    for signum, before in previous.items():
+        if before is not signal.SIG_IGN:
+            signal.signal(signum, handler)
     return previous
 
 

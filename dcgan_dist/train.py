@@ -16,7 +16,7 @@ import sys
 from typing import Sequence
 
 from . import stopping
-from .checkpoint import CheckpointError, CheckpointWriteError
+from .checkpoint import SPACE_ERRORS, CheckpointError, CheckpointWriteError
 from .config import Config, ConfigError, allowed_values, flat_settings, from_args, split_args
 from .trainer import StepHook, Trainer, check_settings
 
@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
         result = Trainer(cfg, hooks=hooks).fit()
     except CheckpointWriteError as exc:  # mid-run (a full disk): the run stops, its last checkpoint intact
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno not in SPACE_ERRORS:
+            raise
+        print(f"error: cannot write {exc.filename or 'a run file'} ({exc.strerror}): the disk is full; the run's "
+              "newest checkpoint is intact", file=sys.stderr)
         return 1
     except (ConfigError, CheckpointError) as exc:  # before any training: the run directory is as it was
         print(f"error: {exc}", file=sys.stderr)

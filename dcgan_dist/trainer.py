@@ -10,6 +10,8 @@ every process; `env` says which rank this is and on which device it runs.
 
 from __future__ import annotations
 
+import logging
+import signal
 import tempfile
 import time
 from contextlib import ExitStack
@@ -37,6 +39,8 @@ from .precision import Precision, pick_device
 from .sampler import Sampler
 from .schedule import Part, Schedule
 
+log = logging.getLogger("dcgan_dist")
+
 # Called right after every training step (before the parts act) with the step number and this process's DistEnv;
 # tests inject faults here.
 StepHook = Callable[[int, DistEnv], None]
@@ -50,15 +54,17 @@ class TrainResult:
     metrics: dict
     seconds: float
     stopped_by: int = 0  # the signal that stopped the run early (after a checkpoint), 0: it ran to max_steps
+    preempted: bool = False  # that signal reached a training process itself (under Ray: a preempted worker)
 
 
-def check_settings(cfg: Config, world_size: int = 1, check_run_dir: bool = True) -> None:
+def check_settings(cfg: Config, world_size: int = 1, check_run_dir: bool = True, probe: bool = True) -> None:
     """What the settings point at, checked before any run file exists: the shards (they exist, enough for every
-    worker, the model's image size and channels) and run.dir (it can be made and written). Raises ConfigError:
-    one line naming the setting."""
+    worker, the model's image size and channels; probe: reading a first sample where no dataset.json says) and
+    run.dir (it can be made and written). Raises ConfigError: one line naming the setting."""
     if cfg.data.shards:
         try:
-            check_shards(cfg.data.shards, (cfg.model.channels, cfg.model.image_size, cfg.model.image_size), world_size)
+            check_shards(cfg.data.shards, (cfg.model.channels, cfg.model.image_size, cfg.model.image_size), world_size,
+                         probe)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"data.shards={cfg.data.shards}: {exc}") from None
     if check_run_dir:
@@ -100,6 +106,22 @@ def make_loader(cfg: Config, env: DistEnv, shards: str) -> ImageBatches:
     )
 
 
+def _closer(part: Part, current_step: Callable[[], int]):
+    """An ExitStack exit callback that closes `part`; while the run is already failing, an error in closing
+    (the GIF on a full disk, say) is logged instead of replacing the error that says what went wrong."""
+
+    def close(exc_type, exc, tb) -> bool:
+        try:
+            part.close(current_step())
+        except Exception as error:  # noqa: BLE001 - any: the original error is the one to report
+            if exc_type is None:
+                raise
+            log.warning("%s could not finish its outputs: %s", type(part).__name__, error)
+        return False
+
+    return close
+
+
 class NoiseRNG:
     """This rank's latent-noise stream: its own generator, so its state can be checkpointed exactly (torch's
     global generators travel along, for anything else that draws from them)."""
@@ -138,7 +160,8 @@ class Trainer:
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         torch.manual_seed(cfg.run.seed)
-        check_settings(cfg, env.world_size, check_run_dir=env.is_main)  # rank 0 alone writes run.dir
+        # Rank 0 alone writes run.dir; under Ray the driver has read a first sample already (once, not per restart).
+        check_settings(cfg, env.world_size, check_run_dir=env.is_main, probe=not env.distributed)
         self.run_dir = Path(cfg.run.dir).expanduser()
         self.shards, self.num_samples = resolve_data(cfg.data, cfg.model)
         self.G, self.D, self.opt_g, self.opt_d, self.precision = build_networks(cfg, env.device)
@@ -189,7 +212,7 @@ class Trainer:
             closing.enter_context(stopping.handle_signals())
             closing.callback(self.batches.close)
             for part in self.parts:
-                closing.callback(lambda part=part: part.close(step))
+                closing.push(_closer(part, lambda: step))
             while step < cfg.train.max_steps and not stop:
                 step_started = time.perf_counter()
                 real = normalise(next(self.batches), env.device, cfg.train.channels_last)
@@ -201,7 +224,10 @@ class Trainer:
                 self.metrics.add(losses, time.perf_counter() - step_started)
                 for hook in self.hooks:
                     hook(step, env)
-                stop = env.agree_max(stopping.requested())  # a graceful stop: after this step on every rank
+                stop = env.agree_max(stopping.code())  # a graceful stop: after this step, on every rank
+                if stop:
+                    self.say(f"{signal.Signals(stopping.signal_of(stop)).name}: stopping after step {step}, "
+                             "with a checkpoint (send it again to stop at once)")
 
                 record = {"step": step}
                 for part in self.parts:
@@ -213,10 +239,12 @@ class Trainer:
 
         seconds = time.perf_counter() - started
         rate = (step - first) * self.global_batch / max(seconds, 1e-9)
-        self.say(f"{'Stopped' if stop else 'Done'}: step {step} in {seconds:.1f} s ({rate:.1f} images/s)")
+        stopped = stopping.signal_of(stop) if step < cfg.train.max_steps else 0  # at the last step: finished
+        self.say(f"{'Stopped' if stopped else 'Done'}: step {step} in {seconds:.1f} s ({rate:.1f} images/s)")
         self.say(f"  checkpoint: {self.checkpoints.last_saved}\n  samples:    {self.run_dir / 'samples'}\n"
                  f"  metrics:    {self.run_dir / 'metrics.jsonl'}")
-        return TrainResult(step, self.checkpoints.last_saved, str(self.run_dir), last_record, seconds, stop)
+        return TrainResult(step, self.checkpoints.last_saved, str(self.run_dir), last_record, seconds, stopped,
+                           bool(stopped) and stopping.own_signal(stop))
 
     def describe(self) -> None:
         cfg, env = self.cfg, self.env

@@ -155,9 +155,22 @@ def test_a_shard_truncated_at_a_member_boundary_is_counted_and_reported(tmp_path
     tags = [tag(b[0]) for b in take(batches, 2 * 37)]  # two passes
     assert len(set(tags)) == 37 and batches.counters.bad_shards == 0
     assert batches.counters.missing_samples == 3  # the first pass's shortfall, counted when it ended
+    (out / "shard-000003.tar").unlink()  # and one shard gone altogether
     proc = run_cli("-m", "dcgan_dist.data", "inspect", str(out))
     assert proc.returncode == 1
-    assert "error: shard shard-000002.tar: 7 samples, dataset.json says 10 (truncated?)" in proc.stderr.splitlines()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: shard ")]
+    assert errors == ["error: shard shard-000002.tar: 7 samples, dataset.json says 10 (truncated?)",
+                      "error: shard shard-000003.tar: missing, dataset.json lists it (10 samples)"]
+
+
+def test_shard_counts_belong_to_their_own_directory(tmp_path):
+    """Two data sets joined with '::' whose shards have the same names: each is checked against its own
+    dataset.json (no shortfall where nothing is missing)."""
+    a = write(tmp_path / "a", tagged_images(20), 10)
+    b = write(tmp_path / "b", tagged_images(8, seed=5), 4)
+    batches = ImageBatches(f"{a}::{b}", 4, shuffle_buffer=4)
+    take(batches, 2 * 7)  # two passes over 28 samples
+    assert batches.counters.missing_samples == 0
 
 
 def test_shape_mismatch_is_a_clear_error(tiny_shards):

@@ -114,7 +114,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, tin
     """The resumed run may write files of at most 100 kB (RLIMIT_FSIZE, as a full disk would refuse them): its
     step-6 checkpoint (~0.5 MB) fails; step 3's stays whole and loadable, no partial file is left, one line."""
     run_dir = tmp_path / "run"
-    common = [f"data.shards={tiny_shards}", f"run.dir={run_dir}", "train.checkpoint_every=3", "train.sample_every=0"]
+    common = [f"data.shards={tiny_shards}", f"run.dir={run_dir}", "train.checkpoint_every=3", "train.sample_every=3"]
     train(*common, "train.max_steps=3", check=True)
     intact = (run_dir / "checkpoints" / "step_0000003.pt").read_bytes()
 

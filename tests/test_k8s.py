@@ -3,11 +3,13 @@ and keeps the invariants users rely on (entrypoint, scale, GPUs, secrets, /dev/s
 
 import copy
 import json
+import os
 import math
 import re
 import shlex
 import shutil
 import subprocess
+import time
 
 import pytest
 import yaml
@@ -190,6 +192,27 @@ def test_worker_pods_stop_training_gracefully(rendered):
             pod = group["template"]["spec"]
             assert pod["terminationGracePeriodSeconds"] >= 60
             command = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
-            assert "pkill -TERM -f 'ray::RayTrainWorker'" in command[-1]
+            assert "pkill -TERM -f '^ray::RayTrainWorker'" in command[-1]
         head_env = {e["name"]: e.get("value") for e in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
         assert int(head_env["RAY_JOB_STOP_WAIT_TIME_S"]) >= 60
+
+
+def test_the_prestop_hook_stops_the_training_workers_and_waits_for_them():
+    """The hook's shell, run for real against stand-ins for Ray Train workers that take 2 s to stop after SIGTERM:
+    it signals them, waits until they are gone, and does not match itself. (The process name is made unique for
+    the test, so that no real Ray worker on this machine is touched.)"""
+    objects = render(ROOT / "k8s" / "overlays" / "cpu-smoke")
+    job = next(o for o in objects if o["kind"] == "RayJob")
+    container = cluster_spec(job)["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    name = f"ray::RayTrainWorker-test{os.getpid()}"
+    command = [part.replace("ray::RayTrainWorker", name) for part in command]
+    workers = [subprocess.Popen(["bash", "-c", f"exec -a {name} bash -c 'trap \"sleep 2; exit 0\" TERM; "
+                                 "while :; do sleep 0.1; done'"]) for _ in range(2)]
+    time.sleep(0.5)
+    started = time.monotonic()
+    hook = subprocess.run(command, timeout=60)
+    waited = time.monotonic() - started
+    assert hook.returncode == 0
+    assert all(w.poll() == 0 for w in workers)  # stopped by the SIGTERM, cleanly, before the hook returned
+    assert waited >= 1.5

@@ -5,6 +5,8 @@ All tests share one two-node cluster (session fixture); each training job runs t
 
 import json
 import re
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -98,28 +100,60 @@ def test_worker_crash_recovers_from_the_latest_checkpoint(ray_cluster, tiny_shar
     assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout)))
 
 
-def test_sigterm_to_one_worker_stops_every_rank_after_the_same_step(ray_cluster, tiny_shards, tmp_path, uninterrupted):
+def test_a_preempted_worker_checkpoints_and_ray_restarts_from_there(ray_cluster, tiny_shards, tmp_path, uninterrupted):
     """SIGTERM to rank 1's worker process after step 7 (a preempted pod): both ranks agree to stop after the same
-    step, one checkpoint of it, exit 143 with one line; the rerun ends bit-identical to an uninterrupted run.
-    (Python runs the handler in the worker's main thread, which Ray wakes every few ms: the training thread may
-    finish step 8 before it sees the request.)"""
+    step and checkpoint it; Ray restarts the workers from that checkpoint (no step lost, none logged twice) and
+    the run ends bit-identical to an uninterrupted one. (Python runs the handler in the worker's main thread,
+    which Ray wakes every few ms: the training thread may finish a step more before it sees the request.)"""
     run_dir = tmp_path / "preempted"
-    command = [sys.executable, str(ROOT / "tests" / "step_hooks.py"), "--signal=TERM", "--after=7", "--rank=1",
-               *ray_train_args(tiny_shards, run_dir, "train.max_steps=12", "train.checkpoint_every=5",
-                               "train.log_every=1", "run.name=preempted")]
-    proc = run_with_env(command, ray_cluster)
-    assert proc.returncode == 143, (proc.stdout + proc.stderr)[-4000:]
-    stopped = re.search(r"^stopped by SIGTERM after step (\d+); checkpoint: (\S+);", proc.stderr, re.M)
-    assert stopped, proc.stderr[-4000:]
-    step = int(stopped.group(1))
-    assert step in (7, 8) and ckpt.load(stopped.group(2))["step"] == step
-    experiment = run_dir / "ray" / "preempted"
-    assert sorted(p.name for p in experiment.glob("step_*")) == ["step_0000005", f"step_{step:07d}"]  # one more
-    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, step + 1))
-    proc = run_with_env(command, ray_cluster)  # the same command: resumes from step 7 (the signal does not repeat)
+    proc = run_with_env([sys.executable, str(ROOT / "tests" / "step_hooks.py"), "--signal=TERM", "--after=7",
+                         "--rank=1", *ray_train_args(tiny_shards, run_dir, "train.max_steps=12", "train.checkpoint_every=5",
+                                                     "train.log_every=1", "run.name=preempted")], ray_cluster)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert (run_dir / ".signalled_after_step_7").is_file()
+    kept = sorted(p.name for p in (run_dir / "ray" / "preempted").glob("step_*"))  # the newest 3 of 5, 7|8|9, 10, 12
+    assert len(kept) == 3 and kept[0] in ("step_0000007", "step_0000008", "step_0000009") and kept[1:] == [
+        "step_0000010", "step_0000012"], kept
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13))
+    assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout)))
+
+
+def test_ctrl_c_to_the_driver_stops_every_worker_with_a_checkpoint(ray_cluster, tiny_shards, tmp_path, uninterrupted):
+    """Ctrl-C to the driver (which runs fit() off its main thread, so that Ray Train's own SIGINT handler does not
+    abort the run): the workers stop after the same step with a checkpoint, the driver exits 130 with the stop
+    line, and the rerun ends bit-identical to an uninterrupted run."""
+    run_dir = tmp_path / "interrupted"
+    args = ray_train_args(tiny_shards, run_dir, "train.max_steps=12", "train.checkpoint_every=5", "train.log_every=1",
+                          "run.name=interrupted")
+    driver = subprocess.Popen([sys.executable, str(ROOT / "tests" / "step_hooks.py"), "--sleep=1", *args],
+                              cwd=ROOT, env=ray_cluster, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_metrics(run_dir, driver)
+    driver.send_signal(signal.SIGINT)
+    stdout, stderr = driver.communicate(timeout=300)
+    assert driver.returncode == 130, (stdout + stderr)[-4000:]
+    step = assert_stopped_with_a_checkpoint(stderr, "SIGINT", run_dir)
+    proc = run_with_env([sys.executable, "-m", "dcgan_dist.train", *args], ray_cluster)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout)))
-    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13))
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13)) and step < 12
+
+
+def wait_for_metrics(run_dir: Path, process=None, timeout: float = 240) -> None:
+    """Until the run has logged a step (its workers are training)."""
+    deadline = time.time() + timeout
+    while not ((run_dir / "metrics.jsonl").is_file() and read_metrics(run_dir / "metrics.jsonl")):
+        assert time.time() < deadline and (process is None or process.poll() is None), "the run did not start"
+        time.sleep(0.5)
+
+
+def assert_stopped_with_a_checkpoint(log: str, signal_name: str, run_dir: Path) -> int:
+    """The stop line is there, names a checkpoint of that step, and metrics.jsonl ends at it; returns the step."""
+    stopped = re.search(rf"^stopped by {signal_name} after step (\d+); checkpoint: (\S+);", log, re.M)
+    assert stopped, log[-3000:]
+    step = int(stopped.group(1))
+    assert 1 <= step < 12 and ckpt.load(stopped.group(2))["step"] == step
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, step + 1))
+    return step
 
 
 def test_ray_job_stop_checkpoints_and_the_job_resumes(ray_cluster, tiny_shards, tmp_path, uninterrupted):
@@ -133,17 +167,9 @@ def test_ray_job_stop_checkpoints_and_the_job_resumes(ray_cluster, tiny_shards, 
                            "tests/step_hooks.py", "--sleep=1", *args], env)
     assert submit.returncode == 0, submit.stdout + submit.stderr
     job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
-    deadline = time.time() + 240
-    while not ((run_dir / "metrics.jsonl").is_file() and read_metrics(run_dir / "metrics.jsonl")):
-        assert time.time() < deadline, run_with_env(["ray", "job", "logs", job_id], env).stdout[-3000:]
-        time.sleep(0.5)
+    wait_for_metrics(run_dir)
     assert run_with_env(["ray", "job", "stop", job_id], env).returncode == 0
-    logs = run_with_env(["ray", "job", "logs", job_id], env).stdout
-    stopped = re.search(r"stopped by SIGTERM after step (\d+); checkpoint: (\S+);", logs)
-    assert stopped, logs[-3000:]
-    step = int(stopped.group(1))
-    assert 1 <= step < 12 and ckpt.load(stopped.group(2))["step"] == step
-    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, step + 1))
+    assert_stopped_with_a_checkpoint(run_with_env(["ray", "job", "logs", job_id], env).stdout, "SIGTERM", run_dir)
     proc = run_with_env(["ray", "job", "submit", "--working-dir", ".", "--", "python", "-m", "dcgan_dist.train", *args], env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout + proc.stderr)))

@@ -17,7 +17,7 @@ import torch
 
 from ..images import save_grid
 from .convert import convert
-from .shards import decode_sample, expand_shards, iter_samples, read_info
+from .shards import decode_sample, expand_shards, iter_samples, read_info, shard_counts
 from .synth import write_synthetic_shards
 
 
@@ -26,7 +26,7 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
     with dataset.json's; write a preview grid. `errors` lists every unreadable or short shard by name."""
     urls = expand_shards(spec)
     info = read_info(spec)
-    expected = info.shard_counts if info else {}
+    expected, missing = shard_counts(spec)
     shapes: Counter = Counter()
     formats: Counter = Counter()
     bad_samples, first, errors = 0, [], []
@@ -49,11 +49,12 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
             formats[next((k for k in ("png", "jpg", "jpeg") if k in sample), "?")] += 1
             if len(first) < preview_count:
                 first.append(array)
-        name, want = Path(url).name, expected.get(Path(url).name)
+        name, want = Path(url).name, expected.get(url)
         if failure:
             errors.append(f"{name}: unreadable after {read} sample(s): {str(failure[0]).splitlines()[0][:200]}")
         elif want is not None and read < want:
             errors.append(f"{name}: {read} samples, dataset.json says {want} (truncated?)")
+    errors += [f"{Path(path).name}: missing, dataset.json lists it ({expected[path]} samples)" for path in missing]
     report = {
         "shards": len(urls),
         "samples": sum(shapes.values()),

@@ -33,7 +33,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..images import to_unit_range
-from .shards import decode_sample, expand_shards, iter_samples, read_info
+from .shards import decode_sample, expand_shards, iter_samples, read_info, shard_counts, spec_parts
 from .synth import ensure_synthetic
 
 log = logging.getLogger("dcgan_dist.data")
@@ -68,7 +68,7 @@ class ShardStream(IterableDataset):
     num_slots: int
     shuffle_buffer: int
     expect_chw: tuple[int, int, int] | None
-    shard_counts: dict[str, int] = field(default_factory=dict)  # file name -> samples written (dataset.json)
+    shard_counts: dict[str, int] = field(default_factory=dict)  # shard path -> samples written (dataset.json)
     positions: dict[int, tuple[int, int]] = field(default_factory=dict)
     slot_offset: int = 0
 
@@ -129,7 +129,7 @@ class ShardStream(IterableDataset):
             if consumed == 0:
                 raise RuntimeError(f"no readable samples in the shards of rank {self.rank}, slot {slot}: {order[:3]}...")
             for url, got in per_shard.items():  # a shard that ended early (truncated at a member boundary)
-                want = self.shard_counts.get(os.path.basename(url), got)
+                want = self.shard_counts.get(url, got)
                 if got < want:
                     counts["missing_samples"] += want - got
                     if url not in warned:
@@ -168,7 +168,10 @@ class ImageBatches:
         pin_memory: bool = False,
     ):
         urls = expand_shards(shards) if isinstance(shards, str) else list(shards)
-        info = read_info(shards) if isinstance(shards, str) else None
+        counts, missing = shard_counts(shards) if isinstance(shards, str) else ({}, [])
+        if missing:
+            log.warning("dataset.json lists %d shard(s) that are gone (%d samples): %s", len(missing),
+                        sum(counts[m] for m in missing), ", ".join(os.path.basename(m) for m in missing[:5]))
         rank_urls = split_for_rank(urls, rank, world_size)
         # A slot needs at least one shard of its own, so a rank never runs more loader workers than shards.
         self.num_slots = max(1, min(num_workers, len(rank_urls))) if num_workers > 0 else 1
@@ -177,7 +180,7 @@ class ImageBatches:
                         rank, len(rank_urls), self.num_slots, num_workers)
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.stream = ShardStream(rank_urls, batch_size, rank, seed, self.num_slots, shuffle_buffer, expect_chw,
-                                  shard_counts=info.shard_counts if info else {})
+                                  shard_counts=counts)
         self.layout = {"world_size": world_size, "rank": rank, "slots": self.num_slots, "batch_size": batch_size, "seed": seed}
         self.counters = LoaderCounters()
         self.positions: dict[int, tuple[int, int]] = {}
@@ -248,30 +251,36 @@ def normalise(images: torch.Tensor, device: torch.device | str, channels_last: b
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
-def check_shards(spec: str, expect_chw: tuple[int, int, int], world_size: int = 1) -> None:
-    """Before training: the shards exist, there are enough for every worker, and they hold images of the model's
-    size and channels (dataset.json says, else the first sample). Raises FileNotFoundError or ValueError with a
-    one-line message."""
-    urls = expand_shards(spec)
-    split_for_rank(urls, 0, world_size)
-    info = read_info(spec)
-    if info is not None:
-        shape, source = (info.image_size, info.image_size, info.channels), "dataset.json"
-    else:
-        try:
-            shape, source = decode_sample(next(iter(iter_samples(urls[:1])))).shape, urls[0]
-        except StopIteration:
-            raise ValueError(f"the first shard, {urls[0]}, holds no samples") from None
-        except Exception as exc:  # noqa: BLE001 - whatever the tar reader or the URL's opener raised
-            status = re.search(r"exit (\d+)", str(exc)) if urls[0].startswith("pipe:") else None
-            reason = (f"its command exited with status {status.group(1)}" if status
-                      else (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200])
-            raise ValueError(f"cannot read the first shard, {urls[0]}: {reason}") from None
-    c, h, w = expect_chw
-    if tuple(shape) != (h, w, c):
-        raise ValueError(f"the shards hold {shape[0]}x{shape[1]} images with {shape[2]} channel(s) ({source}) but the "
-                         f"model is {h}x{w} with {c}: set model.image_size={shape[0]} model.channels={shape[2]}, "
-                         f"or convert the data with --size {h}")
+def check_shards(spec: str, expect_chw: tuple[int, int, int], world_size: int = 1, probe: bool = True) -> None:
+    """Before training: the shards exist, there are enough for every worker, and each part of the spec holds
+    images of the model's size and channels, as its dataset.json says or else (probe) its first sample does.
+    Raises FileNotFoundError or ValueError with a one-line message."""
+    split_for_rank(expand_shards(spec), 0, world_size)
+    for part, info in spec_parts(spec):
+        if info is not None:
+            shape, source = (info.image_size, info.image_size, info.channels), f"{part} dataset.json"
+        elif probe:
+            first = expand_shards(part)[0]
+            shape, source = _first_image(first).shape, first
+        else:
+            continue
+        c, h, w = expect_chw
+        if tuple(shape) != (h, w, c):
+            raise ValueError(f"the shards hold {shape[0]}x{shape[1]} images with {shape[2]} channel(s) ({source}) "
+                             f"but the model is {h}x{w} with {c}: set model.image_size={shape[0]} "
+                             f"model.channels={shape[2]}, or convert the data with --size {h}")
+
+
+def _first_image(url: str) -> np.ndarray:
+    try:
+        return decode_sample(next(iter(iter_samples([url]))))
+    except StopIteration:
+        raise ValueError(f"the first shard, {url}, holds no samples") from None
+    except Exception as exc:  # noqa: BLE001 - whatever the tar reader or the URL's opener raised
+        status = re.search(r"exit (\d+)", str(exc)) if url.startswith("pipe:") else None
+        reason = (f"its command exited with status {status.group(1)}" if status
+                  else (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200])
+        raise ValueError(f"cannot read the first shard, {url}: {reason}") from None
 
 
 def resolve_data(data_cfg, model_cfg) -> tuple[str, int]:

@@ -198,6 +198,29 @@ def read_info(spec: str) -> DatasetInfo | None:
         return None
 
 
+def spec_parts(spec: str) -> list[tuple[str, DatasetInfo | None]]:
+    """Each '::'-joined part of a shard spec with the dataset.json beside its shards (None for URLs, or none)."""
+    return [(part, None if _is_url(part) else read_info(part)) for part in spec.split("::")]
+
+
+def shard_counts(spec: str) -> tuple[dict[str, int], list[str]]:
+    """({shard path: samples written}, [shards that dataset.json lists but the spec's directories no longer
+    hold]) over every part of a spec, as their dataset.json files record them."""
+    counts, missing = {}, []
+    for part, info in spec_parts(spec):
+        if info is None or not info.shard_counts:
+            continue
+        is_dir = os.path.isdir(os.path.expanduser(part))
+        folder = Path(os.path.expanduser(part)) if is_dir else Path(expand_shards(part)[0]).parent
+        present = set(expand_shards(part))
+        for name, count in info.shard_counts.items():
+            path = str(folder / name)
+            counts[path] = count
+            if is_dir and path not in present:  # a glob or brace pattern may pick a subset on purpose
+                missing.append(path)
+    return counts, missing
+
+
 def iter_samples(urls: Iterable[str], handler=wds.handlers.reraise_exception) -> Iterator[dict]:
     """Raw samples (dicts of bytes keyed by extension) from shards, in order, through webdataset's tar reader."""
     return wds.tariterators.tarfile_samples(({"url": u} for u in urls), handler=handler)
