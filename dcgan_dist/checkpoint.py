@@ -8,8 +8,8 @@ run, and read back into the same parts with `load_state_dict`:
      "best": {"step": 1000, "swd": 31.9} or None,                   # best-by-metric so far
      "ranks": {0: {"data": ..., "rng": ...}, 1: {...}}}             # every rank's own `rank_states`
 
-Where checkpoints go is a storage: `LocalCheckpoints` (files in <run.dir>/checkpoints, the local launcher)
-or Ray Train's storage (`ray_launcher.RayCheckpoints`); an object store is one more storage with the same three
+Where checkpoints go is a storage: `StorageCheckpoints` (<run.dir>/checkpoints, on a disk or in an object
+store: the local launcher) or Ray Train's storage (`ray_launcher.RayCheckpoints`), both with the same three
 methods. `load_checkpoint(path)` reads any of them back for resume, `sample` and `evaluate`: a checkpoint
 file, a Ray checkpoint directory, a folder of checkpoints, or a run directory (local or Ray).
 
@@ -31,9 +31,9 @@ import torch
 
 from . import config as config_lib
 from .distributed.env import DistEnv
-from .files import atomic_write
 from .models import Generator
 from .schedule import Schedule
+from .storage import RunStorage, filesystem
 
 log = logging.getLogger("dcgan_dist.checkpoint")
 
@@ -76,89 +76,88 @@ def to_bytes(state: dict) -> bytes:
     return buffer.getvalue()
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """One checkpoint file. Raises CheckpointError for anything that is not a dcgan_dist checkpoint."""
+def load(location: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """One checkpoint file (a path, or an s3:// URI). Raises CheckpointError for anything that is not a dcgan_dist
+    checkpoint."""
+    location = str(location)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        fs, path = filesystem(location)
+        with fs.open_input_stream(path) as f:
+            data = f.read()
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
+        raise CheckpointError(f"checkpoint {location} does not exist") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {location} ({str(exc).splitlines()[0][:200]})") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated, not a torch file, or objects that are not data
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} is not a readable dcgan_dist checkpoint ({reason[:200]})") from None
+        raise CheckpointError(f"{location} is not a readable dcgan_dist checkpoint ({reason[:200]})") from None
     if not isinstance(state, dict) or "format_version" not in state:
-        raise CheckpointError(f"{path} is not a dcgan_dist checkpoint")
+        raise CheckpointError(f"{location} is not a dcgan_dist checkpoint")
     if state["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {state['format_version']}; this version of dcgan_dist "
-                              f"reads format {FORMAT_VERSION}")
+        raise CheckpointError(f"{location} has checkpoint format {state['format_version']}; this version of "
+                              f"dcgan_dist reads format {FORMAT_VERSION}")
     return state
 
 
-def _step_entries(directory: Path) -> list[tuple[int, Path]]:
-    """(step, checkpoint file) of the step checkpoints in a folder, oldest first: step_*.pt files (local)
-    and step_*/state.pt directories (Ray Train)."""
-    if not directory.is_dir():
-        return []
+def _step_entries(storage: RunStorage, folder: str = "") -> list[tuple[int, str]]:
+    """(step, name of its file) of the step checkpoints in a folder, oldest first: step_*.pt files (the local
+    launcher) and step_*/state.pt directories (Ray Train)."""
     found = []
-    for entry in directory.iterdir():
-        if match := _STEP_NAME.match(entry.name):
-            path = entry / STATE_FILE if entry.is_dir() else entry
-            if path.is_file():
-                found.append((int(match.group(1)), path))
+    for name, is_dir in storage.list(folder):
+        if (match := _STEP_NAME.match(name)) and is_dir != name.endswith(".pt"):
+            path = f"{folder}/{name}" if folder else name
+            found.append((int(match.group(1)), f"{path}/{STATE_FILE}" if is_dir else path))
     return sorted(found)
 
 
 def ray_storage_path(cfg: config_lib.Config) -> str:
     """Where Ray Train keeps a run's checkpoints: dist.storage_path (a URI, or a path made absolute), else
     <run.dir>/ray; the run's own folder in it is <run.name>."""
-    spec = cfg.dist.storage_path
-    if "://" in spec:
-        return spec
-    return str(Path(spec or Path(cfg.run.dir) / "ray").expanduser().resolve())
+    spec = cfg.dist.storage_path or f"{cfg.run.dir.rstrip('/')}/ray"
+    return spec if "://" in spec else str(Path(spec).expanduser().resolve())
 
 
-def _checkpoint_folders(path: Path) -> list[Path]:
-    """Where a folder may hold step checkpoints: in itself; a run directory in checkpoints/ (local launcher) or
-    in Ray Train's storage, which the run's config.yaml names (by default <this run directory>/ray)."""
-    folders = [path, path / "checkpoints"]
-    if (path / "config.yaml").is_file():
+def candidates(location: str | Path) -> list[str]:
+    """The checkpoint files that `location` names, newest first: the file itself; a Ray checkpoint directory's
+    state.pt; the step checkpoints of a folder of them; or of a run directory: in its checkpoints/ (the local
+    launcher), or in the Ray storage its config.yaml names (by default <this run directory>/ray/<run.name>).
+    A path or an s3:// URI."""
+    storage = RunStorage(str(location))
+    if storage.is_file(""):
+        return [storage.location]
+    if not storage.exists("") and not storage.list(""):
+        raise CheckpointError(f"checkpoint path {storage.location} does not exist")
+    if storage.is_file(STATE_FILE):
+        return [storage.where(STATE_FILE)]
+    places: list[tuple[RunStorage, str]] = [(storage, ""), (storage, "checkpoints")]
+    if storage.is_file("config.yaml"):
         try:
-            cfg = config_lib.build_config(str(path / "config.yaml"))
-            storage = Path(ray_storage_path(cfg)) if cfg.dist.storage_path else path / "ray"
-            folders.append(storage / cfg.run.name)
+            cfg = config_lib.from_yaml(storage.read("config.yaml").decode())
+            ray_storage = RunStorage(ray_storage_path(cfg)) if cfg.dist.storage_path else storage.sub("ray")
+            places.append((ray_storage, cfg.run.name))
         except config_lib.ConfigError:
             pass  # written by another version: checkpoints/ is all that can be looked at
-    return folders
-
-
-def candidates(path: str | Path) -> list[Path]:
-    """The checkpoint files that `path` names, newest first: the file itself, a Ray checkpoint directory's
-    state.pt, or the step checkpoints of a folder of checkpoints or of a run directory."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint path {path} does not exist")
-    if (path / STATE_FILE).is_file():
-        return [path / STATE_FILE]
-    for folder in _checkpoint_folders(path):
-        entries = _step_entries(folder)
+    for where, folder in places:
+        entries = _step_entries(where, folder)
         if entries:
-            return [p for _, p in reversed(entries)]
-    raise CheckpointError(f"no checkpoints in {path} (looked for step_*.pt, step_*/{STATE_FILE}, checkpoints/ and "
-                          "the Ray storage named in its config.yaml)")
+            return [where.where(name) for _, name in reversed(entries)]
+    raise CheckpointError(f"no checkpoints in {storage.location} (looked for step_*.pt, step_*/{STATE_FILE}, "
+                          "checkpoints/ and the Ray storage named in its config.yaml)")
 
 
 def _to_stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
-                    warn: Callable[[str], None] = _to_stderr) -> tuple[Path, dict[str, Any]]:
-    """The newest readable checkpoint that `path` names (see `candidates`)."""
-    return _load_newest(candidates(path), map_location, warn)
+def load_checkpoint(location: str | Path, map_location: str | torch.device = "cpu",
+                    warn: Callable[[str], None] = _to_stderr) -> tuple[str, dict[str, Any]]:
+    """The newest readable checkpoint that `location` names (see `candidates`)."""
+    return _load_newest(candidates(location), map_location, warn)
 
 
-def _load_newest(files: list[Path], map_location, warn: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
+def _load_newest(files: list[str], map_location, warn: Callable[[str], None]) -> tuple[str, dict[str, Any]]:
     """The first of `files` (newest first) that loads; an unreadable one (e.g. from a full disk) is reported and
     passed over for the one before it."""
     for i, file in enumerate(files):
@@ -171,13 +170,13 @@ def _load_newest(files: list[Path], map_location, warn: Callable[[str], None]) -
     raise AssertionError("no files")
 
 
-def load_generator(path: str | Path, device: str | torch.device = "cpu", weights: str = "auto") -> tuple[Generator, dict, str]:
+def load_generator(location: str | Path, device: str | torch.device = "cpu", weights: str = "auto") -> tuple[Generator, dict, str]:
     """The generator of a checkpoint (anything `load_checkpoint` reads), in eval mode.
 
     weights: "ema" (the moving average; an error if the run kept none), "raw", or "auto" (EMA when present).
     Returns (generator, checkpoint state, which weights).
     """
-    file, state = load_checkpoint(path, map_location=device)
+    file, state = load_checkpoint(location, map_location=device)
     cfg = config_lib.from_dict(state["config"])
     which = "ema" if weights == "ema" or (weights == "auto" and state.get("ema") is not None) else "raw"
     if which == "ema" and state.get("ema") is None:
@@ -187,40 +186,42 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu", weights
     return G.eval(), state, which
 
 
-class LocalCheckpoints:
-    """Checkpoint files in one directory (the local launcher): step_XXXXXXX.pt, the newest `keep` of them,
-    and best.pt. Each is written to a temporary name and renamed, so a crash never leaves half a file."""
+class StorageCheckpoints:
+    """Checkpoint files in a run's storage (the local launcher): checkpoints/step_XXXXXXX.pt, the newest `keep` of
+    them, and checkpoints/best.pt, in a local folder or an object store. A file is whole or absent (a temporary
+    name and a rename on a disk; an object store's PUT is atomic)."""
 
-    def __init__(self, directory: str | Path, keep: int, warn: Callable[[str], None] = _to_stderr):
-        self.directory, self.keep, self.warn = Path(directory), keep, warn
+    def __init__(self, storage: RunStorage, keep: int, warn: Callable[[str], None] = _to_stderr):
+        self.storage, self.keep, self.warn = storage, keep, warn
 
     def latest(self) -> tuple[str, dict] | None:
-        entries = _step_entries(self.directory)
+        entries = _step_entries(self.storage)
         if not entries:
             return None
-        file, state = _load_newest([p for _, p in reversed(entries)], "cpu", self.warn)
-        return str(file), state
+        return _load_newest([self.storage.where(name) for _, name in reversed(entries)], "cpu", self.warn)
 
     def save(self, state: dict | None, step: int, metrics: dict) -> str | None:
         if state is None:
             return None
-        path = self._write(self.directory / f"{step_name(step)}.pt", state)
-        for _, old in _step_entries(self.directory)[: -self.keep]:
-            old.unlink(missing_ok=True)
-        return str(path)
+        where = self._write(f"{step_name(step)}.pt", state)
+        for _, old in _step_entries(self.storage)[: -self.keep]:
+            self.storage.delete(old)
+        return where
 
     def save_best(self, state: dict) -> str:
-        return str(self._write(self.directory / BEST_FILE, state))
+        return self._write(BEST_FILE, state)
 
-    def _write(self, path: Path, state: dict) -> Path:
+    def _write(self, name: str, state: dict) -> str:
         data = to_bytes(state)
         try:
-            return atomic_write(path, data)
-        except OSError as exc:  # nothing was renamed: the earlier files are as they were
-            entries = _step_entries(self.directory)
-            kept = f"the newest complete one is {entries[-1][1]}" if entries else "no earlier checkpoint exists"
+            return self.storage.write(name, data)
+        except OSError as exc:  # nothing was renamed or put: the earlier files are as they were
+            entries = _step_entries(self.storage)
+            kept = (f"the newest complete one is {self.storage.where(entries[-1][1])}" if entries
+                    else "no earlier checkpoint exists")
             need = f"it needs {len(data) / 2**20:.1f} MiB free there; " if exc.errno in SPACE_ERRORS else ""
-            raise CheckpointWriteError(f"cannot write checkpoint {path} ({exc.strerror or exc}): {need}{kept}") from None
+            reason = exc.strerror or str(exc).splitlines()[0][:200]
+            raise CheckpointWriteError(f"cannot write checkpoint {self.storage.where(name)} ({reason}): {need}{kept}") from None
 
 
 class CheckpointManager:

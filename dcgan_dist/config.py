@@ -19,8 +19,6 @@ from typing import Any, Literal
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .files import atomic_write
-
 # Presets shipped with the repository; `--config debug` is short for `--config configs/debug.yaml`.
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 # What every command uses when no --config is given: small enough to train on a laptop CPU in minutes.
@@ -277,12 +275,19 @@ def from_dict(tree: dict[str, Any]) -> Config:
     return _merge([OmegaConf.create(tree)])
 
 
+def from_yaml(text: str) -> Config:
+    """Inverse of to_yaml (a run's config.yaml, wherever it is stored)."""
+    try:
+        loaded = OmegaConf.create(text)
+    except Exception as exc:  # YAML syntax errors and the like
+        raise ConfigError(f"cannot read the config: {_first_line(exc)}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError("a config must hold a mapping of sections")
+    return _merge([loaded])
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def save(cfg: Config, path: str | Path) -> None:
-    atomic_write(path, to_yaml(cfg).encode())
 
 
 def flat_settings(cfg: Config) -> list[tuple[str, Any]]:

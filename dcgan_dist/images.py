@@ -6,6 +6,7 @@ what the networks see). `to_unit_range` and `to_uint8` convert between them; not
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Sequence
@@ -52,28 +53,30 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, p
     return grid
 
 
-def save_image(image: Image.Image, path: str | Path, **save_kwargs) -> Path:
-    """Save a PIL image atomically (format from the suffix unless given: .png, .jpg, .gif, ...)."""
-    fmt = save_kwargs.pop("format", None) or Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
-    return atomic_write(path, lambda f: image.save(f, format=fmt, **save_kwargs))
+def encode(image: Image.Image, fmt: str = "PNG", **save_kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_kwargs)
+    return buffer.getvalue()
+
+
+def grid_image(images: torch.Tensor, nrow: int | None = None) -> Image.Image:
+    """A batch (uint8, or float in [-1, 1]) as one grid image."""
+    return array_to_pil(make_grid(to_uint8(images), nrow))
+
+
+def save_image(image: Image.Image, path: str | Path) -> Path:
+    """Save a PIL image atomically (format from the suffix: .png, .jpg, .gif, ...)."""
+    return atomic_write(path, encode(image, Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")))
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Save a batch (uint8, or float in [-1, 1]) as one PNG grid."""
-    return save_image(array_to_pil(make_grid(to_uint8(images), nrow)), path)
+    """Save a batch (uint8, or float in [-1, 1]) as one grid image file."""
+    return save_image(grid_image(images, nrow), path)
 
 
-def save_gif(frames: Sequence[Image.Image], path: str | Path, duration_ms: int = 200) -> Path:
+def gif(frames: Sequence[bytes], duration_ms: int = 250) -> bytes:
+    """Encoded images (PNG bytes, in the order given) -> one animated GIF."""
     if not frames:
         raise ValueError("no frames to animate")
-    first, *rest = [f.convert("RGB") for f in frames]
-    return save_image(first, path, format="GIF", save_all=True, append_images=rest, duration=duration_ms, loop=0)
-
-
-def animate(frame_paths: Sequence[str | Path], out: str | Path, duration_ms: int = 250) -> Path:
-    """PNG files (in the order given) -> one animated GIF."""
-    images = []
-    for path in frame_paths:
-        with Image.open(path) as im:
-            images.append(im.convert("RGB"))
-    return save_gif(images, out, duration_ms=duration_ms)
+    first, *rest = [Image.open(io.BytesIO(frame)).convert("RGB") for frame in frames]
+    return encode(first, "GIF", save_all=True, append_images=rest, duration=duration_ms, loop=0)

@@ -17,9 +17,12 @@ import torch
 from tqdm import tqdm
 
 from .distributed.env import DistEnv
-from .files import atomic_write
 from .schedule import Schedule
+from .storage import RunStorage
 from .wandb_logger import WandbLogger
+
+
+METRICS_FILE = "metrics.jsonl"
 
 
 def emit(text: str) -> None:
@@ -28,18 +31,21 @@ def emit(text: str) -> None:
     sys.stdout.flush()
 
 
-def read_metrics(path: str | Path) -> list[dict]:
+def parse_metrics(text: str) -> list[dict]:
     """The records of a metrics.jsonl; a line that is not one (cut short by a crash or a full disk) is left out."""
     records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and "step" in record:
-                records.append(record)
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
     return records
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return parse_metrics(Path(path).read_text())
 
 
 class Meter:
@@ -88,8 +94,9 @@ class Metrics:
     """The metrics part. Every rank: `add` each step, `__call__` at log steps (a collective). Rank 0: `write`
     the step's record, `message`, and W&B images; the W&B run id is its state (a resumed run continues it)."""
 
-    def __init__(self, cfg, env: DistEnv, run_dir: Path, global_batch: int, num_samples: int, optimizers, batches):
-        self.cfg, self.env, self.run_dir = cfg, env, run_dir
+    def __init__(self, cfg, env: DistEnv, storage: RunStorage, global_batch: int, num_samples: int, optimizers,
+                 batches):
+        self.cfg, self.env, self.storage = cfg, env, storage
         self.schedule = Schedule(cfg.train.log_every, last=cfg.train.max_steps, on_stop=True)
         self.global_batch, self.num_samples = global_batch, num_samples
         self.optimizers, self.batches = optimizers, batches
@@ -97,7 +104,7 @@ class Metrics:
         self.window_started, self.excluded = time.perf_counter(), 0.0
         self.wandb_run_id: str | None = None
         self.progress: Progress | None = None
-        self.file = None
+        self.lines: list[str] = []  # metrics.jsonl, written whole at every log step (an object cannot be appended to)
         self.wandb: WandbLogger | None = None
 
     def state_dict(self) -> dict:
@@ -112,15 +119,20 @@ class Metrics:
         if not self.env.is_main:
             return
         self.progress = Progress(step, self.cfg.train.max_steps)
-        path = self.run_dir / "metrics.jsonl"
-        if path.is_file():  # records past the checkpoint resumed from are trained again: drop them
-            kept = [r for r in read_metrics(path) if r["step"] <= step]
-            atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-        self.file = open(path, "a", buffering=1)
+        if self.storage.is_file(METRICS_FILE):  # records past the checkpoint resumed from are trained again: drop them
+            kept = [r for r in parse_metrics(self.storage.read(METRICS_FILE).decode()) if r["step"] <= step]
+            self.lines = [json.dumps(r) for r in kept]
+            self._flush()
         if self.cfg.wandb.mode != "disabled":
-            self.wandb = WandbLogger(self.cfg, self.run_dir, run_id=self.wandb_run_id)
+            # W&B's own files stay on this machine: the run directory, or beside the data cache for a run in an
+            # object store (`wandb sync` uploads them from there).
+            where = self.storage.local_dir() or Path(self.cfg.data.cache_dir).expanduser() / "wandb-runs" / self.cfg.run.name
+            self.wandb = WandbLogger(self.cfg, where, run_id=self.wandb_run_id)
             self.wandb_run_id = self.wandb.run_id
-            self.message(f"W&B ({self.cfg.wandb.mode}): run {self.wandb_run_id} in {self.run_dir / 'wandb'}")
+            self.message(f"W&B ({self.cfg.wandb.mode}): run {self.wandb_run_id} in {where / 'wandb'}")
+
+    def _flush(self) -> None:
+        self.storage.write(METRICS_FILE, "".join(line + "\n" for line in self.lines).encode())
 
     def add(self, losses: dict[str, torch.Tensor], seconds: float) -> None:
         """One step's losses (tensors, not read here: no device sync per step) and its time on the host."""
@@ -160,7 +172,8 @@ class Metrics:
     def write(self, record: dict) -> None:
         if not self.env.is_main:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.lines.append(json.dumps(record))
+        self._flush()
         if "images_per_s" in record:
             self.progress.log(record)
         if self.wandb:
@@ -170,18 +183,16 @@ class Metrics:
         if self.env.is_main:
             self.progress.message(text) if self.progress else emit(text)
 
-    def log_image(self, key: str, path: Path, step: int, caption: str) -> None:
+    def log_image(self, key: str, image, step: int, caption: str) -> None:
         if self.wandb:
-            self.wandb.log_image(key, path, step, caption)
+            self.wandb.log_image(key, image, step, caption)
 
-    def log_animation(self, key: str, path: Path, step: int) -> None:
+    def log_animation(self, key: str, gif: bytes, step: int) -> None:
         if self.wandb:
-            self.wandb.log_animation(key, path, step)
+            self.wandb.log_animation(key, gif, step)
 
     def close(self, step: int) -> None:
         if self.progress:
             self.progress.close()
-        if self.file:
-            self.file.close()
         if self.wandb:
             self.wandb.finish()

@@ -16,9 +16,11 @@ import sys
 import torch
 
 from .checkpoint import CheckpointError, load_generator
+from .files import atomic_write
 from .images import save_grid
 from .models import generate
 from .sampler import progress_animation
+from .storage import RunStorage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,13 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nrow", type=int, default=0, help="images per row (default: square grid)")
     parser.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"), help="auto: EMA when the run kept one")
-    parser.add_argument("--progress", metavar="RUN_DIR", help="instead: animate RUN_DIR/samples/step_*.png into --out (GIF)")
+    parser.add_argument("--progress", metavar="RUN_DIR",
+                        help="instead: animate RUN_DIR/samples/step_*.png (a folder or s3://...) into --out (GIF)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.progress:
         out = args.out if args.out != "samples.png" else "progress.gif"
         try:
-            path = progress_animation(args.progress, out)
+            path = atomic_write(out, progress_animation(RunStorage(args.progress)))
         except FileNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -1,40 +1,42 @@
 """The sampler part: a grid of the same fixed latent vectors every train.sample_every steps, and at the end of
-a run the grids animated into progress.gif. Rank 0 alone; no collective."""
+a run the grids animated into progress.gif, all in the run's storage. Rank 0 alone; no collective."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .images import animate, save_grid
+from .images import encode, gif, grid_image
 from .metrics import Metrics
 from .models import eval_mode
 from .schedule import Schedule
+from .storage import RunStorage
 
 NUM_FIXED_SAMPLES = 64
+_GRID_NAME = re.compile(r"^step_\d+\.png$")
 
 
-def sample_grids(run_dir: str | Path) -> list[Path]:
+def sample_grids(storage: RunStorage) -> list[str]:
     """A run's sample grids (samples/step_*.png), in step order."""
-    return sorted((Path(run_dir) / "samples").glob("step_*.png"))
+    return sorted(f"samples/{name}" for name, is_dir in storage.list("samples") if not is_dir and _GRID_NAME.match(name))
 
 
-def progress_animation(run_dir: str | Path, out: str | Path) -> Path:
+def progress_animation(storage: RunStorage) -> bytes:
     """A run's fixed-noise grids as one animated GIF."""
-    frames = sample_grids(run_dir)
+    frames = sample_grids(storage)
     if not frames:
-        raise FileNotFoundError(f"no sample grids (samples/step_*.png) in {run_dir}")
-    return animate(frames, out)
+        raise FileNotFoundError(f"no sample grids (samples/step_*.png) in {storage.location}")
+    return gif([storage.read(name) for name in frames])
 
 
 class Sampler:
-    def __init__(self, cfg, run_dir: Path, generator: Callable[[], nn.Module], metrics: Metrics, device: torch.device,
-                 is_main: bool):
+    def __init__(self, cfg, storage: RunStorage, generator: Callable[[], nn.Module], metrics: Metrics,
+                 device: torch.device, is_main: bool):
         self.schedule = Schedule(cfg.train.sample_every, last=cfg.train.max_steps)
-        self.run_dir, self.generator, self.metrics, self.is_main = run_dir, generator, metrics, is_main
+        self.storage, self.generator, self.metrics, self.is_main = storage, generator, metrics, is_main
         noise = torch.Generator().manual_seed(cfg.run.seed)
         self.z = torch.randn(NUM_FIXED_SAMPLES, cfg.model.nz, 1, 1, generator=noise).to(device)
 
@@ -43,12 +45,13 @@ class Sampler:
         if not self.is_main:
             return
         with eval_mode(self.generator()) as G:
-            path = save_grid(G(self.z), self.run_dir / "samples" / f"step_{step:07d}.png", nrow=8)
-        self.metrics.message(f"step {step}: samples -> {path}")
-        self.metrics.log_image("samples", path, step, caption=f"fixed noise, step {step}")
+            image = grid_image(G(self.z), nrow=8)
+        where = self.storage.write(f"samples/step_{step:07d}.png", encode(image))
+        self.metrics.message(f"step {step}: samples -> {where}")
+        self.metrics.log_image("samples", image, step, caption=f"fixed noise, step {step}")
 
     def close(self, step: int) -> None:
-        if self.is_main and sample_grids(self.run_dir):
-            gif = progress_animation(self.run_dir, self.run_dir / "progress.gif")
-            self.metrics.message(f"progress animation -> {gif}")
-            self.metrics.log_animation("progress", gif, step)
+        if self.is_main and sample_grids(self.storage):
+            data = progress_animation(self.storage)
+            self.metrics.message(f"progress animation -> {self.storage.write('progress.gif', data)}")
+            self.metrics.log_animation("progress", data, step)

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import logging
 import signal
-import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -24,7 +22,7 @@ from torch import nn
 
 from . import config as config_lib
 from . import stopping
-from .checkpoint import CheckpointManager, CheckpointStorage, LocalCheckpoints
+from .checkpoint import CheckpointManager, CheckpointStorage, StorageCheckpoints
 from .config import Config, ConfigError
 from .data import ImageBatches, check_shards, normalise, resolve_data
 from .data.loader import slot_seed
@@ -38,6 +36,7 @@ from .models import build_models, unwrap
 from .precision import Precision, pick_device
 from .sampler import Sampler
 from .schedule import Part, Schedule
+from .storage import RunStorage
 
 log = logging.getLogger("dcgan_dist")
 
@@ -68,14 +67,11 @@ def check_settings(cfg: Config, world_size: int = 1, check_run_dir: bool = True,
         except (OSError, ValueError) as exc:
             raise ConfigError(f"data.shards={cfg.data.shards}: {exc}") from None
     if check_run_dir:
-        run_dir = Path(cfg.run.dir).expanduser()
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=run_dir):
-                pass
+            RunStorage(cfg.run.dir).check_writable()
         except OSError as exc:
-            raise ConfigError(f"run.dir={cfg.run.dir}: cannot write there ({exc.strerror or exc}); "
-                              "choose another run.dir") from None
+            reason = exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ConfigError(f"run.dir={cfg.run.dir}: cannot write there ({reason}); choose another run.dir") from None
 
 
 def build_networks(cfg: Config, device: torch.device):
@@ -162,7 +158,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         # Rank 0 alone writes run.dir; under Ray the driver has read a first sample already (once, not per restart).
         check_settings(cfg, env.world_size, check_run_dir=env.is_main, probe=not env.distributed)
-        self.run_dir = Path(cfg.run.dir).expanduser()
+        self.storage = RunStorage(cfg.run.dir)  # a local folder or s3://bucket/prefix: every file the run writes
         self.shards, self.num_samples = resolve_data(cfg.data, cfg.model)
         self.G, self.D, self.opt_g, self.opt_d, self.precision = build_networks(cfg, env.device)
         self.ema = EMA(self.G, cfg.train.ema_decay) if cfg.train.ema_decay > 0 and env.is_main else None
@@ -170,13 +166,13 @@ class Trainer:
         self.batches = make_loader(cfg, env, self.shards)
         self.global_batch = cfg.train.batch_size * env.world_size
 
-        self.metrics = Metrics(cfg, env, self.run_dir, self.global_batch, self.num_samples, (self.opt_g, self.opt_d),
+        self.metrics = Metrics(cfg, env, self.storage, self.global_batch, self.num_samples, (self.opt_g, self.opt_d),
                                self.batches)
         self.say = self.metrics.message  # rank 0 only
         states = {"G": self.G, "D": self.D, "opt_g": self.opt_g, "opt_d": self.opt_d, "precision": self.precision,
                   "metrics": self.metrics, **({"ema": self.ema} if self.ema else {})}
-        storage = checkpoint_storage or LocalCheckpoints(self.run_dir / "checkpoints", cfg.train.keep_checkpoints,
-                                                         warn=self.say)
+        storage = checkpoint_storage or StorageCheckpoints(self.storage.sub("checkpoints"), cfg.train.keep_checkpoints,
+                                                           warn=self.say)
         self.checkpoints = CheckpointManager(storage, env, config_lib.to_dict(cfg), states,
                                              {"data": self.batches, "rng": self.noise},
                                              Schedule(cfg.train.checkpoint_every, last=cfg.train.max_steps, on_stop=True),
@@ -184,7 +180,7 @@ class Trainer:
         self.parts: list[Part] = [self.metrics]
         if cfg.train.eval_every:
             self.parts.append(Evaluator(cfg, self.shards, self.sample_model, self.checkpoints, self.metrics, env.is_main))
-        self.parts += [Sampler(cfg, self.run_dir, self.sample_model, self.metrics, env.device, env.is_main),
+        self.parts += [Sampler(cfg, self.storage, self.sample_model, self.metrics, env.device, env.is_main),
                        self.checkpoints]
 
     def sample_model(self) -> nn.Module:
@@ -197,11 +193,11 @@ class Trainer:
         step = first = self.checkpoints.restore()
         set_hyperparameters((self.opt_g, self.opt_d), cfg.optim)  # this command line's, not the checkpoint's
         if env.is_main:  # after the restore: a refused resume leaves the run's record as it was
-            config_lib.save(cfg, self.run_dir / "config.yaml")
+            self.storage.write("config.yaml", config_lib.to_yaml(cfg).encode())
         if step >= cfg.train.max_steps:
             self.say(f"Already trained to step {step} (train.max_steps={cfg.train.max_steps}); nothing to do. "
                      "Raise train.max_steps to train further.")
-            return TrainResult(step, self.checkpoints.last_saved, str(self.run_dir), {}, 0.0)
+            return TrainResult(step, self.checkpoints.last_saved, self.storage.location, {}, 0.0)
         G, D = distribute(self.G, self.D, cfg, env)
         self.describe()
         self.metrics.start(step)
@@ -241,16 +237,16 @@ class Trainer:
         rate = (step - first) * self.global_batch / max(seconds, 1e-9)
         stopped = stopping.signal_of(stop) if step < cfg.train.max_steps else 0  # at the last step: finished
         self.say(f"{'Stopped' if stopped else 'Done'}: step {step} in {seconds:.1f} s ({rate:.1f} images/s)")
-        self.say(f"  checkpoint: {self.checkpoints.last_saved}\n  samples:    {self.run_dir / 'samples'}\n"
-                 f"  metrics:    {self.run_dir / 'metrics.jsonl'}")
-        return TrainResult(step, self.checkpoints.last_saved, str(self.run_dir), last_record, seconds, stopped,
+        self.say(f"  checkpoint: {self.checkpoints.last_saved}\n  samples:    {self.storage.where('samples')}\n"
+                 f"  metrics:    {self.storage.where('metrics.jsonl')}")
+        return TrainResult(step, self.checkpoints.last_saved, self.storage.location, last_record, seconds, stopped,
                            bool(stopped) and stopping.own_signal(stop))
 
     def describe(self) -> None:
         cfg, env = self.cfg, self.env
         params = [sum(p.numel() for p in net.parameters()) / 1e6 for net in (self.G, self.D)]
         m = cfg.model
-        self.say(f"Run dir: {self.run_dir}  |  {env.world_size} worker(s), device {env.device}"
+        self.say(f"Run dir: {self.storage.location}  |  {env.world_size} worker(s), device {env.device}"
                  + (f", synchronised batch norm: {cfg.dist.sync_bn}" if env.distributed else "")
                  + f"  |  G {params[0]:.2f}M params, D {params[1]:.2f}M params")
         self.say(f"Data: {self.shards} ({self.num_samples or 'unknown number of'} samples), "

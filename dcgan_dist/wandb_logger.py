@@ -8,6 +8,7 @@ resumed run continues the same W&B run. metrics.jsonl stays the local record eit
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -44,13 +45,14 @@ class WandbLogger:
         if self.run is not None:
             self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
-    def log_image(self, key: str, path: str | Path, step: int, caption: str = "") -> None:
+    def log_image(self, key: str, image, step: int, caption: str = "") -> None:
+        """A PIL image."""
         if self.run is not None:
-            self.run.log({key: self._wandb.Image(str(path), caption=caption)}, step=step)
+            self.run.log({key: self._wandb.Image(image, caption=caption)}, step=step)
 
-    def log_animation(self, key: str, gif_path: str | Path, step: int) -> None:
+    def log_animation(self, key: str, gif: bytes, step: int) -> None:
         if self.run is not None:
-            self.run.log({key: self._wandb.Video(str(gif_path), format="gif")}, step=step)
+            self.run.log({key: self._wandb.Video(io.BytesIO(gif), format="gif")}, step=step)
 
     def finish(self) -> None:
         if self.run is not None:

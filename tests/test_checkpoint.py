@@ -7,11 +7,16 @@ import pytest
 import torch
 
 from dcgan_dist import checkpoint as ckpt
-from dcgan_dist.config import build_config, save, to_dict
+from dcgan_dist.config import build_config, to_dict, to_yaml
 
 
 def fake_state(step: int) -> dict:
     return {"format_version": ckpt.FORMAT_VERSION, "step": step, "config": to_dict(build_config("debug", []))}
+
+
+def write_text(path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def write(path, step: int):
@@ -33,7 +38,7 @@ def test_every_layout_finds_the_newest(tmp_path):
     # A Ray run directory as the README's example leaves it: config.yaml names the run, Ray Train's storage
     # holds step_*/state.pt beside its own snapshot file.
     ray_run = tmp_path / "ray-run"
-    save(build_config("debug", ["run.name=faces", "dist.launcher=ray", f"run.dir={ray_run}"]), ray_run / "config.yaml")
+    write_text(ray_run / "config.yaml", to_yaml(build_config("debug", ["run.name=faces", "dist.launcher=ray", f"run.dir={ray_run}"])))
     experiment = ray_run / "ray" / "faces"
     for step in (3, 6):
         write(experiment / f"step_{step:07d}" / ckpt.STATE_FILE, step)
@@ -45,7 +50,7 @@ def test_every_layout_finds_the_newest(tmp_path):
     # dist.storage_path elsewhere: the run's config.yaml says where.
     elsewhere = tmp_path / "storage"
     other = tmp_path / "other-run"
-    save(build_config("debug", ["run.name=x", f"dist.storage_path={elsewhere}"]), other / "config.yaml")
+    write_text(other / "config.yaml", to_yaml(build_config("debug", ["run.name=x", f"dist.storage_path={elsewhere}"])))
     write(elsewhere / "x" / "step_0000009" / ckpt.STATE_FILE, 9)
     assert ckpt.load_checkpoint(other)[1]["step"] == 9
 
@@ -63,7 +68,7 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
     newest.write_bytes(newest.read_bytes()[:100])  # a full disk, a crash mid-copy
     warnings = []
     path, state = ckpt.load_checkpoint(folder, warn=warnings.append)
-    assert state["step"] == 5 and path.name == "step_0000005.pt"
+    assert state["step"] == 5 and path.endswith("/step_0000005.pt")
     assert len(warnings) == 1 and "step_0000010.pt" in warnings[0]
 
 

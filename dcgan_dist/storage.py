@@ -1,0 +1,116 @@
+"""Where a run's files and a data set's shards live: a local directory or an object store (s3://bucket/prefix).
+
+Both go through a pyarrow filesystem, the layer Ray Train uses for its own storage too: `LocalFileSystem` for
+paths, `S3FileSystem` for s3:// locations, which reach any S3 API (AWS, MinIO, Ceph, SeaweedFS, GCS's
+interoperability endpoint). The endpoint and credentials come only from the standard variables, never from
+settings: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (empty: AWS itself), AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION or AWS_DEFAULT_REGION; the Ray launcher forwards them to the
+workers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pyarrow import fs as pafs
+
+from .files import atomic_write
+
+S3 = "s3://"
+# The variables an S3 client needs here and in every Ray worker (values never printed or stored).
+S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+          "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def is_remote(location: str) -> bool:
+    return location.startswith(S3)
+
+
+@functools.lru_cache(maxsize=None)
+def s3_filesystem() -> pafs.S3FileSystem:
+    """The object store the standard AWS variables describe (one per process)."""
+    kwargs: dict = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:  # pyarrow does not read these variables itself
+        parsed = urlparse(endpoint)
+        kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
+    return pafs.S3FileSystem(allow_bucket_creation=True, **kwargs)
+
+
+def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path on it) of a local path or an s3://bucket/prefix location."""
+    if is_remote(location):
+        return s3_filesystem(), location[len(S3):].rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(location).expanduser().absolute())
+
+
+class RunStorage:
+    """A run's folder: <run.dir> on this machine's disk, or s3://bucket/prefix. Names are relative to it
+    ("metrics.jsonl", "checkpoints/step_0000100.pt"). A write is whole or absent: a local file goes to a temporary
+    name and is renamed; an object store's PUT is atomic by itself."""
+
+    def __init__(self, location: str):
+        self.location = location.rstrip("/") if is_remote(location) else str(Path(location).expanduser())
+        self.fs, self.root = filesystem(location)
+        self.remote = is_remote(location)
+
+    def __repr__(self) -> str:
+        return f"RunStorage({self.location})"
+
+    def where(self, name: str) -> str:
+        """What to show a user: the path or URI of `name`."""
+        return f"{self.location}/{name}" if name else self.location
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{name}" if name else self.root
+
+    def write(self, name: str, data: bytes) -> str:
+        if self.remote:
+            with self.fs.open_output_stream(self._path(name)) as f:
+                f.write(data)
+        else:
+            atomic_write(self._path(name), data)
+        return self.where(name)
+
+    def read(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self._path(name)) as f:
+            return f.read()
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(self._path(name)).type != pafs.FileType.NotFound
+
+    def is_file(self, name: str) -> bool:
+        return self.fs.get_file_info(self._path(name)).type == pafs.FileType.File
+
+    def list(self, folder: str = "") -> list[tuple[str, bool]]:
+        """(name, is a folder) of the entries directly in `folder` ('' = the root)."""
+        path = self._path(folder)
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except (NotADirectoryError, FileNotFoundError):
+            return []
+        return [(info.base_name, info.type == pafs.FileType.Directory) for info in infos]
+
+    def delete(self, name: str) -> None:
+        try:
+            self.fs.delete_file(self._path(name))
+        except FileNotFoundError:
+            pass
+
+    def local_dir(self) -> Path | None:
+        """The folder on this machine's disk, or None for an object store."""
+        return None if self.remote else Path(self.root)
+
+    def sub(self, folder: str) -> "RunStorage":
+        return RunStorage(self.where(folder))
+
+    def check_writable(self) -> None:
+        """Raise OSError unless a file can be written here (the probe is removed again)."""
+        probe = f".write-probe-{os.getpid()}"
+        if not self.remote:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+        self.write(probe, b"")
+        self.delete(probe)
