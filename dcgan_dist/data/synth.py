@@ -13,6 +13,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from .shards import META_FILE, SHARD_PATTERN, DatasetInfo, encode_image, write_info
+from .shards import META_FILE, SHARD_PATTERN, DatasetInfo, ShardOutput, encode_image
 
 SUPERSAMPLE = 4  # draw at 4x and downsample with a box filter for smooth, anti-aliased edges
 
@@ -143,12 +144,12 @@ def face_array(index: int, seed: int, size: int, channels: int) -> np.ndarray:
     return np.asarray(image)
 
 
-def _write_shard(args: tuple[str, int, int, int, int, int, str]) -> int:
+def _write_shard(args: tuple[str, int, int, int, int, int, str]) -> tuple[str, int]:
     path, start, stop, seed, size, channels, fmt = args
     with wds.TarWriter(path) as sink:
         for i in range(start, stop):
             sink.write({"__key__": f"{i:09d}", fmt: encode_image(face_array(i, seed, size, channels), fmt)})
-    return stop - start
+    return Path(path).name, stop - start
 
 
 def write_synthetic_shards(
@@ -162,28 +163,29 @@ def write_synthetic_shards(
     processes: int | None = None,
     progress: bool = True,
 ) -> DatasetInfo:
-    """Draw `num` faces into shards of `shard_size` in `out_dir` (shards drawn in parallel processes)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if any(out.glob("*.tar")):
-        raise FileExistsError(f"{out} already holds shards; choose an empty directory")
+    """Draw `num` faces into shards of `shard_size` in `out_dir` (a folder or s3://bucket/prefix), shards drawn in
+    parallel processes."""
+    out = ShardOutput(str(out_dir))
     jobs = [
-        (str(out / (SHARD_PATTERN % j)), start, min(start + shard_size, num), seed, size, channels, fmt)
+        (str(out.staging / (SHARD_PATTERN % j)), start, min(start + shard_size, num), seed, size, channels, fmt)
         for j, start in enumerate(range(0, num, shard_size))
     ]
     processes = processes or min(len(jobs), os.cpu_count() or 1)
-    bar = tqdm(total=num, unit="img", desc=f"drawing faces -> {out}", disable=None if progress else True)  # None: only on a terminal
-    if processes > 1:
-        with mp.get_context("spawn").Pool(processes) as pool:
-            for n in pool.imap_unordered(_write_shard, jobs):
+    bar = tqdm(total=num, unit="img", desc=f"drawing faces -> {out_dir}", disable=None if progress else True)  # None: only on a terminal
+    counts = {}
+    try:
+        with mp.get_context("spawn").Pool(processes) if processes > 1 else nullcontext() as pool:
+            for name, n in (pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard, jobs)):
+                out.finished(name)
+                counts[name] = n
                 bar.update(n)
-    else:
-        for job in jobs:
-            bar.update(_write_shard(job))
+    except BaseException:
+        out.discard()
+        raise
     bar.close()
-    counts = {Path(path).name: stop - start for path, start, stop, *_ in jobs}
-    info = DatasetInfo(num, size, channels, fmt, len(jobs), source=f"synthetic faces, seed {seed}", shard_counts=counts)
-    write_info(out, info)
+    info = DatasetInfo(num, size, channels, fmt, len(jobs), source=f"synthetic faces, seed {seed}",
+                       shard_counts=dict(sorted(counts.items())))
+    out.close(info)
     return info
 
 
