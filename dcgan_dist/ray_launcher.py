@@ -41,15 +41,22 @@ from .checkpoint import BEST_FILE, STATE_FILE, CheckpointError, load, ray_storag
 from .config import Config, ConfigError, from_dict, to_dict
 from .distributed.env import DistEnv
 from .metrics import emit
+from .storage import S3_ENV, filesystem, is_remote
 from .trainer import StepHook, Trainer
 
-# Driver environment variables that workers need (Ray does not copy the driver's environment to workers).
-FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE", "WANDB_BASE_URL", "PYTHONUNBUFFERED")
+# Driver environment variables that workers need (Ray does not copy the driver's environment to workers): W&B's,
+# and the object store's endpoint and credentials (storage.py).
+FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE", "WANDB_BASE_URL", "PYTHONUNBUFFERED",
+                 *S3_ENV)
 
 
 class RayCheckpoints:
     """Checkpoints in Ray Train's storage: get_checkpoint() to resume, report(checkpoint=...) to save (Ray keeps
-    the newest CheckpointConfig.num_to_keep), and best.pt written beside them through Ray's storage filesystem."""
+    the newest CheckpointConfig.num_to_keep), and best.pt written beside them through Ray's storage filesystem.
+    scheme: what Ray's paths lack to be a location a user can give back ("s3://" for an object store)."""
+
+    def __init__(self, scheme: str = ""):
+        self.scheme = scheme
 
     def latest(self) -> tuple[str, dict] | None:
         checkpoint = ray.train.get_checkpoint()
@@ -57,7 +64,7 @@ class RayCheckpoints:
             return None
         with checkpoint.as_directory() as directory:
             state = load(Path(directory) / STATE_FILE)
-        return f"{checkpoint.path}/{STATE_FILE}", state
+        return f"{self.scheme}{checkpoint.path}/{STATE_FILE}", state
 
     def save(self, state: dict | None, step: int, metrics: dict) -> str | None:
         with tempfile.TemporaryDirectory(prefix="dcgan-ckpt-") as directory:
@@ -72,7 +79,7 @@ class RayCheckpoints:
         if state is None:
             return None
         storage = ray.train.get_context().get_storage()
-        return f"{storage.experiment_fs_path}/{step_name(step)}/{STATE_FILE}"
+        return f"{self.scheme}{storage.experiment_fs_path}/{step_name(step)}/{STATE_FILE}"
 
     def save_best(self, state: dict) -> str:
         storage = ray.train.get_context().get_storage()
@@ -80,7 +87,7 @@ class RayCheckpoints:
         with fs.open_output_stream(f"{path}.tmp") as f:
             f.write(to_bytes(state))
         fs.move(f"{path}.tmp", path)  # a rename on a file system; an object store's PUT is atomic anyway
-        return path
+        return f"{self.scheme}{path}"
 
 
 class _Backend(_TorchBackend):
@@ -121,6 +128,15 @@ def _watch(stop: "ray.actor.ActorHandle") -> None:
 class Preempted(RuntimeError):
     """A worker received SIGTERM (its node is going away): every rank has checkpointed the same step, and
     raising lets Ray Train restart the workers from that checkpoint (dist.max_failures)."""
+
+
+def ray_storage(storage_path: str) -> dict:
+    """RunConfig's storage for a path or URI: an s3:// location goes through this project's S3 filesystem (the
+    endpoint and credentials of the standard variables, which Ray's own would not read), other URIs to Ray."""
+    if is_remote(storage_path):
+        fs, path = filesystem(storage_path)
+        return {"storage_path": path, "storage_filesystem": fs}
+    return {"storage_path": storage_path}
 
 
 def worker_env(cfg: Config) -> DistEnv:
@@ -172,7 +188,7 @@ def train_worker(config: dict, stop: "ray.actor.ActorHandle", hooks: Sequence[St
     # that could not get further; the same goes for a checkpoint they all read.
     trainer, error = None, None
     try:
-        trainer = Trainer(cfg, env, RayCheckpoints(), hooks)
+        trainer = Trainer(cfg, env, RayCheckpoints("s3://" if is_remote(cfg.dist.storage_path) else ""), hooks)
     except ConfigError as exc:
         error = str(exc)
     errors = [e for e in env.gather_objects(error) if e]
@@ -201,7 +217,7 @@ def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = ()) -> int:
 
     argv: the command line's settings (for the resume command a stopped run prints); hooks are called in every
     worker after every step (they travel to the workers pickled)."""
-    if not Path(cfg.run.dir).is_absolute() and "working_dir_files" in os.getcwd():
+    if not is_remote(cfg.run.dir) and not Path(cfg.run.dir).is_absolute() and "working_dir_files" in os.getcwd():
         print(f"warning: run.dir={cfg.run.dir} is relative to this job's temporary working directory "
               f"({os.getcwd()}); pass an absolute run.dir (or dist.storage_path on shared storage) to keep outputs",
               flush=True)
@@ -212,7 +228,8 @@ def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = ()) -> int:
           f"(connected in {ray_seconds:.1f} s)", flush=True)
     # Workers may start in other directories (and other nodes): give them absolute paths and a fixed device.
     config = to_dict(cfg)
-    config["run"]["dir"] = str(Path(cfg.run.dir).expanduser().resolve())
+    if not is_remote(cfg.run.dir):
+        config["run"]["dir"] = str(Path(cfg.run.dir).expanduser().resolve())
     config["dist"]["storage_path"] = storage = ray_storage_path(cfg)
     config["train"]["device"] = resolve_device(cfg)
     cfg = from_dict(config)
@@ -231,7 +248,7 @@ def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = ()) -> int:
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=cfg.run.name,  # fixed, so a rerun finds the run's snapshot and resumes
-            storage_path=storage,
+            **ray_storage(storage),
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             worker_runtime_env=worker_runtime_env(),
@@ -258,7 +275,7 @@ def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = ()) -> int:
     if result.checkpoint is None:
         print("No checkpoint was written.")
         return 1
-    print(f"Final checkpoint (step {info.get('step', '?')}): {result.checkpoint.path}/{STATE_FILE}")
+    print(f"Final checkpoint (step {info.get('step', '?')}): {info.get('checkpoint')}")
     if info.get("stopped_by"):
         return stopping.report(info["stopped_by"], info["step"], info["checkpoint"], argv)
     return 0 if info.get("step", 0) >= cfg.train.max_steps else 1
