@@ -1,6 +1,6 @@
 """Measure training speed: the loader, the full training step, the scaling of N Ray workers.
 
-    python -m dcgan_dist.bench [--config FILE] [key=value ...] [--steps 20] [--warmup 5] [--baseline]
+    python -m dcgan_dist.bench [--config FILE] [key=value ...] [--steps 20] [--warmup 5] [--baseline] [--checkpoint]
 
 Local launcher: data_images_per_s (shards -> normalised tensors on the device, the real loader) and
 train_images_per_s (the real training step on batches from that loader: what the Trainer runs, without its
@@ -36,6 +36,8 @@ from .distributed.env import DistEnv
 from .gan import train_step
 from .models import build_models
 from .precision import pick_device
+from .checkpoint import to_bytes
+from .storage import RunStorage
 from .trainer import NoiseRNG, build_networks, distribute, make_loader
 
 
@@ -56,6 +58,23 @@ def measure_data(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int
         return steps * cfg.train.batch_size / (time.perf_counter() - started)
     finally:
         batches.close()
+
+
+def measure_checkpoint(cfg: Config, device: torch.device) -> dict:
+    """Writing one full checkpoint (G, D, both Adam states after a step) to run.dir, a local folder or a bucket,
+    as the local launcher does; the file is removed again."""
+    G, D, opt_g, opt_d, precision = build_networks(cfg, device)
+    m = cfg.model
+    real = torch.rand(cfg.train.batch_size, m.channels, m.image_size, m.image_size, device=device) * 2 - 1
+    train_step(G, D, opt_g, opt_d, real, torch.randn(real.shape[0], m.nz, 1, 1, device=device), precision)
+    state = {"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()}
+    storage = RunStorage(cfg.run.dir)
+    started = time.perf_counter()
+    data = to_bytes(state)
+    storage.write(".bench-checkpoint.pt", data)
+    seconds = time.perf_counter() - started
+    storage.delete(".bench-checkpoint.pt")
+    return {"checkpoint_mib": len(data) / 2**20, "checkpoint_write_s": seconds}
 
 
 def measure_train(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int, data_env: DistEnv | None = None) -> dict:
@@ -174,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--baseline", action="store_true", help="also time a minimal hand-written DCGAN loop")
     parser.add_argument("--skip-data", action="store_true", help="do not measure the loader alone")
+    parser.add_argument("--checkpoint", action="store_true",
+                        help="also time writing one checkpoint to run.dir (a local folder or s3://bucket/prefix)")
     args, rest = parser.parse_known_args(argv)
     try:
         cfg, _ = from_args(rest)
@@ -197,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_data:
         result["data_images_per_s"] = measure_data(cfg, env, shards, args.steps * 2, args.warmup)
         rows.append(("loader alone (shards -> normalised tensors)", result["data_images_per_s"]))
+    if args.checkpoint:
+        result.update(measure_checkpoint(cfg, device))
     if cfg.dist.launcher == "ray":
         result.update(bench_ray(cfg, args.steps, args.warmup))
         n = cfg.dist.num_workers
@@ -217,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<48}{value:>12.1f}")
     if "vs_baseline" in result:
         print(f"  training step / baseline: {result['vs_baseline']:.3f}")
+    if "checkpoint_write_s" in result:
+        print(f"  checkpoint, {result['checkpoint_mib']:.1f} MiB to {cfg.run.dir}: {result['checkpoint_write_s']:.2f} s")
     if "speedup" in result:
         print(f"  speedup a/c: {result['speedup']:.3f}   comm_efficiency a/b: {result['comm_efficiency']:.3f}")
         print("  per step: " + ", ".join(f"{k[:-2]} {v * 1000:.1f} ms" for k, v in result["step_breakdown"].items()))

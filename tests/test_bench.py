@@ -7,9 +7,11 @@ from .conftest import TINY, run_cli
 
 def test_local_bench_with_baseline(tiny_shards):
     proc = run_cli("-m", "dcgan_dist.bench", "--config", "debug", *TINY, f"data.shards={tiny_shards}",
-                   "--steps", "3", "--warmup", "1", "--baseline", check=True)
+                   "--steps", "3", "--warmup", "1", "--baseline", "--checkpoint", f"run.dir={tiny_shards.parent / 'bench'}",
+                   check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("train_images_per_s", "data_images_per_s", "baseline_images_per_s", "vs_baseline"):
+    for key in ("train_images_per_s", "data_images_per_s", "baseline_images_per_s", "vs_baseline", "checkpoint_mib",
+                "checkpoint_write_s"):
         assert result[key] > 0, key
     assert result["batch_size"] == 16 and result["ngf"] == 8 and result["threads"] == 1
     assert result["device"].startswith("cpu")

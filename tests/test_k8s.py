@@ -109,10 +109,10 @@ def test_broken_manifests_fail_validation(kuberay_validators):
     typo["spec"]["shutdownAfterJobFinish"] = True  # misspelt key
     with pytest.raises(jsonschema.ValidationError):
         validate(typo, kuberay_validators)
-    pvc = copy.deepcopy(next(o for o in objects if o["kind"] == "PersistentVolumeClaim"))
-    pvc["spec"]["accessModes"] = "ReadWriteMany"  # a string where a list belongs
+    job = copy.deepcopy(render(ROOT / "k8s" / "overlays" / "data")[0])
+    job["spec"]["template"]["spec"]["containers"][0]["envFrom"] = {"secretRef": {"name": "x"}}  # not a list
     with pytest.raises(kubernetes_validate.ValidationError):
-        validate(pvc, kuberay_validators)
+        validate(job, kuberay_validators)
 
 
 def entrypoint_config(job: dict):
@@ -145,7 +145,10 @@ def test_rayjob_entrypoint_and_scale(rendered):
         if name == "gpu":
             assert cfg.train.device == "cuda" and cfg.dist.sync_bn
             assert all(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1 for g in groups)
-            assert cfg.dist.storage_path.startswith("/runs") and cfg.run.dir.startswith("/runs")  # on the PVC
+            # Shards and every run file in the bucket, whose keys (and endpoint) come from the Secret dcgan-s3.
+            assert cfg.data.shards.startswith("s3://") and cfg.run.dir.startswith("s3://") and not cfg.dist.storage_path
+            for template in pod_templates(job):
+                assert template["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "dcgan-s3"}}]
         if name == "cpu-smoke":
             assert cfg.train.device != "cuda" and cfg.data.shards == "" and total == 2  # synthetic faces, 2 workers
 
@@ -216,3 +219,34 @@ def test_the_prestop_hook_stops_the_training_workers_and_waits_for_them():
     assert hook.returncode == 0
     assert all(w.poll() == 0 for w in workers)  # stopped by the SIGTERM, cleanly, before the hook returned
     assert waited >= 1.5
+
+
+def test_no_claims_and_the_image_named_in_one_place(rendered):
+    """No PersistentVolumeClaims (most storage classes cannot give ReadWriteMany), and every container runs the
+    image that k8s/image names, the only file under k8s/ that says which registry."""
+    _, objects = rendered
+    image = yaml.safe_load((ROOT / "k8s" / "image" / "kustomization.yaml").read_text())["images"]
+    allowed = {f"{i['newName']}:{i['newTag']}" for i in image}
+    assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    for obj in ray_objects(objects):
+        for template in pod_templates(obj):
+            assert not [v for v in template["spec"]["volumes"] if "persistentVolumeClaim" in v]
+            assert {c["image"] for c in template["spec"]["containers"]} <= allowed
+    registry = image[0]["newName"].split("/")[0]
+    mentions = [p for p in (ROOT / "k8s").rglob("*.yaml") if registry in p.read_text()]
+    assert mentions == [ROOT / "k8s" / "image" / "kustomization.yaml"], mentions
+
+
+def test_the_data_job_fills_the_bucket_the_gpu_job_reads():
+    """Step 1 of the gpu overlay: a Job whose command is a valid `dcgan_dist.data` command line writing the shards
+    that the RayJob's data.shards names, with the bucket's keys from the same Secret."""
+    [job] = render(ROOT / "k8s" / "overlays" / "data")
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    command = container["command"]
+    assert command[:3] == ["python", "-m", "dcgan_dist.data"] and command[3] in ("synth", "convert")
+    out = command[command.index("--out") + 1]
+    rayjob = next(o for o in render(ROOT / "k8s" / "overlays" / "gpu") if o["kind"] == "RayJob")
+    assert entrypoint_config(rayjob).data.shards == out
+    assert container["envFrom"] == [{"secretRef": {"name": "dcgan-s3"}}]
+    assert job["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True

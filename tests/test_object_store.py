@@ -96,3 +96,26 @@ def test_a_run_in_the_bucket_resumes_exactly_after_sigkill_from_the_bucket_alone
     assert out.is_file()
     proc = run_cli("-m", "dcgan_dist.sample", "--progress", "s3://dcgan-test/runs/killed", "--out", str(tmp_path / "p.gif"))
     assert proc.returncode == 0 and (tmp_path / "p.gif").is_file()
+
+
+def test_the_local_object_store_script(tmp_path):
+    """cluster/object-store.sh as the README has people use it: start, the exports, a bucket to write and read."""
+    import os
+    import shlex
+    import subprocess
+
+    from .conftest import free_port_pair, wait_until_writable
+
+    env = {**os.environ, "DCGAN_S3_DIR": str(tmp_path / "s3"), "DCGAN_S3_PORT": str(free_port_pair())}
+    script = str(ROOT / "cluster" / "object-store.sh")
+    start = subprocess.run(["bash", script, "start"], env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert start.returncode == 0, start.stdout + start.stderr
+        exports = subprocess.run(["bash", script, "env"], env=env, capture_output=True, text=True).stdout
+        s3 = dict(item.split("=", 1) for item in shlex.split(exports.removeprefix("export ")))
+        wait_until_writable(s3)
+        client = bucket_client(s3)
+        client.put_object(Bucket="dcgan-test", Key="hello", Body=b"world")
+        assert read_object(s3, "dcgan-test", "hello") == b"world"
+    finally:
+        subprocess.run(["bash", script, "stop"], env=env, capture_output=True, timeout=60)
