@@ -109,11 +109,23 @@ class RunStorage:
 
     def upload(self, local: Path, name: str) -> str:
         """A local file into this storage under `name` (streamed: no copy in memory)."""
+        path = self._path(name)
         if self.remote:  # not pafs.copy_files: it drops an error of the last part's upload
-            with open(local, "rb") as source, self.fs.open_output_stream(self._path(name)) as target:
-                shutil.copyfileobj(source, target, 8 << 20)
+            try:
+                with open(local, "rb") as source, self.fs.open_output_stream(path) as target:
+                    shutil.copyfileobj(source, target, 8 << 20)
+            except BaseException:
+                # Closing a stream completes its upload (pyarrow's Python API has no abort): what an error cut
+                # short must not stay as a whole-looking object.
+                self.delete(name)
+                raise
         else:
-            shutil.copyfile(local, self._path(name))
+            partial = f"{path}.partial-{os.getpid()}"
+            try:
+                shutil.copyfile(local, partial)
+                os.replace(partial, path)
+            finally:
+                Path(partial).unlink(missing_ok=True)
         return self.where(name)
 
     def delete(self, name: str) -> None:

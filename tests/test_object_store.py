@@ -67,6 +67,30 @@ def bucket_shards(s3_server):
     return "s3://dcgan-test/data/faces32"
 
 
+def test_an_upload_cut_short_leaves_no_object(s3_env, tmp_path, monkeypatch):
+    """A checkpoint upload that fails half-way must not leave a whole-looking, truncated object behind: closing a
+    pyarrow output stream completes the upload, so RunStorage removes what it wrote."""
+    import shutil
+
+    from dcgan_dist.storage import RunStorage
+
+    local = tmp_path / "state.pt"
+    local.write_bytes(b"x" * (12 << 20))
+    storage = RunStorage("s3://dcgan-test/cut-upload")
+    storage.upload(local, "whole.pt")
+
+    def copy_then_fail(source, target, length):
+        target.write(source.read(length))
+        raise OSError("link lost")
+
+    monkeypatch.setattr(shutil, "copyfileobj", copy_then_fail)
+    with pytest.raises(OSError, match="link lost"):
+        storage.upload(local, "cut.pt")
+    # ("" is the folder marker pyarrow leaves when it deletes the last object under a prefix)
+    assert [k for k in keys(s3_env, "dcgan-test", "cut-upload/") if k] == ["whole.pt"]
+    assert len(read_object(s3_env, "dcgan-test", "cut-upload/whole.pt")) == 12 << 20
+
+
 def test_a_run_in_the_bucket_resumes_exactly_after_sigkill_from_the_bucket_alone(s3_env, bucket_shards, tmp_path):
     """Shards and run.dir both in the bucket; the process is SIGKILLed after step 7, and the rerun, started in an
     empty directory, resumes from the bucket's step-5 checkpoint and ends bit-identical to an uninterrupted run.
