@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import io
-import logging
 import re
 import sys
 from pathlib import Path
@@ -35,7 +34,6 @@ from .models import Generator
 from .schedule import Schedule
 from .storage import RunStorage, filesystem
 
-log = logging.getLogger("dcgan_dist.checkpoint")
 
 FORMAT_VERSION = 2
 SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
@@ -230,7 +228,8 @@ class CheckpointManager:
 
     states: the run's stateful parts, saved by rank 0 (identical on every rank, or kept on rank 0 alone);
     rank_states: each rank's own parts (data-stream position, noise RNG), gathered into rank 0's checkpoint
-    (a collective, so `save` is called on every rank at the same steps).
+    (a collective, so `save` is called on every rank at the same steps). On restore a part with
+    `load_rank_states` gets every rank's saved state (the checkpoint may come from another number of workers).
     """
 
     def __init__(self, storage: CheckpointStorage, env: DistEnv, config: dict, states: dict[str, Stateful],
@@ -256,12 +255,13 @@ class CheckpointManager:
             if state.get(name) is not None:
                 part.load_state_dict(state[name])
         self.best = state["best"]
-        mine = state["ranks"].get(self.env.rank)
-        if mine is None:  # more workers than when the checkpoint was written: this rank starts fresh streams
-            log.warning("rank %d: no saved stream state (the checkpoint had %d worker(s))", self.env.rank, len(state["ranks"]))
-        else:
-            for name, part in self.rank_states.items():
-                part.load_state_dict(mine[name])
+        for name, part in self.rank_states.items():
+            saved = {int(rank): parts[name] for rank, parts in state["ranks"].items()}
+            if hasattr(part, "load_rank_states"):  # a part that can take over other ranks' work (the data stream)
+                part.load_rank_states(saved)
+            elif self.env.rank in saved:
+                part.load_state_dict(saved[self.env.rank])
+            # else: more workers than when the checkpoint was written; this rank's part starts afresh
         self.last_saved = where
         if self.env.is_main:
             self.say(f"Resuming from {where} (step {state['step']})")

@@ -64,7 +64,7 @@ class ModelSection:
 
 @dataclass
 class TrainSection:
-    batch_size: int = bounded(128, at_least=1)  # per worker; the global batch is batch_size * dist.num_workers
+    batch_size: int = bounded(128, at_least=1)  # per worker; the global batch is batch_size * the number of workers
     max_steps: int = bounded(10000, at_least=1)
     checkpoint_every: int = bounded(500, at_least=0)  # 0: only at the end
     sample_every: int = bounded(500, at_least=0)  # 0: only at the end
@@ -99,6 +99,11 @@ class OptimSection:
 class DistSection:
     launcher: Literal["local", "ray"] = "local"  # local: this process, no Ray; ray: Ray Train workers
     num_workers: int = bounded(1, at_least=1)  # training processes (ray); each reads its own slice of the shards
+    # ray: elastic training with between min_workers and num_workers workers, as many as the cluster has room
+    # for (Ray Train restarts the group smaller after losing a node, larger when capacity returns). The batch
+    # per worker stays train.batch_size, the learning rate stays optim.lr. 0: always num_workers.
+    min_workers: int = bounded(0, at_least=0)
+    resize_check_s: float = bounded(60.0, above=0.0)  # ray, elastic: how often a running group checks for room to grow
     sync_bn: bool = True  # batch norm statistics over the global batch (all workers), for G and D
     cpus_per_worker: int = bounded(1, at_least=1)  # ray: CPUs reserved per worker (loader processes and torch threads use them)
     max_failures: int = bounded(3, at_least=0)  # ray: restarts of the worker group from the latest checkpoint after a failure
@@ -112,6 +117,7 @@ class WandbSection:
     mode: Literal["offline", "online", "disabled"] = "offline"  # offline: no account needed; `wandb sync` later
     project: str = ""  # empty: $WANDB_PROJECT, else "dcgan_dist"
     entity: str = ""
+    group: str = ""  # W&B group (a sweep puts its trials in one, named after the sweep's run.name)
 
 
 @dataclass
@@ -258,6 +264,9 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"config key '{key}' is {value}; it must be below {limits['below']}")
             if "above" in limits and value <= limits["above"]:
                 raise ConfigError(f"config key '{key}' is {value}; it must be above {limits['above']}")
+    if cfg.dist.min_workers > cfg.dist.num_workers:
+        raise ConfigError(f"config key 'dist.min_workers' is {cfg.dist.min_workers}, more than dist.num_workers "
+                          f"({cfg.dist.num_workers}); elastic training runs between the two")
     if cfg.dist.launcher == "local" and cfg.dist.num_workers != 1:
         raise ConfigError(
             f"config key 'dist.num_workers' is {cfg.dist.num_workers} but dist.launcher=local runs one process; "

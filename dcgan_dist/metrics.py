@@ -103,19 +103,24 @@ class Metrics:
         self.meter, self.seconds, self.steps = Meter(), 0.0, 0
         self.window_started, self.excluded = time.perf_counter(), 0.0
         self.wandb_run_id: str | None = None
+        # Images trained on so far, over every worker: the global batch changes when an elastic run is resized.
+        self.images_seen: int | None = None
         self.progress: Progress | None = None
         self.lines: list[str] = []  # metrics.jsonl, written whole at every log step (an object cannot be appended to)
         self.wandb: WandbLogger | None = None
 
     def state_dict(self) -> dict:
-        return {"wandb_run_id": self.wandb_run_id}
+        return {"wandb_run_id": self.wandb_run_id, "images_seen": self.images_seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.wandb_run_id = state.get("wandb_run_id")
+        self.images_seen = state.get("images_seen")
 
     def start(self, step: int) -> None:
         """Rank 0 opens its outputs (after a restore, so that W&B continues the same run)."""
         self.window_started = time.perf_counter()
+        if self.images_seen is None:  # a new run, or a checkpoint from before images were counted
+            self.images_seen = step * self.global_batch
         if not self.env.is_main:
             return
         self.progress = Progress(step, self.cfg.train.max_steps)
@@ -139,6 +144,7 @@ class Metrics:
         self.meter.add(losses)
         self.seconds += seconds
         self.steps += 1
+        self.images_seen += self.global_batch
         if self.progress:
             self.progress.bar.update()
 
@@ -159,8 +165,9 @@ class Metrics:
             record[f"step_time_s/rank{rank}"] = total / max(self.steps, 1)
         self.seconds, self.steps, self.window_started, self.excluded = 0.0, 0, now, 0.0
         record["lr_g"], record["lr_d"] = (opt.param_groups[0]["lr"] for opt in self.optimizers)
+        record["workers"], record["images"] = self.env.world_size, self.images_seen
         if self.num_samples:
-            record["epoch"] = step * self.global_batch / self.num_samples
+            record["epoch"] = self.images_seen / self.num_samples
         # Data problems so far, summed over every rank's loader (0 for a healthy data set: then left out).
         names = ("bad_samples", "bad_shards", "missing_samples")
         local = torch.tensor([float(getattr(self.batches.counters, n)) for n in names], device=self.env.device)

@@ -37,7 +37,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import stopping
 
-from .checkpoint import BEST_FILE, STATE_FILE, CheckpointError, load, ray_storage_path, step_name, to_bytes
+from .checkpoint import (BEST_FILE, STATE_FILE, CheckpointError, load, load_checkpoint, ray_storage_path, step_name,
+                         to_bytes)
 from .config import Config, ConfigError, from_dict, to_dict
 from .distributed.env import DistEnv
 from .metrics import emit
@@ -55,13 +56,15 @@ class RayCheckpoints:
     the newest CheckpointConfig.num_to_keep), and best.pt written beside them through Ray's storage filesystem.
     scheme: what Ray's paths lack to be a location a user can give back ("s3://" for an object store)."""
 
-    def __init__(self, scheme: str = ""):
-        self.scheme = scheme
+    def __init__(self, scheme: str = "", start_from: str | None = None):
+        self.scheme, self.start_from = scheme, start_from
 
     def latest(self) -> tuple[str, dict] | None:
+        """This run's newest checkpoint; for a run that has none yet, the one it starts from (a sweep's trial
+        continuing another trial's weights), if any."""
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            return None
+            return load_checkpoint(self.start_from) if self.start_from else None
         with checkpoint.as_directory() as directory:
             state = load(Path(directory) / STATE_FILE)
         return f"{self.scheme}{checkpoint.path}/{STATE_FILE}", state
@@ -156,10 +159,18 @@ def worker_env(cfg: Config) -> DistEnv:
 
 
 def scaling_config(cfg: Config):
-    """dist.num_workers workers, each reserving dist.cpus_per_worker CPUs (and one GPU with train.device=cuda)."""
+    """dist.num_workers workers (or, elastic, between dist.min_workers and it), each reserving
+    dist.cpus_per_worker CPUs (and one GPU with train.device=cuda)."""
     use_gpu = cfg.train.device == "cuda"
     per_worker = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    return ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker)
+    return ScalingConfig(num_workers=workers(cfg), use_gpu=use_gpu, resources_per_worker=per_worker,
+                         elastic_resize_monitor_interval_s=cfg.dist.resize_check_s)
+
+
+def workers(cfg: Config) -> int | tuple[int, int]:
+    """Ray Train's num_workers: a number, or (min, max) for elastic training."""
+    low, high = cfg.dist.min_workers, cfg.dist.num_workers
+    return (low, high) if 0 < low < high else high
 
 
 def worker_runtime_env() -> dict | None:
@@ -173,12 +184,16 @@ def resolve_device(cfg: Config) -> str:
     worker now (an autoscaling cluster whose GPU nodes are not up yet needs train.device=cuda)."""
     if cfg.train.device != "auto":
         return cfg.train.device
-    return "cuda" if ray.cluster_resources().get("GPU", 0) >= cfg.dist.num_workers else "cpu"
+    fewest = cfg.dist.min_workers or cfg.dist.num_workers
+    return "cuda" if ray.cluster_resources().get("GPU", 0) >= fewest else "cpu"
 
 
-def train_worker(config: dict, stop: "ray.actor.ActorHandle", hooks: Sequence[StepHook] = ()) -> dict:
-    """Body of every Ray Train worker."""
-    threading.Thread(target=_watch, args=(stop,), daemon=True, name="dcgan-stop-watch").start()
+def train_worker(config: dict, stop: "ray.actor.ActorHandle | None", hooks: Sequence[StepHook] = (),
+                 start_from: str | None = None) -> dict:
+    """Body of every Ray Train worker. stop: the driver's StopRequest (None: no stop requests but signals);
+    start_from: a checkpoint to start from when the run has none of its own."""
+    if stop is not None:
+        threading.Thread(target=_watch, args=(stop,), daemon=True, name="dcgan-stop-watch").start()
     cfg = from_dict(config)
     env = worker_env(cfg)
     emit(f"worker rank {env.rank}/{env.world_size}: node {env.node_id} ({socket.gethostname()}), "
@@ -188,7 +203,8 @@ def train_worker(config: dict, stop: "ray.actor.ActorHandle", hooks: Sequence[St
     # that could not get further; the same goes for a checkpoint they all read.
     trainer, error = None, None
     try:
-        trainer = Trainer(cfg, env, RayCheckpoints("s3://" if is_remote(cfg.dist.storage_path) else ""), hooks)
+        trainer = Trainer(cfg, env, RayCheckpoints("s3://" if is_remote(cfg.dist.storage_path) else "", start_from),
+                          hooks)
     except ConfigError as exc:
         error = str(exc)
     errors = [e for e in env.gather_objects(error) if e]
@@ -212,6 +228,41 @@ def connect() -> float:
     return time.perf_counter() - started
 
 
+def worker_config(cfg: Config) -> Config:
+    """The settings as the workers get them: they may start in other directories (and on other nodes), so with
+    absolute paths, the Ray storage spelled out and the device decided (needs a connection to the cluster)."""
+    config = to_dict(cfg)
+    if not is_remote(cfg.run.dir):
+        config["run"]["dir"] = str(Path(cfg.run.dir).expanduser().resolve())
+    config["dist"]["storage_path"] = ray_storage_path(cfg)
+    config["train"]["device"] = resolve_device(cfg)
+    return from_dict(config)
+
+
+def torch_trainer(cfg: Config, stop: "ray.actor.ActorHandle | None" = None, hooks: Sequence[StepHook] = (),
+                  callbacks: Sequence[ray.train.UserCallback] = (), start_from: str | None = None) -> TorchTrainer:
+    """Ray Train's trainer for a run of `worker_config` settings: its workers, storage and failure handling.
+    callbacks run in Ray Train's controller (a sweep's trial passes its reports on to Ray Tune there)."""
+
+    def worker(config: dict) -> dict:
+        return train_worker(config, stop, hooks, start_from)
+
+    return TorchTrainer(
+        worker,
+        train_loop_config=to_dict(cfg),
+        torch_config=TorchConfigWithStop(),
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(
+            name=cfg.run.name,  # fixed, so a rerun finds the run's snapshot and resumes
+            **ray_storage(cfg.dist.storage_path),
+            failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            worker_runtime_env=worker_runtime_env(),
+            callbacks=list(callbacks) or None,
+        ),
+    )
+
+
 def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = ()) -> int:
     """Run training on Ray; prints where the final checkpoint is. Returns a process exit code.
 
@@ -226,35 +277,14 @@ def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = ()) -> int:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     print(f"Ray cluster: {len(nodes)} node(s), {resources.get('CPU', 0):g} CPU(s), {resources.get('GPU', 0):g} GPU(s) "
           f"(connected in {ray_seconds:.1f} s)", flush=True)
-    # Workers may start in other directories (and other nodes): give them absolute paths and a fixed device.
-    config = to_dict(cfg)
-    if not is_remote(cfg.run.dir):
-        config["run"]["dir"] = str(Path(cfg.run.dir).expanduser().resolve())
-    config["dist"]["storage_path"] = storage = ray_storage_path(cfg)
-    config["train"]["device"] = resolve_device(cfg)
-    cfg = from_dict(config)
-
+    cfg = worker_config(cfg)
+    storage = cfg.dist.storage_path
     # On the driver's node: the driver's stop request must not go away with a preempted worker node.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     stop = StopRequest.options(scheduling_strategy=here).remote()
-
-    def worker(config: dict) -> dict:
-        return train_worker(config, stop, hooks)
-
-    trainer = TorchTrainer(
-        worker,
-        train_loop_config=config,
-        torch_config=TorchConfigWithStop(),
-        scaling_config=scaling_config(cfg),
-        run_config=RunConfig(
-            name=cfg.run.name,  # fixed, so a rerun finds the run's snapshot and resumes
-            **ray_storage(storage),
-            failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            worker_runtime_env=worker_runtime_env(),
-        ),
-    )
-    print(f"Training {cfg.dist.num_workers} worker(s) x batch {cfg.train.batch_size} on {cfg.train.device}; "
+    trainer = torch_trainer(cfg, stop, hooks)
+    count = workers(cfg)
+    print(f"Training {count} worker(s) x batch {cfg.train.batch_size} on {cfg.train.device}; "
           f"Ray storage: {storage}/{cfg.run.name}", flush=True)
     fit_started = time.perf_counter()
     try:

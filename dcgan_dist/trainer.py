@@ -40,9 +40,9 @@ from .storage import RunStorage
 
 log = logging.getLogger("dcgan_dist")
 
-# Called right after every training step (before the parts act) with the step number and this process's DistEnv;
-# tests inject faults here.
-StepHook = Callable[[int, DistEnv], None]
+# Called right after every training step (before the parts act) with the step number, this process's DistEnv and
+# the step's uint8 images (as the loader gave them); tests inject faults and record what was trained here.
+StepHook = Callable[[int, DistEnv, torch.Tensor], None]
 
 
 @dataclass
@@ -211,7 +211,8 @@ class Trainer:
                 closing.push(_closer(part, lambda: step))
             while step < cfg.train.max_steps and not stop:
                 step_started = time.perf_counter()
-                real = normalise(next(self.batches), env.device, cfg.train.channels_last)
+                images = next(self.batches)
+                real = normalise(images, env.device, cfg.train.channels_last)
                 z = self.noise.latents(real.shape[0], cfg.model.nz)
                 losses = train_step(G, D, self.opt_g, self.opt_d, real, z, self.precision)
                 if self.ema is not None:
@@ -219,7 +220,7 @@ class Trainer:
                 step += 1
                 self.metrics.add(losses, time.perf_counter() - step_started)
                 for hook in self.hooks:
-                    hook(step, env)
+                    hook(step, env, images)
                 stop = env.agree_max(stopping.code())  # a graceful stop: after this step, on every rank
                 if stop:
                     self.say(f"{signal.Signals(stopping.signal_of(stop)).name}: stopping after step {step}, "

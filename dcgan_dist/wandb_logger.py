@@ -28,6 +28,7 @@ class WandbLogger:
         self.run = wandb.init(
             project=cfg.wandb.project or os.environ.get("WANDB_PROJECT") or "dcgan_dist",
             entity=cfg.wandb.entity or None,
+            group=cfg.wandb.group or None,
             name=cfg.run.name,
             id=run_id,
             resume="allow" if run_id else None,

@@ -4,10 +4,12 @@
 --signal: rank R sends itself SIGKILL, SIGTERM or SIGINT (NAME: KILL, TERM, INT) right after step STEP, once per
 run directory (a marker file there), so that the resumed or restarted run passes that step. INT goes to the
 whole process group, as Ctrl-C in a terminal does (run it in a session of its own). --sleep: every step takes S
-seconds longer (time to stop a job from outside). Under dist.launcher=ray the hooks travel to the Ray workers
+seconds longer (time to stop a job from outside). --record DIR: every rank appends what it trained on at each step
+(the tags of tests.test_data.tagged_images) to DIR/rank<R>.jsonl. Under dist.launcher=ray the hooks travel to the Ray workers
 (pickled by value, being defined in this script)."""
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -21,7 +23,7 @@ class SignalAfterStep:
     def __init__(self, signum: int, step: int, rank: int, marker: Path):
         self.signum, self.step, self.rank, self.marker = signum, step, rank, marker
 
-    def __call__(self, step, env) -> None:
+    def __call__(self, step, env, images) -> None:
         if step != self.step or env.rank != self.rank or self.marker.exists():
             return
         self.marker.parent.mkdir(parents=True, exist_ok=True)
@@ -36,8 +38,19 @@ class Sleep:
     def __init__(self, seconds: float):
         self.seconds = seconds
 
-    def __call__(self, step, env) -> None:
+    def __call__(self, step, env, images) -> None:
         time.sleep(self.seconds)
+
+
+class RecordTags:
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __call__(self, step, env, images) -> None:
+        tags = (images[:, 0, 0, 0].long() + 256 * images[:, 0, 0, 1].long()).tolist()  # as tests.test_data.tag
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f"rank{env.rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "world": env.world_size, "tags": tags}) + "\n")
 
 
 if __name__ == "__main__":
@@ -46,6 +59,7 @@ if __name__ == "__main__":
     parser.add_argument("--after", type=int, default=0)
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--record", type=Path)
     parser.add_argument("--marker", help="the once-only marker file (default: in run.dir, when that is a folder)")
     args, train_args = parser.parse_known_args()
     hooks = []
@@ -55,4 +69,6 @@ if __name__ == "__main__":
         hooks.append(SignalAfterStep(signal.Signals[f"SIG{args.signal}"], args.after, args.rank, marker))
     if args.sleep:
         hooks.append(Sleep(args.sleep))
+    if args.record:
+        hooks.append(RecordTags(args.record.absolute()))
     sys.exit(main(train_args, hooks=hooks))

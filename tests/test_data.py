@@ -114,6 +114,79 @@ def test_resume_continues_the_same_sequence(tmp_path, num_workers, consumed):
         assert torch.equal(want, got)
 
 
+def one_pass_after_resize(tmp_path, before: dict, after: dict, steps_before: int, steps_after: int):
+    """Every rank of layout `before` takes `steps_before` batches; their states go to every rank of layout
+    `after`, which take `steps_after` batches each. Returns (tags trained before, {new rank: its tags})."""
+    spec = str(tmp_path / "s")
+    states, trained = {}, []
+    for rank in range(before["world_size"]):
+        batches = ImageBatches(spec, rank=rank, seed=3, shuffle_buffer=10, **before)
+        trained += [tag(i) for b in take(batches, steps_before) for i in b]
+        states[rank] = batches.state_dict()
+        batches.close()
+    resumed = {}
+    for rank in range(after["world_size"]):
+        batches = ImageBatches(spec, rank=rank, seed=3, shuffle_buffer=10, **after)
+        batches.load_rank_states(states)
+        resumed[rank] = [tag(i) for b in take(batches, steps_after) for i in b]
+        batches.close()
+    return trained, resumed
+
+
+@pytest.mark.parametrize("before, after", [
+    (dict(world_size=2, batch_size=4), dict(world_size=3, batch_size=4)),  # grown
+    (dict(world_size=3, batch_size=4, num_workers=2), dict(world_size=2, batch_size=3)),  # shrunk, other batch
+])
+def test_a_resized_stream_finishes_each_pass_without_loss_or_repeat(tmp_path, before, after):
+    """Checkpoint with N workers, resume with M: the pass in progress ends with every sample trained exactly
+    once, the next pass starts afresh, and no rank reads another's shards."""
+    n, shard_size = 144, 12  # shard k holds tags 12k .. 12k+11
+    write(tmp_path / "s", tagged_images(n), shard_size)
+    # Two batches more than a new rank's shards hold: the rest of pass 0, then part of pass 1 (not all of it).
+    steps_after = n // after["world_size"] // after["batch_size"] + 2
+    trained, resumed = one_pass_after_resize(tmp_path, before, after, steps_before=5, steps_after=steps_after)
+    assert len(set(trained)) == len(trained) < n  # pass 0 half done
+    shards = list(range(n // shard_size))
+    for rank, tags in resumed.items():
+        mine = {t for t in range(n) if t // shard_size in shards[rank::after["world_size"]]}
+        left = mine - set(trained)  # what this rank must finish of pass 0, first, once each
+        assert set(tags) <= mine
+        assert sorted(tags[:len(left)]) == sorted(left)
+        next_pass = tags[len(left):]
+        assert next_pass and len(set(next_pass)) == len(next_pass)  # pass 1 began, without repeats
+    finished = trained + [t for rank, tags in resumed.items() for t in tags[:len(
+        {t for t in range(n) if t // shard_size in shards[rank::after["world_size"]]} - set(trained))]]
+    assert sorted(finished) == list(range(n))  # pass 0: every sample exactly once across the resize
+
+
+def test_a_resized_stream_resumes_exactly_again(tmp_path):
+    """After a resize the stream leaves out what the old layout trained; a checkpoint of the new layout resumed
+    with that same layout continues the very same batch sequence."""
+    write(tmp_path / "s", tagged_images(96), 8)
+    spec = str(tmp_path / "s")
+    old = ImageBatches(spec, 4, rank=0, world_size=1, seed=5, shuffle_buffer=6)
+    take(old, 7)
+    states = {0: old.state_dict()}
+    old.close()
+
+    def resized() -> ImageBatches:
+        batches = ImageBatches(spec, 4, rank=1, world_size=2, seed=5, shuffle_buffer=6)
+        batches.load_rank_states(states)
+        return batches
+
+    reference = resized()
+    expected = take(reference, 14)
+    reference.close()
+    first = resized()
+    take(first, 9)
+    state = first.state_dict()
+    first.close()
+    again = ImageBatches(spec, 4, rank=1, world_size=2, seed=5, shuffle_buffer=6)
+    again.load_rank_states({1: state, 0: {}})
+    for want, got in zip(expected[9:], take(again, 5)):
+        assert torch.equal(want, got)
+
+
 def test_corrupt_shard_and_image_are_skipped_and_counted(tmp_path):
     out = write(tmp_path / "s", tagged_images(40), 10)  # 4 good shards
     # A corrupt image inside an otherwise valid shard.

@@ -11,6 +11,13 @@ Resuming. Each batch carries its slot's position (pass, raw samples consumed in 
 keeps the last position per slot; on resume a slot re-enters its pass and skips that many raw samples
 without decoding them, which reproduces the exact batch sequence of an uninterrupted run.
 
+Resizing (elastic training). Positions depend on the layout (world size, loader workers, batch size); a
+*ledger* does not: for every shard, the latest pass it was trained in and which of its samples (by ordinal in
+the shard) were trained in that pass. Each batch carries its samples' (pass, shard, ordinal), the training
+process marks them, and the ledger is checkpointed with every rank's position. A checkpoint resumed with
+another layout re-deals the shards to the new ranks and slots; each slot first finishes its shards' passes,
+leaving out what the ledger says was trained, so no sample of a pass is lost or read twice across a resize.
+
 Faults. An unreadable shard (missing, truncated, not a tar) or an undecodable image is logged, counted and
 skipped; neither stops training. A shard that ends early without an error (truncated at a member boundary)
 is caught by comparing each pass's samples per shard with the counts dataset.json records: a warning once per
@@ -71,6 +78,9 @@ class ShardStream(IterableDataset):
     shard_counts: dict[str, int] = field(default_factory=dict)  # shard path -> samples written (dataset.json)
     positions: dict[int, tuple[int, int]] = field(default_factory=dict)
     slot_offset: int = 0
+    shard_ids: dict[str, int] = field(default_factory=dict)  # shard path -> index in the whole sorted shard list
+    # After a resize: shard path -> (pass, trained[ordinal]) from the checkpoint's ledger, left out of that pass.
+    trained_before: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
 
     def _check_shape(self, array: np.ndarray, sample: dict) -> None:
         if self.expect_chw is None:
@@ -100,16 +110,20 @@ class ShardStream(IterableDataset):
                 log.warning("skipping unreadable shard data (rank %d, slot %d): %s", self.rank, slot, key)
             return True  # keep going with the next shard
 
+        last_resized_pass = max((p for p, _ in self.trained_before.values()), default=-1)
         batch: list[np.ndarray] = []
+        batch_ids: list[tuple[int, int, int]] = []  # (pass, shard id, ordinal) of each image in `batch`
         while True:
             rng = random.Random(slot_seed(self.seed, self.rank, slot, pass_index))
             order = list(urls)
             rng.shuffle(order)
+            # A shard the ledger has in a later pass already had this one in full.
+            order = [u for u in order if self.trained_before.get(u, (pass_index,))[0] <= pass_index]
             shuffle = wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
-            samples = shuffle(iter_samples(order, handler=on_shard_error))
-            consumed, per_shard = 0, dict.fromkeys(order, 0)
+            per_shard = dict.fromkeys(order, 0)
+            samples = shuffle(self._untrained(iter_samples(order, handler=on_shard_error), pass_index, per_shard))
+            consumed = 0
             for consumed, sample in enumerate(samples, 1):
-                per_shard[sample["__url__"]] = per_shard.get(sample["__url__"], 0) + 1
                 if consumed <= skip:
                     continue  # resuming: already trained on; skipped without decoding
                 try:
@@ -120,13 +134,14 @@ class ShardStream(IterableDataset):
                     continue
                 self._check_shape(array, sample)
                 batch.append(array)
+                batch_ids.append((pass_index, self.shard_ids.get(sample["__url__"], -1), sample["__index__"]))
                 if len(batch) == self.batch_size:
                     images = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
                     meta = torch.tensor([slot, pass_index, consumed, *(counts[k] for k in _COUNTERS)])
                     counts = dict.fromkeys(_COUNTERS, 0)
-                    batch = []
-                    yield images, meta
-            if consumed == 0:
+                    yield images, meta, torch.tensor(batch_ids)
+                    batch, batch_ids = [], []
+            if consumed == 0 and pass_index > last_resized_pass:
                 raise RuntimeError(f"no readable samples in the shards of rank {self.rank}, slot {slot}: {order[:3]}...")
             for url, got in per_shard.items():  # a shard that ended early (truncated at a member boundary)
                 want = self.shard_counts.get(url, got)
@@ -137,6 +152,23 @@ class ShardStream(IterableDataset):
                         log.warning("shard %s gave %d of its %d samples (dataset.json); check it with "
                                     "`python -m dcgan_dist.data inspect`", url, got, want)
             pass_index, skip = pass_index + 1, 0
+
+
+    def _untrained(self, samples: Iterator[dict], pass_index: int, per_shard: dict[str, int]) -> Iterator[dict]:
+        """Number each sample within its shard (`__index__`), count what each shard gives, and leave out what the
+        ledger of a resized run says was trained in this pass already."""
+        url, ordinal = None, 0
+        for sample in samples:
+            if sample["__url__"] != url:
+                url, ordinal = sample["__url__"], 0
+                before = self.trained_before.get(url)
+                trained = before[1] if before is not None and before[0] == pass_index else None
+            sample["__index__"] = ordinal
+            per_shard[url] = per_shard.get(url, 0) + 1
+            ordinal += 1
+            if trained is not None and sample["__index__"] < len(trained) and trained[sample["__index__"]]:
+                continue
+            yield sample
 
 
 @dataclass
@@ -152,7 +184,9 @@ class ImageBatches:
 
     `state_dict()` after consuming k batches, given to `load_state_dict` of a new ImageBatches before its first
     batch, continues with batch k + 1 of the same sequence (same seed, shards, batch size, world size and
-    worker count). The loader processes start at the first batch.
+    worker count). `load_rank_states` takes every rank's saved state: with the same layout it is the exact
+    resume above, with another one (a resized run) the shards are re-dealt and each pass continues without
+    the samples the ledger says were trained. The loader processes start at the first batch.
     """
 
     def __init__(
@@ -178,12 +212,14 @@ class ImageBatches:
         if num_workers > self.num_slots:
             log.warning("rank %d has %d shard(s): using %d loader worker(s) instead of %d",
                         rank, len(rank_urls), self.num_slots, num_workers)
-        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.num_workers, self.pin_memory, self.rank = num_workers, pin_memory, rank
+        self.urls, self.rank_urls = urls, rank_urls
         self.stream = ShardStream(rank_urls, batch_size, rank, seed, self.num_slots, shuffle_buffer, expect_chw,
-                                  shard_counts=counts)
+                                  shard_counts=counts, shard_ids={u: i for i, u in enumerate(urls)})
         self.layout = {"world_size": world_size, "rank": rank, "slots": self.num_slots, "batch_size": batch_size, "seed": seed}
         self.counters = LoaderCounters()
         self.positions: dict[int, tuple[int, int]] = {}
+        self.ledger: dict[int, tuple[int, np.ndarray]] = {}  # shard id -> (pass, trained[ordinal]) of this rank
         self._it: Iterator | None = None
 
     def _start(self) -> Iterator:
@@ -206,34 +242,86 @@ class ImageBatches:
     def __next__(self) -> torch.Tensor:
         if self._it is None:
             self._it = self._start()
-        images, meta = next(self._it)
+        images, meta, ids = next(self._it)
         slot, pass_index, offset, *counts = (int(v) for v in meta.tolist())
         self.positions[slot] = (pass_index, offset)
         self.counters.batches += 1
         for name, value in zip(_COUNTERS, counts):
             setattr(self.counters, name, getattr(self.counters, name) + value)
+        self._mark_trained(ids.numpy())
         return images
+
+    def _mark_trained(self, ids: np.ndarray) -> None:
+        """Enter a batch's (pass, shard id, ordinal) rows in the ledger."""
+        for shard in np.unique(ids[:, 1]):
+            rows = ids[ids[:, 1] == shard]
+            for pass_index in np.unique(rows[:, 0]):  # a batch that spans the end of a pass holds two
+                ordinals = rows[rows[:, 0] == pass_index, 2]
+                entry = self.ledger.get(int(shard))
+                if entry is None or entry[0] < pass_index:  # the shard's first sample of a new pass
+                    entry = (int(pass_index), np.zeros(0, dtype=bool))
+                trained = entry[1]
+                if ordinals.max() >= len(trained):
+                    trained = np.concatenate([trained, np.zeros(int(ordinals.max()) + 1 - len(trained), dtype=bool)])
+                trained[ordinals] = True
+                self.ledger[int(shard)] = (entry[0], trained)
 
     def state_dict(self) -> dict:
         return {
             "layout": dict(self.layout),
             "positions": {str(k): list(v) for k, v in self.positions.items()},
             "batches": self.counters.batches,
+            "ledger": _ledger_to_state({self.urls[i]: entry for i, entry in self.ledger.items()}),
+            # What this layout's streams started without (a resized run); an exact resume needs it again.
+            "trained_before": _ledger_to_state(self.stream.trained_before),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """This rank's own saved state (same layout: the exact continuation)."""
+        self.load_rank_states({self.rank: state})
+
+    def load_rank_states(self, states: dict[int, dict]) -> None:
+        """Every rank's saved state, from a checkpoint of this layout or of another one (a resized run)."""
         if self._it is not None:
             raise RuntimeError("load_state_dict must come before the first batch")
-        if state.get("layout") != self.layout:
-            log.warning("data layout changed since the checkpoint (%s -> %s): the data stream restarts",
-                        state.get("layout"), self.layout)
+        mine = states.get(self.rank)
+        ids = {u: i for i, u in enumerate(self.urls)}
+        if mine is not None and mine.get("layout") == self.layout:
+            self.positions = {int(k): (int(v[0]), int(v[1])) for k, v in mine["positions"].items()}
+            self.counters.batches = int(mine["batches"])
+            self.ledger = {ids[u]: e for u, e in _ledger_from_state(mine.get("ledger", {})).items() if u in ids}
+            self.stream.trained_before = _ledger_from_state(mine.get("trained_before", {}))
             return
-        self.positions = {int(k): (int(v[0]), int(v[1])) for k, v in state["positions"].items()}
-        self.counters.batches = int(state["batches"])
+        ledgers = [state.get("ledger") for state in states.values()]
+        old = next(iter(states.values()), {}).get("layout")
+        if not ledgers or any(ledger is None for ledger in ledgers):
+            log.warning("data layout changed since the checkpoint (%s -> %s) and it has no ledger: the data stream "
+                        "restarts", old, self.layout)
+            return
+        merged: dict[str, tuple[int, np.ndarray]] = {}  # the ranks' ledgers hold disjoint shards
+        for ledger in ledgers:
+            merged.update(_ledger_from_state(ledger))
+        mine_now = set(self.rank_urls)
+        self.ledger = {ids[u]: e for u, e in merged.items() if u in mine_now}
+        self.stream.trained_before = {u: e for u, e in merged.items() if u in mine_now}
+        if self.rank == 0:
+            log.warning("data layout changed since the checkpoint (%d worker(s) x batch %s -> %d x %d): shards "
+                        "re-dealt; each pass goes on without the samples it already trained", len(states),
+                        old.get("batch_size") if old else "?", self.layout["world_size"], self.layout["batch_size"])
 
     def close(self) -> None:
         # Dropping the iterator shuts the loader's worker processes down.
         self._it = None
+
+
+def _ledger_to_state(ledger: dict[str, tuple[int, np.ndarray]]) -> dict[str, list]:
+    """{shard path: [pass, number of ordinals, trained bits packed]} (compact: a bit per sample)."""
+    return {url: [int(p), len(trained), np.packbits(trained).tobytes()] for url, (p, trained) in ledger.items()}
+
+
+def _ledger_from_state(state: dict[str, list]) -> dict[str, tuple[int, np.ndarray]]:
+    return {url: (int(p), np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=n).astype(bool))
+            for url, (p, n, bits) in state.items()}
 
 
 def _loader_worker_init(_: int) -> None:

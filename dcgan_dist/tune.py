@@ -1,0 +1,335 @@
+"""Hyper-parameter sweeps: Ray Tune over trials that are each a full multi-worker Ray Train run.
+
+    python -m dcgan_dist.tune --config debug --search optim.lr=loguniform(1e-4,1e-3) --search model.ngf=choice(32,64) \
+        --trials 8 --scheduler asha
+    python -m dcgan_dist.tune --config debug --search optim.lr=loguniform(1e-4,1e-3) --trials 4 --scheduler pbt
+
+Every trial trains the settings of the command line with its own values of the searched keys, on
+dist.num_workers workers (DDP, synchronised batch norm), and is scored by the in-training SWD against real
+images (train.eval_every; lower is better). A trial reports to Tune at every evaluation, with a checkpoint
+(train.checkpoint_every follows train.eval_every in a sweep). ASHA stops the trials that are behind at the
+same step; PBT replaces the worse trials' weights with the better ones' and perturbs their learning rates.
+
+Spaces: loguniform(a,b), uniform(a,b), randint(a,b) (b excluded), choice(v1,v2,...), grid(v1,v2,...).
+
+The sweep lives in run.dir (a folder or s3://bucket/prefix): Tune's state and per-trial checkpoints in
+<run.dir>/tune, each trial's run (metrics.jsonl, samples, Ray checkpoints, best.pt) in <run.dir>/trials/<trial>.
+Rerunning the same command resumes an interrupted sweep. W&B groups the trials under run.name.
+Trials run side by side as far as the cluster has room: dist.num_workers x dist.cpus_per_worker CPUs (and a
+GPU per worker on CUDA) each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import math
+import queue
+import re
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.tune
+from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+from ray.util.queue import Queue
+
+from . import ray_launcher
+from .checkpoint import STATE_FILE
+from .config import Config, ConfigError, build_config, from_dict, split_args, to_dict
+from .storage import filesystem, is_remote
+
+METRIC = "swd"
+SPACES = ("loguniform", "uniform", "randint", "choice", "grid")
+
+
+@dataclass
+class Search:
+    key: str
+    space: str
+    values: list[Any]
+
+    def domain(self):
+        """The Ray Tune search space."""
+        if self.space == "loguniform":
+            return ray.tune.loguniform(*self.values)
+        if self.space == "uniform":
+            return ray.tune.uniform(*self.values)
+        if self.space == "randint":
+            return ray.tune.randint(*self.values)
+        if self.space == "choice":
+            return ray.tune.choice(self.values)
+        return ray.tune.grid_search(self.values)
+
+    def mutation(self):
+        """What PBT draws a new value from when it perturbs this key (grids and choices: the listed values)."""
+        return self.values if self.space in ("choice", "grid") else self.domain()
+
+
+def parse_search(item: str, base: Config) -> Search:
+    """`KEY=SPACE(args)`, checked against the schema: every value must be a valid setting of KEY."""
+    key, sep, spec = item.partition("=")
+    match = re.fullmatch(r"\s*(\w+)\s*\((.*)\)\s*", spec)
+    if not sep or not match or match.group(1) not in SPACES:
+        raise ConfigError(f"--search {item!r}: expected KEY=SPACE(args), SPACE one of {', '.join(SPACES)}, "
+                          "e.g. optim.lr=loguniform(1e-4,1e-3)")
+    space, args = match.groups()
+    try:
+        values = list(ast.literal_eval(f"[{args}]"))
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"--search {item!r}: cannot read the arguments ({args}); use numbers or quoted strings") from None
+    if space in ("loguniform", "uniform", "randint"):
+        if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
+            raise ConfigError(f"--search {item!r}: {space} takes two numbers, low < high")
+        if space == "loguniform" and values[0] <= 0:
+            raise ConfigError(f"--search {item!r}: loguniform needs a low bound above 0")
+        probes = values if space != "randint" else [values[0], values[1] - 1]
+    elif not values:
+        raise ConfigError(f"--search {item!r}: {space} needs at least one value")
+    else:
+        probes = values
+    for value in probes:  # the schema's types and bounds, with the key's real name in the message
+        apply(base, {key: value})
+    return Search(key, space, values)
+
+
+def apply(base: Config, params: dict[str, Any]) -> Config:
+    """The base settings with a trial's values ({"optim.lr": 3e-4, ...}), validated like any override."""
+    tree = to_dict(base)
+    for key, value in params.items():
+        section, _, name = key.partition(".")
+        if not name:
+            raise ConfigError(f"'{key}' is not a setting: use section.key (e.g. optim.lr)")
+        tree.setdefault(section, {})[name] = value
+    return from_dict(tree)
+
+
+class ToTune(ray.train.UserCallback):
+    """In Ray Train's controller: every report of the trial's run (rank 0's metrics, and the checkpoint when there
+    is one) goes to the trial's queue, where the trial function hands it to Tune."""
+
+    def __init__(self, reports: Queue, scheme: str):
+        self.reports, self.scheme = reports, scheme
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        self.reports.put({"metrics": metrics[0], "checkpoint": f"{self.scheme}{checkpoint.path}" if checkpoint else None})
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
+    """One trial (in a Ray Tune trial actor): a Ray Train run of the base settings with `params`, its reports
+    passed on to Tune with a copy of each checkpoint, from which PBT or a resumed sweep continues."""
+    context = ray.tune.get_context()
+    trial = context.get_trial_id()
+    start = ray.tune.get_checkpoint()
+    start_from = None
+    run_name = trial
+    if start is not None:  # PBT's exploit (another trial's weights), or this trial's own after a pause or a resume
+        start_from = f"{'s3://' if is_remote(root) else ''}{start.path}/{STATE_FILE}"
+        # A Train run of its own: the run it continues may have checkpoints past this one (or be another trial's).
+        run_name = f"{trial}-from-{zlib.crc32(start.path.encode()):08x}"
+        owner = re.search(r"/run_trial_([0-9a-f]+_\d+)_", start.path)
+        whose = "its own" if owner and owner.group(1) == trial else f"trial {owner.group(1) if owner else '?'}'s"
+        print(f"trial {trial} continues from {whose} checkpoint {start_from} with "
+              + ", ".join(f"{k}={_short(v)}" for k, v in params.items()), flush=True)
+    settings = from_dict(base)
+    cfg = apply(settings, {**params, "run.name": run_name, "run.dir": f"{root}/trials/{trial}",
+                           "dist.storage_path": "", "wandb.group": settings.run.name})
+    cfg = ray_launcher.worker_config(cfg)
+    reports = Queue(actor_options={"num_cpus": 0})
+    trainer = ray_launcher.torch_trainer(cfg, callbacks=[ToTune(reports, "s3://" if is_remote(root) else "")],
+                                         start_from=start_from)
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - raised again in the trial's thread
+            outcome["error"] = exc
+
+    fitting = threading.Thread(target=fit, name="dcgan-trial-fit", daemon=True)
+    fitting.start()
+    best = math.inf
+    while fitting.is_alive() or not reports.empty():
+        try:
+            item = reports.get(timeout=0.5)
+        except queue.Empty:  # ray.util.queue raises the standard library's Empty
+            continue
+        metrics = {k: v for k, v in item["metrics"].items() if isinstance(v, (int, float))}
+        if METRIC not in metrics:
+            continue  # a checkpoint without an evaluation (the last step off the evaluation grid): nothing to score
+        best = min(best, metrics[METRIC])
+        metrics.update(best_swd=best, train_run=run_name)
+        ray.tune.report(metrics, checkpoint=_copy_for_tune(item["checkpoint"]))
+    fitting.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    info = outcome["result"].return_value or {}
+    if "error" in info:
+        raise RuntimeError(info["error"])
+
+
+def _copy_for_tune(location: str | None):
+    """A Tune checkpoint holding the Train checkpoint's state.pt (Tune persists it to the sweep's storage)."""
+    if location is None:
+        return None
+    fs, path = filesystem(location)
+    directory = tempfile.mkdtemp(prefix="dcgan-tune-")
+    with fs.open_input_stream(f"{path}/{STATE_FILE}") as source, open(Path(directory) / STATE_FILE, "wb") as target:
+        while chunk := source.read(8 << 20):
+            target.write(chunk)
+    return ray.tune.Checkpoint.from_directory(directory)
+
+
+def scheduler(name: str, cfg: Config, searches: list[Search]):
+    interval = cfg.train.eval_every
+    if name == "asha":
+        # A trial is judged against the others at 2, 4, 8... evaluations; the worse half stops there.
+        return ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps, grace_period=2 * interval, reduction_factor=2)
+    if name == "pbt":
+        mutations = {s.key: s.mutation() for s in searches if s.key.startswith("optim.")}
+        if not mutations:
+            raise ConfigError("--scheduler pbt perturbs learning rates: search at least one optim.* key "
+                              "(e.g. --search optim.lr=loguniform(1e-4,1e-3))")
+        # Every second evaluation the trials wait for each other (synch: the same decisions whatever the timing),
+        # and the lower half continues from a trial of the upper half's checkpoint with its optim.* perturbed.
+        return PopulationBasedTraining(time_attr="step", perturbation_interval=2 * interval, synch=True,
+                                       hyperparam_mutations=mutations, quantile_fraction=0.5, resample_probability=0.25)
+    return None
+
+
+def concurrency(cfg: Config) -> int:
+    """How many trials fit on the cluster side by side."""
+    resources = ray.cluster_resources()
+    per_trial_cpus = cfg.dist.num_workers * cfg.dist.cpus_per_worker
+    fits = int(resources.get("CPU", 0) // per_trial_cpus)
+    if cfg.train.device == "cuda":
+        fits = min(fits, int(resources.get("GPU", 0) // cfg.dist.num_workers))
+    return max(1, fits)
+
+
+def results_table(results, searches: list[Search]) -> tuple[str, Any, int]:
+    """The trials as a table, best SWD first; the best result; how many trials continued from another trial's
+    checkpoint (PBT's exploit steps: a trial's reports then come from more than one Train run)."""
+    rows, exploits = [], 0
+    for result in results:
+        frame = result.metrics_dataframe
+        scored = frame is not None and METRIC in frame
+        runs = frame["train_run"].nunique() if scored and "train_run" in frame else 1
+        exploits += runs - 1
+        rows.append((float(frame[METRIC].min()) if scored else math.inf, result,
+                     int(frame["step"].max()) if scored else None, runs))
+    rows.sort(key=lambda row: row[0])
+    header = ["trial", *(s.key for s in searches), "best swd", "steps", "runs", "status"]
+    lines = [header] + [
+        [str((result.metrics or {}).get("trial_id", Path(result.path).name)),
+         *(_short(result.config.get(s.key)) for s in searches),
+         "-" if swd == math.inf else f"{swd:.4f}", "-" if steps is None else str(steps), str(runs),
+         "error" if result.error else "done"]
+        for swd, result, steps, runs in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+    best = rows[0][1] if rows and rows[0][0] < math.inf else None
+    return text, best, exploits
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.tune", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--search", action="append", default=[], metavar="KEY=SPACE", help="a key and its space")
+    parser.add_argument("--trials", type=int, default=4, help="trials to sample (a grid: repeats of the grid)")
+    parser.add_argument("--scheduler", choices=("asha", "pbt", "fifo"), default="asha")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        file, overrides = split_args(rest)
+        base = build_config(file or "debug", overrides)
+        if base.dist.launcher != "ray":
+            base = apply(base, {"dist.launcher": "ray"})
+        if not base.train.eval_every:
+            raise ConfigError("a sweep scores trials by the in-training SWD: set train.eval_every (e.g. 100)")
+        if args.trials < 1:
+            raise ConfigError("--trials must be at least 1")
+        # Every evaluation is reported to Tune with a checkpoint, so that PBT and a resumed sweep continue there.
+        base = apply(base, {"train.checkpoint_every": base.train.eval_every})
+        searches = [parse_search(item, base) for item in args.search]
+        if not searches:
+            raise ConfigError("nothing to search: give --search KEY=SPACE (e.g. --search optim.lr=loguniform(1e-4,1e-3))")
+        chosen = scheduler(args.scheduler, base, searches)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .trainer import check_settings
+
+    try:
+        check_settings(base, base.dist.num_workers)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return sweep(base, searches, args.trials, args.scheduler, chosen)
+
+
+def sweep(base: Config, searches: list[Search], trials: int, scheduler_name: str, chosen) -> int:
+    remote = is_remote(base.run.dir)
+    root = base.run.dir.rstrip("/") if remote else str(Path(base.run.dir).expanduser().resolve())
+    ray_launcher.connect()
+    base = ray_launcher.worker_config(apply(base, {"run.dir": root}))
+    side_by_side = concurrency(base)
+    fs, tune_path = filesystem(f"{root}/tune")  # Tune's state: <root>/tune
+    experiment = f"{root}/tune"
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=to_dict(base), root=root), {"cpu": 0})
+    if ray.tune.Tuner.can_restore(tune_path, storage_filesystem=fs):
+        print(f"Resuming the sweep in {experiment}", flush=True)
+        tuner = ray.tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=fs)
+    else:
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space={s.key: s.domain() for s in searches},
+            tune_config=ray.tune.TuneConfig(metric=METRIC, mode="min", num_samples=trials, scheduler=chosen,
+                                            max_concurrent_trials=side_by_side),
+            run_config=ray.tune.RunConfig(
+                name="tune", storage_path=str(Path(tune_path).parent), storage_filesystem=fs,
+                # The best two by SWD and the newest (PBT copies a trial's newest) stay.
+                checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
+                                                            checkpoint_score_order="min"),
+                failure_config=ray.tune.FailureConfig(max_failures=base.dist.max_failures),
+                verbose=1),
+        )
+    print(f"Sweep {base.run.name}: {trials} trial(s) x {base.dist.num_workers} worker(s), scheduler {scheduler_name}, "
+          f"{side_by_side} side by side; storage {experiment}", flush=True)
+    started = time.perf_counter()
+    results = tuner.fit()
+    seconds = time.perf_counter() - started
+    table, best, exploits = results_table(results, searches)
+    print(f"\nSweep done in {seconds:.0f} s:\n{table}", flush=True)
+    steps = [int(r.metrics.get("step", 0)) for r in results if r.metrics]
+    if scheduler_name == "asha":
+        full = base.train.max_steps * len(steps)
+        stopped = sum(1 for s in steps if s < base.train.max_steps)
+        print(f"ASHA stopped {stopped} of {len(steps)} trial(s) early: {sum(steps)} of {full} steps trained "
+              f"({100 * (1 - sum(steps) / max(full, 1)):.0f} % saved)")
+    if scheduler_name == "pbt":
+        print(f"PBT: {exploits} exploit step(s) (a trial continued from a better trial's checkpoint, optim.* perturbed)")
+    if best is None:
+        print("error: no trial reported an SWD", file=sys.stderr)
+        return 1
+    checkpoint = best.get_best_checkpoint(METRIC, "min")
+    where = f"{'s3://' if remote else ''}{checkpoint.path}" if checkpoint else "(none kept)"
+    params = ", ".join(f"{s.key}={_short(best.config.get(s.key))}" for s in searches)
+    print(f"Best trial: {params}, swd {best.metrics_dataframe[METRIC].min():.4f}\nBest checkpoint: {where}\n"
+          f"  python -m dcgan_dist.sample --checkpoint {where}")
+    return 0 if not any(r.error for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
