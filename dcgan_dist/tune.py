@@ -44,7 +44,7 @@ from ray.util.queue import Queue
 from . import ray_launcher
 from .checkpoint import STATE_FILE
 from .config import Config, ConfigError, build_config, from_dict, split_args, to_dict
-from .storage import filesystem, is_remote
+from .storage import RunStorage, filesystem, is_remote
 
 METRIC = "swd"
 SPACES = ("loguniform", "uniform", "randint", "choice", "grid")
@@ -128,15 +128,18 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
     context = ray.tune.get_context()
     trial = context.get_trial_id()
     start = ray.tune.get_checkpoint()
-    start_from = None
-    run_name = trial
+    start_from, run_name, parent = None, trial, trial
     if start is not None:  # PBT's exploit (another trial's weights), or this trial's own after a pause or a resume
-        start_from = f"{'s3://' if is_remote(root) else ''}{start.path}/{STATE_FILE}"
         # A Train run of its own: the run it continues may have checkpoints past this one (or be another trial's).
         run_name = f"{trial}-from-{zlib.crc32(start.path.encode()):08x}"
         owner = re.search(r"/run_trial_([0-9a-f]+_\d+)_", start.path)
-        whose = "its own" if owner and owner.group(1) == trial else f"trial {owner.group(1) if owner else '?'}'s"
-        print(f"trial {trial} continues from {whose} checkpoint {start_from} with "
+        parent = owner.group(1) if owner else "?"
+        # Copied into this trial's folder at once: Tune may delete the other trial's checkpoint as it goes on.
+        trial_storage = RunStorage(f"{root}/trials/{trial}")
+        with start.filesystem.open_input_stream(f"{start.path}/{STATE_FILE}") as source:
+            start_from = trial_storage.write(f"start/{run_name}.pt", source.read())
+        whose = "its own" if parent == trial else f"trial {parent}'s"
+        print(f"trial {trial} continues from {whose} checkpoint {start.path}/{STATE_FILE} (copied to {start_from}) with "
               + ", ".join(f"{k}={_short(v)}" for k, v in params.items()), flush=True)
     settings = from_dict(base)
     cfg = apply(settings, {**params, "run.name": run_name, "run.dir": f"{root}/trials/{trial}",
@@ -165,7 +168,9 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
         if METRIC not in metrics:
             continue  # a checkpoint without an evaluation (the last step off the evaluation grid): nothing to score
         best = min(best, metrics[METRIC])
-        metrics.update(best_swd=best, train_run=run_name)
+        # PBT's clock: the step, except that the last report (nothing follows it) starts no perturbation round.
+        metrics.update(best_swd=best, train_run=run_name, weights_from=parent,
+                       pbt_step=min(metrics["step"], cfg.train.max_steps - 1))
         ray.tune.report(metrics, checkpoint=_copy_for_tune(item["checkpoint"]))
     fitting.join()
     if "error" in outcome:
@@ -199,19 +204,37 @@ def scheduler(name: str, cfg: Config, searches: list[Search]):
                               "(e.g. --search optim.lr=loguniform(1e-4,1e-3))")
         # Every second evaluation the trials wait for each other (synch: the same decisions whatever the timing),
         # and the lower half continues from a trial of the upper half's checkpoint with its optim.* perturbed.
-        return PopulationBasedTraining(time_attr="step", perturbation_interval=2 * interval, synch=True,
+        return PopulationBasedTraining(time_attr="pbt_step", perturbation_interval=2 * interval, synch=True,
                                        hyperparam_mutations=mutations, quantile_fraction=0.5, resample_probability=0.25)
     return None
 
 
-def concurrency(cfg: Config) -> int:
-    """How many trials fit on the cluster side by side."""
+# A trial's own process only waits for its Ray Train run: it reserves some memory (Ray's logical "memory" resource)
+# rather than a CPU, so that the workers can have every CPU.
+TRIAL_DRIVER_RESOURCES = {"memory": 256 * 2**20}
+
+
+def checkpoints_kept(scheduler_name: str):
+    """Which of a trial's checkpoints Tune keeps: the two best by SWD; with PBT the newest four (PBT copies a
+    trial's newest, and the trial may report again before the copy is read)."""
+    if scheduler_name == "pbt":
+        return ray.tune.CheckpointConfig(num_to_keep=4)
+    return ray.tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order="min")
+
+
+def concurrency(cfg: Config, limit: int = 0) -> int:
+    """How many trials fit on the cluster side by side (at most `limit`, when given)."""
     resources = ray.cluster_resources()
     per_trial_cpus = cfg.dist.num_workers * cfg.dist.cpus_per_worker
     fits = int(resources.get("CPU", 0) // per_trial_cpus)
     if cfg.train.device == "cuda":
         fits = min(fits, int(resources.get("GPU", 0) // cfg.dist.num_workers))
-    return max(1, fits)
+    if fits == 0:
+        raise ConfigError(f"a trial needs {per_trial_cpus:g} CPU(s) (dist.num_workers x dist.cpus_per_worker)"
+                          + (" and a GPU per worker" if cfg.train.device == "cuda" else "")
+                          + f" but the cluster has {resources.get('CPU', 0):g} CPU(s), {resources.get('GPU', 0):g} GPU(s): "
+                          "use fewer workers per trial or a larger cluster")
+    return min(fits, limit) if limit else fits
 
 
 def results_table(results, searches: list[Search]) -> tuple[str, Any, int]:
@@ -222,7 +245,9 @@ def results_table(results, searches: list[Search]) -> tuple[str, Any, int]:
         frame = result.metrics_dataframe
         scored = frame is not None and METRIC in frame
         runs = frame["train_run"].nunique() if scored and "train_run" in frame else 1
-        exploits += runs - 1
+        if scored and "weights_from" in frame:  # Train runs that started from another trial's weights
+            trial = result.metrics.get("trial_id")
+            exploits += frame.loc[frame["weights_from"] != trial, "train_run"].nunique()
         rows.append((float(frame[METRIC].min()) if scored else math.inf, result,
                      int(frame["step"].max()) if scored else None, runs))
     rows.sort(key=lambda row: row[0])
@@ -249,12 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search", action="append", default=[], metavar="KEY=SPACE", help="a key and its space")
     parser.add_argument("--trials", type=int, default=4, help="trials to sample (a grid: repeats of the grid)")
     parser.add_argument("--scheduler", choices=("asha", "pbt", "fifo"), default="asha")
+    parser.add_argument("--concurrent", type=int, default=0,
+                        help="trials side by side at most (default: as many as the cluster has room for)")
     args, rest = parser.parse_known_args(argv)
     try:
         file, overrides = split_args(rest)
-        base = build_config(file or "debug", overrides)
-        if base.dist.launcher != "ray":
-            base = apply(base, {"dist.launcher": "ray"})
+        base = build_config(file or "debug", [*overrides, "dist.launcher=ray"])  # every trial is a Ray Train run
         if not base.train.eval_every:
             raise ConfigError("a sweep scores trials by the in-training SWD: set train.eval_every (e.g. 100)")
         if args.trials < 1:
@@ -275,18 +300,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return sweep(base, searches, args.trials, args.scheduler, chosen)
+    return sweep(base, searches, args.trials, args.scheduler, chosen, args.concurrent)
 
 
-def sweep(base: Config, searches: list[Search], trials: int, scheduler_name: str, chosen) -> int:
+def sweep(base: Config, searches: list[Search], trials: int, scheduler_name: str, chosen, limit: int = 0) -> int:
     remote = is_remote(base.run.dir)
     root = base.run.dir.rstrip("/") if remote else str(Path(base.run.dir).expanduser().resolve())
     ray_launcher.connect()
     base = ray_launcher.worker_config(apply(base, {"run.dir": root}))
-    side_by_side = concurrency(base)
+    try:
+        side_by_side = concurrency(base, limit)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     fs, tune_path = filesystem(f"{root}/tune")  # Tune's state: <root>/tune
     experiment = f"{root}/tune"
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=to_dict(base), root=root), {"cpu": 0})
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=to_dict(base), root=root),
+                                        TRIAL_DRIVER_RESOURCES)
     if ray.tune.Tuner.can_restore(tune_path, storage_filesystem=fs):
         print(f"Resuming the sweep in {experiment}", flush=True)
         tuner = ray.tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True,
@@ -299,9 +329,7 @@ def sweep(base: Config, searches: list[Search], trials: int, scheduler_name: str
                                             max_concurrent_trials=side_by_side),
             run_config=ray.tune.RunConfig(
                 name="tune", storage_path=str(Path(tune_path).parent), storage_filesystem=fs,
-                # The best two by SWD and the newest (PBT copies a trial's newest) stay.
-                checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
-                                                            checkpoint_score_order="min"),
+                checkpoint_config=checkpoints_kept(scheduler_name),
                 failure_config=ray.tune.FailureConfig(max_failures=base.dist.max_failures),
                 verbose=1),
         )

@@ -1,5 +1,7 @@
+import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +77,45 @@ def ray_cluster(tmp_path_factory):
     assert "2 nodes" in start.stdout, start.stdout
     yield {**env, "RAY_ADDRESS": "127.0.0.1:6379", "RAY_JOB_ADDRESS": "http://127.0.0.1:8265"}
     subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def cluster_cpus(env: dict) -> float:
+    """The CPUs of the live nodes of the cluster `env` points at (`ray status`)."""
+    status = subprocess.run(["ray", "status", "--address", env["RAY_ADDRESS"]], env=env, capture_output=True,
+                            text=True, timeout=60)
+    match = re.search(r"/([\d.]+) CPU", status.stdout)
+    return float(match.group(1)) if match else 0.0
+
+
+@contextlib.contextmanager
+def extra_ray_node(env: dict, num_cpus: int):
+    """One more Ray node on this machine joining the cluster of `env`, in a process group of its own; yields a
+    function that loses it at once (raylet, object store and worker processes all SIGKILLed)."""
+    import signal
+    import time
+
+    before = cluster_cpus(env)
+    node = subprocess.Popen(["ray", "start", "--address", env["RAY_ADDRESS"], f"--num-cpus={num_cpus}", "--block",
+                             "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while cluster_cpus(env) < before + num_cpus:
+        assert node.poll() is None and time.monotonic() < deadline, "the extra Ray node did not join"
+        time.sleep(2)
+
+    def lose() -> None:
+        try:
+            os.killpg(node.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    try:
+        yield lose
+    finally:
+        lose()
+        node.wait(timeout=30)
+        while cluster_cpus(env) > before and time.monotonic() < deadline + 120:  # until Ray sees it gone
+            time.sleep(2)
 
 
 def assert_sample_and_evaluate_read(source: Path, step: int, tmp_path: Path) -> None:

@@ -3,9 +3,7 @@ starts (and one test takes away). Tiny models on CPU/gloo; the shards are tagged
 rank trained on at every step can be counted (tests/step_hooks.py --record)."""
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ import pytest
 from dcgan_dist import checkpoint as ckpt
 from dcgan_dist.metrics import read_metrics
 
-from .conftest import ROOT, TINY, run_with_env
+from .conftest import ROOT, TINY, extra_ray_node, run_with_env
 from .test_data import tagged_images, write
 
 pytest.importorskip("ray")
@@ -30,34 +28,11 @@ def tagged_shards(tmp_path_factory) -> Path:
     return write(tmp_path_factory.mktemp("tagged") / "shards", tagged_images(NUM_SAMPLES, size=32), SHARD_SIZE)
 
 
-def cluster_cpus(env: dict) -> float:
-    status = subprocess.run(["ray", "status", "--address", env["RAY_ADDRESS"]], env=env, capture_output=True,
-                            text=True, timeout=60)
-    match = re.search(r"/([\d.]+) CPU", status.stdout)
-    return float(match.group(1)) if match else 0.0
-
-
 @pytest.fixture(scope="module")
 def third_node(ray_cluster):
-    """One more one-CPU Ray node on this machine, in a process group of its own so that it can be lost whole."""
-    node = subprocess.Popen(["ray", "start", "--address", ray_cluster["RAY_ADDRESS"], "--num-cpus=1", "--block",
-                             "--disable-usage-stats"], env=ray_cluster, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while cluster_cpus(ray_cluster) < 3:
-        assert node.poll() is None and time.monotonic() < deadline, "the third Ray node did not join"
-        time.sleep(2)
-
-    def lose() -> None:
-        """The node goes away at once: its raylet, object store and worker processes all SIGKILLed."""
-        os.killpg(node.pid, signal.SIGKILL)
-
-    yield lose
-    try:
-        lose()
-    except ProcessLookupError:
-        pass
-    node.wait(timeout=30)
+    """One more one-CPU Ray node; calling it loses the node."""
+    with extra_ray_node(ray_cluster, 1) as lose:
+        yield lose
 
 
 def train_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:

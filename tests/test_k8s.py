@@ -141,9 +141,14 @@ def test_rayjob_entrypoint_and_scale(rendered):
         assert cfg.dist.num_workers == total, (cfg.dist.num_workers, total)
         for g in groups:
             assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+        # Elastic training's bounds are the worker group's: min/max pods x Ray Train workers per pod.
+        fewest = sum(g["minReplicas"] * workers_per_pod(g, cfg) for g in groups)
+        most = sum(g["maxReplicas"] * workers_per_pod(g, cfg) for g in groups)
+        assert (cfg.dist.min_workers or cfg.dist.num_workers, cfg.dist.num_workers) == (fewest, most)
         assert cluster_spec(job)["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no training on the head
         if name == "gpu":
             assert cfg.train.device == "cuda" and cfg.dist.sync_bn
+            assert 0 < cfg.dist.min_workers < cfg.dist.num_workers  # elastic: a preempted pod does not stall the run
             assert all(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1 for g in groups)
             # Shards and every run file in the bucket, whose keys (and endpoint) come from the Secret dcgan-s3.
             assert cfg.data.shards.startswith("s3://") and cfg.run.dir.startswith("s3://") and not cfg.dist.storage_path

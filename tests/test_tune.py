@@ -1,0 +1,95 @@
+"""Sweeps for real: `python -m dcgan_dist.tune` on the session's local Ray cluster, every trial a 2-worker Ray Train
+run (gloo, synchronised batch norm) of a tiny model, scored by the in-training SWD."""
+
+import re
+import sys
+
+import pytest
+import torch
+
+from dcgan_dist import checkpoint as ckpt
+from dcgan_dist.metrics import read_metrics
+
+from .conftest import TINY, extra_ray_node, run_cli, run_with_env
+
+pytest.importorskip("ray")
+
+
+def sweep_args(shards, run_dir, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "dcgan_dist.tune", "--config", "debug", *TINY, "dist.num_workers=2",
+            f"data.shards={shards}", f"run.dir={run_dir}", f"run.name={run_dir.name}", "train.max_steps=8",
+            "train.eval_every=2", "eval.num=32", "eval.nhoods_per_image=4", "train.sample_every=0",
+            "train.log_every=2", "wandb.mode=offline", *extra]
+
+
+def table(out: str) -> list[dict]:
+    """The printed results table: one dict per trial."""
+    lines = out[out.index("Sweep done"):].splitlines()[1:]
+    header = re.split(r"\s{2,}", lines[0].strip())
+    rows = []
+    for line in lines[1:]:
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) != len(header):
+            break
+        rows.append(dict(zip(header, cells)))
+    return rows
+
+
+def test_an_asha_sweep_stops_trials_early_and_its_best_checkpoint_samples(ray_cluster, tiny_shards, tmp_path):
+    """4 trials x 2 workers, one after the other (deterministic decisions): ASHA compares them at step 4 and stops
+    the worse; the table's best SWD is the lowest any trial's own metrics.jsonl records; the best checkpoint
+    samples."""
+    run_dir = tmp_path / "asha"
+    proc = run_with_env(sweep_args(tiny_shards, run_dir, "--search", "optim.lr=grid(0.0002,0.002,0.00005,0.001)",
+                                   "--trials", "1", "--scheduler", "asha", "--concurrent", "1"), ray_cluster, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    rows = table(out)
+    assert len(rows) == 4 and {r["optim.lr"] for r in rows} == {"0.0002", "0.002", "5e-05", "0.001"}
+    steps = {r["trial"]: int(r["steps"]) for r in rows}
+    assert sorted(steps.values())[0] < 8 and max(steps.values()) == 8  # stopped early / trained to the end
+    # Each trial's own record (its run in <run.dir>/trials/<trial>), up to the step Tune last heard of.
+    lowest = min(r["swd"] for trial, last in steps.items()
+                 for r in read_metrics(run_dir / "trials" / trial / "metrics.jsonl") if "swd" in r and r["step"] <= last)
+    assert float(rows[0]["best swd"]) == pytest.approx(lowest, abs=1e-4)
+    best = re.search(r"Best checkpoint: (\S+)", out).group(1)
+    state = ckpt.load_checkpoint(best)[1]
+    assert state["config"]["optim"]["lr"] == pytest.approx(float(rows[0]["optim.lr"]), rel=1e-3)
+    sample = run_cli("-m", "dcgan_dist.sample", "--checkpoint", best, "--num", "4", "--out", str(tmp_path / "s.png"),
+                     check=True)
+    assert (tmp_path / "s.png").is_file(), sample.stdout
+
+
+@pytest.fixture
+def room_for_two_trials(ray_cluster):
+    with extra_ray_node(ray_cluster, 2):
+        yield
+
+
+def test_a_pbt_sweep_continues_the_worse_trial_from_the_better_ones_weights(
+        ray_cluster, room_for_two_trials, tiny_shards, tmp_path):
+    """2 trials side by side; at step 4 (PBT, synchronous) the worse continues from the better one's checkpoint with
+    a perturbed learning rate."""
+    run_dir = tmp_path / "pbt"
+    proc = run_with_env(sweep_args(tiny_shards, run_dir, "--search", "optim.lr=loguniform(1e-4,1e-3)", "--trials", "2",
+                                   "--scheduler", "pbt"), ray_cluster, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "2 side by side" in out
+    exploits = int(re.search(r"PBT: (\d+) exploit step", out).group(1))
+    assert exploits >= 1
+    # The exploit, as the trial itself logged it: it started from the other trial's checkpoint of step 4.
+    moves = re.findall(r"trial (\w+) continues from trial (\w+)'s checkpoint \S+ \(copied to (\S+)\) with optim.lr=(\S+)",
+                       out)
+    assert moves and all(to != source for to, source, _, _ in moves)
+    to, source, path, lr = moves[0]
+    copied = ckpt.load(path)
+    assert copied["step"] == 4
+    # Tune's copy holds the source trial's weights at step 4, as its own Ray Train run saved them.
+    saved = list((run_dir / "trials" / source / "ray").glob(f"{source}*/step_0000004/state.pt"))
+    assert saved and all(torch.equal(v, ckpt.load(saved[0])["G"][k]) for k, v in copied["G"].items())
+    # The trial that took them trained on from step 4 to the end with a perturbed learning rate.
+    runs = list((run_dir / "trials" / to / "ray").glob(f"{to}-from-*/step_0000008/state.pt"))
+    assert runs, sorted(str(p) for p in (run_dir / "trials" / to).rglob("state.pt"))
+    final = ckpt.load(runs[-1])["config"]["optim"]["lr"]
+    assert final == pytest.approx(float(lr), rel=1e-3) and final != pytest.approx(copied["config"]["optim"]["lr"])
