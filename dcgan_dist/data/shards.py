@@ -171,15 +171,16 @@ class ShardWriter:
     """Writes H x W x C uint8 images into numbered shards in `out_dir`, then `dataset.json`.
 
     Use as a context manager; `write` takes one image at a time, keys are the running sample index.
-    fmt: png, jpg or raw (see the module's docstring).
+    fmt: png, jpg or raw (see the module's docstring); raw_chunk: images per raw member.
     """
 
-    def __init__(self, out_dir: str | Path, shard_size: int = 1000, fmt: str = "png", source: str = ""):
-        if shard_size < 1:
-            raise ValueError("shard_size must be at least 1")
+    def __init__(self, out_dir: str | Path, shard_size: int = 1000, fmt: str = "png", source: str = "",
+                 raw_chunk: int = RAW_CHUNK):
+        if shard_size < 1 or raw_chunk < 1:
+            raise ValueError("shard_size and raw_chunk must be at least 1")
         check_format(fmt)
         self.out = ShardOutput(str(out_dir))
-        self.fmt, self.source, self.shard_size = fmt, source, shard_size
+        self.fmt, self.source, self.shard_size, self.raw_chunk = fmt, source, shard_size, raw_chunk
         self.count, self.shape = 0, None
         self.skipped = 0
         self.shard_counts: dict[str, int] = {}
@@ -195,7 +196,8 @@ class ShardWriter:
         if self.count % self.shard_size == 0:  # the next shard
             self._close_tar()
             name = SHARD_PATTERN % len(self.shard_counts)
-            self._tar, self._name, self.shard_counts[name] = ShardTar(self.out.staging / name, self.fmt), name, 0
+            self._tar, self._name = ShardTar(self.out.staging / name, self.fmt, self.raw_chunk), name
+            self.shard_counts[name] = 0
         self._tar.write(self.count, array)
         self.shard_counts[self._name] += 1
         self.count += 1
