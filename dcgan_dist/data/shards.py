@@ -367,9 +367,9 @@ wds.gopen_schemes.setdefault("s3", _open_s3)
 def iter_samples(urls: Iterable[str], handler=wds.handlers.reraise_exception) -> Iterator[dict]:
     """One sample per image from shards, in order, through webdataset's tar reader. A png/jpg sample is a dict of
     bytes keyed by extension; a raw chunk becomes one sample per image with "raw": its H x W x C uint8 array,
-    keyed `<chunk key>/<i>`. Every sample has "__url__", "__key__" and "__index__", its ordinal
-    in its shard (0, 1, ... in the order the shard holds them). A raw chunk that cannot be read is one sample with
-    "__error__" (decode_sample raises it); an unreadable tar goes to `handler`, as webdataset does."""
+    keyed `<chunk key>/<i>`. Every sample has "__url__", "__key__" and "__index__", its ordinal in its shard
+    (0, 1, ... in the order the shard holds them). A raw chunk that cannot be read is one sample with "__error__"
+    (decode_sample raises it); an unreadable tar goes to `handler`, as webdataset does."""
     for url in urls:
         index = 0
         for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=handler):
@@ -387,7 +387,8 @@ def iter_samples(urls: Iterable[str], handler=wds.handlers.reraise_exception) ->
                 continue
             key = sample["__key__"]
             for i in range(len(images)):
-                # Each image is copied out of its chunk (~12 KB, under a microsecond): a view would keep the whole
-                # chunk alive while the shuffle buffer holds any of its images, ~2x the buffer's memory (measured).
+                # Each image is copied out of its chunk (12 KB at 64x64 RGB, about a microsecond): a view would keep
+                # the whole chunk alive while the shuffle buffer holds any of its images (64x64 RGB, buffer of 5,000:
+                # 172 MB more resident memory with views, 90 MB with copies; no difference in speed measured).
                 yield {"__key__": f"{key}/{i}", "__url__": url, "__index__": index + i, "raw": images[i].copy()}
             index += len(images)
