@@ -1,8 +1,10 @@
 """Measure training speed: the loader, the full training step, the scaling of N Ray workers.
 
     python -m dcgan_dist.bench [--config FILE] [key=value ...] [--steps 20] [--warmup 5] [--baseline] [--checkpoint]
+                               [--data-only | --skip-data]
 
-Local launcher: data_images_per_s (shards -> normalised tensors on the device, the real loader) and
+Local launcher: data_images_per_s (shards -> normalised tensors on the device, the real loader; with
+data.num_workers=0 also data_images_per_cpu_s, the same per CPU-second: the loader's cost per core) and
 train_images_per_s (the real training step on batches from that loader: what the Trainer runs, without its
 parts). --baseline also times a minimal hand-written DCGAN loop on in-memory random tensors (same
 architecture, batch and precision), as in PyTorch's example, and reports the ratio.
@@ -46,16 +48,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_data(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int) -> float:
+def measure_data(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int) -> tuple[float, float]:
+    """(images/s, images per CPU-second of this process) from the real loader to normalised tensors on the
+    device. The second figure is the loader's cost per core when it runs in this process (data.num_workers=0),
+    whatever else the machine is doing."""
     batches = make_loader(cfg, env, shards)
     try:
         for i in range(warmup + steps):
             if i == warmup:
                 _sync(env.device)
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
             normalise(next(batches), env.device, cfg.train.channels_last)
         _sync(env.device)
-        return steps * cfg.train.batch_size / (time.perf_counter() - started)
+        images = steps * cfg.train.batch_size
+        return images / (time.perf_counter() - started), images / (time.process_time() - cpu_started)
     finally:
         batches.close()
 
@@ -192,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--baseline", action="store_true", help="also time a minimal hand-written DCGAN loop")
-    parser.add_argument("--skip-data", action="store_true", help="do not measure the loader alone")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--skip-data", action="store_true", help="do not measure the loader alone")
+    which.add_argument("--data-only", action="store_true", help="measure the loader alone, not the training step")
     parser.add_argument("--checkpoint", action="store_true",
                         help="also time writing one checkpoint to run.dir (a local folder or s3://bucket/prefix)")
     args, rest = parser.parse_known_args(argv)
@@ -216,11 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     env = DistEnv(device=device)
     rows = []
     if not args.skip_data:
-        result["data_images_per_s"] = measure_data(cfg, env, shards, args.steps * 2, args.warmup)
+        result["data_images_per_s"], per_cpu_s = measure_data(cfg, env, shards, args.steps * 2, args.warmup)
         rows.append(("loader alone (shards -> normalised tensors)", result["data_images_per_s"]))
+        if cfg.data.num_workers == 0:  # else the loader's processes do the work, and their CPU time is not counted
+            result["data_images_per_cpu_s"] = per_cpu_s
+            rows.append(("loader alone, per CPU-second of this process", per_cpu_s))
     if args.checkpoint:
         result.update(measure_checkpoint(cfg, device))
-    if cfg.dist.launcher == "ray":
+    if args.data_only:
+        pass  # the loader's figure above is all that was asked for
+    elif cfg.dist.launcher == "ray":
         result.update(bench_ray(cfg, args.steps, args.warmup))
         n = cfg.dist.num_workers
         rows += [("c: 1 worker", result["single_worker_images_per_s"]),
@@ -230,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result["train_images_per_s"] = measure_train(cfg, env, shards, args.steps, args.warmup)["images_per_s"]
         rows.append(("training step (real loader)", result["train_images_per_s"]))
-    if args.baseline:
+    if args.baseline and not args.data_only:
         result["baseline_images_per_s"] = baseline(cfg, device, args.steps, args.warmup)
         result["vs_baseline"] = result["train_images_per_s"] / result["baseline_images_per_s"]
         rows.append(("baseline: minimal loop, random tensors", result["baseline_images_per_s"]))

@@ -14,10 +14,14 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from dcgan_dist.data import ImageBatches, ShardWriter, expand_shards, read_info, write_synthetic_shards
+from dcgan_dist.config import build_config
+from dcgan_dist.data import ImageBatches, ShardWriter, check_shards, expand_shards, normalise, read_info, write_synthetic_shards
 from dcgan_dist.data.convert import convert
-from dcgan_dist.data.shards import iter_samples
+from dcgan_dist.data.shards import decode_sample, iter_samples
 from dcgan_dist.data.synth import draw_face
+from dcgan_dist.distributed.env import DistEnv
+from dcgan_dist.images import to_unit_range
+from dcgan_dist.trainer import make_loader
 
 from .conftest import run_cli
 
@@ -37,8 +41,10 @@ def tag(image: torch.Tensor) -> int:  # C x H x W uint8
     return int(image[0, 0, 0]) + 256 * int(image[0, 0, 1])
 
 
-def write(out: Path, images: list[np.ndarray], shard_size: int) -> Path:
-    with ShardWriter(out, shard_size=shard_size) as writer:
+def write(out: Path, images: list[np.ndarray], shard_size: int, fmt: str = "png", raw_chunk: int = 4) -> Path:
+    """Shards of `images`; raw ones in chunks of `raw_chunk` images, so that a shard holds several chunks and a
+    shorter last one."""
+    with ShardWriter(out, shard_size=shard_size, fmt=fmt, raw_chunk=raw_chunk) as writer:
         for a in images:
             writer.write(a)
         writer.close()
@@ -49,11 +55,13 @@ def take(batches: ImageBatches, n: int) -> list[torch.Tensor]:
     return [next(batches) for _ in range(n)]
 
 
-def test_round_trip_is_pixel_exact(tmp_path):
+@pytest.mark.parametrize("fmt", ["png", "raw"])
+def test_round_trip_is_pixel_exact(tmp_path, fmt):
     images = tagged_images(96, channels=3)
-    write(tmp_path / "s", images, shard_size=32)
+    write(tmp_path / "s", images, shard_size=32, fmt=fmt, raw_chunk=10)
     info = read_info(str(tmp_path / "s"))
-    assert (info.num_samples, info.num_shards, info.image_size, info.channels, info.format) == (96, 3, 8, 3, "png")
+    assert (info.num_samples, info.num_shards, info.image_size, info.channels, info.format) == (96, 3, 8, 3, fmt)
+    assert info.shard_counts == {f"shard-{i:06d}.tar": 32 for i in range(3)}  # images, not tar members
     batches = ImageBatches(str(tmp_path / "s"), batch_size=8, seed=1, shuffle_buffer=16, expect_chw=(3, 8, 8))
     got = torch.cat(take(batches, 12))  # exactly one pass
     assert got.dtype == torch.uint8 and got.shape == (96, 3, 8, 8)
@@ -63,6 +71,82 @@ def test_round_trip_is_pixel_exact(tmp_path):
         assert torch.equal(by_tag[i], torch.from_numpy(a).permute(2, 0, 1))
     order = [tag(img) for img in got]
     assert order != sorted(order)  # shuffled
+
+
+@pytest.mark.parametrize("size, channels", [(64, 3), (64, 1), (5, 3), (28, 1)])
+def test_raw_round_trip_is_pixel_exact(tmp_path, size, channels):
+    images = tagged_images(22, size=size, channels=channels)
+    write(tmp_path / "r", images, shard_size=10, fmt="raw", raw_chunk=4)  # shards of 10, 10, 2; chunks of 4, 4, 2
+    with tarfile.open(tmp_path / "r" / "shard-000000.tar") as tar:
+        assert tar.getnames() == ["000000000.raw.npy", "000000004.raw.npy", "000000008.raw.npy"]
+    got = torch.cat(take(ImageBatches(str(tmp_path / "r"), 11, shuffle_buffer=5, expect_chw=(channels, size, size)), 2))
+    assert got.dtype == torch.uint8 and got.shape == (22, channels, size, size)
+    assert Counter(g.permute(1, 2, 0).numpy().tobytes() for g in got) == Counter(a.tobytes() for a in images)
+
+
+@pytest.mark.parametrize("fmt", ["png", "raw"])
+def test_samples_carry_their_ordinal_in_the_shard_and_a_unique_key(tmp_path, fmt):
+    images = tagged_images(25, size=4)
+    write(tmp_path / "s", images, shard_size=10, fmt=fmt, raw_chunk=4)
+    samples = list(iter_samples(expand_shards(str(tmp_path / "s"))))
+    assert [s["__index__"] for s in samples] == [*range(10), *range(10), *range(5)]
+    assert len({(s["__url__"], s["__key__"]) for s in samples}) == 25
+    assert [int(decode_sample(s)[0, 0, 0]) for s in samples] == list(range(25))  # tagged_images' index, in order
+    if fmt == "raw":
+        assert [s["__key__"] for s in samples[:6]] == ["000000000/0", "000000000/1", "000000000/2", "000000000/3",
+                                                       "000000004/0", "000000004/1"]
+
+
+def test_a_raw_shard_without_dataset_json_still_loads(tmp_path):
+    out = write(tmp_path / "r", tagged_images(12), shard_size=6, fmt="raw")
+    (out / "dataset.json").unlink()
+    assert read_info(str(out)) is None
+    check_shards(str(out), (3, 8, 8))  # the first image tells the size
+    with pytest.raises(ValueError, match="model.image_size=8"):
+        check_shards(str(out), (3, 64, 64))
+    got = torch.cat(take(ImageBatches(str(out), 4, shuffle_buffer=4), 3))
+    assert sorted(tag(img) for img in got) == list(range(12))
+
+
+def test_a_damaged_raw_shard_is_counted_not_fatal(tmp_path):
+    out = write(tmp_path / "r", tagged_images(40), shard_size=10, fmt="raw", raw_chunk=4)  # chunks of 4, 4, 2
+    with tarfile.open(out / "shard-000001.tar") as tar:
+        second = tar.getmembers()[1]
+    data = bytearray((out / "shard-000001.tar").read_bytes())
+    data[second.offset_data: second.offset_data + 6] = b"NOTNPY"  # a chunk whose header is not .npy any more
+    (out / "shard-000001.tar").write_bytes(bytes(data))
+    shard = (out / "shard-000002.tar").read_bytes()
+    with tarfile.open(out / "shard-000002.tar") as tar:
+        second = tar.getmembers()[1]
+    (out / "shard-000002.tar").write_bytes(shard[: second.offset_data + 100])  # cut inside its second chunk
+    batches = ImageBatches(str(out), 1, shuffle_buffer=4)
+    tags = [tag(b[0]) for b in take(batches, 2 * 26)]  # two passes over what is readable
+    assert set(tags) == set(range(40)) - set(range(14, 18)) - set(range(24, 30))
+    assert batches.counters.bad_samples == 2  # the damaged chunk, once per pass (its images cannot be counted)
+    assert batches.counters.bad_shards >= 1
+    assert batches.counters.missing_samples >= 6  # the truncated shard's lost images, against dataset.json
+    proc = run_cli("-m", "dcgan_dist.data", "inspect", str(out), "--preview", str(tmp_path / "p.png"))
+    assert proc.returncode == 1 and "formats:  raw: 30" in proc.stdout and "not a .npy array" in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: shard ")]
+    assert errors[0] == "error: shard shard-000001.tar: 7 samples, dataset.json says 10 (truncated?)"
+    assert errors[1].startswith("error: shard shard-000002.tar: unreadable after 4 sample(s)") and len(errors) == 2
+
+
+def test_normalise_makes_the_loaders_channels_last_batches_contiguous_on_the_device():
+    hwc = torch.randint(0, 256, (4, 6, 6, 3), dtype=torch.uint8)
+    batch = hwc.permute(0, 3, 1, 2)  # what the loader yields: B x C x H x W over channels-last memory
+    want = to_unit_range(batch.contiguous())
+    out = normalise(batch, "cpu")
+    assert out.is_contiguous() and torch.equal(out, want)
+    out = normalise(batch, "cpu", channels_last=True)
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, want)
+
+
+def test_the_trainers_loader_pins_memory_for_a_cuda_device(tiny_shards):
+    """Pinned host memory lets normalise's non_blocking copy overlap the GPU's work; nothing here touches CUDA."""
+    cfg = build_config(None, ["model.image_size=32", "data.num_workers=0"])
+    assert make_loader(cfg, DistEnv(device=torch.device("cuda")), str(tiny_shards)).pin_memory
+    assert not make_loader(cfg, DistEnv(), str(tiny_shards)).pin_memory
 
 
 def test_greyscale_round_trip(tmp_path):
@@ -97,9 +181,10 @@ def test_stream_is_infinite_and_reshuffles_each_pass(tmp_path):
     assert first != second
 
 
-@pytest.mark.parametrize("num_workers, consumed", [(0, 5), (2, 3), (2, 4)])
-def test_resume_continues_the_same_sequence(tmp_path, num_workers, consumed):
-    write(tmp_path / "s", tagged_images(64), 8)
+@pytest.mark.parametrize("num_workers, consumed, fmt", [(0, 5, "png"), (2, 3, "png"), (2, 4, "png"), (0, 5, "raw"),
+                                                         (2, 3, "raw")])
+def test_resume_continues_the_same_sequence(tmp_path, num_workers, consumed, fmt):
+    write(tmp_path / "s", tagged_images(64), 8, fmt=fmt, raw_chunk=3)
     kwargs = dict(batch_size=6, seed=2, num_workers=num_workers, shuffle_buffer=10)
     reference = ImageBatches(str(tmp_path / "s"), **kwargs)
     expected = take(reference, consumed + 8)
@@ -297,6 +382,26 @@ def test_synth_and_inspect_cli(tmp_path):
 
     assert pngs(out) == pngs(again)
     assert run_cli("-m", "dcgan_dist.data", "synth", "--out", str(out), "--num", "5").returncode == 2
+
+
+def test_synth_and_convert_write_raw_shards_with_the_same_pixels(tmp_path):
+    proc = run_cli("-m", "dcgan_dist.data", "synth", "--out", str(tmp_path / "raw"), "--num", "12", "--shard-size", "5",
+                   "--size", "16", "--format", "raw", "--processes", "1", check=True)
+    assert "wrote 12 synthetic faces (16x16x3) in 3 shard(s)" in proc.stdout
+    assert read_info(str(tmp_path / "raw")).format == "raw"
+    proc = run_cli("-m", "dcgan_dist.data", "inspect", str(tmp_path / "raw"), check=True)
+    assert "formats:  raw: 12" in proc.stdout
+    write_synthetic_shards(tmp_path / "png", 12, 5, 16, processes=1, progress=False)
+
+    def images(folder):
+        return [decode_sample(s).tobytes() for s in iter_samples(expand_shards(str(folder)))]
+
+    assert images(tmp_path / "raw") == images(tmp_path / "png")
+    digits = np.random.default_rng(1).integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "train-images-idx3-ubyte", digits)
+    run_cli("-m", "dcgan_dist.data", "convert", "--src", str(tmp_path / "train-images-idx3-ubyte"), "--out",
+            str(tmp_path / "idx"), "--shard-size", "3", "--format", "raw", check=True)
+    assert images(tmp_path / "idx") == [d[:, :, None].tobytes() for d in digits]
 
 
 def make_image_folder(root: Path) -> None:

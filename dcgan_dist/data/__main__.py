@@ -1,7 +1,7 @@
 """Shard tools.
 
-    python -m dcgan_dist.data synth   --out DIR --num N [--shard-size S] [--size 64] [--channels 3] [--seed K]
-    python -m dcgan_dist.data convert --src PATH --out DIR [--size 64] [--channels 3] [--crop PX] [--shard-size S]
+    python -m dcgan_dist.data synth   --out DIR --num N [--shard-size S] [--size 64] [--channels 3] [--seed K] [--format png]
+    python -m dcgan_dist.data convert --src PATH --out DIR [--size 64] [--channels 3] [--crop PX] [--shard-size S] [--format png]
     python -m dcgan_dist.data inspect DIR [--preview FILE]     # exits 1 when a shard is unreadable or short
 """
 
@@ -17,7 +17,10 @@ import torch
 
 from ..images import save_grid
 from .convert import convert
-from .shards import decode_sample, expand_shards, iter_samples, read_info, shard_counts
+from .shards import FORMATS, decode_sample, expand_shards, iter_samples, read_info, shard_counts
+
+FORMAT_HELP = ("png (default: lossless, smallest), jpg (lossy), or raw (uint8 arrays: no decoding, the fastest "
+               "loader, larger on disk); the loader reads any of them without a flag")
 from .synth import write_synthetic_shards
 
 
@@ -46,7 +49,7 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
                 print(f"warning: {exc}", file=sys.stderr)
                 continue
             shapes[array.shape] += 1
-            formats[next((k for k in ("png", "jpg", "jpeg") if k in sample), "?")] += 1
+            formats[next((k for k in ("raw", "png", "jpg", "jpeg") if k in sample), "?")] += 1
             if len(first) < preview_count:
                 first.append(array)
         name, want = Path(url).name, expected.get(url)
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--channels", type=int, default=3, choices=(1, 3))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", default="png", choices=("png", "jpg"))
+    p.add_argument("--format", default="png", choices=FORMATS, help=FORMAT_HELP)
     p.add_argument("--processes", type=int, default=0, help="drawing processes (0 = one per core)")
 
     p = sub.add_parser("convert", help="convert an image folder, a zip of images or MNIST IDX files into shards")
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crop", type=int, default=0, help="centre crop side in px before resizing (default: largest square)")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--limit", type=int, default=0, help="convert only the first N images")
+    p.add_argument("--format", default="png", choices=FORMATS, help=FORMAT_HELP)
 
     p = sub.add_parser("inspect", help="count shards and samples, report image size, write a preview grid")
     p.add_argument("shards", help="directory, glob, brace pattern or URL of shards")
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {info.num_samples} synthetic faces ({info.image_size}x{info.image_size}x{info.channels}) "
                   f"in {info.num_shards} shard(s) to {args.out}")
         elif args.command == "convert":
-            convert(args.src, args.out, args.size, args.channels, args.crop, args.shard_size, args.limit)
+            convert(args.src, args.out, args.size, args.channels, args.crop, args.shard_size, args.limit, fmt=args.format)
         else:
             preview = args.preview or (str(Path(args.shards) / "preview.png") if Path(args.shards).is_dir() else "preview.png")
             report = inspect(args.shards, preview)

@@ -1,7 +1,8 @@
 """Real data sets -> shards: an image folder (CelebA's img_align_celeba/), a zip of images, MNIST IDX files.
 
-Images are centre-cropped to a square, resized once to the training size and written as PNG shards, so
-training never decodes anything bigger than it trains on and never resizes. An unreadable or corrupt image
+Images are centre-cropped to a square, resized once to the training size and written as shards (PNG by
+default, or jpg or raw: see shards.py), so training never decodes anything bigger than it trains on and never
+resizes. An unreadable or corrupt image
 is reported and skipped; the conversion goes on and prints how many were skipped.
 """
 
@@ -19,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..images import array_to_pil
-from .shards import DatasetInfo, ShardWriter
+from .shards import DatasetInfo, ShardWriter, check_format
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions (count, rows, cols)
@@ -109,13 +110,15 @@ def convert(
     shard_size: int = 1000,
     limit: int = 0,
     progress: bool = True,
+    fmt: str = "png",
 ) -> DatasetInfo:
-    """Convert `src` (image folder, .zip of images, or IDX file/folder) into shards in `out`."""
+    """Convert `src` (image folder, .zip of images, or IDX file/folder) into shards in `out`; fmt: png, jpg or raw."""
     src = Path(src).expanduser()
     if not src.exists():
         raise FileNotFoundError(f"source '{src}' does not exist")
+    check_format(fmt)
     if is_idx(src):
-        return _convert_idx(src, out, size, crop, shard_size, limit, progress)
+        return _convert_idx(src, out, size, crop, shard_size, limit, progress, fmt)
     archive = None
     if src.is_file() and src.suffix.lower() == ".zip":
         items, archive = zip_items(src)
@@ -129,7 +132,7 @@ def convert(
         items = items[:limit]
     size, channels = size or 64, channels or 3
     try:
-        return _write(_decode_items(items, size, channels, crop), len(items), out, shard_size, str(src), progress)
+        return _write(_decode_items(items, size, channels, crop), len(items), out, shard_size, str(src), progress, fmt)
     finally:
         if archive is not None:
             archive.close()
@@ -143,7 +146,7 @@ def _decode_items(items: list[Item], size: int, channels: int, crop: int) -> Ite
             yield name, exc
 
 
-def _convert_idx(src: Path, out, size, crop, shard_size, limit, progress) -> DatasetInfo:
+def _convert_idx(src: Path, out, size, crop, shard_size, limit, progress, fmt) -> DatasetInfo:
     arrays = [read_idx_images(p) for p in idx_files(src)]
     images = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
     if limit:
@@ -156,13 +159,13 @@ def _convert_idx(src: Path, out, size, crop, shard_size, limit, progress) -> Dat
             else:
                 yield str(i), img[:, :, None]
 
-    return _write(items(), len(images), out, shard_size, str(src), progress)
+    return _write(items(), len(images), out, shard_size, str(src), progress, fmt)
 
 
-def _write(items, total: int, out, shard_size: int, source: str, progress: bool) -> DatasetInfo:
+def _write(items, total: int, out, shard_size: int, source: str, progress: bool, fmt: str) -> DatasetInfo:
     skipped = 0
     bar = tqdm(total=total, unit="img", desc=f"converting -> {out}", disable=None if progress else True)  # None: only on a terminal
-    with ShardWriter(out, shard_size=shard_size, source=source) as writer:
+    with ShardWriter(out, shard_size=shard_size, fmt=fmt, source=source) as writer:
         for name, result in items:
             if isinstance(result, Exception):
                 skipped += 1

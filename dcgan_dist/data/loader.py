@@ -65,8 +65,9 @@ def split_for_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
 
 @dataclass
 class ShardStream(IterableDataset):
-    """Infinite stream of (uint8 images B x C x H x W, info) batches from one rank's shards, dealt out to its
-    `num_slots` loader workers. positions: {slot: (pass, raw samples consumed)} to resume from."""
+    """Infinite stream of (uint8 images B x C x H x W in channels-last memory, info) batches from one rank's
+    shards, dealt out to its `num_slots` loader workers. positions: {slot: (pass, raw samples consumed)} to resume
+    from."""
 
     rank_urls: list[str]
     batch_size: int
@@ -136,7 +137,9 @@ class ShardStream(IterableDataset):
                 batch.append(array)
                 batch_ids.append((pass_index, self.shard_ids.get(sample["__url__"], -1), sample["__index__"]))
                 if len(batch) == self.batch_size:
-                    images = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+                    # One copy on this side: the batch stays in the shards' channels-last layout, and the device
+                    # that trains on it rearranges it (normalise), where that is cheap.
+                    images = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
                     meta = torch.tensor([slot, pass_index, consumed, *(counts[k] for k in _COUNTERS)])
                     counts = dict.fromkeys(_COUNTERS, 0)
                     yield images, meta, torch.tensor(batch_ids)
@@ -180,7 +183,8 @@ class LoaderCounters:
 
 
 class ImageBatches:
-    """Iterator of uint8 image batches for one rank, with a resumable position.
+    """Iterator of uint8 image batches (B x C x H x W, channels-last memory: `normalise` rearranges them on the
+    device) for one rank, with a resumable position.
 
     `state_dict()` after consuming k batches, given to `load_state_dict` of a new ImageBatches before its first
     batch, continues with batch k + 1 of the same sequence (same seed, shards, batch size, world size and
@@ -334,9 +338,12 @@ def _loader_worker_init(_: int) -> None:
 
 def normalise(images: torch.Tensor, device: torch.device | str, channels_last: bool = False) -> torch.Tensor:
     """uint8 batch -> float in [-1, 1] on `device`: the uint8 batch crosses to the device (4x less traffic than
-    float) and is converted there."""
-    out = to_unit_range(images.to(device, non_blocking=True))
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+    float; from pinned memory without waiting, when the loader pins) and is rearranged and converted there.
+    The loader's batches are B x C x H x W views of channels-last memory; the result is contiguous, or
+    channels-last memory when `channels_last`."""
+    images = images.to(device, non_blocking=True)
+    images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return to_unit_range(images)
 
 
 def check_shards(spec: str, expect_chw: tuple[int, int, int], world_size: int = 1, probe: bool = True) -> None:

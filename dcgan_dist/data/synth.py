@@ -17,11 +17,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from .shards import META_FILE, SHARD_PATTERN, DatasetInfo, ShardOutput, encode_image
+from .shards import META_FILE, SHARD_PATTERN, DatasetInfo, ShardOutput, ShardTar, check_format
 
 SUPERSAMPLE = 4  # draw at 4x and downsample with a box filter for smooth, anti-aliased edges
 
@@ -146,9 +145,9 @@ def face_array(index: int, seed: int, size: int, channels: int) -> np.ndarray:
 
 def _write_shard(args: tuple[str, int, int, int, int, int, str]) -> tuple[str, int]:
     path, start, stop, seed, size, channels, fmt = args
-    with wds.TarWriter(path) as sink:
+    with ShardTar(path, fmt) as shard:
         for i in range(start, stop):
-            sink.write({"__key__": f"{i:09d}", fmt: encode_image(face_array(i, seed, size, channels), fmt)})
+            shard.write(i, face_array(i, seed, size, channels))
     return Path(path).name, stop - start
 
 
@@ -164,7 +163,8 @@ def write_synthetic_shards(
     progress: bool = True,
 ) -> DatasetInfo:
     """Draw `num` faces into shards of `shard_size` in `out_dir` (a folder or s3://bucket/prefix), shards drawn in
-    parallel processes."""
+    parallel processes. fmt: png, jpg or raw."""
+    check_format(fmt)
     out = ShardOutput(str(out_dir))
     jobs = [
         (str(out.staging / (SHARD_PATTERN % j)), start, min(start + shard_size, num), seed, size, channels, fmt)
