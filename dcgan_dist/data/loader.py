@@ -158,18 +158,17 @@ class ShardStream(IterableDataset):
 
 
     def _untrained(self, samples: Iterator[dict], pass_index: int, per_shard: dict[str, int]) -> Iterator[dict]:
-        """Number each sample within its shard (`__index__`), count what each shard gives, and leave out what the
-        ledger of a resized run says was trained in this pass already."""
-        url, ordinal = None, 0
+        """Count what each shard gives, and leave out what the ledger of a resized run says was trained in this
+        pass already (by each sample's ordinal in its shard, `__index__`)."""
+        url, trained = None, None
         for sample in samples:
             if sample["__url__"] != url:
-                url, ordinal = sample["__url__"], 0
+                url = sample["__url__"]
                 before = self.trained_before.get(url)
                 trained = before[1] if before is not None and before[0] == pass_index else None
-            sample["__index__"] = ordinal
             per_shard[url] = per_shard.get(url, 0) + 1
-            ordinal += 1
-            if trained is not None and sample["__index__"] < len(trained) and trained[sample["__index__"]]:
+            index = sample["__index__"]
+            if trained is not None and index < len(trained) and trained[index]:
                 continue
             yield sample
 
