@@ -254,7 +254,7 @@ def results_table(results, searches: list[Search]) -> tuple[str, Any, int]:
     header = ["trial", *(s.key for s in searches), "best swd", "steps", "runs", "status"]
     lines = [header] + [
         [str((result.metrics or {}).get("trial_id", Path(result.path).name)),
-         *(_short(result.config.get(s.key)) for s in searches),
+         *(_short((result.config or {}).get(s.key)) for s in searches),
          "-" if swd == math.inf else f"{swd:.4f}", "-" if steps is None else str(steps), str(runs),
          "error" if result.error else "done"]
         for swd, result, steps, runs in rows]
@@ -348,6 +348,10 @@ def sweep(base: Config, searches: list[Search], trials: int, scheduler_name: str
               f"({100 * (1 - sum(steps) / max(full, 1)):.0f} % saved)")
     if scheduler_name == "pbt":
         print(f"PBT: {exploits} exploit step(s) (a trial continued from a better trial's checkpoint, optim.* perturbed)")
+    unfinished = [r for r in results if not r.error and int((r.metrics or {}).get("step", 0)) < base.train.max_steps
+                  and scheduler_name != "asha"]
+    if unfinished:
+        print(f"{len(unfinished)} trial(s) did not finish (interrupted?): rerun the same command to resume the sweep")
     if best is None:
         print("error: no trial reported an SWD", file=sys.stderr)
         return 1
