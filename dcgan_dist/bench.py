@@ -107,7 +107,7 @@ def cpu_peak(threads: int, precision: str) -> tuple[float | None, str]:
     elif precision == "bf16" and "avx512_bf16" in flags:
         per_cycle, unit = 128, "AVX512-BF16 dot products, 2 units"
     peak = threads * mhz * 1e6 * per_cycle
-    return peak, (f"estimate: {threads} cores x {mhz / 1000:.2f} GHz (/proc/cpuinfo; boost clock unknown) x "
+    return peak, (f"estimate: {threads} core{'s' if threads != 1 else ''} x {mhz / 1000:.2f} GHz (/proc/cpuinfo; boost clock unknown) x "
                   f"{per_cycle} {precision} FLOPs/cycle ({unit})")
 
 
@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         from .gpu_report import write_report
 
         write_report(setting, args.gpu_report, steps=args.steps, warmup=args.warmup, compile=args.report_compile,
-                     swd_steps=args.report_swd_steps)
+                     swd_steps=args.report_swd_steps,
+                     command=" ".join(["python -m dcgan_dist.bench", *(sys.argv[1:] if argv is None else argv)]))
         return 0
     if setting.train.num_threads:
         torch.set_num_threads(setting.train.num_threads)
