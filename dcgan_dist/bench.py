@@ -7,8 +7,8 @@ Local launcher: data_images_per_s (shards -> normalised tensors on the device, t
 train_images_per_s (the real training step on batches from that loader: what the Trainer runs, without its
 parts, in the precision and layout that train.precision/channels_last resolve to, printed first). --baseline
 also times the minimal DCGAN loop of PyTorch's example on in-memory random tensors, always fp32 and NCHW
-(the plain tutorial loop, whatever the settings say), side by side with the training step (alternating rounds
-of steps), and reports the ratio. MFU: the images/s times the FLOPs per image of one step (counted with
+(the plain tutorial loop, whatever the settings say), side by side with the training step (alternating steps,
+the median of each: see time_side_by_side), and reports the ratio. MFU: the images/s times the FLOPs per image of one step (counted with
 torch's FlopCounterMode over G and D forward and backward), over the device's peak: a data-sheet figure for
 known GPUs (GPU_PEAK_TFLOPS), an estimate from cores x clock x FLOPs/cycle for a CPU.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -263,23 +264,28 @@ class MinimalLoop:
 
 
 def time_side_by_side(loops: dict, batch_size: int, device: torch.device, steps: int, warmup: int,
-                      rounds: int = 4) -> dict[str, float]:
-    """images/s of each loop (name -> object with .step()), timed in alternating rounds of steps/rounds steps
-    each, so that a machine whose load changes (other processes, clocks) weighs on all of them alike."""
+                      rounds: int | None = None) -> dict[str, float]:
+    """images/s of each loop (name -> object with .step()), timed side by side: `rounds` rounds (default: one
+    step each on a CPU, 5 on a GPU, whose steps are too short to time alone) in which every loop runs its share
+    of the steps, in an order rotated every round; the rate is from the median round. On a shared machine whose
+    load comes and goes (other processes, clocks), every loop sees the same conditions, and a burst of load
+    during a few rounds does not move the median."""
     for loop in loops.values():
         for _ in range(warmup):
             loop.step()
-    seconds = dict.fromkeys(loops, 0.0)
-    per_round = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
-    for n in per_round:
-        for name, loop in loops.items():
+    rounds = min(rounds or (steps if device.type == "cpu" else 5), steps)
+    per_round = steps // rounds
+    seconds: dict[str, list[float]] = {name: [] for name in loops}
+    names = list(loops)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
             _sync(device)
             started = time.perf_counter()
-            for _ in range(n):
-                loop.step()
+            for _ in range(per_round):
+                loops[name].step()
             _sync(device)
-            seconds[name] += time.perf_counter() - started
-    return {name: steps * batch_size / s for name, s in seconds.items()}
+            seconds[name].append(time.perf_counter() - started)
+    return {name: per_round * batch_size / statistics.median(times) for name, times in seconds.items()}
 
 
 def measure_train(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int, data_env: DistEnv | None = None) -> dict:
