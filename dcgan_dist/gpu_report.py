@@ -187,7 +187,8 @@ def training_steps(cfg: Config, device: torch.device, shards: str, steps: int, w
                              if skipped else "CUDA graphs replayed (no inductor fallbacks counted)")
 
     # Our fastest eager setting on batches from the real loader: does the loader keep up with the step?
-    loader_row = Row(f"our step, bf16 + channels_last, real loader ({cfg.data.num_workers} loader processes)")
+    n = cfg.data.num_workers
+    loader_row = Row(f"our step, bf16 + channels_last, real loader ({n} loader process{'es' if n != 1 else ''})")
     try:
         loop = bench.TrainLoop(fast, env, shards, fused=fused)
         try:
@@ -292,7 +293,7 @@ def to_markdown(report: Report) -> str:
     lines += ["", "## Loader", ""]
     if "images_per_s" in ld:
         lines.append(f"Shards -> normalised tensors on the device, {ld['image_size']}x{ld['image_size']}x{ld['channels']}: "
-                     f"**{ld['images_per_s']:.0f} images/s** with {ld['loader_processes']} loader processes "
+                     f"**{ld['images_per_s']:.0f} images/s** with {ld['loader_processes']} loader process(es) "
                      f"({ld['per_process']:.0f} per process; 0 processes: decoding in the training process).")
     else:
         lines.append(ld["note"])
