@@ -1,13 +1,18 @@
-"""Measure training speed: the loader, the full training step, the scaling of N Ray workers.
+"""Measure training speed: the loader, the full training step, the scaling of N Ray workers; the GPU report.
 
     python -m dcgan_dist.bench [--config FILE] [key=value ...] [--steps 20] [--warmup 5] [--baseline] [--checkpoint]
                                [--data-only | --skip-data]
+    python -m dcgan_dist.bench --gpu-report docs/gpu-report.md [--config FILE] [key=value ...]   # see gpu_report.py
 
 Local launcher: data_images_per_s (shards -> normalised tensors on the device, the real loader; with
 data.num_workers=0 also data_images_per_cpu_s, the same per CPU-second: the loader's cost per core) and
 train_images_per_s (the real training step on batches from that loader: what the Trainer runs, without its
-parts). --baseline also times a minimal hand-written DCGAN loop on in-memory random tensors (same
-architecture, batch and precision), as in PyTorch's example, and reports the ratio.
+parts, in the precision and layout that train.precision/channels_last resolve to, printed first). --baseline
+also times the minimal DCGAN loop of PyTorch's example on in-memory random tensors, always fp32 and NCHW
+(the plain tutorial loop, whatever the settings say), side by side with the training step (alternating steps,
+the median of each: see time_side_by_side), and reports the ratio. MFU: the images/s times the FLOPs per image of one step (counted with
+torch's FlopCounterMode over G and D forward and backward), over the device's peak: a data-sheet figure for
+known GPUs (GPU_PEAK_TFLOPS), an estimate from cores x clock x FLOPs/cycle for a CPU.
 
 Ray launcher (dist.launcher=ray, dist.num_workers=N): the same N Ray workers time, one after the other,
   c: rank 0 alone (1 worker; the others wait),
@@ -17,13 +22,14 @@ Ray launcher (dist.launcher=ray, dist.num_workers=N): the same N Ray workers tim
 speedup = a/c and comm_efficiency = a/b, with the cost per step: compute and data wait (from b), gradient
 all-reduce (a-nosync - b) and batch-norm synchronisation (a - a-nosync).
 
-The last line printed is one JSON object with the figures, the device, batch size, widths and threads.
+The last line printed is one JSON object with the figures, MFU, the device, batch size, widths and threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -35,17 +41,121 @@ import torch.nn.functional as F
 from .config import Config, ConfigError, from_args, from_dict, to_dict
 from .data import normalise, resolve_data
 from .distributed.env import DistEnv
-from .gan import train_step
-from .models import build_models
-from .precision import pick_device
 from .checkpoint import to_bytes
+from .gan import make_optimizers, train_step
+from .models import build_models
+from .precision import pick_device, resolved
 from .storage import RunStorage
-from .trainer import NoiseRNG, build_networks, distribute, make_loader
+from .trainer import NoiseRNG, build_networks, distribute, make_loader, resolve_speed
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# --- what a step costs, and what the device could do -----------------------------------------------------------
+
+# Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets, per kind of arithmetic; matched in this order
+# against torch.cuda.get_device_name() (more specific names first). fp32 is the CUDA cores; tf32/bf16/fp16 the
+# tensor cores. A GPU without an entry for a kind (T4 and V100: no tf32, no bf16) has no peak for it.
+GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H200 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5}),
+    ("H200", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),  # SXM
+    ("H100 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5}),
+    ("H100 PCIe", {"fp32": 51.0, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0}),
+    ("H100", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),  # SXM
+    ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}),
+    ("L40S", {"fp32": 91.6, "tf32": 183.0, "bf16": 362.1, "fp16": 362.1}),
+    ("L4", {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0}),
+    ("A10G", {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0}),  # the A10's sheet; AWS publishes none
+    ("A10", {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0}),
+    ("T4", {"fp32": 8.1, "fp16": 65.0}),
+    ("V100", {"fp32": 15.7, "fp16": 125.0}),  # SXM2; PCIe: 14 / 112
+]
+
+
+def _arithmetic(device: torch.device, precision: str) -> str:
+    """The kind of arithmetic the convolutions run in: fp32 steps on CUDA use TF32 tensor cores when cuDNN
+    allows it (torch's default for convolutions)."""
+    if precision != "fp32":
+        return precision
+    return "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "fp32"
+
+
+def cpu_peak(threads: int, precision: str) -> tuple[float | None, str]:
+    """An estimate of a CPU's peak FLOP/s: cores used x clock x FLOPs per cycle per core from its flags."""
+    from .precision import cpu_flags
+
+    flags = cpu_flags()
+    mhz = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                mhz = float(line.split(":", 1)[1])
+                break
+    except (OSError, ValueError):
+        pass
+    if not mhz or not flags:
+        return None, "unknown (no clock or flags in /proc/cpuinfo)"
+    # fp32 FLOPs per cycle with two FMA units: 2 x lanes x 2 (a multiply and an add).
+    if "avx512f" in flags:
+        per_cycle, unit = 64, "AVX-512 2x16-lane FMA"
+    elif "avx2" in flags and "fma" in flags:
+        per_cycle, unit = 32, "AVX2 2x8-lane FMA"
+    else:
+        per_cycle, unit = 16, "SSE/AVX without FMA"
+    if precision == "bf16" and "amx_bf16" in flags:
+        per_cycle, unit = 1024, "AMX-BF16 tile unit"
+    elif precision == "bf16" and "avx512_bf16" in flags:
+        per_cycle, unit = 128, "AVX512-BF16 dot products, 2 units"
+    peak = threads * mhz * 1e6 * per_cycle
+    return peak, (f"estimate: {threads} core{'s' if threads != 1 else ''} x {mhz / 1000:.2f} GHz (/proc/cpuinfo; boost clock unknown) x "
+                  f"{per_cycle} {precision} FLOPs/cycle ({unit})")
+
+
+def device_peak(device: torch.device, precision: str, threads: int | None = None) -> tuple[float | None, str]:
+    """(the device's peak FLOP/s for this precision, or None; where the figure comes from)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        kind = _arithmetic(device, precision)
+        for key, peaks in GPU_PEAK_TFLOPS:
+            if key in name:
+                if kind not in peaks:
+                    return None, f"unknown: {key} has no {kind} tensor-core peak"
+                return peaks[kind] * 1e12, f"{key} data sheet, dense {kind}"
+        return None, f"unknown: {name} is not in bench.GPU_PEAK_TFLOPS"
+    if device.type == "cpu":
+        return cpu_peak(threads or torch.get_num_threads(), precision)
+    return None, f"unknown for {device.type}"
+
+
+def count_flops(step, batch_size: int) -> float:
+    """FLOPs per image of one call of `step` (a training step: forward and backward of G and D), counted by
+    torch's FlopCounterMode (convolutions and matrix products, the arithmetic that matters for MFU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / batch_size
+
+
+def step_flops_per_image(cfg: Config, minimal: bool = False) -> float:
+    """FLOPs per image of one training step of this model (our train_step, or the minimal loop's), counted
+    once on the CPU in eager fp32 with a small batch: the count is the same in every precision, layout and
+    compiled form, and proportional to the batch."""
+    small = replace(cfg, train=replace(cfg.train, batch_size=min(cfg.train.batch_size, 4), precision="fp32",
+                                       channels_last=False, compile=False))
+    cpu = torch.device("cpu")
+    loop = MinimalLoop(small, cpu) if minimal else TrainLoop(small, DistEnv(device=cpu), shards=None)
+    return count_flops(loop.step, small.train.batch_size)
+
+
+def mfu(images_per_s: float, flops_per_image: float, peak: float | None) -> float | None:
+    return images_per_s * flops_per_image / peak if peak else None
+
+
+# --- the loops that are timed ----------------------------------------------------------------------------------
 
 
 def measure_data(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int) -> tuple[float, float]:
@@ -83,56 +193,124 @@ def measure_checkpoint(cfg: Config, device: torch.device) -> dict:
     return {"checkpoint_mib": len(data) / 2**20, "checkpoint_write_s": seconds}
 
 
+class TrainLoop:
+    """The real training step as `env` runs it (world 1: no DDP, no synchronisation): what the Trainer runs,
+    without its parts. cfg: resolved (precision.resolved).
+
+    shards: batches from the real loader; None: one random batch held on the device (the step alone).
+    data_env: whose slice of the shards to read (so that independent workers still read apart). fused: Adam's
+    implementation (None: what the Trainer picks). compile_mode: torch.compile G and D in this mode
+    ("reduce-overhead": with CUDA graphs) instead of as train.compile says.
+    """
+
+    def __init__(self, cfg: Config, env: DistEnv, shards: str | None, data_env: DistEnv | None = None,
+                 fused: bool | None = None, compile_mode: str | None = None):
+        self.cfg, self.device = cfg, env.device
+        self.G, self.D, self.opt_g, self.opt_d, self.precision = build_networks(cfg, env.device)
+        if fused is not None:
+            self.opt_g, self.opt_d = make_optimizers(self.G, self.D, cfg.optim, fused=fused)
+        if compile_mode is not None:
+            cfg = replace(cfg, train=replace(cfg.train, compile=False))
+        self.G, self.D = distribute(self.G, self.D, cfg, env)
+        if compile_mode is not None:
+            self.G, self.D = torch.compile(self.G, mode=compile_mode), torch.compile(self.D, mode=compile_mode)
+        self.cuda_graphs = compile_mode == "reduce-overhead"
+        m = cfg.model
+        self.batches = make_loader(cfg, data_env or env, shards) if shards is not None else None
+        self.fixed = None if shards is not None else normalise(
+            torch.randint(0, 256, (cfg.train.batch_size, m.channels, m.image_size, m.image_size), dtype=torch.uint8),
+            env.device, cfg.train.channels_last)
+        self.noise = NoiseRNG(env.device, cfg.run.seed + (data_env or env).rank)
+        self.data_wait = 0.0
+
+    def step(self) -> None:
+        fetch = time.perf_counter()
+        real = self.fixed if self.batches is None else normalise(next(self.batches), self.device, self.cfg.train.channels_last)
+        self.data_wait += time.perf_counter() - fetch
+        if self.cuda_graphs:  # a new iteration: the graphs' outputs of the previous one may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        train_step(self.G, self.D, self.opt_g, self.opt_d, real, self.noise.latents(real.shape[0], self.cfg.model.nz),
+                   self.precision)
+
+    def close(self) -> None:
+        if self.batches is not None:
+            self.batches.close()
+
+
+class MinimalLoop:
+    """The minimal DCGAN loop of PyTorch's example, always in fp32 and the default memory layout, on random
+    in-memory tensors: "the plain tutorial loop" that the training step is compared with, whatever
+    train.precision and train.channels_last say. Same architecture and batch."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        m = cfg.model
+        G, D = build_models(m, seed=0)
+        self.G, self.D, self.device, self.nz = G.to(device), D.to(device), device, m.nz
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        b = cfg.train.batch_size
+        self.real = torch.rand(b, m.channels, m.image_size, m.image_size, device=device) * 2 - 1
+        self.ones, self.zeros = torch.ones(b, device=device), torch.zeros(b, device=device)
+
+    def step(self) -> None:
+        G, D, b = self.G, self.D, self.real.shape[0]
+        fake = G(torch.randn(b, self.nz, 1, 1, device=self.device))
+        D.zero_grad()
+        loss_d = (F.binary_cross_entropy_with_logits(D(self.real), self.ones)
+                  + F.binary_cross_entropy_with_logits(D(fake.detach()), self.zeros))
+        loss_d.backward()
+        self.opt_d.step()
+        G.zero_grad()
+        loss_g = F.binary_cross_entropy_with_logits(D(fake), self.ones)
+        loss_g.backward()
+        self.opt_g.step()
+
+    def close(self) -> None:
+        pass
+
+
+def time_side_by_side(loops: dict, batch_size: int, device: torch.device, steps: int, warmup: int,
+                      rounds: int | None = None) -> dict[str, float]:
+    """images/s of each loop (name -> object with .step()), timed side by side: `rounds` rounds (default: one
+    step each on a CPU, 5 on a GPU, whose steps are too short to time alone) in which every loop runs its share
+    of the steps, in an order rotated every round; the rate is from the median round. On a shared machine whose
+    load comes and goes (other processes, clocks), every loop sees the same conditions, and a burst of load
+    during a few rounds does not move the median."""
+    for loop in loops.values():
+        for _ in range(warmup):
+            loop.step()
+    rounds = min(rounds or (steps if device.type == "cpu" else 5), steps)
+    per_round = steps // rounds
+    seconds: dict[str, list[float]] = {name: [] for name in loops}
+    names = list(loops)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            _sync(device)
+            started = time.perf_counter()
+            for _ in range(per_round):
+                loops[name].step()
+            _sync(device)
+            seconds[name].append(time.perf_counter() - started)
+    return {name: per_round * batch_size / statistics.median(times) for name, times in seconds.items()}
+
+
 def measure_train(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int, data_env: DistEnv | None = None) -> dict:
     """The real training step as `env` runs it (world 1: no DDP, no synchronisation), on batches from the real
     loader; data_env: whose slice of the shards to read (so that independent workers still read apart)."""
-    G, D, opt_g, opt_d, precision = build_networks(cfg, env.device)
-    G, D = distribute(G, D, cfg, env)
-    batches = make_loader(cfg, data_env or env, shards)
-    noise = NoiseRNG(env.device, cfg.run.seed + (data_env or env).rank)
-    data_wait = 0.0
+    loop = TrainLoop(cfg, env, shards, data_env)
     try:
-        for i in range(warmup + steps):
-            if i == warmup:
-                _sync(env.device)
-                started, data_wait = time.perf_counter(), 0.0
-            fetch = time.perf_counter()
-            real = normalise(next(batches), env.device, cfg.train.channels_last)
-            data_wait += time.perf_counter() - fetch
-            train_step(G, D, opt_g, opt_d, real, noise.latents(real.shape[0], cfg.model.nz), precision)
+        for _ in range(warmup):
+            loop.step()
+        _sync(env.device)
+        started, loop.data_wait = time.perf_counter(), 0.0
+        for _ in range(steps):
+            loop.step()
         _sync(env.device)
         seconds = time.perf_counter() - started
     finally:
-        batches.close()
-    return {"images_per_s": steps * cfg.train.batch_size / seconds, "step_s": seconds / steps, "data_wait_s": data_wait / steps}
-
-
-def baseline(cfg: Config, device: torch.device, steps: int, warmup: int) -> float:
-    """A minimal DCGAN loop, as in PyTorch's example, on random in-memory tensors."""
-    m = cfg.model
-    G, D = build_models(m, seed=0)
-    G, D = G.to(device), D.to(device)
-    opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    b = cfg.train.batch_size
-    real = torch.rand(b, m.channels, m.image_size, m.image_size, device=device) * 2 - 1
-    ones, zeros = torch.ones(b, device=device), torch.zeros(b, device=device)
-    for i in range(warmup + steps):
-        if i == warmup:
-            _sync(device)
-            started = time.perf_counter()
-        z = torch.randn(b, m.nz, 1, 1, device=device)
-        fake = G(z)
-        D.zero_grad()
-        loss_d = F.binary_cross_entropy_with_logits(D(real), ones) + F.binary_cross_entropy_with_logits(D(fake.detach()), zeros)
-        loss_d.backward()
-        opt_d.step()
-        G.zero_grad()
-        loss_g = F.binary_cross_entropy_with_logits(D(fake), ones)
-        loss_g.backward()
-        opt_g.step()
-    _sync(device)
-    return steps * b / (time.perf_counter() - started)
+        loop.close()
+    return {"images_per_s": steps * cfg.train.batch_size / seconds, "step_s": seconds / steps,
+            "data_wait_s": loop.data_wait / steps}
 
 
 # --- Ray -----------------------------------------------------------------------------------------------------
@@ -146,6 +324,7 @@ def _ray_bench_worker(config: dict) -> dict:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     env = worker_env(cfg)
+    cfg, _ = resolve_speed(cfg, env)  # "auto" for the workers' device, as the Trainer does
     alone = DistEnv(rank=0, world_size=1, device=env.device)
     shards = resolve_data(cfg.data, cfg.model)[0] if env.is_main else None
     shards = env.gather_objects(shards)[0]  # rank 0 generates the synthetic set once; the others reuse it
@@ -192,67 +371,110 @@ def bench_ray(cfg: Config, steps: int, warmup: int) -> dict:
             "step_breakdown": breakdown}
 
 
+def format_mfu(value: float | None) -> str:
+    return f"{value * 100:.3g} %" if value is not None else "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcgan_dist.bench", description=__doc__.split("\n\n")[0],
                                      epilog="Settings: [--config FILE] [key=value ...], as for dcgan_dist.train.")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--baseline", action="store_true", help="also time a minimal hand-written DCGAN loop")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also time the minimal fp32 DCGAN loop, side by side with the training step")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--skip-data", action="store_true", help="do not measure the loader alone")
     which.add_argument("--data-only", action="store_true", help="measure the loader alone, not the training step")
     parser.add_argument("--checkpoint", action="store_true",
                         help="also time writing one checkpoint to run.dir (a local folder or s3://bucket/prefix)")
+    parser.add_argument("--gpu-report", metavar="FILE.md",
+                        help="instead: the one-command report (fp32 loop to CUDA graphs, loader, MFU, sync-BN check, "
+                             "SWD fp32 vs bf16) written to FILE.md; see dcgan_dist/gpu_report.py")
+    parser.add_argument("--report-compile", choices=("auto", "yes", "no"), default="auto",
+                        help="--gpu-report: time the torch.compile rows (auto: on CUDA only; minutes on a small CPU)")
+    parser.add_argument("--report-swd-steps", type=int, default=None,
+                        help="--gpu-report: training steps of each SWD run (default: 600 on CUDA, 200 on CPU)")
     args, rest = parser.parse_known_args(argv)
     try:
-        cfg, _ = from_args(rest)
+        setting, _ = from_args(rest)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    if args.gpu_report:
+        from .gpu_report import write_report
+
+        write_report(setting, args.gpu_report, steps=args.steps, warmup=args.warmup, compile=args.report_compile,
+                     swd_steps=args.report_swd_steps,
+                     command=" ".join(["python -m dcgan_dist.bench", *(sys.argv[1:] if argv is None else argv)]))
+        return 0
+    if setting.train.num_threads:
+        torch.set_num_threads(setting.train.num_threads)
     threads = torch.get_num_threads()
+    device = pick_device(setting.train.device if setting.dist.launcher == "local" else "cpu")
+    cfg, speed = resolved(setting, device)  # for this process's device; Ray workers resolve for theirs
+    print(f"Speed: {speed.reason}")
     m = cfg.model
     result: dict = {
         "launcher": cfg.dist.launcher, "batch_size": cfg.train.batch_size, "image_size": m.image_size,
-        "ngf": m.ngf, "ndf": m.ndf, "precision": cfg.train.precision, "threads": threads,
+        "ngf": m.ngf, "ndf": m.ndf, "precision_setting": setting.train.precision, "precision": cfg.train.precision,
+        "channels_last": cfg.train.channels_last, "compile": cfg.train.compile, "threads": threads,
         "dist_workers": cfg.dist.num_workers, "loader_workers": cfg.data.num_workers, "steps": args.steps,
     }
-    device = pick_device(cfg.train.device if cfg.dist.launcher == "local" else "cpu")
     result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} threads)"
     shards = resolve_data(cfg.data, cfg.model)[0]
     env = DistEnv(device=device)
-    rows = []
+    rows = []  # (name, images/s, MFU as text)
     if not args.skip_data:
         result["data_images_per_s"], per_cpu_s = measure_data(cfg, env, shards, args.steps * 2, args.warmup)
-        rows.append(("loader alone (shards -> normalised tensors)", result["data_images_per_s"]))
+        rows.append(("loader alone (shards -> normalised tensors)", result["data_images_per_s"], ""))
         if cfg.data.num_workers == 0:  # else the loader's processes do the work, and their CPU time is not counted
             result["data_images_per_cpu_s"] = per_cpu_s
-            rows.append(("loader alone, per CPU-second of this process", per_cpu_s))
+            rows.append(("loader alone, per CPU-second of this process", per_cpu_s, ""))
     if args.checkpoint:
         result.update(measure_checkpoint(cfg, device))
     if args.data_only:
         pass  # the loader's figure above is all that was asked for
     elif cfg.dist.launcher == "ray":
-        result.update(bench_ray(cfg, args.steps, args.warmup))
+        result.update(bench_ray(setting, args.steps, args.warmup))
         n = cfg.dist.num_workers
-        rows += [("c: 1 worker", result["single_worker_images_per_s"]),
-                 (f"b: {n} workers, no communication", result["independent_images_per_s"]),
-                 (f"a-nosync: {n} workers, DDP, per-worker BN", result["ddp_without_sync_bn_images_per_s"]),
-                 (f"a: {n} workers, DDP + synchronised BN", result["train_images_per_s"])]
+        rows += [("c: 1 worker", result["single_worker_images_per_s"], ""),
+                 (f"b: {n} workers, no communication", result["independent_images_per_s"], ""),
+                 (f"a-nosync: {n} workers, DDP, per-worker BN", result["ddp_without_sync_bn_images_per_s"], ""),
+                 (f"a: {n} workers, DDP + synchronised BN", result["train_images_per_s"], "")]
     else:
-        result["train_images_per_s"] = measure_train(cfg, env, shards, args.steps, args.warmup)["images_per_s"]
-        rows.append(("training step (real loader)", result["train_images_per_s"]))
-    if args.baseline and not args.data_only:
-        result["baseline_images_per_s"] = baseline(cfg, device, args.steps, args.warmup)
-        result["vs_baseline"] = result["train_images_per_s"] / result["baseline_images_per_s"]
-        rows.append(("baseline: minimal loop, random tensors", result["baseline_images_per_s"]))
+        peak, peak_source = device_peak(device, cfg.train.precision, threads)
+        result.update({"flops_per_image": step_flops_per_image(cfg), "peak_flops": peak, "peak_source": peak_source})
+        loops = {"train": TrainLoop(cfg, env, shards)}
+        if args.baseline:
+            loops["baseline"] = MinimalLoop(cfg, device)
+        try:
+            rates = time_side_by_side(loops, cfg.train.batch_size, device, args.steps, args.warmup)
+        finally:
+            for loop in loops.values():
+                loop.close()
+        result["train_images_per_s"] = rates["train"]
+        result["mfu"] = mfu(rates["train"], result["flops_per_image"], peak)
+        rows.append((f"training step ({cfg.train.precision}"
+                     + (", channels_last" if cfg.train.channels_last else "") + (", compiled" if cfg.train.compile else "")
+                     + ", real loader)", rates["train"], format_mfu(result["mfu"])))
+        if args.baseline:
+            base_peak, base_source = device_peak(device, "fp32", threads)
+            result.update({"baseline_images_per_s": rates["baseline"], "vs_baseline": rates["train"] / rates["baseline"],
+                           "baseline_flops_per_image": step_flops_per_image(cfg, minimal=True),
+                           "baseline_peak_flops": base_peak, "baseline_peak_source": base_source})
+            result["baseline_mfu"] = mfu(rates["baseline"], result["baseline_flops_per_image"], base_peak)
+            rows.append(("baseline: minimal fp32 loop, random tensors", rates["baseline"], format_mfu(result["baseline_mfu"])))
 
-    print(f"\n{'':2}{'measurement':<48}{'images/s':>12}")
-    for name, value in rows:
-        print(f"  {name:<48}{value:>12.1f}")
+    print(f"\n{'':2}{'measurement':<56}{'images/s':>10}{'MFU':>10}")
+    for name, value, mfu_text in rows:
+        print(f"  {name:<56}{value:>10.1f}{mfu_text:>10}")
     if "vs_baseline" in result:
-        print(f"  training step / baseline: {result['vs_baseline']:.3f}")
+        print(f"  training step / minimal fp32 loop (side by side): {result['vs_baseline']:.3f}")
+    if "flops_per_image" in result:
+        print(f"  FLOPs per image and step (FlopCounterMode, G+D forward+backward): {result['flops_per_image'] / 1e9:.3f} G"
+              + (f"; minimal loop {result['baseline_flops_per_image'] / 1e9:.3f} G" if "baseline_flops_per_image" in result else ""))
+        print(f"  peak: {result['peak_flops'] / 1e12:.3f} TFLOP/s ({result['peak_source']})" if result["peak_flops"]
+              else f"  peak: {result['peak_source']}")
     if "checkpoint_write_s" in result:
         print(f"  checkpoint, {result['checkpoint_mib']:.1f} MiB to {cfg.run.dir}: {result['checkpoint_write_s']:.2f} s")
     if "speedup" in result:

@@ -75,9 +75,11 @@ class TrainSection:
     num_threads: int = bounded(0, at_least=0)  # torch CPU threads per process; 0 = torch's default
     ema_decay: float = bounded(0.0, at_least=0.0, below=1.0)  # EMA of G's weights for samples and evaluation; 0 = off
     eval_every: int = bounded(0, at_least=0)  # SWD against real images every N steps, keeping the best checkpoint; 0 = off
-    # Autocast to bf16 or fp16 (fp16 adds gradient scaling): for GPUs.
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    channels_last: bool = False  # NHWC memory layout (faster convolutions on tensor-core GPUs)
+    # auto: bf16 autocast where the device computes bf16 natively (Ampere+ GPUs; CPUs with AVX512-BF16 or
+    # AMX), fp32 elsewhere; fp16 adds gradient scaling. Resolved at start (precision.py), printed, recorded.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # NHWC memory layout; auto: on where convolutions are faster so (tensor-core GPUs, CPUs with oneDNN).
+    channels_last: Literal["auto", True, False] = "auto"
     compile: bool = False  # torch.compile G and D (minutes of compilation first)
 
 

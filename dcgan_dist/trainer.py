@@ -14,7 +14,7 @@ import logging
 import signal
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -33,7 +33,7 @@ from .evaluator import Evaluator
 from .gan import make_optimizers, set_hyperparameters, train_step
 from .metrics import Metrics
 from .models import build_models, unwrap
-from .precision import Precision, pick_device
+from .precision import Precision, Speed, pick_device, resolved
 from .sampler import Sampler
 from .schedule import Part, Schedule
 from .storage import RunStorage
@@ -74,8 +74,20 @@ def check_settings(cfg: Config, world_size: int = 1, check_run_dir: bool = True,
             raise ConfigError(f"run.dir={cfg.run.dir}: cannot write there ({reason}); choose another run.dir") from None
 
 
+def resolve_speed(cfg: Config, env: DistEnv) -> tuple[Config, Speed]:
+    """cfg with train.precision/channels_last made concrete for this device ("auto" resolved); with several
+    workers every rank takes rank 0's decision (one collective), so that all train alike and the checkpoint's
+    config describes every rank."""
+    cfg, speed = resolved(cfg, env.device)
+    if env.distributed:
+        speed = env.gather_objects(speed)[0]
+        cfg = replace(cfg, train=replace(cfg.train, precision=speed.precision, channels_last=speed.channels_last))
+    return cfg, speed
+
+
 def build_networks(cfg: Config, device: torch.device):
-    """(G, D, opt_g, opt_d, precision): plain modules on `device`, seeded identically on every rank."""
+    """(G, D, opt_g, opt_d, precision): plain modules on `device`, seeded identically on every rank. cfg: with
+    train.precision resolved (resolve_speed)."""
     G, D = build_models(cfg.model, seed=cfg.run.seed)
     G, D = G.to(device), D.to(device)
     opt_g, opt_d = make_optimizers(G, D, cfg.optim, fused=device.type == "cuda")
@@ -83,7 +95,8 @@ def build_networks(cfg: Config, device: torch.device):
 
 
 def distribute(G: nn.Module, D: nn.Module, cfg: Config, env: DistEnv) -> tuple[nn.Module, nn.Module]:
-    """What runs the steps: memory layout, synchronised batch norm + DDP (several workers), torch.compile."""
+    """What runs the steps: memory layout, synchronised batch norm + DDP (several workers), torch.compile.
+    cfg: with train.channels_last resolved (resolve_speed)."""
     if cfg.train.channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     G, D = wrap_models(G, D, env, sync_bn=cfg.dist.sync_bn)
@@ -151,8 +164,10 @@ class Trainer:
 
     def __init__(self, cfg: Config, env: DistEnv | None = None, checkpoint_storage: CheckpointStorage | None = None,
                  hooks: Sequence[StepHook] = ()):
-        self.cfg, self.hooks = cfg, list(hooks)
         self.env = env = env or DistEnv(device=pick_device(cfg.train.device))
+        # "auto" made concrete here, once: config.yaml, the checkpoints and W&B record what was used.
+        cfg, self.speed = resolve_speed(cfg, env)
+        self.cfg, self.hooks = cfg, list(hooks)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         torch.manual_seed(cfg.run.seed)
@@ -250,6 +265,7 @@ class Trainer:
         self.say(f"Run dir: {self.storage.location}  |  {env.world_size} worker(s), device {env.device}"
                  + (f", synchronised batch norm: {cfg.dist.sync_bn}" if env.distributed else "")
                  + f"  |  G {params[0]:.2f}M params, D {params[1]:.2f}M params")
+        self.say(f"Speed: {self.speed.reason}")
         self.say(f"Data: {self.shards} ({self.num_samples or 'unknown number of'} samples), "
                  f"{m.image_size}x{m.image_size}x{m.channels}, global batch {self.global_batch}"
                  + (f", {self.num_samples / self.global_batch:.1f} steps per epoch" if self.num_samples else ""))

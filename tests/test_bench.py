@@ -1,6 +1,16 @@
-"""The bench command runs and reports its figures as a JSON last line (no timing assertions: machines are noisy)."""
+"""The bench command runs and reports its figures as a JSON last line (no timing assertions: machines are noisy),
+and its FLOP count is that of the training step."""
 
 import json
+
+import pytest
+import torch
+from torch import nn
+
+from dcgan_dist import bench
+from dcgan_dist.config import build_config
+from dcgan_dist.models import build_models
+from dcgan_dist.precision import resolve
 
 from .conftest import TINY, run_cli
 
@@ -10,11 +20,65 @@ def test_local_bench_with_baseline(tiny_shards):
                    "--steps", "3", "--warmup", "1", "--baseline", "--checkpoint", f"run.dir={tiny_shards.parent / 'bench'}",
                    check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("train_images_per_s", "data_images_per_s", "data_images_per_cpu_s", "baseline_images_per_s",
-                "vs_baseline", "checkpoint_mib", "checkpoint_write_s"):
+    for key in ("train_images_per_s", "data_images_per_s", "data_images_per_cpu_s", "baseline_images_per_s", "vs_baseline", "checkpoint_mib",
+                "checkpoint_write_s", "flops_per_image", "baseline_flops_per_image", "mfu", "baseline_mfu"):
         assert result[key] > 0, key
     assert result["batch_size"] == 16 and result["ngf"] == 8 and result["threads"] == 1
     assert result["device"].startswith("cpu")
+    # "auto" is resolved, printed and reported; the baseline is the fp32 loop whatever the training step runs.
+    speed = resolve("auto", "auto", torch.device("cpu"))
+    assert result["precision_setting"] == "auto" and result["precision"] == speed.precision
+    assert result["channels_last"] is speed.channels_last
+    assert f"Speed: {speed.reason}" in proc.stdout
+    assert "fp32" in result["baseline_peak_source"] and "estimate" in result["peak_source"]
+    # The minimal loop also computes D's weight gradients in G's update, which our step leaves out.
+    assert result["baseline_flops_per_image"] > result["flops_per_image"]
+
+
+def _conv_flops(model: nn.Module, x: torch.Tensor) -> list[float]:
+    """Forward FLOPs per image of each convolution (2 x multiply-adds), in order, from the layer shapes."""
+    flops = []
+
+    def hook(layer, inputs, output):
+        w = layer.weight.shape  # Conv2d: out, in, k, k; ConvTranspose2d: in, out, k, k
+        positions = (inputs[0].shape[2] * inputs[0].shape[3] if isinstance(layer, nn.ConvTranspose2d)
+                     else output.shape[2] * output.shape[3])  # each input pixel scatters / each output pixel gathers
+        flops.append(2.0 * w.numel() * positions)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    with torch.no_grad():
+        model(x[:1])
+    for h in handles:
+        h.remove()
+    return flops
+
+
+@pytest.mark.parametrize("image_size, width", [(32, 8), (64, 4)])
+def test_flop_count_is_forward_and_backward_of_the_training_step(image_size, width):
+    """Every convolution's backward costs its forward once for the weight gradient and once for the input
+    gradient. Our step: G forward, D forward three times (real, fake for D, fake for G), D's update computes
+    weight and input gradients for two batches (no input gradient for D's first layer: its inputs need none),
+    G's update the input gradients of D (frozen: no weight gradients) and weight and input gradients of G
+    (none for z). So per image: G 3f - f_g1, D 8f - 2 f_d1; the minimal loop adds D's weight gradients once more."""
+    cfg = build_config("debug", [f"model.image_size={image_size}", f"model.ngf={width}", f"model.ndf={width}", "model.nz=16"])
+    G, D = build_models(cfg.model)
+    g = _conv_flops(G, torch.randn(1, 16, 1, 1))
+    d = _conv_flops(D, torch.randn(1, 3, image_size, image_size))
+    ours = 3 * sum(g) - g[0] + 8 * sum(d) - 2 * d[0]
+    assert bench.step_flops_per_image(cfg) == pytest.approx(ours, rel=1e-9)
+    assert bench.step_flops_per_image(cfg, minimal=True) == pytest.approx(ours + sum(d), rel=1e-9)
+
+
+def test_device_peaks():
+    h100 = dict(bench.GPU_PEAK_TFLOPS)["H100"]
+    assert h100["bf16"] > h100["tf32"] > h100["fp32"]
+    assert "bf16" not in dict(bench.GPU_PEAK_TFLOPS)["T4"]  # no native bf16: no peak rather than a wrong one
+    # Names are matched most specific first: "H100 PCIe" before "H100", "A10G" before "A10".
+    names = [name for name, _ in bench.GPU_PEAK_TFLOPS]
+    assert names.index("H100 PCIe") < names.index("H100") and names.index("A10G") < names.index("A10")
+    peak, source = bench.device_peak(torch.device("cpu"), "fp32", threads=2)
+    assert (peak is None and source.startswith("unknown")) or (peak > 0 and source.startswith("estimate"))
+    assert bench.mfu(100.0, 1e9, 1e12) == pytest.approx(0.1) and bench.mfu(100.0, 1e9, None) is None
 
 
 def test_bench_can_time_the_loader_alone(tiny_shards):

@@ -6,8 +6,9 @@ G and D. With synchronisation off they must differ (so the check can fail).
 
     python -m dcgan_dist.distributed.equivalence [--world-size 2] [--device cpu|cuda] [--dtype float64] [--no-sync]
 
-prints the largest absolute difference of each kind as JSON. On CUDA the workers use torch.nn.SyncBatchNorm
-and NCCL; on CPU, CrossProcessBatchNorm over gloo.
+prints the largest absolute difference of each kind as JSON. On CUDA the workers use torch.nn.SyncBatchNorm,
+over NCCL with one GPU per rank when there are enough GPUs, else over gloo with CUDA tensors, all ranks on
+GPU 0 (NCCL refuses two ranks on one device); --backend insists on one. On CPU, CrossProcessBatchNorm over gloo.
 """
 
 from __future__ import annotations
@@ -44,6 +45,22 @@ class Spec:
     device: str = "cpu"
     sync_bn: bool = True
     seed: int = 0
+    backend: str = ""  # "": nccl on CUDA with a GPU per rank, else gloo
+
+
+def backend_of(spec: Spec) -> str:
+    """The workers' collectives: gloo on CPU; on CUDA nccl when every rank can have its own GPU, else gloo."""
+    if spec.backend:
+        return spec.backend
+    if spec.device == "cuda" and torch.cuda.device_count() >= spec.world_size:
+        return "nccl"
+    return "gloo"
+
+
+def _device(spec: Spec, rank: int) -> torch.device:
+    if spec.device != "cuda":
+        return torch.device("cpu")
+    return torch.device("cuda", rank if backend_of(spec) == "nccl" else 0)
 
 
 def _inputs(spec: Spec) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -82,10 +99,9 @@ def _train(spec: Spec, env: DistEnv, rows: slice) -> dict:
 
 def _worker(rank: int, spec: Spec, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    backend = "nccl" if spec.device == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=spec.world_size)
+    dist.init_process_group(backend_of(spec), init_method=f"file://{init_file}", rank=rank, world_size=spec.world_size)
     try:
-        device = torch.device("cuda", 0) if spec.device == "cuda" else torch.device("cpu")
+        device = _device(spec, rank)
         if spec.device == "cuda":
             torch.cuda.set_device(device)
         env = DistEnv(rank=rank, world_size=spec.world_size, device=device)
@@ -100,8 +116,10 @@ def run(spec: Spec) -> dict:
     between the N-worker run and the 1-worker run with the global batch}}."""
     # One process with the global batch; _inputs() depends only on the global batch size and seed, so it
     # sees exactly the samples that the N workers share out.
+    backend = backend_of(spec)  # decided here, with the GPUs this process sees, for every worker alike
+    spec = Spec(**{**spec.__dict__, "backend": backend})
     single = Spec(**{**spec.__dict__, "world_size": 1, "batch": spec.world_size * spec.batch})
-    device = torch.device("cuda", 0) if spec.device == "cuda" else torch.device("cpu")
+    device = _device(spec, 0)
     reference = _train(single, DistEnv(device=device), slice(None))
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_worker, args=(spec, os.path.join(tmp, "init"), tmp), nprocs=spec.world_size,
@@ -127,7 +145,7 @@ def run(spec: Spec) -> dict:
         out[f"{net}_rank_disagreement"] = max(max_diff(ranks[0][net], r[net], params + buffers) for r in ranks[1:])
     out["G_forward"] = (reference["G(z)"] - torch.cat([r["G(z)"] for r in ranks])).abs().max().item()
     out["D_forward"] = (reference["D(x)"] - torch.cat([r["D(x)"] for r in ranks])).abs().max().item()
-    return {"backend": "nccl" if spec.device == "cuda" else "gloo", "max_abs_diff": out}
+    return {"backend": backend, "max_abs_diff": out}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,9 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--width", type=int, default=4)
     parser.add_argument("--no-sync", action="store_true", help="plain per-rank batch norm (expected to differ)")
+    parser.add_argument("--backend", default="", choices=("", "gloo", "nccl"),
+                        help="default: nccl on CUDA with a GPU per rank, else gloo")
     args = parser.parse_args(argv)
     spec = Spec(world_size=args.world_size, batch=args.batch, steps=args.steps, device=args.device, dtype=args.dtype,
-                image_size=args.image_size, width=args.width, sync_bn=not args.no_sync)
+                image_size=args.image_size, width=args.width, sync_bn=not args.no_sync, backend=args.backend)
     print(json.dumps({"spec": spec.__dict__, **run(spec)}))
     return 0
 
