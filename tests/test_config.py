@@ -40,6 +40,8 @@ def test_overrides_win_and_round_trip():
         (["optim.lr=0"], ["'optim.lr'", "above 0"]),
         (["train.precision=fp8"], ["'train.precision'", "fp32, bf16, fp16"]),
         (["dist.num_workers=2"], ["'dist.num_workers'", "dist.launcher=ray"]),
+        (["dist.launcher=ray", "dist.num_workers=2", "dist.min_workers=3"], ["'dist.min_workers'", "dist.num_workers"]),
+        (["dist.launcher=local", "dist.min_workers=2"], ["'dist.min_workers'", "more than dist.num_workers"]),
         (["train=1"], ["'train'", "section"]),
         (["train.max_steps"], ["key=value"]),
     ],
