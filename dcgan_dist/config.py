@@ -269,9 +269,6 @@ def validate(cfg: Config) -> None:
     if cfg.dist.min_workers > cfg.dist.num_workers:
         raise ConfigError(f"config key 'dist.min_workers' is {cfg.dist.min_workers}, more than dist.num_workers "
                           f"({cfg.dist.num_workers}); elastic training runs between the two")
-    if cfg.dist.launcher == "local" and cfg.dist.min_workers > 1:
-        raise ConfigError(f"config key 'dist.min_workers' is {cfg.dist.min_workers} but dist.launcher=local runs one "
-                          "process; elastic training needs dist.launcher=ray")
     if cfg.dist.launcher == "local" and cfg.dist.num_workers != 1:
         raise ConfigError(
             f"config key 'dist.num_workers' is {cfg.dist.num_workers} but dist.launcher=local runs one process; "
