@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -60,6 +61,24 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(location).expanduser().absolute())
 
 
+def no_response_retried(operation):
+    """A RunStorage method, tried again (up to 4 times in all, 0.5-2 s apart) when the object store sent no HTTP
+    response at all (the AWS SDK's "HTTP status -1": e.g. a kept-alive connection the server had closed). The
+    SDK's own retries cover throttling and 5xx answers, not this; every operation here is whole and idempotent."""
+
+    @functools.wraps(operation)
+    def retried(self, *args, **kwargs):
+        for attempt in range(4):
+            try:
+                return operation(self, *args, **kwargs)
+            except OSError as exc:
+                if not self.remote or "HTTP status -1" not in str(exc) or attempt == 3:
+                    raise
+                time.sleep(0.5 * 2 ** min(attempt, 2))
+
+    return retried
+
+
 class RunStorage:
     """A run's folder: <run.dir> on this machine's disk, or s3://bucket/prefix. Names are relative to it
     ("metrics.jsonl", "checkpoints/step_0000100.pt"). A write is whole or absent: a local file goes to a temporary
@@ -80,6 +99,7 @@ class RunStorage:
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}" if name else self.root
 
+    @no_response_retried
     def write(self, name: str, data: bytes) -> str:
         if self.remote:
             with self.fs.open_output_stream(self._path(name)) as f:
@@ -88,16 +108,20 @@ class RunStorage:
             atomic_write(self._path(name), data)
         return self.where(name)
 
+    @no_response_retried
     def read(self, name: str) -> bytes:
         with self.fs.open_input_stream(self._path(name)) as f:
             return f.read()
 
+    @no_response_retried
     def exists(self, name: str) -> bool:
         return self.fs.get_file_info(self._path(name)).type != pafs.FileType.NotFound
 
+    @no_response_retried
     def is_file(self, name: str) -> bool:
         return self.fs.get_file_info(self._path(name)).type == pafs.FileType.File
 
+    @no_response_retried
     def list(self, folder: str = "") -> list[tuple[str, bool]]:
         """(name, is a folder) of the entries directly in `folder` ('' = the root)."""
         path = self._path(folder)
@@ -107,6 +131,7 @@ class RunStorage:
             return []
         return [(info.base_name, info.type == pafs.FileType.Directory) for info in infos]
 
+    @no_response_retried
     def upload(self, local: Path, name: str) -> str:
         """A local file into this storage under `name` (streamed: no copy in memory)."""
         path = self._path(name)
@@ -128,6 +153,7 @@ class RunStorage:
                 Path(partial).unlink(missing_ok=True)
         return self.where(name)
 
+    @no_response_retried
     def delete(self, name: str) -> None:
         try:
             self.fs.delete_file(self._path(name))

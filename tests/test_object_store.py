@@ -96,6 +96,31 @@ def test_an_upload_cut_short_leaves_no_object(s3_env, tmp_path, monkeypatch):
     assert len(read_object(s3_env, "dcgan-test", "cut-upload/whole.pt")) == 12 << 20
 
 
+def test_a_write_the_store_never_answered_is_tried_again(s3_env):
+    """No HTTP response at all (the SDK's "HTTP status -1", seen from SeaweedFS under load) is retried by RunStorage;
+    other errors are not."""
+    from dcgan_dist.storage import RunStorage
+
+    storage = RunStorage("s3://dcgan-test/no-answer")
+    real, failures = storage.fs, ["AWS Error UNKNOWN (HTTP status -1) during PutObject operation: XML_ERROR_PARSING_TEXT"]
+
+    class Unanswered:  # the real filesystem, whose next PUT gets no answer
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def open_output_stream(self, path, *args, **kwargs):
+            if failures:
+                raise OSError(f"When uploading object with key '{path}': {failures.pop()}")
+            return real.open_output_stream(path, *args, **kwargs)
+
+    storage.fs = Unanswered()
+    storage.write("metrics.jsonl", b"{}\n")
+    assert read_object(s3_env, "dcgan-test", "no-answer/metrics.jsonl") == b"{}\n"
+    failures.append("AWS Error ACCESS_DENIED during PutObject operation: Access Denied")
+    with pytest.raises(OSError, match="ACCESS_DENIED"):
+        storage.write("metrics.jsonl", b"[]\n")
+
+
 def test_a_run_in_the_bucket_resumes_exactly_after_sigkill_from_the_bucket_alone(s3_env, bucket_shards, tmp_path):
     """Shards and run.dir both in the bucket; the process is SIGKILLed after step 7, and the rerun, started in an
     empty directory, resumes from the bucket's step-5 checkpoint and ends bit-identical to an uninterrupted run.
