@@ -171,7 +171,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
         # PBT's clock: the step, except that the last report (nothing follows it) starts no perturbation round.
         metrics.update(best_swd=best, train_run=run_name, weights_from=parent,
                        pbt_step=min(metrics["step"], cfg.train.max_steps - 1))
-        ray.tune.report(metrics, checkpoint=_copy_for_tune(item["checkpoint"]))
+        _report(metrics, item["checkpoint"])
     fitting.join()
     if "error" in outcome:
         raise outcome["error"]
@@ -180,16 +180,15 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
         raise RuntimeError(info["error"])
 
 
-def _copy_for_tune(location: str | None):
-    """A Tune checkpoint holding the Train checkpoint's state.pt (Tune persists it to the sweep's storage)."""
-    if location is None:
-        return None
-    fs, path = filesystem(location)
-    directory = tempfile.mkdtemp(prefix="dcgan-tune-")
-    with fs.open_input_stream(f"{path}/{STATE_FILE}") as source, open(Path(directory) / STATE_FILE, "wb") as target:
-        while chunk := source.read(8 << 20):
-            target.write(chunk)
-    return ray.tune.Checkpoint.from_directory(directory)
+def _report(metrics: dict, checkpoint: str | None) -> None:
+    """To Tune, with a copy of the Train checkpoint's state.pt when there is one (Tune persists it into the sweep's
+    storage before `report` returns)."""
+    if checkpoint is None:
+        ray.tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="dcgan-tune-") as directory:
+        (Path(directory) / STATE_FILE).write_bytes(RunStorage(checkpoint).read(STATE_FILE))
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(directory))
 
 
 def scheduler(name: str, cfg: Config, searches: list[Search]):
