@@ -11,6 +11,7 @@ workers.
 from __future__ import annotations
 
 import functools
+import io
 import os
 import shutil
 import time
@@ -61,22 +62,54 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(location).expanduser().absolute())
 
 
+def retrying_unanswered(call, *args, **kwargs):
+    """call(*args, **kwargs), tried again (up to 4 times in all, 0.5-2 s apart) when the object store sent no HTTP
+    response at all (the AWS SDK's "HTTP status -1": e.g. a kept-alive connection the server had closed, seen
+    from SeaweedFS under load). The SDK's own retries cover throttling and 5xx answers, not this. Only for calls
+    that are whole and idempotent (a PUT of a whole object, a listing, a ranged read)."""
+    for attempt in range(4):
+        try:
+            return call(*args, **kwargs)
+        except OSError as exc:
+            if "HTTP status -1" not in str(exc) or attempt == 3:
+                raise
+            time.sleep(0.5 * 2 ** min(attempt, 2))
+
+
 def no_response_retried(operation):
-    """A RunStorage method, tried again (up to 4 times in all, 0.5-2 s apart) when the object store sent no HTTP
-    response at all (the AWS SDK's "HTTP status -1": e.g. a kept-alive connection the server had closed). The
-    SDK's own retries cover throttling and 5xx answers, not this; every operation here is whole and idempotent."""
+    """A RunStorage method, through `retrying_unanswered` when the storage is an object store."""
 
     @functools.wraps(operation)
     def retried(self, *args, **kwargs):
-        for attempt in range(4):
-            try:
-                return operation(self, *args, **kwargs)
-            except OSError as exc:
-                if not self.remote or "HTTP status -1" not in str(exc) or attempt == 3:
-                    raise
-                time.sleep(0.5 * 2 ** min(attempt, 2))
+        if not self.remote:
+            return operation(self, *args, **kwargs)
+        return retrying_unanswered(operation, self, *args, **kwargs)
 
     return retried
+
+
+class ObjectReader(io.RawIOBase):
+    """An object read front to back in ranged GETs (`read_at`: each one whole and repeatable, so tried again when
+    the store did not answer); wrap it in io.BufferedReader for large reads."""
+
+    def __init__(self, location: str):
+        fs, path = filesystem(location)
+        self._file = retrying_unanswered(fs.open_input_file, path)
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = retrying_unanswered(self._file.read_at, len(buffer), self._position)
+        buffer[:len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
 
 
 class RunStorage:
