@@ -32,7 +32,7 @@ from . import config as config_lib
 from .distributed.env import DistEnv
 from .models import Generator
 from .schedule import Schedule
-from .storage import RunStorage, filesystem
+from .storage import RunStorage
 
 
 FORMAT_VERSION = 2
@@ -79,9 +79,7 @@ def load(location: str | Path, map_location: str | torch.device = "cpu") -> dict
     checkpoint."""
     location = str(location)
     try:
-        fs, path = filesystem(location)
-        with fs.open_input_stream(path) as f:
-            data = f.read()
+        data = RunStorage(location).read("")  # the file itself (and its retries, in an object store)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {location} does not exist") from None
     except OSError as exc:

@@ -136,8 +136,8 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
         parent = owner.group(1) if owner else "?"
         # Copied into this trial's folder at once: Tune may delete the other trial's checkpoint as it goes on.
         trial_storage = RunStorage(f"{root}/trials/{trial}")
-        with start.filesystem.open_input_stream(f"{start.path}/{STATE_FILE}") as source:
-            start_from = trial_storage.write(f"start/{run_name}.pt", source.read())
+        source = RunStorage(f"{'s3://' if is_remote(root) else ''}{start.path}")
+        start_from = trial_storage.write(f"start/{run_name}.pt", source.read(STATE_FILE))
         whose = "its own" if parent == trial else f"trial {parent}'s"
         print(f"trial {trial} continues from {whose} checkpoint {start.path}/{STATE_FILE} (copied to {start_from}) with "
               + ", ".join(f"{k}={_short(v)}" for k, v in params.items()), flush=True)
