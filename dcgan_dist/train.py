@@ -18,6 +18,7 @@ from typing import Sequence
 from . import stopping
 from .checkpoint import SPACE_ERRORS, CheckpointError, CheckpointWriteError
 from .config import Config, ConfigError, allowed_values, flat_settings, from_args, split_args
+from .errors import RunError
 from .trainer import StepHook, Trainer, check_settings
 
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
         return launch(cfg, argv, hooks)
     try:
         result = Trainer(cfg, hooks=hooks).fit()
-    except CheckpointWriteError as exc:  # mid-run (a full disk): the run stops, its last checkpoint intact
+    except (CheckpointWriteError, RunError) as exc:  # mid-run: the run stops, its last checkpoint intact
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
