@@ -11,11 +11,15 @@ accepts; the CLIs turn it into exit code 2 before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -210,8 +214,18 @@ def _parse_dotlist(overrides: list[str]) -> DictConfig:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.max_steps=100)")
     try:
         return OmegaConf.from_dotlist(overrides)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides {overrides}: {_first_line(exc)}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:  # YAML refuses control characters, for one
+        bad = next((item for item in overrides if not _parses(item)), None)
+        what = f"override {bad!r}" if bad is not None else f"overrides {overrides}"  # repr: one line, whatever it holds
+        raise ConfigError(f"cannot parse {what}: {_first_line(exc)}") from None
+
+
+def _parses(override: str) -> bool:
+    try:
+        OmegaConf.from_dotlist([override])
+        return True
+    except (OmegaConfBaseException, yaml.YAMLError):
+        return False
 
 
 def _first_line(exc: BaseException) -> str:
@@ -231,7 +245,9 @@ def build_config(config_file: str | None = None, overrides: list[str] | tuple[st
             raise ConfigError(f"config file '{path}' must hold a mapping of sections")
         layers.append(loaded)
     layers.append(_parse_dotlist(list(overrides)))
-    return _merge(layers)
+    cfg = _merge(layers)
+    check_run_location(cfg.run)
+    return cfg
 
 
 def _merge(layers: list[DictConfig]) -> Config:
@@ -259,6 +275,10 @@ def validate(cfg: Config) -> None:
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(section.default_factory):
             key, value = f"{section.name}.{f.name}", getattr(getattr(cfg, section.name), f.name)
+            # Every float setting: nan passes any bound check (comparisons with nan are false) and inf is
+            # no learning rate, decay or interval either.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config key '{key}' is {value}; it must be a finite number")
             limits = f.metadata.get("limits", {})
             if "at_least" in limits and value < limits["at_least"]:
                 raise ConfigError(f"config key '{key}' is {value}; it must be at least {limits['at_least']}")
@@ -274,6 +294,37 @@ def validate(cfg: Config) -> None:
             f"config key 'dist.num_workers' is {cfg.dist.num_workers} but dist.launcher=local runs one process; "
             "use dist.launcher=ray for several workers"
         )
+
+
+# run.name is one path component (run.dir defaults to runs/<run.name>; Ray keeps checkpoints in
+# <storage>/<run.name>): no separators, no control characters, nothing a shell or an object store reads otherwise.
+_RUN_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# Folders a run must not write into (config.yaml, metrics.jsonl, samples/... beside the system's own files): the
+# file system's root and the system's top-level folders, themselves and everything under the pseudo file systems
+# and the system's own trees. A folder below the others (/var/lib/dcgan/runs, /home/me/runs, /tmp/x) is fine.
+_SYSTEM_TREES = ("/proc", "/sys", "/dev", "/boot", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/usr")
+_SYSTEM_DIRS = ("/", "/home", "/root", "/var", "/tmp", "/opt", "/srv", "/mnt", "/media", "/run", "/snap")
+
+
+def check_run_location(run: RunSection) -> None:
+    """run.name is a plain name and run.dir is not a system folder (nor the home folder itself); ConfigError
+    otherwise. For what a user typed (files and overrides): configs stored by older runs are read as they are."""
+    if not _RUN_NAME.match(run.name) or run.name in (".", ".."):
+        raise ConfigError(f"config key 'run.name' is {run.name!r}; it must be a plain name of letters, digits, '.', "
+                          "'_' and '-' (at most 128, not '.' or '..')")
+    if any(ord(c) < 32 or ord(c) == 127 for c in run.dir):
+        raise ConfigError(f"config key 'run.dir' is {run.dir!r}; it holds a control character: give a plain path")
+    if run.dir.startswith("s3://"):
+        return
+    if not run.dir.strip():
+        raise ConfigError("config key 'run.dir' is empty; give a folder (default: runs/<run.name>) or s3://bucket/prefix")
+    where = os.path.realpath(os.path.expanduser(run.dir))  # symbolic links followed: where the files would land
+    home = os.path.realpath(os.path.expanduser("~"))
+    system = where in _SYSTEM_DIRS or where == home or any(where == t or where.startswith(t + "/") for t in _SYSTEM_TREES)
+    if system:
+        raise ConfigError(f"run.dir={run.dir}: {where} is a system folder{' (your home folder)' if where == home else ''}; "
+                          "a run writes config.yaml, metrics.jsonl, samples/ and checkpoints/ into run.dir: choose a "
+                          "folder of its own, e.g. runs/<name>")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
