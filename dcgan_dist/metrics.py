@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .distributed.env import DistEnv
+from .errors import RunError
 from .schedule import Schedule
 from .storage import RunStorage
 from .wandb_logger import WandbLogger
@@ -68,6 +69,27 @@ class Meter:
         return keys, values
 
 
+class NonFiniteLoss(RunError):
+    """A loss was nan or inf (training diverged) at `step`; raised on every rank alike. The Trainer adds the run's
+    newest checkpoint (all of them are from before `step`: one is written only after a check) and its optim.lr."""
+
+    def __init__(self, step: int, losses: dict[str, float]):
+        super().__init__()
+        self.step, self.losses = step, losses
+        self.checkpoint: str | None = None
+        self.lr: float | None = None
+
+    def __str__(self) -> str:
+        values = f" ({', '.join(f'{k}={v:.4g}' for k, v in self.losses.items())})" if self.losses else ""
+        lower = f"lower optim.lr{f' (now {self.lr:g})' if self.lr is not None else ''}"
+        if self.checkpoint is None:
+            then = f"no checkpoint was written before it: {lower} and start again"
+        else:
+            then = (f"the newest checkpoint, {self.checkpoint}, is from before it, and resuming with the same settings "
+                    f"would diverge again: {lower} and run the command again to resume from it")
+        return f"the losses became non-finite at step {self.step}{values}: training diverged; {then}"
+
+
 class Progress:
     """A tqdm bar on a terminal; plain log lines otherwise (CI, Ray job logs), one per logged step."""
 
@@ -108,6 +130,11 @@ class Metrics:
         self.progress: Progress | None = None
         self.lines: list[str] = []  # metrics.jsonl, written whole at every log step (an object cannot be appended to)
         self.wandb: WandbLogger | None = None
+        self.step = 0
+        # (step, loss_d, loss_g) since the last finiteness check: the step's own tensors, kept rather than tested
+        # each step (a test is a device sync, or extra kernels per step); checked where the host reads the device
+        # anyway: at log steps (the means' .tolist()) and before a checkpoint (saving reads every weight).
+        self.unchecked: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     def state_dict(self) -> dict:
         return {"wandb_run_id": self.wandb_run_id, "images_seen": self.images_seen}
@@ -118,7 +145,7 @@ class Metrics:
 
     def start(self, step: int) -> None:
         """Rank 0 opens its outputs (after a restore, so that W&B continues the same run)."""
-        self.window_started = time.perf_counter()
+        self.window_started, self.step = time.perf_counter(), step
         if self.images_seen is None:  # a new run, or a checkpoint from before images were counted
             self.images_seen = step * self.global_batch
         if not self.env.is_main:
@@ -142,6 +169,8 @@ class Metrics:
     def add(self, losses: dict[str, torch.Tensor], seconds: float) -> None:
         """One step's losses (tensors, not read here: no device sync per step) and its time on the host."""
         self.meter.add(losses)
+        self.step += 1
+        self.unchecked.append((self.step, losses["loss_d"], losses["loss_g"]))
         self.seconds += seconds
         self.steps += 1
         self.images_seen += self.global_batch
@@ -152,8 +181,25 @@ class Metrics:
         """Leave time spent on something else than training (an evaluation) out of images_per_s."""
         self.excluded += seconds
 
+    def check_finite(self) -> None:
+        """NonFiniteLoss on every rank when any rank had a nan or inf loss since the last check, naming the first
+        such step (one small collective)."""
+        first, values = 0, {}
+        if self.unchecked:
+            losses = torch.stack([torch.stack(pair) for _, *pair in self.unchecked])  # (steps, 2)
+            bad = (~torch.isfinite(losses)).any(dim=1).nonzero().flatten().tolist()
+            if bad:
+                first = self.unchecked[bad[0]][0]
+                values = dict(zip(("loss_d", "loss_g"), losses[bad[0]].tolist()))
+        self.unchecked = []
+        firsts = [int(f) for f in self.env.gather_scalars(float(first)) if f]
+        if firsts:
+            step = min(firsts)
+            raise NonFiniteLoss(step, values if first == step else {})
+
     def __call__(self, step: int, record: dict) -> None:
         """Global means of the losses since the last log step, throughput, per-rank step times, data counters."""
+        self.check_finite()
         names, means = self.meter.take()
         record.update(zip(names, self.env.all_reduce_mean(means).tolist()))  # .tolist() waits for the device
         now = time.perf_counter()

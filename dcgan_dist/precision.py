@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .config import ConfigError
+
 if TYPE_CHECKING:
     from .config import Config
 
@@ -30,7 +32,9 @@ def pick_device(setting: str) -> torch.device:
     """train.device for one process: auto (CUDA when there is one, else CPU), cpu or cuda."""
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible")
+            why = (f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None
+                   else "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES)")
+            raise ConfigError(f"train.device=cuda but {why}; use train.device=auto or cpu")
         return torch.device("cuda")
     return torch.device("cpu")
 

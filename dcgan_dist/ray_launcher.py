@@ -41,6 +41,7 @@ from .checkpoint import (BEST_FILE, STATE_FILE, CheckpointError, load, load_chec
                          to_bytes)
 from .config import Config, ConfigError, from_dict, to_dict
 from .distributed.env import DistEnv
+from .errors import RunError
 from .metrics import emit
 from .storage import S3_ENV, filesystem, is_remote
 from .trainer import StepHook, Trainer
@@ -214,6 +215,8 @@ def train_worker(config: dict, stop: "ray.actor.ActorHandle | None", hooks: Sequ
         result = trainer.fit()
     except CheckpointError as exc:
         return {"error": str(exc)}
+    except RunError as exc:  # raised on every rank alike (a divergence): restarting would only fail again
+        return {"error": str(exc), "exit_code": 1}
     if result.preempted:
         raise Preempted(f"a worker received {signal.Signals(result.stopped_by).name}: stopped after step "
                         f"{result.step} with a checkpoint; Ray restarts the workers from it")
@@ -296,7 +299,7 @@ def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = ()) -> int:
     info = result.return_value or {}
     if "error" in info:
         print(f"error: {info['error']}", file=sys.stderr, flush=True)
-        return 2
+        return info.get("exit_code", 2)
     for worker_info in info.get("workers", []):
         print(f"worker rank {worker_info['rank']} ran on node {worker_info['node_id']} ({worker_info['host']})")
     train_seconds = info.get("train_seconds", 0.0)

@@ -19,6 +19,8 @@ from . import stopping
 from .checkpoint import SPACE_ERRORS, CheckpointError, CheckpointWriteError
 from .config import Config, ConfigError, allowed_values, flat_settings, from_args, split_args
 from .errors import RunError
+from .precision import pick_device
+from .runlock import run_lock
 from .trainer import StepHook, Trainer, check_settings
 
 
@@ -49,12 +51,17 @@ def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
 
         try:
             check_settings(cfg, cfg.dist.num_workers)  # here first: an error in seconds, not after Ray starts
+            # The driver holds run.dir for the whole job: Ray Train's restarts of the workers are never refused.
+            with run_lock(cfg.run.dir):
+                return launch(cfg, argv, hooks)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        return launch(cfg, argv, hooks)
     try:
-        result = Trainer(cfg, hooks=hooks).fit()
+        # Every check on the inputs before the lock: a refused command leaves no run file behind.
+        check_settings(cfg, device=pick_device(cfg.train.device))
+        with run_lock(cfg.run.dir) as lock:
+            result = Trainer(cfg, hooks=[*hooks, lock.check]).fit()
     except (CheckpointWriteError, RunError) as exc:  # mid-run: the run stops, its last checkpoint intact
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -31,7 +31,8 @@ from .distributed.env import DistEnv
 from .ema import EMA
 from .evaluator import Evaluator
 from .gan import make_optimizers, set_hyperparameters, train_step
-from .metrics import Metrics
+from .memory import check_memory
+from .metrics import Metrics, NonFiniteLoss
 from .models import build_models, unwrap
 from .precision import Precision, Speed, pick_device, resolved
 from .sampler import Sampler
@@ -56,10 +57,14 @@ class TrainResult:
     preempted: bool = False  # that signal reached a training process itself (under Ray: a preempted worker)
 
 
-def check_settings(cfg: Config, world_size: int = 1, check_run_dir: bool = True, probe: bool = True) -> None:
-    """What the settings point at, checked before any run file exists: the shards (they exist, enough for every
-    worker, the model's image size and channels; probe: reading a first sample where no dataset.json says) and
-    run.dir (it can be made and written). Raises ConfigError: one line naming the setting."""
+def check_settings(cfg: Config, world_size: int = 1, check_run_dir: bool = True, probe: bool = True,
+                   device: torch.device | None = None) -> None:
+    """What the settings point at, checked before any run file exists: with `device`, that the model and batch fit
+    in its free memory; the shards (they exist, enough for every worker, the model's image size and channels;
+    probe: reading a first sample where no dataset.json says) and run.dir (it can be made and written). Raises
+    ConfigError: one line naming the setting."""
+    if device is not None:
+        check_memory(cfg, device, resolved(cfg, device)[1].precision)
     if cfg.data.shards:
         try:
             check_shards(cfg.data.shards, (cfg.model.channels, cfg.model.image_size, cfg.model.image_size), world_size,
@@ -172,7 +177,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.num_threads)
         torch.manual_seed(cfg.run.seed)
         # Rank 0 alone writes run.dir; under Ray the driver has read a first sample already (once, not per restart).
-        check_settings(cfg, env.world_size, check_run_dir=env.is_main, probe=not env.distributed)
+        check_settings(cfg, env.world_size, check_run_dir=env.is_main, probe=not env.distributed, device=env.device)
         self.storage = RunStorage(cfg.run.dir)  # a local folder or s3://bucket/prefix: every file the run writes
         self.shards, self.num_samples = resolve_data(cfg.data, cfg.model)
         self.G, self.D, self.opt_g, self.opt_d, self.precision = build_networks(cfg, env.device)
@@ -222,6 +227,7 @@ class Trainer:
         with ExitStack() as closing:  # on the way out, whatever happens: parts last to first, then the loader
             closing.enter_context(stopping.handle_signals())
             closing.callback(self.batches.close)
+            closing.push(self._name_last_checkpoint)
             for part in self.parts:
                 closing.push(_closer(part, lambda: step))
             while step < cfg.train.max_steps and not stop:
@@ -242,12 +248,19 @@ class Trainer:
                              "with a checkpoint (send it again to stop at once)")
 
                 record = {"step": step}
-                for part in self.parts:
-                    if part.schedule.due(step, bool(stop)):  # the same decision on every rank
+                due = [part for part in self.parts if part.schedule.due(step, bool(stop))]  # alike on every rank
+                if self.checkpoints in due:  # no checkpoint of weights trained on non-finite losses
+                    self.metrics.check_finite()
+                for part in due:
+                    if part is not self.checkpoints:
                         part(step, record)
                 if len(record) > 1:
+                    # Stored before the step's checkpoint: a run killed between the two resumes from the checkpoint
+                    # before, which drops and trains again every record after it; never past a record not written.
                     self.metrics.write(record)
                     last_record = record
+                if self.checkpoints in due:
+                    self.checkpoints(step, record)
 
         seconds = time.perf_counter() - started
         rate = (step - first) * self.global_batch / max(seconds, 1e-9)
@@ -257,6 +270,12 @@ class Trainer:
                  f"  metrics:    {self.storage.where('metrics.jsonl')}")
         return TrainResult(step, self.checkpoints.last_saved, self.storage.location, last_record, seconds, stopped,
                            bool(stopped) and stopping.own_signal(stop))
+
+    def _name_last_checkpoint(self, exc_type, exc, tb) -> bool:
+        """An ExitStack exit callback: a divergence says which checkpoint to resume from, with which optim.lr."""
+        if isinstance(exc, NonFiniteLoss):
+            exc.checkpoint, exc.lr = self.checkpoints.last_saved, self.cfg.optim.lr
+        return False
 
     def describe(self) -> None:
         cfg, env = self.cfg, self.env

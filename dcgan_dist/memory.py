@@ -1,0 +1,119 @@
+"""What one training process needs in memory, estimated from the layer shapes before anything is allocated, against
+what its device has free: a model or batch that cannot fit is refused in one line (ConfigError, exit 2) instead of
+failing in an allocation after the run directory was made.
+
+The estimate is what training surely holds at its peak, a lower bound (allocator overhead, the autocast weight
+copies and backward's temporaries come on top):
+- G and D's parameters in fp32 with their gradients and both Adam moments (16 bytes each), plus the EMA copy of G;
+- the activations autograd keeps for backward, per image: G's forward, and D's forward twice (D's step holds D on
+  the real and on the fake batch at once), in the autocast dtype (4 bytes in fp32, 2 in bf16/fp16);
+- the batch itself: uint8 from the loader and the float copy the step reads.
+Shapes come from running G and D on the "meta" device: the real modules, no memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import Config, ConfigError
+from .models import build_models
+
+GIB = 2**30
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:,.1f} GiB" if n >= GIB / 10 else f"{n / 2**20:,.0f} MiB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:,.2f}M" if n < 1e9 else f"{n:.3g}"
+
+
+def _kept_activations(module: nn.Module, example: torch.Tensor) -> int:
+    """Elements per image of the outputs of `module`'s layers on `example` (a batch of one, on the meta device);
+    in-place activations reuse their input's memory and are not counted."""
+    total = 0
+
+    def count(layer, inputs, output) -> None:
+        nonlocal total
+        if not getattr(layer, "inplace", False):
+            total += output.numel()
+
+    handles = [m.register_forward_hook(count) for m in module.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            module(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def training_bytes(cfg: Config, precision: str) -> tuple[int, str]:
+    """(bytes one training process needs at least, what they are in words). precision: fp32, bf16, fp16."""
+    m = cfg.model
+    try:
+        with torch.device("meta"):
+            G, D = build_models(m)
+            g_params = sum(p.numel() for p in G.parameters())
+            d_params = sum(p.numel() for p in D.parameters())
+            g_act = _kept_activations(G, torch.empty(1, m.nz, 1, 1))
+            d_act = _kept_activations(D, torch.empty(1, m.channels, m.image_size, m.image_size))
+    except (RuntimeError, OverflowError) as exc:  # sizes past what torch can describe
+        raise ConfigError(f"model.ngf={m.ngf}, model.ndf={m.ndf}, model.nz={m.nz}: a model of that size cannot be "
+                          f"built ({str(exc).splitlines()[0][:120]})") from None
+    ema = g_params * 4 if cfg.train.ema_decay > 0 else 0
+    weights = (g_params + d_params) * 16 + ema
+    per_image = (g_act + 2 * d_act) * (4 if precision == "fp32" else 2) + m.channels * m.image_size ** 2 * 5
+    activations = per_image * cfg.train.batch_size
+    words = (f"G {_count(g_params)} and D {_count(d_params)} parameters with Adam: {_size(weights)}, activations "
+             f"of a batch of {cfg.train.batch_size}: {_size(activations)}")
+    return weights + activations, words
+
+
+def _cgroup_free() -> int | None:
+    """Bytes this process's cgroup (a container, a Kubernetes pod) may still allocate, when it has a limit."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):  # cgroup v1
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max" or v1's huge number: no limit
+            return max(int(limit) - usage, 0)
+    return None
+
+
+def available_bytes(device: torch.device) -> tuple[int, str] | None:
+    """(bytes free for a new process on `device`, where that number comes from); None when it cannot be told."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return free, f"{torch.cuda.get_device_name(device)} has {_size(free)} free of {_size(total)}"
+    if device.type != "cpu":
+        return None
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        free = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    where = f"this machine has {_size(free)} available"
+    cgroup = _cgroup_free()
+    if cgroup is not None and cgroup < free:
+        free, where = cgroup, f"this container's memory limit leaves {_size(cgroup)}"
+    return free, where
+
+
+def check_memory(cfg: Config, device: torch.device, precision: str) -> None:
+    """ConfigError when a training process of `cfg` cannot fit in what `device` has free."""
+    need, words = training_bytes(cfg, precision)
+    available = available_bytes(device)
+    if available is None or need <= available[0]:
+        return
+    raise ConfigError(f"model.ngf={cfg.model.ngf} model.ndf={cfg.model.ndf} train.batch_size={cfg.train.batch_size} "
+                      f"need at least {_size(need)} on {device.type} ({words}) but {available[1]}; use a "
+                      "smaller model.ngf/ndf or train.batch_size")

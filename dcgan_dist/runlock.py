@@ -1,0 +1,224 @@
+"""One run at a time in a run directory: the lock a run holds on run.dir from before it reads its checkpoint until it
+ends, so that a second command started on the same run.dir is refused in one line instead of overwriting the
+first's checkpoints, config.yaml and metrics.jsonl.
+
+    with run_lock(cfg.run.dir) as lock:       # ConfigError (exit 2) when another run holds it, naming it
+        Trainer(cfg, hooks=[lock.check]).fit()
+
+Who locks: the process that owns the run. Local: the training process. Ray: the driver, for the whole job; its
+workers do not lock, so Ray Train restarting them (a failure, a preemption, an elastic resize) is never refused by
+their own driver's lock.
+
+- A folder: <run.dir>/.lock, locked with fcntl.lockf (a POSIX record lock), which the kernel drops when the process
+  ends however it ends (SIGKILL, OOM kill): a killed run's lock is free at once and the next run takes it. POSIX
+  locks, not flock: the loader's forked worker processes would share an flock lock and keep it held for seconds
+  after their parent was killed; record locks belong to the one process. The file holds the holder's pid, host and
+  start time for the refusal line; a run that ends removes it. Works on NFS too (where flock is emulated by these
+  locks anyway).
+- An object store (s3://bucket/prefix): <run.dir>/.lock is a lease object {holder, token, renewed, lease_s},
+  renewed by a thread every lease_s / 4. A lease not renewed for lease_s (LEASE_S, 60 s) is stale, its run dead, and
+  the next run takes it over. pyarrow's S3 client sends no conditional PUT (If-None-Match), so taking a lease is:
+  read it (free or stale), write ours, wait CONFIRM_S, read it back, and go on only if ours is still there. Two runs
+  starting together both write; the later write wins and the other run, reading back after CONFIRM_S, sees it and
+  is refused. The race window left: a run whose read-then-write takes longer than CONFIRM_S (a stalled process) can
+  overwrite a lease confirmed meanwhile; the heartbeat then finds the lease is not its own and stops that run
+  (`check` raises RunError). Staleness compares the holder's clock with the reader's: hosts whose clocks differ by
+  a large part of LEASE_S (no NTP) could take over a live lease.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .config import ConfigError
+from .errors import RunError
+from .storage import RunStorage
+
+LOCK_FILE = ".lock"
+LEASE_S = 60.0  # an object-store lease not renewed for this long is stale (its run is gone)
+CONFIRM_S = 3.0  # how long a new lease must stay ours before the run goes on (see the module's docstring)
+
+_held_here: set[str] = set()  # POSIX locks are per process: a second lock of the same file from here would succeed
+
+
+def _holder() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]}
+
+
+def _describe(holder: dict | None) -> str:
+    if not holder:
+        return "a run that is starting"
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, since {holder.get('started', '?')}"
+
+
+class _FolderLock:
+    def __init__(self, location: str):
+        self.location = location
+        self.path = Path(location).expanduser().absolute() / LOCK_FILE
+        self.fd: int | None = None
+        self.lost: dict | None = None  # a folder lock cannot be taken away
+
+    def acquire(self) -> None:
+        key = str(self.path.resolve())
+        if key in _held_here:
+            raise ConfigError(f"run.dir={self.location} is in use by another run in this process")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                holder = _read_json(os.pread(fd, 4096, 0))
+                os.close(fd)
+                raise ConfigError(f"run.dir={self.location} is in use by another run ({_describe(holder)}); wait "
+                                  "for it to end or stop it, or choose another run.dir") from None
+            # A run that ended removed the file it had locked, maybe just before we locked it: lock the new one.
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_holder()).encode(), 0)
+        self.fd = fd
+        _held_here.add(key)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still locked: a run waiting on this file then retries the new one
+        os.close(self.fd)  # closing it drops the lock
+        _held_here.discard(str(self.path.resolve()))
+        self.fd = None
+
+
+def _read_json(data: bytes) -> dict | None:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class _Lease:
+    def __init__(self, location: str, lease_s: float, confirm_s: float):
+        self.location, self.lease_s, self.confirm_s = location, lease_s, confirm_s
+        self.storage = RunStorage(location)
+        self.token = uuid.uuid4().hex
+        self.lost: dict | None = None  # the lease that replaced ours, if the heartbeat found one
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> dict | None:
+        try:
+            return _read_json(self.storage.read(LOCK_FILE))
+        except FileNotFoundError:
+            return None
+
+    def _write(self) -> None:
+        self.storage.write(LOCK_FILE, json.dumps({**self.holder, "token": self.token, "renewed": time.time(),
+                                                  "lease_s": self.lease_s}).encode())
+
+    def _refuse(self, lease: dict) -> ConfigError:
+        expires = time.strftime("%H:%M:%S UTC", time.gmtime(float(lease.get("renewed", 0)) + float(lease.get("lease_s", 0))))
+        return ConfigError(f"run.dir={self.location} is in use by another run ({_describe(lease)}; its lease is renewed "
+                           f"every {float(lease.get('lease_s', 0)) / 4:g} s and expires at {expires} if not); wait for "
+                           "it to end or stop it, or choose another run.dir")
+
+    def _live(self, lease: dict | None) -> bool:
+        if not lease or lease.get("token") == self.token:
+            return False
+        try:
+            return time.time() - float(lease["renewed"]) <= float(lease["lease_s"])
+        except (KeyError, TypeError, ValueError):
+            return False  # not a lease this code wrote: nothing holds it
+
+    def acquire(self) -> None:
+        self.holder = _holder()
+        current = self._read()
+        if self._live(current):
+            raise self._refuse(current)
+        self._write()
+        time.sleep(self.confirm_s)  # a run that read the lease free at the same time writes its own meanwhile
+        current = self._read()
+        if not current or current.get("token") != self.token:
+            raise self._refuse(current or {})
+        self._thread = threading.Thread(target=self._renew, name="dcgan-run-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_s / 4):
+            try:
+                current = self._read()
+                if current and current.get("token") != self.token:
+                    self.lost = current
+                    return
+                self._write()
+            except OSError as exc:  # the store did not answer: the lease may lapse; try again at the next beat
+                print(f"warning: cannot renew the lease on {self.storage.where(LOCK_FILE)}: {str(exc)[:200]}",
+                      file=sys.stderr, flush=True)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            current = self._read()
+            if current and current.get("token") == self.token:
+                self.storage.delete(LOCK_FILE)
+        except OSError:
+            pass  # the lease expires by itself
+
+
+class RunLock:
+    """A held lock on a run directory (see the module's docstring); `check` is a Trainer step hook that stops the run
+    when an object-store lease was taken over (a heartbeat that could not renew it in time)."""
+
+    def __init__(self, location: str, lease_s: float = LEASE_S, confirm_s: float = CONFIRM_S):
+        self.location = location
+        self._lock = (_Lease(location, lease_s, confirm_s) if location.startswith("s3://")
+                      else _FolderLock(location))
+
+    @property
+    def lost(self) -> dict | None:
+        return self._lock.lost
+
+    def acquire(self) -> "RunLock":
+        self._lock.acquire()
+        return self
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def check(self, step: int, *_) -> None:
+        if self._lock.lost:
+            raise RunError(f"run.dir={self.location}: this run's lease was taken over by another run "
+                           f"({_describe(self._lock.lost)}) at step {step}; stopped without writing more: see which "
+                           "run should own this run.dir")
+
+
+@contextmanager
+def run_lock(location: str, lease_s: float = LEASE_S, confirm_s: float = CONFIRM_S) -> Iterator[RunLock]:
+    """Hold the lock on run.dir `location` inside the block; ConfigError when another run holds it."""
+    lock = RunLock(location, lease_s, confirm_s).acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()
