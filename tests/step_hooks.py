@@ -4,7 +4,8 @@
 --signal: rank R sends itself SIGKILL, SIGTERM or SIGINT (NAME: KILL, TERM, INT) right after step STEP, once per
 run directory (a marker file there), so that the resumed or restarted run passes that step. INT goes to the
 whole process group, as Ctrl-C in a terminal does (run it in a session of its own). --sleep: every step takes S
-seconds longer (time to stop a job from outside). --record DIR: every rank appends what it trained on at each step
+seconds longer (time to stop a job from outside). --kill-after-checkpoint STEP --marker FILE: SIGKILL right after
+the checkpoint of STEP is stored, once. --record DIR: every rank appends what it trained on at each step
 (the tags of tests.test_data.tagged_images) to DIR/rank<R>.jsonl. Under dist.launcher=ray the hooks travel to the Ray workers
 (pickled by value, being defined in this script)."""
 
@@ -34,6 +35,24 @@ class SignalAfterStep:
             os.kill(os.getpid(), self.signum)
 
 
+def kill_after_checkpoint(step: int, marker: Path) -> None:
+    """SIGKILL this process right after the checkpoint of `step` is stored, before anything else runs (once per
+    marker file): the moment between a checkpoint and whatever the run would write after it."""
+    from dcgan_dist.checkpoint import CheckpointManager
+
+    save = CheckpointManager.save
+
+    def save_then_die(self, at: int, metrics: dict):
+        where = save(self, at, metrics)
+        if at == step and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return where
+
+    CheckpointManager.save = save_then_die
+
+
 class Sleep:
     def __init__(self, seconds: float):
         self.seconds = seconds
@@ -61,7 +80,11 @@ if __name__ == "__main__":
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--record", type=Path)
     parser.add_argument("--marker", help="the once-only marker file (default: in run.dir, when that is a folder)")
+    parser.add_argument("--kill-after-checkpoint", type=int, metavar="STEP",
+                        help="SIGKILL right after the checkpoint of STEP is stored (once per --marker)")
     args, train_args = parser.parse_known_args()
+    if args.kill_after_checkpoint:
+        kill_after_checkpoint(args.kill_after_checkpoint, Path(args.marker))
     hooks = []
     if args.signal:
         run_dir = next(a.split("=", 1)[1] for a in train_args if a.startswith("run.dir="))
