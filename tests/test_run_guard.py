@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcgan_dist.config import ConfigError
+from dcgan_dist.config import ConfigError, build_config, flat_settings
+from dcgan_dist.memory import check_memory, training_bytes
 from dcgan_dist.metrics import read_metrics
 from dcgan_dist.runlock import LOCK_FILE, RunLock, run_lock
 from dcgan_dist.storage import RunStorage
@@ -41,17 +42,11 @@ def files_under(folder: Path) -> dict[str, bytes]:
 
 # -- inputs refused before any work ----------------------------------------------------------------------------------
 
+# One of each kind through the command line; the rest of each class in-process below.
 BAD_INPUTS = {
-    "optim.lr=nan": ("optim.lr=nan", "'optim.lr'"),
-    "optim.beta1=nan": ("optim.beta1=nan", "'optim.beta1'"),
-    "train.ema_decay=nan": ("train.ema_decay=nan", "'train.ema_decay'"),
-    "optim.lr=inf": ("optim.lr=inf", "'optim.lr'"),
-    "dist.resize_check_s=inf": ("dist.resize_check_s=inf", "'dist.resize_check_s'"),
-    "model.ngf=100000": ("model.ngf=100000", "model.ngf=100000"),
-    "train.batch_size=100000000": ("train.batch_size=100000000", "train.batch_size=100000000"),
-    "control character in run.name": ("run.name=a\x01b", "run.name"),
-    "newline in run.name": ("run.name=a\nb", "run.name"),
-    "run.name=..": ("run.name=..", "run.name"),
+    "a non-finite float": ("optim.lr=nan", "'optim.lr'"),
+    "a model too large for memory": ("model.ngf=100000", "model.ngf=100000"),
+    "a control character in run.name": ("run.name=a\x01b", "run.name"),
 }
 
 
@@ -62,6 +57,35 @@ def test_a_bad_setting_is_one_line_exit_2_and_no_run_file(tmp_path, tiny_shards,
     line = one_error_line(run_cli("-m", "dcgan_dist.train", *train_args(tiny_shards, run_dir, setting)), 2)
     assert named in line, line
     assert not run_dir.exists()
+
+
+def float_settings() -> list[str]:
+    return [key for key, value in flat_settings(build_config("debug")) if isinstance(value, float)]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_float_setting_must_be_finite(value):
+    assert len(float_settings()) >= 5
+    for key in float_settings():
+        with pytest.raises(ConfigError, match=f"'{key}' is {value}; it must be a finite number"):
+            build_config("debug", [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "a\nb", "a b", "x" * 129, "", "a\x7fb"])
+def test_run_name_is_a_plain_name(name):
+    with pytest.raises(ConfigError, match="run.name"):
+        build_config("debug", [f"run.name={name}"])
+
+
+def test_memory_needed_grows_with_the_batch_and_is_checked_against_the_device():
+    one, small, huge = (build_config("debug", [f"train.batch_size={b}"]) for b in (1, 64, 100000000))
+    need_one, need_small, need_huge = (training_bytes(cfg, "fp32")[0] for cfg in (one, small, huge))
+    per_image = (need_small - need_one) / 63
+    assert per_image >= 3 * 32 * 32 * 5 and need_huge == need_one + per_image * (100000000 - 1)  # linear in the batch
+    assert training_bytes(small, "bf16")[0] < need_small  # activations in 2 bytes
+    check_memory(small, torch.device("cpu"), "fp32")  # the quick start fits
+    with pytest.raises(ConfigError, match="train.batch_size=100000000 need at least"):
+        check_memory(huge, torch.device("cpu"), "fp32")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
@@ -82,16 +106,23 @@ def test_run_name_cannot_leave_runs(tmp_path, tiny_shards):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b"]  # nothing made, anywhere below tmp_path
 
 
-@pytest.mark.parametrize("where", ["/", "/etc", "~"])
-def test_a_system_folder_or_home_is_no_run_dir(tmp_path, tiny_shards, monkeypatch, where):
+def test_the_file_system_root_is_no_run_dir(tiny_shards):
+    before = {p: p.exists() for p in (Path("/config.yaml"), Path("/metrics.jsonl"), Path("/checkpoints"))}
+    line = one_error_line(run_cli("-m", "dcgan_dist.train", *train_args(tiny_shards, "/")), 2)
+    assert line.startswith("error: run.dir=/: "), line
+    assert {p: p.exists() for p in before} == before
+
+
+def test_system_folders_and_home_are_no_run_dir(tmp_path, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()
-    monkeypatch.setenv("HOME", str(home))  # run_cli passes this process's environment on
-    before = {p: p.exists() for p in (Path("/config.yaml"), Path("/metrics.jsonl"), Path("/checkpoints"))}
-    line = one_error_line(run_cli("-m", "dcgan_dist.train", *train_args(tiny_shards, where)), 2)
-    assert line.startswith(f"error: run.dir={where}: "), line
-    assert {p: p.exists() for p in before} == before
-    assert list(home.iterdir()) == []
+    monkeypatch.setenv("HOME", str(home))
+    (tmp_path / "to-etc").symlink_to("/etc")
+    for where in ["/etc", "/usr/local/x", "/proc/x", "/tmp", "~", str(home), str(tmp_path / "to-etc" / "x")]:
+        with pytest.raises(ConfigError, match="is a system folder"):
+            build_config("debug", [f"run.dir={where}" if where != "~" else "run.dir='~'"])
+    for fine in [str(home / "runs" / "x"), str(tmp_path / "run"), "runs/x", "s3://bucket/runs/x"]:
+        build_config("debug", [f"run.dir={fine}"])
 
 
 # -- one run at a time in a run directory ----------------------------------------------------------------------------
@@ -197,6 +228,7 @@ while True:  # what the training loop does every step
 """
 
 
+@pytest.mark.slow  # 3 s of its own, but run alone it starts and stops SeaweedFS (~30 s); the full suite does anyway
 def test_an_object_store_lease_refuses_a_second_run_and_a_stalled_runs_lease_is_taken_over(s3_env, tmp_path):
     """A holds the lease (renewed every 0.5 s, stale after 2 s): B is refused, naming A. A stalls (SIGSTOP) past
     the lease: B takes it over. A wakes up (SIGCONT): its heartbeat finds the lease is B's and A stops."""
