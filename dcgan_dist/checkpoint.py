@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import io
+import math
 import re
 import sys
 from pathlib import Path
@@ -294,8 +295,8 @@ class CheckpointManager:
 
     def offer_best(self, step: int, metric: str, value: float) -> str | None:
         """Rank 0: save the weights as the best checkpoint when `value` (lower is better) beats the best so far."""
-        if self.best is not None and value >= self.best[metric]:
-            return None
+        if not math.isfinite(value) or (self.best is not None and value >= self.best[metric]):
+            return None  # nan compares false with everything: it would replace any best, with diverged weights
         self.best = {"step": step, metric: value}
         weights = [name for name in ("G", "D", "ema") if name in self.states]
         return self.storage.save_best(self._compose(step, weights))

@@ -131,10 +131,13 @@ class Metrics:
         self.lines: list[str] = []  # metrics.jsonl, written whole at every log step (an object cannot be appended to)
         self.wandb: WandbLogger | None = None
         self.step = 0
-        # (step, loss_d, loss_g) since the last finiteness check: the step's own tensors, kept rather than tested
-        # each step (a test is a device sync, or extra kernels per step); checked where the host reads the device
-        # anyway: at log steps (the means' .tolist()) and before a checkpoint (saving reads every weight).
+        # The losses since the last finiteness check, kept rather than tested each step (a test is a device sync,
+        # or extra kernels every step); checked where the host reads the device anyway: at log steps (the means'
+        # .tolist()) and before a checkpoint (saving reads every weight). (step, loss_d, loss_g) of the latest
+        # steps, and older ones stacked on the device in blocks (first step, (n, 2) tensor): memory stays small
+        # however far apart the checks are.
         self.unchecked: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.unchecked_blocks: list[tuple[int, torch.Tensor]] = []
 
     def state_dict(self) -> dict:
         return {"wandb_run_id": self.wandb_run_id, "images_seen": self.images_seen}
@@ -171,6 +174,8 @@ class Metrics:
         self.meter.add(losses)
         self.step += 1
         self.unchecked.append((self.step, losses["loss_d"], losses["loss_g"]))
+        if len(self.unchecked) == 256:
+            self.unchecked_blocks.append(self._stack_unchecked())
         self.seconds += seconds
         self.steps += 1
         self.images_seen += self.global_batch
@@ -181,17 +186,23 @@ class Metrics:
         """Leave time spent on something else than training (an evaluation) out of images_per_s."""
         self.excluded += seconds
 
+    def _stack_unchecked(self) -> tuple[int, torch.Tensor]:
+        block = (self.unchecked[0][0], torch.stack([torch.stack(pair) for _, *pair in self.unchecked]))
+        self.unchecked = []
+        return block
+
     def check_finite(self) -> None:
         """NonFiniteLoss on every rank when any rank had a nan or inf loss since the last check, naming the first
         such step (one small collective)."""
-        first, values = 0, {}
         if self.unchecked:
-            losses = torch.stack([torch.stack(pair) for _, *pair in self.unchecked])  # (steps, 2)
+            self.unchecked_blocks.append(self._stack_unchecked())
+        first, values = 0, {}
+        for start, losses in self.unchecked_blocks:  # losses: (steps, 2)
             bad = (~torch.isfinite(losses)).any(dim=1).nonzero().flatten().tolist()
             if bad:
-                first = self.unchecked[bad[0]][0]
-                values = dict(zip(("loss_d", "loss_g"), losses[bad[0]].tolist()))
-        self.unchecked = []
+                first, values = start + bad[0], dict(zip(("loss_d", "loss_g"), losses[bad[0]].tolist()))
+                break
+        self.unchecked_blocks = []
         firsts = [int(f) for f in self.env.gather_scalars(float(first)) if f]
         if firsts:
             step = min(firsts)

@@ -169,6 +169,8 @@ class _Lease:
                 current = self._read()
                 if current and current.get("token") != self.token:
                     self.lost = current
+                    print(f"warning: the lease on run.dir={self.location} was taken over by another run "
+                          f"({_describe(current)})", file=sys.stderr, flush=True)
                     return
                 self._write()
             except OSError as exc:  # the store did not answer: the lease may lapse; try again at the next beat
