@@ -77,13 +77,19 @@ class _FolderLock:
             raise ConfigError(f"run.dir={self.location} is in use by another run in this process")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:  # another user's run, a read-only folder
+                raise ConfigError(f"run.dir={self.location}: cannot open its lock file {self.path} ({exc.strerror}); "
+                                  "choose another run.dir") from None
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
-                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (some FUSE mounts)
                     os.close(fd)
-                    raise
+                    print(f"warning: cannot lock run.dir={self.location} ({exc.strerror}): nothing stops a second "
+                          "run there from overwriting this one's files", file=sys.stderr, flush=True)
+                    return
                 holder = _read_json(os.pread(fd, 4096, 0))
                 os.close(fd)
                 raise ConfigError(f"run.dir={self.location} is in use by another run ({_describe(holder)}); wait "
@@ -95,6 +101,10 @@ class _FolderLock:
             except FileNotFoundError:
                 pass
             os.close(fd)
+        previous = _read_json(os.pread(fd, 4096, 0))
+        if previous:  # a run that was killed: the kernel dropped its lock, its note stayed
+            print(f"run.dir={self.location}: taking over the lock of a run that ended without releasing it "
+                  f"({_describe(previous)})", flush=True)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_holder()).encode(), 0)
         self.fd = fd
@@ -151,10 +161,20 @@ class _Lease:
             return False  # not a lease this code wrote: nothing holds it
 
     def acquire(self) -> None:
+        try:
+            self._acquire()
+        except OSError as exc:  # the store did not answer (after its retries): nothing was started
+            raise RunError(f"run.dir={self.location}: cannot take the run's lease in the object store "
+                           f"({str(exc).splitlines()[0][:200]}); run the command again when it answers") from None
+
+    def _acquire(self) -> None:
         self.holder = _holder()
         current = self._read()
         if self._live(current):
             raise self._refuse(current)
+        if current and current.get("token"):
+            print(f"run.dir={self.location}: taking over the stale lease of a run that ended without releasing it "
+                  f"({_describe(current)})", flush=True)
         self._write()
         time.sleep(self.confirm_s)  # a run that read the lease free at the same time writes its own meanwhile
         current = self._read()

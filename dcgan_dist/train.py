@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except RunError as exc:  # the run's lease could not be taken
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     try:
         # Every check on the inputs before the lock: a refused command leaves no run file behind.
         check_settings(cfg, device=pick_device(cfg.train.device))

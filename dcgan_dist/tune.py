@@ -44,6 +44,7 @@ from ray.util.queue import Queue
 from . import ray_launcher
 from .checkpoint import STATE_FILE
 from .config import Config, ConfigError, build_config, from_dict, split_args, to_dict
+from .errors import RunError
 from .storage import RunStorage, filesystem, is_remote
 
 METRIC = "swd"
@@ -292,14 +293,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from .runlock import run_lock
     from .trainer import check_settings
 
     try:
         check_settings(base, base.dist.num_workers)
+        with run_lock(base.run.dir):  # one sweep per run.dir; its trials' Ray workers do not lock
+            return sweep(base, searches, args.trials, args.scheduler, chosen, args.concurrent)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return sweep(base, searches, args.trials, args.scheduler, chosen, args.concurrent)
+    except RunError as exc:  # the sweep's lease could not be taken
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def sweep(base: Config, searches: list[Search], trials: int, scheduler_name: str, chosen, limit: int = 0) -> int:
