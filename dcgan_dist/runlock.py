@@ -17,7 +17,8 @@ their own driver's lock.
   locks anyway).
 - An object store (s3://bucket/prefix): <run.dir>/.lock is a lease object {holder, token, renewed, lease_s},
   renewed by a thread every lease_s / 4. A lease not renewed for lease_s (LEASE_S, 60 s) is stale, its run dead, and
-  the next run takes it over. pyarrow's S3 client sends no conditional PUT (If-None-Match), so taking a lease is:
+  the next run takes it over; at once when the holder was a process of this same machine (boot and pid namespace)
+  that has ended, as after a SIGKILL and a rerun on the same host. pyarrow's S3 client sends no conditional PUT (If-None-Match), so taking a lease is:
   read it (free or stale), write ours, wait CONFIRM_S, read it back, and go on only if ours is still there. Two runs
   starting together both write; the later write wins and the other run, reading back after CONFIRM_S, sees it and
   is refused. The race window left: a run whose read-then-write takes longer than CONFIRM_S (a stalled process) can
@@ -53,9 +54,32 @@ _held_here: set[str] = set()  # POSIX locks are per process: a second lock of th
 
 
 def _holder() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(),
+    return {"pid": os.getpid(), "host": socket.gethostname(), "processes": _process_space(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]}
+
+
+def _process_space() -> str:
+    """Which machine, boot and pid namespace this process lives in: where a pid names the same process."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{socket.gethostname()}/{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""  # not Linux: never judged from here
+
+
+def _gone(holder: dict) -> bool:
+    """The holder is a process of this machine, boot and pid namespace that has ended (a zombie has too)."""
+    if not holder.get("processes") or holder["processes"] != _process_space():
+        return False
+    pid = int(holder.get("pid", 0))
+    if pid == os.getpid():
+        return True  # a run before this one that had the same pid (a restarted container's process)
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
 
 
 def _describe(holder: dict | None) -> str:
@@ -96,7 +120,8 @@ class _FolderLock:
                                   "for it to end or stop it, or choose another run.dir") from None
             # A run that ended removed the file it had locked, maybe just before we locked it: lock the new one.
             try:
-                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                mine, there = os.fstat(fd), os.stat(self.path)
+                if (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino):
                     break
             except FileNotFoundError:
                 pass
@@ -156,7 +181,9 @@ class _Lease:
         if not lease or lease.get("token") == self.token:
             return False
         try:
-            return time.time() - float(lease["renewed"]) <= float(lease["lease_s"])
+            fresh = time.time() - float(lease["renewed"]) <= float(lease["lease_s"])
+            # A run killed on this machine (a SIGKILL, an OOM kill) is known gone without waiting for its lease.
+            return fresh and not _gone(lease)
         except (KeyError, TypeError, ValueError):
             return False  # not a lease this code wrote: nothing holds it
 
@@ -168,6 +195,8 @@ class _Lease:
                            f"({str(exc).splitlines()[0][:200]}); run the command again when it answers") from None
 
     def _acquire(self) -> None:
+        if self.storage.location in _held_here:  # its lease has this process's pid: it would look like a dead run's
+            raise ConfigError(f"run.dir={self.location} is in use by another run in this process")
         self.holder = _holder()
         current = self._read()
         if self._live(current):
@@ -182,6 +211,7 @@ class _Lease:
             raise self._refuse(current or {})
         self._thread = threading.Thread(target=self._renew, name="dcgan-run-lease", daemon=True)
         self._thread.start()
+        _held_here.add(self.storage.location)
 
     def _renew(self) -> None:
         while not self._stop.wait(self.lease_s / 4):
@@ -201,6 +231,7 @@ class _Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+            _held_here.discard(self.storage.location)
         try:
             current = self._read()
             if current and current.get("token") == self.token:

@@ -216,7 +216,7 @@ HOLD_LEASE = """
 import sys, time
 from dcgan_dist.errors import RunError
 from dcgan_dist.runlock import RunLock
-lock = RunLock(sys.argv[1], lease_s=2.0, confirm_s=0.5).acquire()
+lock = RunLock(sys.argv[1], lease_s=float(sys.argv[2]), confirm_s=0.5).acquire()
 print("held", flush=True)
 while True:  # what the training loop does every step
     try:
@@ -231,10 +231,11 @@ while True:  # what the training loop does every step
 @pytest.mark.slow  # 3 s of its own, but run alone it starts and stops SeaweedFS (~30 s); the full suite does anyway
 def test_an_object_store_lease_refuses_a_second_run_and_a_stalled_runs_lease_is_taken_over(s3_env, tmp_path):
     """A holds the lease (renewed every 0.5 s, stale after 2 s): B is refused, naming A. A stalls (SIGSTOP) past
-    the lease: B takes it over. A wakes up (SIGCONT): its heartbeat finds the lease is B's and A stops."""
+    the lease: B takes it over. A wakes up (SIGCONT): its heartbeat finds the lease is B's and A stops. C holds a
+    60 s lease and is SIGKILLed: on the same machine it is known gone, and its lease is taken over at once."""
     location = f"s3://dcgan-test/lease-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    a = subprocess.Popen([sys.executable, "-c", HOLD_LEASE, location], env=env, stdout=subprocess.PIPE,
+    a = subprocess.Popen([sys.executable, "-c", HOLD_LEASE, location, "2"], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     b = None
     try:
@@ -261,3 +262,9 @@ def test_an_object_store_lease_refuses_a_second_run_and_a_stalled_runs_lease_is_
         if b is not None:
             b.release()
     assert not RunStorage(location).exists(LOCK_FILE)  # released: removed
+    # A holder SIGKILLed on this machine is known gone: its fresh lease is taken over at once.
+    c = subprocess.Popen([sys.executable, "-c", HOLD_LEASE, location, "60"], env=env, stdout=subprocess.PIPE, text=True)
+    assert c.stdout.readline().strip() == "held"
+    c.kill()
+    c.wait()
+    RunLock(location, lease_s=60.0, confirm_s=0.5).acquire().release()
