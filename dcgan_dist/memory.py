@@ -7,7 +7,8 @@ copies and backward's temporaries come on top):
 - G and D's parameters in fp32 with their gradients and both Adam moments (16 bytes each), plus the EMA copy of G;
 - the activations autograd keeps for backward, per image: G's forward, and D's forward twice (D's step holds D on
   the real and on the fake batch at once), in the autocast dtype (4 bytes in fp32, 2 in bf16/fp16);
-- the batch itself: uint8 from the loader and the float copy the step reads.
+- the batch itself: uint8 from the loader and the float copy the step reads;
+- with train.eval_every, the SWD's images and descriptors (on the host).
 Shapes come from running G and D on the "meta" device: the real modules, no memory.
 """
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from .config import Config, ConfigError
 from .models import build_models
+from .quality import MIN_LEVEL_SIZE
 
 GIB = 2**30
 
@@ -52,8 +54,9 @@ def _kept_activations(module: nn.Module, example: torch.Tensor) -> int:
     return total
 
 
-def training_bytes(cfg: Config, precision: str) -> tuple[int, str]:
-    """(bytes one training process needs at least, what they are in words). precision: fp32, bf16, fp16."""
+def training_bytes(cfg: Config, precision: str) -> list[tuple[int, str, str]]:
+    """What one training process needs at least, in parts: (bytes, what in words, the settings that size it).
+    precision: fp32, bf16, fp16."""
     m = cfg.model
     try:
         with torch.device("meta"):
@@ -68,10 +71,23 @@ def training_bytes(cfg: Config, precision: str) -> tuple[int, str]:
     ema = g_params * 4 if cfg.train.ema_decay > 0 else 0
     weights = (g_params + d_params) * 16 + ema
     per_image = (g_act + 2 * d_act) * (4 if precision == "fp32" else 2) + m.channels * m.image_size ** 2 * 5
-    activations = per_image * cfg.train.batch_size
-    words = (f"G {_count(g_params)} and D {_count(d_params)} parameters with Adam: {_size(weights)}, activations "
-             f"of a batch of {cfg.train.batch_size}: {_size(activations)}")
-    return weights + activations, words
+    return [(weights, f"G {_count(g_params)} and D {_count(d_params)} parameters with Adam",
+             f"model.ngf={m.ngf} model.ndf={m.ndf}"),
+            (per_image * cfg.train.batch_size, f"the activations of a batch of {cfg.train.batch_size}",
+             f"train.batch_size={cfg.train.batch_size}")]
+
+
+def evaluation_bytes(cfg: Config) -> int:
+    """Host memory of the in-training SWD (train.eval_every; rank 0): eval.num real (uint8) and generated (float)
+    images, and both sets' 7x7 neighbourhood descriptors at every pyramid level, held until they are compared."""
+    if not cfg.train.eval_every:
+        return 0
+    m, e = cfg.model, cfg.eval
+    levels, size = 1, m.image_size
+    while size // 2 >= MIN_LEVEL_SIZE:
+        levels, size = levels + 1, size // 2
+    images = e.num * m.channels * m.image_size ** 2 * (1 + 4)
+    return images + 2 * levels * e.num * e.nhoods_per_image * 7 * 7 * m.channels * 4
 
 
 def _cgroup_free() -> int | None:
@@ -109,11 +125,23 @@ def available_bytes(device: torch.device) -> tuple[int, str] | None:
 
 
 def check_memory(cfg: Config, device: torch.device, precision: str) -> None:
-    """ConfigError when a training process of `cfg` cannot fit in what `device` has free."""
-    need, words = training_bytes(cfg, precision)
+    """ConfigError when a training process of `cfg` cannot fit in what `device` (and the host) has free."""
+    parts = training_bytes(cfg, precision)
+    evaluation = (evaluation_bytes(cfg), "the SWD's images and descriptors",
+                  f"eval.num={cfg.eval.num} eval.nhoods_per_image={cfg.eval.nhoods_per_image}")
+    if device.type == "cpu":
+        parts.append(evaluation)
+    else:  # the evaluation's images and descriptors are on the host
+        _refuse_if_larger([evaluation], torch.device("cpu"))
+    _refuse_if_larger(parts, device)
+
+
+def _refuse_if_larger(parts: list[tuple[int, str, str]], device: torch.device) -> None:
+    need = sum(size for size, _, _ in parts)
     available = available_bytes(device)
     if available is None or need <= available[0]:
         return
-    raise ConfigError(f"model.ngf={cfg.model.ngf} model.ndf={cfg.model.ndf} train.batch_size={cfg.train.batch_size} "
-                      f"need at least {_size(need)} on {device.type} ({words}) but {available[1]}; use a "
-                      "smaller model.ngf/ndf or train.batch_size")
+    largest = max(parts)[2]
+    what = ", ".join(f"{words}: {_size(size)}" for size, words, _ in parts if size)
+    raise ConfigError(f"{largest}: training needs at least {_size(need)} on {device.type} ({what}) but "
+                      f"{available[1]}; lower {' or '.join(setting.split('=')[0] for setting in largest.split())}")

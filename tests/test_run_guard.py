@@ -79,13 +79,16 @@ def test_run_name_is_a_plain_name(name):
 
 def test_memory_needed_grows_with_the_batch_and_is_checked_against_the_device():
     one, small, huge = (build_config("debug", [f"train.batch_size={b}"]) for b in (1, 64, 100000000))
-    need_one, need_small, need_huge = (training_bytes(cfg, "fp32")[0] for cfg in (one, small, huge))
+    need_one, need_small, need_huge = (sum(size for size, *_ in training_bytes(cfg, "fp32")) for cfg in (one, small, huge))
     per_image = (need_small - need_one) / 63
     assert per_image >= 3 * 32 * 32 * 5 and need_huge == need_one + per_image * (100000000 - 1)  # linear in the batch
-    assert training_bytes(small, "bf16")[0] < need_small  # activations in 2 bytes
+    assert training_bytes(small, "bf16")[1][0] < training_bytes(small, "fp32")[1][0]  # activations in 2 bytes
     check_memory(small, torch.device("cpu"), "fp32")  # the quick start fits
-    with pytest.raises(ConfigError, match="train.batch_size=100000000 need at least"):
+    with pytest.raises(ConfigError, match="^train.batch_size=100000000: training needs at least .*; lower train.batch_size$"):
         check_memory(huge, torch.device("cpu"), "fp32")
+    with pytest.raises(ConfigError, match="^eval.num=100000000 .*; lower eval.num or eval.nhoods_per_image$"):
+        check_memory(build_config("debug", ["train.eval_every=10", "eval.num=100000000"]), torch.device("cpu"), "fp32")
+    check_memory(build_config("debug", ["train.eval_every=0", "eval.num=100000000"]), torch.device("cpu"), "fp32")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
