@@ -172,10 +172,12 @@ class _Lease:
                                                   "lease_s": self.lease_s}).encode())
 
     def _refuse(self, lease: dict) -> ConfigError:
-        expires = time.strftime("%H:%M:%S UTC", time.gmtime(float(lease.get("renewed", 0)) + float(lease.get("lease_s", 0))))
-        return ConfigError(f"run.dir={self.location} is in use by another run ({_describe(lease)}; its lease is renewed "
-                           f"every {float(lease.get('lease_s', 0)) / 4:g} s and expires at {expires} if not); wait for "
-                           "it to end or stop it, or choose another run.dir")
+        about = _describe(lease)
+        if "renewed" in lease:
+            expires = time.strftime("%H:%M:%S UTC", time.gmtime(float(lease["renewed"]) + float(lease["lease_s"])))
+            about += f"; its lease is renewed every {float(lease['lease_s']) / 4:g} s and expires at {expires} if not"
+        return ConfigError(f"run.dir={self.location} is in use by another run ({about}); wait for it to end or stop "
+                           "it, or choose another run.dir")
 
     def _live(self, lease: dict | None) -> bool:
         if not lease or lease.get("token") == self.token:
