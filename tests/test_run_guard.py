@@ -140,7 +140,9 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 90) -> None:
 
 def test_a_second_run_is_refused_while_the_first_runs_and_a_killed_runs_lock_is_taken_over(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
-    args = train_args(tiny_shards, run_dir, "train.max_steps=40", "train.checkpoint_every=2", "train.log_every=2")
+    # A loader process: forked from the run, it outlives a SIGKILL of it by seconds, and must not keep the lock.
+    args = train_args(tiny_shards, run_dir, "train.max_steps=40", "train.checkpoint_every=2", "train.log_every=2",
+                      "data.num_workers=1")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     # The first run takes a second per step: it is still training when the second starts, and is killed then.
     first = subprocess.Popen([sys.executable, str(ROOT / "tests" / "step_hooks.py"), "--sleep", "1", *args],
