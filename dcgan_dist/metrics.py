@@ -70,12 +70,13 @@ class Meter:
 
 
 class NonFiniteLoss(RunError):
-    """A loss was nan or inf (training diverged) at `step`; raised on every rank alike. The Trainer adds the run's
-    newest checkpoint (all of them are from before `step`: one is written only after a check) and its optim.lr."""
+    """A loss was nan or inf (training diverged) at `step`, or the weights were after it; raised on every rank
+    alike. The Trainer adds the run's newest checkpoint (all of them are from before `step`: one is written only
+    after a check) and its optim.lr."""
 
-    def __init__(self, step: int, losses: dict[str, float]):
+    def __init__(self, step: int, losses: dict[str, float], what: str = "the losses became non-finite at"):
         super().__init__()
-        self.step, self.losses = step, losses
+        self.step, self.losses, self.what = step, losses, what
         self.checkpoint: str | None = None
         self.lr: float | None = None
 
@@ -87,7 +88,7 @@ class NonFiniteLoss(RunError):
         else:
             then = (f"the newest checkpoint, {self.checkpoint}, is from before it, and resuming with the same settings "
                     f"would diverge again: {lower} and run the command again to resume from it")
-        return f"the losses became non-finite at step {self.step}{values}: training diverged; {then}"
+        return f"{self.what} step {self.step}{values}: training diverged; {then}"
 
 
 class Progress:

@@ -249,8 +249,8 @@ class Trainer:
 
                 record = {"step": step}
                 due = [part for part in self.parts if part.schedule.due(step, bool(stop))]  # alike on every rank
-                if self.checkpoints in due:  # no checkpoint of weights trained on non-finite losses
-                    self.metrics.check_finite()
+                if self.checkpoints in due:  # no checkpoint of diverged weights
+                    self.check_finite(step)
                 for part in due:
                     if part is not self.checkpoints:
                         part(step, record)
@@ -270,6 +270,16 @@ class Trainer:
                  f"  metrics:    {self.storage.where('metrics.jsonl')}")
         return TrainResult(step, self.checkpoints.last_saved, self.storage.location, last_record, seconds, stopped,
                            bool(stopped) and stopping.own_signal(stop))
+
+    def check_finite(self, step: int) -> None:
+        """NonFiniteLoss on every rank alike when a loss since the last check, or now a weight, is nan or inf: a
+        step's losses are computed before its updates, so the weights after the last one are looked at too (one
+        device sync, at checkpoint steps only)."""
+        self.metrics.check_finite()
+        weights = [p for net in (self.G, self.D) for p in net.parameters()]
+        finite = torch.stack([torch.isfinite(p).all() for p in weights]).all()
+        if self.env.agree_max(int(not finite.item())):
+            raise NonFiniteLoss(step, {}, "the weights became non-finite in")
 
     def _name_last_checkpoint(self, exc_type, exc, tb) -> bool:
         """An ExitStack exit callback: a divergence says which checkpoint to resume from, with which optim.lr."""

@@ -18,9 +18,10 @@ import torch
 
 from dcgan_dist.config import ConfigError, build_config, flat_settings
 from dcgan_dist.memory import check_memory, training_bytes
-from dcgan_dist.metrics import read_metrics
+from dcgan_dist.metrics import NonFiniteLoss, read_metrics
 from dcgan_dist.runlock import LOCK_FILE, RunLock, run_lock
 from dcgan_dist.storage import RunStorage
+from dcgan_dist.trainer import Trainer
 
 from .conftest import ROOT, TINY, run_cli
 
@@ -213,6 +214,30 @@ def test_diverging_losses_stop_with_one_line_exit_1_and_the_last_good_checkpoint
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [6, 10, 20]
     assert all(math.isfinite(r["loss_d"]) and math.isfinite(r["loss_g"]) for r in records)
+
+
+def test_weights_that_became_non_finite_are_never_checkpointed(tmp_path, tiny_shards):
+    """A step's losses are computed before its updates: weights made non-finite by the last update of a checkpoint
+    step are caught by looking at them before the save (here poisoned right after step 4's update)."""
+    cfg = build_config("debug", train_args(tiny_shards, tmp_path / "run", "train.max_steps=10",
+                                           "train.checkpoint_every=2", "train.log_every=10")[2:])
+    threads = torch.get_num_threads()
+    trainer = Trainer(cfg)
+
+    def poison(step, env, images):
+        if step == 4:
+            with torch.no_grad():
+                next(trainer.G.parameters()).fill_(float("inf"))
+
+    trainer.hooks.append(poison)
+    try:
+        with pytest.raises(NonFiniteLoss) as failure:
+            trainer.fit()
+    finally:
+        torch.set_num_threads(threads)
+    assert failure.value.step == 4 and "weights" in str(failure.value)
+    assert failure.value.checkpoint == str(tmp_path / "run" / "checkpoints" / "step_0000002.pt")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_0000002.pt"]
 
 
 # -- the lease in an object store -------------------------------------------------------------------------------------
