@@ -9,12 +9,12 @@ Who locks: the process that owns the run. Local: the training process. Ray: the 
 workers do not lock, so Ray Train restarting them (a failure, a preemption, an elastic resize) is never refused by
 their own driver's lock.
 
-- A folder: <run.dir>/.lock, locked with fcntl.lockf (a POSIX record lock), which the kernel drops when the process
-  ends however it ends (SIGKILL, OOM kill): a killed run's lock is free at once and the next run takes it. POSIX
-  locks, not flock: the loader's forked worker processes would share an flock lock and keep it held for seconds
-  after their parent was killed; record locks belong to the one process. The file holds the holder's pid, host and
-  start time for the refusal line; a run that ends removes it. Works on NFS too (where flock is emulated by these
-  locks anyway).
+- A folder: <run.dir>/.lock, locked with fcntl.flock, which the kernel drops when the last descriptor of the open
+  file goes, so when the process ends however it ends (SIGKILL, OOM kill): a killed run's lock is free at once and
+  the next run takes it. Forked children (the loader's worker processes) close their copy of the descriptor at
+  once (os.register_at_fork): they outlive a killed parent by seconds and would keep its lock held. Not POSIX
+  record locks (lockf): the process loses those when it closes any descriptor of the file, as reading the lock file
+  does. The file holds the holder's pid, host and start time for the refusal line; a run that ends removes it.
 - An object store (s3://bucket/prefix): <run.dir>/.lock is a lease object {holder, token, renewed, lease_s},
   renewed by a thread every lease_s / 4. A lease not renewed for lease_s (LEASE_S, 60 s) is stale, its run dead, and
   the next run takes it over; at once when the holder was a process of this same machine (boot and pid namespace)
@@ -50,7 +50,20 @@ LOCK_FILE = ".lock"
 LEASE_S = 60.0  # an object-store lease not renewed for this long is stale (its run is gone)
 CONFIRM_S = 3.0  # how long a new lease must stay ours before the run goes on (see the module's docstring)
 
-_held_here: set[str] = set()  # POSIX locks are per process: a second lock of the same file from here would succeed
+_held_here: set[str] = set()  # run dirs this process holds: a second lock from here is refused without trying
+_lock_fds: set[int] = set()  # the descriptors of the folder locks held
+
+
+def _close_lock_fds_in_child() -> None:
+    for fd in _lock_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _lock_fds.clear()
+
+
+os.register_at_fork(after_in_child=_close_lock_fds_in_child)
 
 
 def _holder() -> dict:
@@ -107,7 +120,7 @@ class _FolderLock:
                 raise ConfigError(f"run.dir={self.location}: cannot open its lock file {self.path} ({exc.strerror}); "
                                   "choose another run.dir") from None
             try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 if exc.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (some FUSE mounts)
                     os.close(fd)
@@ -133,12 +146,14 @@ class _FolderLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_holder()).encode(), 0)
         self.fd = fd
+        _lock_fds.add(fd)
         _held_here.add(key)
 
     def release(self) -> None:
         if self.fd is None:
             return
         self.path.unlink(missing_ok=True)  # while still locked: a run waiting on this file then retries the new one
+        _lock_fds.discard(self.fd)
         os.close(self.fd)  # closing it drops the lock
         _held_here.discard(str(self.path.resolve()))
         self.fd = None

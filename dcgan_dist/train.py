@@ -47,12 +47,12 @@ def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
         print(f"No --config given: using the '{base}' preset (configs/{base}.yaml), a small model that trains on a "
               "laptop CPU in minutes. The classic 64x64 model: --config configs/default.yaml", flush=True)
     if cfg.dist.launcher == "ray":
-        from .ray_launcher import launch  # imported late: Ray is optional, and slow to import
-
         try:
             check_settings(cfg, cfg.dist.num_workers)  # here first: an error in seconds, not after Ray starts
             # The driver holds run.dir for the whole job: Ray Train's restarts of the workers are never refused.
             with run_lock(cfg.run.dir):
+                from .ray_launcher import launch  # imported late: Ray is optional, and slow to import
+
                 return launch(cfg, argv, hooks)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -166,6 +166,36 @@ def test_a_second_run_is_refused_while_the_first_runs_and_a_killed_runs_lock_is_
     assert not (run_dir / LOCK_FILE).exists()  # a run that ends removes its lock file
 
 
+def test_under_ray_the_driver_holds_the_run_dir_for_the_whole_job(tmp_path, tiny_shards, monkeypatch):
+    """The driver takes the lock before it launches and holds it until the job ends (the workers, and Ray Train's
+    restarts of them, never lock); a second command meanwhile is refused before it connects to any cluster. No Ray
+    cluster is started here: the launch is replaced by one that looks at the lock."""
+    from dcgan_dist import ray_launcher, train
+
+    run_dir = tmp_path / "run"
+    args = train_args(tiny_shards, run_dir, "dist.launcher=ray", "train.max_steps=4")
+    seen = {}
+
+    # The second command cannot import Ray: were it not refused, it fails here instead of starting a cluster.
+    no_ray = tmp_path / "no-ray" / "ray"
+    no_ray.mkdir(parents=True)
+    (no_ray / "__init__.py").write_text("raise ImportError('Ray is blocked in this test')\n")
+    env = {**os.environ, "PYTHONPATH": f"{no_ray.parent}{os.pathsep}{ROOT}"}
+
+    def launch(cfg, argv, hooks):
+        seen["holder"] = json.loads((run_dir / LOCK_FILE).read_text())  # reading it leaves the lock held
+        seen["second"] = subprocess.run([sys.executable, "-m", "dcgan_dist.train", *args], cwd=ROOT, env=env,
+                                        capture_output=True, text=True, timeout=120)
+        return 0
+
+    monkeypatch.setattr(ray_launcher, "launch", launch)
+    assert train.main(args) == 0
+    assert seen["holder"]["pid"] == os.getpid()
+    line = one_error_line(seen["second"], 2)
+    assert f"pid {os.getpid()} " in line, line
+    assert not (run_dir / LOCK_FILE).exists()
+
+
 def test_one_process_cannot_hold_a_run_dir_twice_and_the_lock_file_goes_with_the_run(tmp_path):
     with run_lock(str(tmp_path / "run")):
         holder = json.loads((tmp_path / "run" / LOCK_FILE).read_text())
