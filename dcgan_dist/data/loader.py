@@ -26,11 +26,13 @@ shard, and the shortfall counted. Counts travel with the batches to the training
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
 import re
 import signal
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -39,14 +41,56 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..errors import RunError
 from ..images import to_unit_range
-from .shards import decode_sample, expand_shards, iter_samples, read_info, shard_counts, spec_parts
+from .shards import (is_url, decode_sample, expand_shards, iter_samples, shard_counts, spec_parts,
+                     unfinished_output)
 from .synth import ensure_synthetic
 
 log = logging.getLogger("dcgan_dist.data")
 
 # Fields of the per-batch info tensor that travels next to the images.
 _COUNTERS = ("bad_samples", "bad_shards", "missing_samples")
+
+
+# Unusable samples (undecodable, another size or channel count, an unsupported mode) a pass may hold before the
+# run stops: data.max_bad_fraction's default. A few broken files in a large set are skipped and counted; a set
+# of the wrong images is an error, not something to train on.
+MAX_BAD_FRACTION = 0.05
+
+
+@dataclass
+class LoaderFailure:
+    """What a loader slot sends instead of a batch when it cannot go on (too many unusable samples, no readable
+    shard, an error of its own): one line, which the training process raises as RunError after it has shut its
+    loader processes down."""
+
+    message: str
+
+
+class _BadSamples:
+    """The unusable samples of one pass of a slot: how many, in which shards (first seen first), the first one."""
+
+    def __init__(self):
+        self.count, self.read = 0, 0  # unusable, usable
+        self.shards: list[str] = []
+        self.first: str | None = None
+
+    def add(self, url: str, reason: str) -> None:
+        self.count += 1
+        self.first = self.first or reason.splitlines()[0][:300]
+        name = os.path.basename(url)
+        if name not in self.shards:
+            self.shards.append(name)
+
+    def too_many(self, total: int, max_fraction: float) -> bool:
+        return self.count > 0 and self.count > max_fraction * total
+
+    def message(self, pass_index: int, where: str, total: int, max_fraction: float) -> str:
+        shards = ", ".join(self.shards[:3]) + (f" and {len(self.shards) - 3} more" if len(self.shards) > 3 else "")
+        return (f"{self.count} unusable sample(s) of {total} in pass {pass_index} ({where}), more than "
+                f"data.max_bad_fraction={max_fraction:g}: in {shards}; the first: {self.first}; fix or remove those "
+                "shards (`python -m dcgan_dist.data inspect` lists them), or raise data.max_bad_fraction")
 
 
 def slot_seed(*parts: int) -> int:
@@ -83,29 +127,47 @@ class ShardStream(IterableDataset):
     # After a resize: shard path -> (pass, trained[ordinal]) from the checkpoint's ledger, left out of that pass.
     trained_before: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
 
-    def _check_shape(self, array: np.ndarray, sample: dict) -> None:
-        if self.expect_chw is None:
-            return
-        c, h, w = self.expect_chw
-        if array.shape != (h, w, c):
-            raise ValueError(
-                f"shard {sample.get('__url__')} holds {array.shape[0]}x{array.shape[1]} images with "
-                f"{array.shape[2]} channel(s), but the model expects {h}x{w} with {c}; "
-                "set model.image_size/model.channels to match, or convert the data with --size"
-            )
+    max_bad_fraction: float = MAX_BAD_FRACTION  # unusable samples a pass may hold (data.max_bad_fraction)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _unusable(self, array: np.ndarray, sample: dict) -> str | None:
+        """Why a decoded image cannot be trained on (another size or channel count than the model's), or None."""
+        if self.expect_chw is None:
+            return None
+        c, h, w = self.expect_chw
+        if array.shape == (h, w, c):
+            return None
+        return (f"sample '{sample.get('__key__')}' in {sample.get('__url__')}: {array.shape[0]}x{array.shape[1]} with "
+                f"{array.shape[2]} channel(s), the model expects {h}x{w} with {c}")
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | LoaderFailure]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         slot = (worker + self.slot_offset) % self.num_slots
+        where = f"rank {self.rank}, loader slot {slot}"
+        # Whatever stops this slot reaches the training process as one line, in the stream (an exception would
+        # arrive there as a worker's traceback); it shuts the loader down and ends the run (RunError).
+        try:
+            yield from self._batches(slot, where)
+        except MemoryError:
+            yield LoaderFailure(f"out of memory in the data loader ({where}): lower train.batch_size, "
+                                "data.shuffle_buffer or data.num_workers")
+        except Exception as exc:  # noqa: BLE001 - any: one line instead of a loader process's traceback
+            reason = (str(exc).strip().splitlines() or [""])[0][:300]
+            yield LoaderFailure(f"the data loader failed ({where}): {type(exc).__name__}: {reason}")
+
+    def _batches(self, slot: int, where: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | LoaderFailure]:
         urls = self.rank_urls[slot :: self.num_slots]
         pass_index, skip = self.positions.get(slot, (0, 0))
         counts = dict.fromkeys(_COUNTERS, 0)
         warned: set[str] = set()
+        shard_errors: list[str] = []
+        first_bad_reported = False  # one warning line per slot and run; the counts go to metrics.jsonl
 
         def on_shard_error(exc: Exception) -> bool:
             counts["bad_shards"] += 1
             key = str(exc)[:200]
+            if len(shard_errors) < 3:
+                shard_errors.append(key.splitlines()[0] if key.strip() else type(exc).__name__)
             if key not in warned:
                 warned.add(key)
                 log.warning("skipping unreadable shard data (rank %d, slot %d): %s", self.rank, slot, key)
@@ -123,20 +185,34 @@ class ShardStream(IterableDataset):
             shuffle = wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
             per_shard = dict.fromkeys(order, 0)
             samples = shuffle(self._untrained(iter_samples(order, handler=on_shard_error), pass_index, per_shard))
+            # The pass's size where dataset.json knows every shard's: then too many unusable samples stop the
+            # slot as soon as they are too many, before a batch of what is left; else at the end of the pass.
+            pass_total = sum(self.shard_counts[u] for u in order) if all(u in self.shard_counts for u in order) else None
+            bad = _BadSamples()
             consumed = 0
             for consumed, sample in enumerate(samples, 1):
                 if consumed <= skip:
                     continue  # resuming: already trained on; skipped without decoding
                 try:
                     array = decode_sample(sample)
+                    reason = self._unusable(array, sample)
                 except ValueError as exc:
+                    reason = str(exc)
+                if reason is not None:
                     counts["bad_samples"] += 1
-                    log.warning("skipping sample: %s", exc)
+                    bad.add(sample["__url__"], reason)
+                    if pass_total is not None and bad.too_many(pass_total, self.max_bad_fraction):
+                        yield LoaderFailure(bad.message(pass_index, where, pass_total, self.max_bad_fraction))
+                        return
                     continue
-                self._check_shape(array, sample)
+                bad.read += 1
                 batch.append(array)
                 batch_ids.append((pass_index, self.shard_ids.get(sample["__url__"], -1), sample["__index__"]))
                 if len(batch) == self.batch_size:
+                    if bad.first is not None and not first_bad_reported:
+                        first_bad_reported = True
+                        log.warning("skipping unusable samples (%s), each counted in metrics.jsonl's bad_samples; "
+                                    "the first: %s", where, bad.first)
                     # One copy on this side: the batch stays in the shards' channels-last layout, and the device
                     # that trains on it rearranges it (normalise), where that is cheap.
                     images = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
@@ -145,7 +221,14 @@ class ShardStream(IterableDataset):
                     yield images, meta, torch.tensor(batch_ids)
                     batch, batch_ids = [], []
             if consumed == 0 and pass_index > last_resized_pass:
-                raise RuntimeError(f"no readable samples in the shards of rank {self.rank}, slot {slot}: {order[:3]}...")
+                names = ", ".join(os.path.basename(u) for u in order[:3]) + (", ..." if len(order) > 3 else "")
+                yield LoaderFailure(f"no readable samples in the {len(order)} shard(s) of {where} ({names}): "
+                                    f"{shard_errors[0] if shard_errors else 'they hold no samples'}; check them with "
+                                    "`python -m dcgan_dist.data inspect`")
+                return
+            if bad.too_many(bad.read + bad.count, self.max_bad_fraction):
+                yield LoaderFailure(bad.message(pass_index, where, bad.read + bad.count, self.max_bad_fraction))
+                return
             for url, got in per_shard.items():  # a shard that ended early (truncated at a member boundary)
                 want = self.shard_counts.get(url, got)
                 if got < want:
@@ -155,7 +238,6 @@ class ShardStream(IterableDataset):
                         log.warning("shard %s gave %d of its %d samples (dataset.json); check it with "
                                     "`python -m dcgan_dist.data inspect`", url, got, want)
             pass_index, skip = pass_index + 1, 0
-
 
     def _untrained(self, samples: Iterator[dict], pass_index: int, per_shard: dict[str, int]) -> Iterator[dict]:
         """Count what each shard gives, and leave out what the ledger of a resized run says was trained in this
@@ -203,9 +285,16 @@ class ImageBatches:
         shuffle_buffer: int = 1000,
         expect_chw: tuple[int, int, int] | None = None,
         pin_memory: bool = False,
+        max_bad_fraction: float = MAX_BAD_FRACTION,
     ):
         urls = expand_shards(shards) if isinstance(shards, str) else list(shards)
         counts, missing = shard_counts(shards) if isinstance(shards, str) else ({}, [])
+        if rank == 0 and isinstance(shards, str):
+            unlisted = [part for part, info in spec_parts(shards) if info is None and not is_url(part)]
+            if unlisted:  # hand-made shards load without it, but a shortfall in them cannot be noticed
+                log.warning("no dataset.json beside %s (%d shard(s)): how many samples each shard should give is "
+                            "unknown, so a truncated one goes unnoticed; `python -m dcgan_dist.data inspect` counts "
+                            "them", ", ".join(unlisted[:3]), sum(len(expand_shards(part)) for part in unlisted))
         if missing:
             log.warning("dataset.json lists %d shard(s) that are gone (%d samples): %s", len(missing),
                         sum(counts[m] for m in missing), ", ".join(os.path.basename(m) for m in missing[:5]))
@@ -218,7 +307,8 @@ class ImageBatches:
         self.num_workers, self.pin_memory, self.rank = num_workers, pin_memory, rank
         self.urls, self.rank_urls = urls, rank_urls
         self.stream = ShardStream(rank_urls, batch_size, rank, seed, self.num_slots, shuffle_buffer, expect_chw,
-                                  shard_counts=counts, shard_ids={u: i for i, u in enumerate(urls)})
+                                  shard_counts=counts, shard_ids={u: i for i, u in enumerate(urls)},
+                                  max_bad_fraction=max_bad_fraction)
         self.layout = {"world_size": world_size, "rank": rank, "slots": self.num_slots, "batch_size": batch_size, "seed": seed}
         self.counters = LoaderCounters()
         self.positions: dict[int, tuple[int, int]] = {}
@@ -245,7 +335,11 @@ class ImageBatches:
     def __next__(self) -> torch.Tensor:
         if self._it is None:
             self._it = self._start()
-        images, meta, ids = next(self._it)
+        item = next(self._it)
+        if isinstance(item, LoaderFailure):
+            self.close()  # the loader processes are shut down before the run ends
+            raise RunError(item.message)
+        images, meta, ids = item
         slot, pass_index, offset, *counts = (int(v) for v in meta.tolist())
         self.positions[slot] = (pass_index, offset)
         self.counters.batches += 1
@@ -345,36 +439,99 @@ def normalise(images: torch.Tensor, device: torch.device | str, channels_last: b
     return to_unit_range(images)
 
 
-def check_shards(spec: str, expect_chw: tuple[int, int, int], world_size: int = 1, probe: bool = True) -> None:
-    """Before training: the shards exist, there are enough for every worker, and each part of the spec holds
-    images of the model's size and channels, as its dataset.json says or else (probe) its first sample does.
-    Raises FileNotFoundError or ValueError with a one-line message."""
+# Samples of each part's first shard that the start decodes: a data set of the wrong images is refused before
+# any run file exists (a fraction of a second for PNG shards).
+PROBE_SAMPLES = 256
+
+
+def check_shards(spec: str, expect_chw: tuple[int, int, int], world_size: int = 1, probe: bool = True,
+                 max_bad_fraction: float = MAX_BAD_FRACTION) -> None:
+    """Before training: the shards exist and are no unfinished `data synth/convert` output, there are enough for
+    every worker, and each part of the spec holds images of the model's size and channels, as its dataset.json
+    says and (probe) as the first PROBE_SAMPLES samples of its first shard show, no more than `max_bad_fraction`
+    of them unusable. Raises FileNotFoundError or ValueError with a one-line message."""
     split_for_rank(expand_shards(spec), 0, world_size)
+    c, h, w = expect_chw
     for part, info in spec_parts(spec):
-        if info is not None:
-            shape, source = (info.image_size, info.image_size, info.channels), f"{part} dataset.json"
-        elif probe:
-            first = expand_shards(part)[0]
-            shape, source = _first_image(first).shape, first
-        else:
-            continue
-        c, h, w = expect_chw
-        if tuple(shape) != (h, w, c):
-            raise ValueError(f"the shards hold {shape[0]}x{shape[1]} images with {shape[2]} channel(s) ({source}) "
-                             f"but the model is {h}x{w} with {c}: set model.image_size={shape[0]} "
-                             f"model.channels={shape[2]}, or convert the data with --size {h}")
+        if unfinished_output(part):
+            raise ValueError(f"{part} holds what a stopped `python -m dcgan_dist.data synth/convert` left "
+                             f"({len(expand_shards(part))} shard(s), no dataset.json): delete it and run that "
+                             "command again")
+        if info is not None and (info.image_size, info.image_size, info.channels) != (h, w, c):
+            raise ValueError(_shape_advice((info.image_size, info.image_size, info.channels), f"{part} dataset.json",
+                                           expect_chw))
+        if probe:
+            _probe(expand_shards(part)[0], expect_chw, max_bad_fraction, info is not None)
 
 
-def _first_image(url: str) -> np.ndarray:
+def _shape_advice(shape: tuple[int, int, int], source: str, expect_chw: tuple[int, int, int]) -> str:
+    c, h, w = expect_chw
+    return (f"the shards hold {shape[0]}x{shape[1]} images with {shape[2]} channel(s) ({source}) but the model is "
+            f"{h}x{w} with {c}: set model.image_size={shape[0]} model.channels={shape[2]}, or convert the data with "
+            f"--size {h}")
+
+
+def _probe(url: str, expect_chw: tuple[int, int, int], max_bad_fraction: float, has_info: bool) -> None:
+    """Decode the first PROBE_SAMPLES samples of a shard as training will; raise ValueError where the model
+    cannot train on them."""
+    c, h, w = expect_chw
+    shapes: Counter = Counter()
+    read, first_bad, name = 0, None, os.path.basename(url)
     try:
-        return decode_sample(next(iter(iter_samples([url]))))
-    except StopIteration:
-        raise ValueError(f"the first shard, {url}, holds no samples") from None
+        for sample in itertools.islice(iter_samples([url]), PROBE_SAMPLES):
+            read += 1
+            try:
+                array = decode_sample(sample)
+            except ValueError as exc:
+                first_bad = first_bad or str(exc)
+                continue
+            shapes[array.shape] += 1
+            if array.shape != (h, w, c):
+                first_bad = first_bad or (f"sample '{sample['__key__']}' is {array.shape[0]}x{array.shape[1]} with "
+                                          f"{array.shape[2]} channel(s)")
     except Exception as exc:  # noqa: BLE001 - whatever the tar reader or the URL's opener raised
         status = re.search(r"exit (\d+)", str(exc)) if url.startswith("pipe:") else None
         reason = (f"its command exited with status {status.group(1)}" if status
                   else (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200])
-        raise ValueError(f"cannot read the first shard, {url}: {reason}") from None
+        if read == 0:
+            raise ValueError(f"cannot read the first shard, {url}: {reason}") from None
+    if read == 0:
+        raise ValueError(f"the first shard, {url}, holds no samples")
+    if len(shapes) == 1 and next(iter(shapes)) != (h, w, c):  # all alike, and not the model's: the advice
+        said = " (dataset.json says otherwise)" if has_info else ""
+        raise ValueError(_shape_advice(next(iter(shapes)), f"{name}{said}", expect_chw))
+    unusable = read - shapes[(h, w, c)]
+    if unusable > max_bad_fraction * read:
+        raise ValueError(f"{unusable} of the first {read} samples of {name} are unusable for a {h}x{w} model with "
+                         f"{c} channel(s), more than data.max_bad_fraction={max_bad_fraction:g}; the first: "
+                         f"{first_bad}; `python -m dcgan_dist.data inspect` lists the shards' problems")
+
+
+def dataset_size(spec: str) -> int:
+    """Samples in a shard spec as its parts' dataset.json files record them; 0 where any part has none."""
+    infos = [info for _, info in spec_parts(spec)]
+    return sum(info.num_samples for info in infos) if infos and all(infos) else 0
+
+
+def check_batch(batch_size: int, world_size: int, num_samples: int, expect_chw: tuple[int, int, int],
+                num_workers: int) -> None:
+    """Before training: a global batch no larger than the data set (when its size is known), and batches the
+    machine has memory for (a loader process holds several). Raises ValueError with a one-line message."""
+    global_batch = batch_size * world_size
+    if num_samples and global_batch > num_samples:
+        raise ValueError(f"train.batch_size={batch_size} x {world_size} worker(s) is a global batch of {global_batch}, "
+                         f"larger than the data set ({num_samples} samples): every batch would repeat images; use "
+                         f"train.batch_size={max(1, num_samples // world_size)} or less")
+    c, h, w = expect_chw
+    # Batches alive at once in a training process: the DataLoader's prefetched ones (4 per loader process),
+    # the one being collected and the one training.
+    in_flight = 4 * max(num_workers, 1) + 2
+    need = batch_size * c * h * w * in_flight
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > memory:
+        raise ValueError(f"train.batch_size={batch_size} needs {need / 2**30:.1f} GiB for the {in_flight} batches of "
+                         f"{h}x{w}x{c} images a training process holds, this machine has {memory / 2**30:.1f} GiB: "
+                         "lower train.batch_size")
 
 
 def resolve_data(data_cfg, model_cfg) -> tuple[str, int]:
@@ -382,8 +539,4 @@ def resolve_data(data_cfg, model_cfg) -> tuple[str, int]:
     faces at the model's size, generated once into data.cache_dir."""
     spec = data_cfg.shards or str(ensure_synthetic(data_cfg.cache_dir, data_cfg.synth_num, model_cfg.image_size,
                                                    model_cfg.channels))
-    num = data_cfg.num_samples
-    if not num:
-        info = read_info(spec)
-        num = info.num_samples if info else 0
-    return spec, num
+    return spec, data_cfg.num_samples or dataset_size(spec)
