@@ -59,6 +59,18 @@ _COUNTERS = ("bad_samples", "bad_shards", "missing_samples")
 MAX_BAD_FRACTION = 0.05
 
 
+SHOWN_WARNINGS = 3  # lines about skipped data per loader slot and run; the rest are counted
+
+
+def shard_error_text(exc: BaseException) -> str:
+    """One line for an error reading a shard: webdataset appends (stream, url) to the exception's arguments."""
+    args = exc.args
+    url = args[-1] if len(args) >= 2 and isinstance(args[-1], str) else None
+    reason = args[0] if args and isinstance(args[0], str) else str(exc)
+    reason = (reason.strip().splitlines() or [type(exc).__name__])[0][:200]
+    return f"{os.path.basename(url)}: {reason}" if url else reason
+
+
 @dataclass
 class LoaderFailure:
     """What a loader slot sends instead of a batch when it cannot go on (too many unusable samples, no readable
@@ -161,17 +173,33 @@ class ShardStream(IterableDataset):
         counts = dict.fromkeys(_COUNTERS, 0)
         warned: set[str] = set()
         shard_errors: list[str] = []
-        first_bad_reported = False  # one warning line per slot and run; the counts go to metrics.jsonl
+        # Warnings wait for the next batch: a slot that stops instead says it all in its one line. At most
+        # SHOWN_WARNINGS of them per slot and run; every unusable sample and unreadable shard is counted.
+        pending: list[str] = []
+        shown = 0
+        first_bad_reported = False
 
         def on_shard_error(exc: Exception) -> bool:
             counts["bad_shards"] += 1
-            key = str(exc)[:200]
+            reason = shard_error_text(exc)
             if len(shard_errors) < 3:
-                shard_errors.append(key.splitlines()[0] if key.strip() else type(exc).__name__)
-            if key not in warned:
-                warned.add(key)
-                log.warning("skipping unreadable shard data (rank %d, slot %d): %s", self.rank, slot, key)
+                shard_errors.append(reason)
+            if reason not in warned:
+                warned.add(reason)
+                pending.append(f"skipping unreadable shard data ({where}), counted in metrics.jsonl's bad_shards: "
+                               f"{reason}")
             return True  # keep going with the next shard
+
+        def flush_warnings() -> None:
+            nonlocal shown
+            for message in pending:
+                shown += 1
+                if shown <= SHOWN_WARNINGS:
+                    log.warning("%s", message)
+                elif shown == SHOWN_WARNINGS + 1:
+                    log.warning("more unreadable shards or unusable samples (%s) are skipped and counted in "
+                                "metrics.jsonl, without a line each", where)
+            pending.clear()
 
         last_resized_pass = max((p for p, _ in self.trained_before.values()), default=-1)
         batch: list[np.ndarray] = []
@@ -211,8 +239,9 @@ class ShardStream(IterableDataset):
                 if len(batch) == self.batch_size:
                     if bad.first is not None and not first_bad_reported:
                         first_bad_reported = True
-                        log.warning("skipping unusable samples (%s), each counted in metrics.jsonl's bad_samples; "
-                                    "the first: %s", where, bad.first)
+                        pending.append(f"skipping unusable samples ({where}), each counted in metrics.jsonl's "
+                                       f"bad_samples; the first: {bad.first}")
+                    flush_warnings()
                     # One copy on this side: the batch stays in the shards' channels-last layout, and the device
                     # that trains on it rearranges it (normalise), where that is cheap.
                     images = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
@@ -235,8 +264,8 @@ class ShardStream(IterableDataset):
                     counts["missing_samples"] += want - got
                     if url not in warned:
                         warned.add(url)
-                        log.warning("shard %s gave %d of its %d samples (dataset.json); check it with "
-                                    "`python -m dcgan_dist.data inspect`", url, got, want)
+                        pending.append(f"shard {url} gave {got} of its {want} samples (dataset.json); check it with "
+                                       "`python -m dcgan_dist.data inspect`")
             pass_index, skip = pass_index + 1, 0
 
     def _untrained(self, samples: Iterator[dict], pass_index: int, per_shard: dict[str, int]) -> Iterator[dict]:
