@@ -134,6 +134,24 @@ def test_a_few_bad_samples_are_skipped_counted_and_reported_once(tmp_path, num_w
     assert records[-1]["step"] == 20 and 4 <= records[-1]["bad_samples"] <= 8
 
 
+def test_a_killed_loader_process_ends_the_run_in_one_line(tmp_path, tiny_shards):
+    run = subprocess.Popen([sys.executable, "-m", "dcgan_dist.train", *TINY, "data.num_workers=1",
+                            f"data.shards={tiny_shards}", f"run.dir={tmp_path / 'run'}", "train.max_steps=100000",
+                            "train.log_every=5", "train.checkpoint_every=5"],
+                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in run.stdout:  # training, so the loader process is running
+        if line.startswith("step"):
+            break
+    (loader,) = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(loader), signal.SIGKILL)
+    _, stderr = run.communicate(timeout=HANG)
+    assert run.returncode == 1, stderr
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith("error: the data loader failed (rank 0): ") and "resumes from the newest checkpoint" in line
+    assert list((tmp_path / "run" / "checkpoints").glob("step_*.pt"))
+
+
 BEFORE_WORK = {
     # the first shard: half its images greyscale in an RGB set
     "greyscale in the first shard": lambda d: write_set(d, [[png(rgb(i)[:, :, 0], "L") if i % 2 else png(rgb(i))
@@ -183,7 +201,7 @@ def test_a_batch_larger_than_the_data_set_is_refused_before_work(tmp_path, tiny_
     proc = train(tmp_path / "run", tmp_path / "nojson", "train.batch_size=100000000")
     assert proc.returncode == 2
     (line,) = error_lines(proc)
-    assert "GiB for the 2 batches of 32x32x3 images a training process holds" not in line  # 0 workers: 6
+    assert "GiB for the 6 batches of 32x32x3 images a training process holds" in line  # 0 loader processes
     assert line.startswith("error: train.batch_size=100000000 needs ") and "lower train.batch_size" in line, line
     assert no_run_files(tmp_path / "run")
 

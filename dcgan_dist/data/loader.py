@@ -18,10 +18,15 @@ process marks them, and the ledger is checkpointed with every rank's position. A
 another layout re-deals the shards to the new ranks and slots; each slot first finishes its shards' passes,
 leaving out what the ledger says was trained, so no sample of a pass is lost or read twice across a resize.
 
-Faults. An unreadable shard (missing, truncated, not a tar) or an undecodable image is logged, counted and
-skipped; neither stops training. A shard that ends early without an error (truncated at a member boundary)
-is caught by comparing each pass's samples per shard with the counts dataset.json records: a warning once per
-shard, and the shortfall counted. Counts travel with the batches to the training process.
+Faults. An unreadable shard (missing, truncated, not a tar) and an unusable sample (undecodable, another size or
+channel count than the model's, an image mode with no 8-bit form) are counted and skipped, with a line for the
+first few per slot. More than `max_bad_fraction` of a pass unusable (as soon as it is certain, where dataset.json
+gives the pass's size), or a pass with no readable sample, stops the slot: it sends a LoaderFailure, one line,
+instead of a batch, and the training process shuts its loader down and raises RunError. An exception would reach
+it as a loader process's traceback, and a loader process blocked on its queue kept the training process from
+exiting. A shard that ends early without an error (truncated at a member boundary) is caught by comparing each
+pass's samples per shard with the counts dataset.json records: a warning once per shard, and the shortfall
+counted. Counts travel with the batches to the training process.
 """
 
 from __future__ import annotations
@@ -84,7 +89,7 @@ class _BadSamples:
     """The unusable samples of one pass of a slot: how many, in which shards (first seen first), the first one."""
 
     def __init__(self):
-        self.count, self.read = 0, 0  # unusable, usable
+        self.count = 0
         self.shards: list[str] = []
         self.first: str | None = None
 
@@ -138,7 +143,6 @@ class ShardStream(IterableDataset):
     shard_ids: dict[str, int] = field(default_factory=dict)  # shard path -> index in the whole sorted shard list
     # After a resize: shard path -> (pass, trained[ordinal]) from the checkpoint's ledger, left out of that pass.
     trained_before: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
-
     max_bad_fraction: float = MAX_BAD_FRACTION  # unusable samples a pass may hold (data.max_bad_fraction)
 
     def _unusable(self, array: np.ndarray, sample: dict) -> str | None:
@@ -233,7 +237,6 @@ class ShardStream(IterableDataset):
                         yield LoaderFailure(bad.message(pass_index, where, pass_total, self.max_bad_fraction))
                         return
                     continue
-                bad.read += 1
                 batch.append(array)
                 batch_ids.append((pass_index, self.shard_ids.get(sample["__url__"], -1), sample["__index__"]))
                 if len(batch) == self.batch_size:
@@ -255,8 +258,10 @@ class ShardStream(IterableDataset):
                                     f"{shard_errors[0] if shard_errors else 'they hold no samples'}; check them with "
                                     "`python -m dcgan_dist.data inspect`")
                 return
-            if bad.too_many(bad.read + bad.count, self.max_bad_fraction):
-                yield LoaderFailure(bad.message(pass_index, where, bad.read + bad.count, self.max_bad_fraction))
+            # Over the whole pass: a resumed (or, after a resize, shortened) pass counts what it skipped as read.
+            pass_size = max(consumed, pass_total or 0)
+            if bad.too_many(pass_size, self.max_bad_fraction):
+                yield LoaderFailure(bad.message(pass_index, where, pass_size, self.max_bad_fraction))
                 return
             for url, got in per_shard.items():  # a shard that ended early (truncated at a member boundary)
                 want = self.shard_counts.get(url, got)
@@ -364,9 +369,19 @@ class ImageBatches:
     def __next__(self) -> torch.Tensor:
         if self._it is None:
             self._it = self._start()
-        item = next(self._it)
+        try:
+            item = next(self._it)
+        except StopIteration:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the DataLoader's own (a loader process killed, say): one line
+            reason = (str(exc).strip().splitlines() or [""])[0][:300]
+            item = LoaderFailure(f"the data loader failed (rank {self.rank}): {type(exc).__name__}: {reason}; was a "
+                                 "loader process killed (out of memory?): the same command resumes from the newest "
+                                 "checkpoint")
         if isinstance(item, LoaderFailure):
-            self.close()  # the loader processes are shut down before the run ends
+            # Outside the except block: no traceback keeps the DataLoader's iterator, so the loader processes are
+            # shut down here, before the run ends.
+            self.close()
             raise RunError(item.message)
         images, meta, ids = item
         slot, pass_index, offset, *counts = (int(v) for v in meta.tolist())

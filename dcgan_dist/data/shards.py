@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -60,6 +61,10 @@ class DatasetInfo:
     # Samples written into each shard (file name -> count): the loader and `data inspect` check what they read
     # against it, so a truncated shard is reported instead of silently shrinking the data set.
     shard_counts: dict = field(default_factory=dict)
+
+
+# dataset.json's fields and the type each must have (int, str, dict), checked when it is read.
+_FIELD_TYPES = typing.get_type_hints(DatasetInfo)
 
 
 def encode_image(array: np.ndarray, fmt: str = "png") -> bytes:
@@ -388,7 +393,15 @@ def read_info(spec: str) -> DatasetInfo | None:
     absent = [name for name in required if name not in data]
     if absent:
         raise ValueError(f"{where} lacks {', '.join(absent)}; fix it, or delete it (the shards load without it)")
-    return DatasetInfo(**{key: value for key, value in data.items() if key in known})
+    kept = {key: value for key, value in data.items() if key in known}
+    for key, value in kept.items():
+        wanted = {int: "a whole number >= 0", str: "a string", dict: "a JSON object"}[_FIELD_TYPES[key]]
+        if (not isinstance(value, _FIELD_TYPES[key]) or isinstance(value, bool)
+                or (isinstance(value, int) and value < 0)
+                or (key == "shard_counts" and not all(isinstance(n, int) and n >= 0 for n in value.values()))):
+            raise ValueError(f"{where}: '{key}' should be {wanted}, it is {json.dumps(value)[:80]}; fix it, or delete "
+                             "it (the shards load without it)")
+    return DatasetInfo(**kept)
 
 
 def unfinished_output(part: str) -> bool:
