@@ -25,7 +25,7 @@ from . import stopping
 from .checkpoint import CheckpointManager, CheckpointStorage, StorageCheckpoints
 from .config import Config, ConfigError
 from .data import ImageBatches, check_shards, normalise, resolve_data
-from .data.loader import check_batch, dataset_size
+from .data.loader import check_batch, dataset_size, loader_death_as_run_error
 from .data.loader import slot_seed
 from .distributed.ddp import wrap_models
 from .distributed.env import DistEnv
@@ -228,6 +228,7 @@ class Trainer:
         with ExitStack() as closing:  # on the way out, whatever happens: parts last to first, then the loader
             closing.enter_context(stopping.handle_signals())
             closing.callback(self.batches.close)
+            closing.push(loader_death_as_run_error)  # first out: the parts and the loader close on a RunError
             for part in self.parts:
                 closing.push(_closer(part, lambda: step))
             while step < cfg.train.max_steps and not stop:

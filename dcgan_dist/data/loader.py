@@ -37,6 +37,7 @@ import os
 import random
 import re
 import signal
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -353,6 +354,8 @@ class ImageBatches:
         # Rotating the slots' roles on resume keeps the DataLoader's round-robin order that of the interrupted run.
         self.stream.positions, self.stream.slot_offset = dict(self.positions), self.counters.batches % self.num_slots
         workers = self.num_slots if self.num_workers > 0 else 0
+        if workers:
+            _quiet_about_dead_loader_processes()
         return iter(DataLoader(
             self.stream,
             batch_size=None,  # the stream batches itself
@@ -453,6 +456,35 @@ class ImageBatches:
     def close(self) -> None:
         # Dropping the iterator shuts the loader's worker processes down.
         self._it = None
+
+
+def _quiet_about_dead_loader_processes() -> None:
+    """When a loader process dies (killed: out of memory, say), torch's SIGCHLD handler raises RuntimeError
+    "DataLoader worker ... is killed by signal" in the training process wherever it is, also inside a __del__
+    (a pipe's, the DataLoader iterator's own shutdown), where Python prints it as "Exception ignored in ..." with a
+    traceback. The run reports that death in its one line (ImageBatches.__next__, loader_death_as_run_error, or
+    the DataLoader's own check of its workers), so those copies are dropped; every other one is printed."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiet_about_dead_loader_processes", False):
+        return
+
+    def hook(unraisable) -> None:
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value).startswith("DataLoader worker")):
+            previous(unraisable)
+
+    hook.quiet_about_dead_loader_processes = True
+    sys.unraisablehook = hook
+
+
+def loader_death_as_run_error(exc_type, exc, tb) -> bool:
+    """An ExitStack exit callback around the training loop: when a loader process dies (killed: out of memory,
+    say), torch raises RuntimeError "DataLoader worker (pid N) is killed by signal" in the training process
+    wherever it is at that moment; that becomes RunError, one line."""
+    if exc_type is RuntimeError and str(exc).startswith("DataLoader worker"):
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise RunError(f"the data loader failed: {reason} (out of memory?); the same command resumes from the "
+                       "newest checkpoint") from None
+    return False
 
 
 def _ledger_to_state(ledger: dict[str, tuple[int, np.ndarray]]) -> dict[str, list]:
