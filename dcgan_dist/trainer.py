@@ -25,8 +25,7 @@ from . import stopping
 from .checkpoint import CheckpointManager, CheckpointStorage, StorageCheckpoints
 from .config import Config, ConfigError
 from .data import ImageBatches, check_shards, normalise, resolve_data
-from .data.loader import check_batch, dataset_size, loader_death_as_run_error
-from .data.loader import slot_seed
+from .data.loader import check_batch, dataset_size, loader_death_as_run_error, slot_seed
 from .distributed.ddp import wrap_models
 from .distributed.env import DistEnv
 from .ema import EMA
@@ -59,8 +58,9 @@ class TrainResult:
 
 def check_settings(cfg: Config, world_size: int = 1, check_run_dir: bool = True, probe: bool = True) -> None:
     """What the settings point at, checked before any run file exists: the shards (they exist, enough for every
-    worker, the model's image size and channels; probe: reading a first sample where no dataset.json says) and
-    run.dir (it can be made and written). Raises ConfigError: one line naming the setting."""
+    worker, the model's image size and channels; probe: decoding the first shard's first samples), the batch
+    (no larger than the data set, and memory for it) and run.dir (it can be made and written). Raises ConfigError:
+    one line naming the setting."""
     chw = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     if cfg.data.shards:
         try:
@@ -228,7 +228,7 @@ class Trainer:
         with ExitStack() as closing:  # on the way out, whatever happens: parts last to first, then the loader
             closing.enter_context(stopping.handle_signals())
             closing.callback(self.batches.close)
-            closing.push(loader_death_as_run_error)  # first out: the parts and the loader close on a RunError
+            closing.push(loader_death_as_run_error)  # runs after the parts close: a dead loader process -> RunError
             for part in self.parts:
                 closing.push(_closer(part, lambda: step))
             while step < cfg.train.max_steps and not stop:
