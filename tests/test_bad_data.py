@@ -18,7 +18,7 @@ from PIL import Image
 
 from dcgan_dist.data import ImageBatches, ShardWriter, read_info
 from dcgan_dist.data import shards as shards_module
-from dcgan_dist.data.shards import INCOMPLETE_FILE, decode_sample
+from dcgan_dist.data.shards import UNFINISHED_KEY, decode_sample
 from dcgan_dist.data.synth import ensure_synthetic
 from dcgan_dist.errors import RunError
 
@@ -314,14 +314,14 @@ def test_a_stopped_or_killed_synth_leaves_nothing_training_takes(tmp_path):
     wait_for(lambda: len(list((tmp_path / "killed").glob("*.tar"))) >= 3, synth)
     synth.kill()
     synth.communicate(timeout=HANG)
-    assert (tmp_path / "killed" / INCOMPLETE_FILE).is_file() and not (tmp_path / "killed" / "dataset.json").exists()
-    proc = train(tmp_path / "run", tmp_path / "killed")
-    assert proc.returncode == 2
-    (line,) = error_lines(proc)
-    assert "holds what a stopped `python -m dcgan_dist.data synth/convert` left" in line, line
+    assert UNFINISHED_KEY in json.loads((tmp_path / "killed" / "dataset.json").read_text())  # the placeholder
+    for command in (["dcgan_dist.train", *TINY, f"data.shards={tmp_path / 'killed'}", f"run.dir={tmp_path / 'run'}"],
+                    ["dcgan_dist.data", "inspect", str(tmp_path / "killed")]):
+        proc = run_cli("-m", *command)
+        assert proc.returncode == 2
+        (line,) = error_lines(proc)
+        assert f"{tmp_path / 'killed'} holds what a stopped `python -m dcgan_dist.data synth/convert` left" in line
     assert no_run_files(tmp_path / "run")
-    proc = run_cli("-m", "dcgan_dist.data", "inspect", str(tmp_path / "killed"))
-    assert proc.returncode == 1 and "a stopped `data synth/convert` left it" in proc.stderr
 
 
 def test_sigterm_while_drawing_the_embedded_faces_stops_in_one_line_and_keeps_nothing(tmp_path):

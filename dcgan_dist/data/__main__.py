@@ -18,7 +18,7 @@ import torch
 from ..images import save_grid
 from .convert import convert
 from ..stopping import StoppedBySignal
-from .shards import FORMATS, decode_sample, expand_shards, iter_samples, read_info, shard_counts, unfinished_output
+from .shards import FORMATS, decode_sample, expand_shards, iter_samples, read_info, shard_counts
 
 FORMAT_HELP = ("png (default: lossless, smallest), jpg (lossy), or raw (uint8 arrays: no decoding, the fastest "
                "loader, larger on disk); the loader reads any of them without a flag")
@@ -42,9 +42,6 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
     formats: Counter = Counter()
     bad_by_shard: Counter = Counter()
     first, errors, reasons = [], [], []
-    for part in spec.split("::"):
-        if unfinished_output(part):
-            errors.append(f"{part}: a stopped `data synth/convert` left it (no dataset.json): delete it and run it again")
     for url in urls:
         read, failure, decoded = 0, [], []
 

@@ -49,8 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import RunError
 from ..images import to_unit_range
-from .shards import (is_url, decode_sample, expand_shards, iter_samples, shard_counts, spec_parts,
-                     unfinished_output)
+from .shards import (is_url, decode_sample, expand_shards, iter_samples, shard_counts, spec_parts)
 from .synth import ensure_synthetic
 
 log = logging.getLogger("dcgan_dist.data")
@@ -522,17 +521,13 @@ PROBE_SAMPLES = 256
 
 def check_shards(spec: str, expect_chw: tuple[int, int, int], world_size: int = 1, probe: bool = True,
                  max_bad_fraction: float = MAX_BAD_FRACTION) -> None:
-    """Before training: the shards exist and are no unfinished `data synth/convert` output, there are enough for
-    every worker, and each part of the spec holds images of the model's size and channels, as its dataset.json
-    says and (probe) as the first PROBE_SAMPLES samples of its first shard show, no more than `max_bad_fraction`
-    of them unusable. Raises FileNotFoundError or ValueError with a one-line message."""
+    """Before training: the shards exist and are no unfinished `data synth/convert` output (read_info), there are
+    enough for every worker, and each part of the spec holds images of the model's size and channels, as its
+    dataset.json says and (probe) as the first PROBE_SAMPLES samples of its first shard show, no more than
+    `max_bad_fraction` of them unusable. Raises FileNotFoundError or ValueError with a one-line message."""
     split_for_rank(expand_shards(spec), 0, world_size)
     c, h, w = expect_chw
     for part, info in spec_parts(spec):
-        if unfinished_output(part):
-            raise ValueError(f"{part} holds what a stopped `python -m dcgan_dist.data synth/convert` left "
-                             f"({len(expand_shards(part))} shard(s), no dataset.json): delete it and run that "
-                             "command again")
         if info is not None and (info.image_size, info.image_size, info.channels) != (h, w, c):
             raise ValueError(_shape_advice((info.image_size, info.image_size, info.channels), f"{part} dataset.json",
                                            expect_chw))

@@ -42,9 +42,13 @@ RAW_EXTENSION = "raw.npy"  # a raw shard's member: a chunk of images as one N x 
 # few enough that a truncated shard loses little and a chunk of 64x64 RGB images stays ~3 MiB.
 RAW_CHUNK = 256
 META_FILE = "dataset.json"
-# Present while `data synth`/`convert` writes a folder, removed after dataset.json: a folder that still has it
-# holds what a stopped or killed conversion left, and training refuses it.
-INCOMPLETE_FILE = ".dataset-incomplete"
+# While `data synth`/`convert` writes a folder its dataset.json holds only this key; the real one replaces it last.
+# A folder whose dataset.json still says so holds what a stopped or killed conversion left: it is refused.
+# (A placeholder rather than a separate mark file: deleting an object in a store makes pyarrow put an empty
+# "directory" object in its place.)
+UNFINISHED_KEY = "unfinished"
+UNFINISHED_NOTE = ("a `python -m dcgan_dist.data synth/convert` is writing this folder, or was stopped before it "
+                   "finished: then delete the folder and run it again")
 SHARD_PATTERN = "shard-%06d.tar"
 
 
@@ -274,24 +278,21 @@ class ShardWriter:
 class ShardOutput:
     """Where new shards go: a local folder, written in place, or s3://bucket/prefix, each shard written to a
     local staging folder and uploaded as soon as it is complete (so staging holds a few shards at most).
-    Refuses a place that already holds shards. The folder is marked incomplete (INCOMPLETE_FILE) first and
-    dataset.json is written last, then the mark removed: shards that a killed conversion left are never taken
-    for a data set. `discard` (an error, a stop) removes what this output wrote."""
+    Refuses a place that already holds shards. A placeholder dataset.json ({UNFINISHED_KEY: ...}) is written
+    first and the real one last, in its place: shards that a killed conversion left are never taken for a data
+    set. `discard` (an error, a stop) removes what this output wrote."""
 
     def __init__(self, out: str):
         self.storage = RunStorage(out)
         existing = [name for name, is_dir in self.storage.list("") if not is_dir and name.endswith(".tar")]
         if existing:
-            unfinished = " of an unfinished `data synth`/`convert`" if self.storage.is_file(INCOMPLETE_FILE) else ""
-            raise FileExistsError(f"{self.storage.location} already holds {len(existing)} shards{unfinished}; "
-                                  "choose an empty one")
+            raise FileExistsError(f"{self.storage.location} already holds {len(existing)} shards; choose an empty one")
         if self.storage.remote:
             self.staging = Path(tempfile.mkdtemp(prefix="dcgan-shards-"))
         else:
             self.staging = self.storage.local_dir()
             self.staging.mkdir(parents=True, exist_ok=True)
-        self.storage.write(INCOMPLETE_FILE, b"a `python -m dcgan_dist.data synth/convert` is writing this folder; "
-                                            b"if none is, it was stopped: delete the folder and run it again\n")
+        self.storage.write(META_FILE, (json.dumps({UNFINISHED_KEY: UNFINISHED_NOTE}) + "\n").encode())
         self.written: list[str] = []
 
     def finished(self, name: str) -> None:
@@ -303,16 +304,14 @@ class ShardOutput:
 
     def close(self, info: "DatasetInfo") -> None:
         self.storage.write(META_FILE, (json.dumps(asdict(info), indent=2) + "\n").encode())
-        self.storage.delete(INCOMPLETE_FILE)
         self._drop_staging()
 
     def discard(self, unfinished: Iterable[str] = ()) -> None:
-        """The output is abandoned: the shards it wrote (and `unfinished` ones in staging) and its mark go."""
-        for name in [*self.written, *unfinished]:
+        """The output is abandoned: the shards it wrote (and `unfinished` ones in staging) and the placeholder go."""
+        for name in [*self.written, *unfinished, META_FILE]:
             self.storage.delete(name)
             if self.storage.remote:
                 (self.staging / name).unlink(missing_ok=True)
-        self.storage.delete(INCOMPLETE_FILE)
         self._drop_staging()
 
     def _drop_staging(self) -> None:
@@ -388,6 +387,9 @@ def read_info(spec: str) -> DatasetInfo | None:
         raise ValueError(f"{where} is not valid JSON ({exc}); fix it, or delete it (the shards load without it)") from None
     if not isinstance(data, dict):
         raise ValueError(f"{where} does not hold a JSON object; fix it, or delete it (the shards load without it)")
+    if UNFINISHED_KEY in data:
+        raise ValueError(f"{folder.location} holds what a stopped `python -m dcgan_dist.data synth/convert` left (its "
+                         "dataset.json was never written): delete it and run that command again")
     known = {f.name for f in fields(DatasetInfo)}
     required = [f.name for f in fields(DatasetInfo) if f.default is MISSING and f.default_factory is MISSING]
     absent = [name for name in required if name not in data]
@@ -402,11 +404,6 @@ def read_info(spec: str) -> DatasetInfo | None:
             raise ValueError(f"{where}: '{key}' should be {wanted}, it is {json.dumps(value)[:80]}; fix it, or delete "
                              "it (the shards load without it)")
     return DatasetInfo(**kept)
-
-
-def unfinished_output(part: str) -> bool:
-    """Whether a spec part's folder is one that `data synth`/`convert` started and never finished."""
-    return not is_url(part) and _is_folder(part) and RunStorage(_folder_of(part)).is_file(INCOMPLETE_FILE)
 
 
 def spec_parts(spec: str) -> list[tuple[str, DatasetInfo | None]]:
