@@ -294,23 +294,23 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = HANG) -> None:
         time.sleep(0.05)
 
 
-def start_synth(out: Path) -> subprocess.Popen:
+def start_synth(out: Path, processes: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "dcgan_dist.data", "synth", "--out", str(out), "--num", "3000",
-                             "--shard-size", "20", "--size", "32", "--processes", "2"],
+                             "--shard-size", "20", "--size", "32", "--processes", str(processes)],
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
 def test_a_stopped_or_killed_synth_leaves_nothing_training_takes(tmp_path):
     # SIGTERM: the drawing processes end, the shards written are removed, one line, 128 + 15.
-    synth = start_synth(tmp_path / "stopped")
+    synth = start_synth(tmp_path / "stopped", processes=2)  # drawing processes that must end too
     wait_for(lambda: len(list((tmp_path / "stopped").glob("*.tar"))) >= 3, synth)
     synth.send_signal(signal.SIGTERM)
     _, stderr = synth.communicate(timeout=HANG)
     assert synth.returncode == 143 and stderr.strip().splitlines() == ["stopped by SIGTERM; nothing was kept"]
     assert not any((tmp_path / "stopped").iterdir())
     # SIGKILL: nothing can clean up; the folder stays marked, and training and inspect refuse it.
-    synth = start_synth(tmp_path / "killed")
+    synth = start_synth(tmp_path / "killed", processes=1)
     wait_for(lambda: len(list((tmp_path / "killed").glob("*.tar"))) >= 3, synth)
     synth.kill()
     synth.communicate(timeout=HANG)

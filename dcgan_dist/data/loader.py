@@ -233,8 +233,10 @@ class ShardStream(IterableDataset):
                 if reason is not None:
                     counts["bad_samples"] += 1
                     bad.add(sample["__url__"], reason)
-                    if pass_total is not None and bad.too_many(pass_total, self.max_bad_fraction):
-                        yield LoaderFailure(bad.message(pass_index, where, pass_total, self.max_bad_fraction))
+                    # (what was read counts too, should dataset.json understate the pass)
+                    if pass_total is not None and bad.too_many(max(pass_total, consumed), self.max_bad_fraction):
+                        yield LoaderFailure(bad.message(pass_index, where, max(pass_total, consumed),
+                                                        self.max_bad_fraction))
                         return
                     continue
                 batch.append(array)
