@@ -83,7 +83,8 @@ def bad_later_shards(folder: Path, kind: str) -> Path:
     if kind == "mixed sizes":
         bad = [[png(rgb(7 * s + i, 64 if i % 2 else 32)) for i in range(32)] for s in range(2)]
     elif kind == "greyscale in RGB":
-        bad = [[png(rgb(7 * s + i)[:, :, 0], "L") if i % 2 else png(rgb(7 * s + i)) for i in range(32)] for s in range(2)]
+        bad = [[png(rgb(7 * s + i)[:, :, 0], "L") if i % 2 else png(rgb(7 * s + i)) for i in range(32)]
+               for s in range(2)]
     else:  # undecodable
         bad = [[b"\x89PNG not really" if i % 2 else png(rgb(7 * s + i)) for i in range(32)] for s in range(2)]
     return write_set(folder, [good[0], bad[0], good[1], bad[1]])
@@ -163,7 +164,8 @@ BEFORE_WORK = {
     "greyscale in the first shard": lambda d: write_set(d, [[png(rgb(i)[:, :, 0], "L") if i % 2 else png(rgb(i))
                                                              for i in range(32)]] * 2),
     # dataset.json says 32x32; the images are 64x64
-    "dataset.json misstates the size": lambda d: write_set(d, [[png(rgb(i, 64)) for i in range(32)]] * 2, image_size=32),
+    "dataset.json misstates the size": lambda d: write_set(d, [[png(rgb(i, 64)) for i in range(32)]] * 2,
+                                                           image_size=32),
     "every shard unreadable": lambda d: write_set(d, [[png(rgb(i))] for i in range(2)], dataset_json=False) and [
         (d / f"shard-{s:06d}.tar").write_bytes(b"garbage" * 50) for s in range(2)],
 }

@@ -70,7 +70,10 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
     errors += [f"{Path(path).name}: missing, dataset.json lists it ({expected[path]} samples)" for path in missing]
     shapes = Counter(shape for decoded in arrays.values() for _, shape in decoded)
     # What the set should hold: dataset.json's shape, else that of most images; the others are unusable.
-    want_shape = (info.image_size, info.image_size, info.channels) if info else (shapes.most_common(1)[0][0] if shapes else None)
+    if info:
+        want_shape = (info.image_size, info.image_size, info.channels)
+    else:
+        want_shape = shapes.most_common(1)[0][0] if shapes else None
     for url, decoded in arrays.items():
         for key, shape in decoded:
             if shape != want_shape:

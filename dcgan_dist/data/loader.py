@@ -155,7 +155,7 @@ class ShardStream(IterableDataset):
         return (f"sample '{sample.get('__key__')}' in {sample.get('__url__')}: {array.shape[0]}x{array.shape[1]} with "
                 f"{array.shape[2]} channel(s), the model expects {h}x{w} with {c}")
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | LoaderFailure]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...] | LoaderFailure]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         slot = (worker + self.slot_offset) % self.num_slots
@@ -171,7 +171,7 @@ class ShardStream(IterableDataset):
             reason = (str(exc).strip().splitlines() or [""])[0][:300]
             yield LoaderFailure(f"the data loader failed ({where}): {type(exc).__name__}: {reason}")
 
-    def _batches(self, slot: int, where: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | LoaderFailure]:
+    def _batches(self, slot: int, where: str) -> Iterator[tuple[torch.Tensor, ...] | LoaderFailure]:
         urls = self.rank_urls[slot :: self.num_slots]
         pass_index, skip = self.positions.get(slot, (0, 0))
         counts = dict.fromkeys(_COUNTERS, 0)
@@ -219,7 +219,8 @@ class ShardStream(IterableDataset):
             samples = shuffle(self._untrained(iter_samples(order, handler=on_shard_error), pass_index, per_shard))
             # The pass's size where dataset.json knows every shard's: then too many unusable samples stop the
             # slot as soon as they are too many, before a batch of what is left; else at the end of the pass.
-            pass_total = sum(self.shard_counts[u] for u in order) if all(u in self.shard_counts for u in order) else None
+            known = all(u in self.shard_counts for u in order)
+            pass_total = sum(self.shard_counts[u] for u in order) if known else None
             bad = _BadSamples()
             consumed = 0
             for consumed, sample in enumerate(samples, 1):

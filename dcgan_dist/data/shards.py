@@ -164,7 +164,8 @@ def decode_sample(sample: dict) -> np.ndarray:
         raise
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for damaged bytes
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ValueError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')}: cannot decode: {reason}") from None
+        raise ValueError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')}: cannot decode: "
+                         f"{reason}") from None
 
 
 class ShardTar:
