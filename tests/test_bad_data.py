@@ -209,7 +209,7 @@ def test_a_batch_larger_than_the_data_set_is_refused_before_work(tmp_path, tiny_
     proc = train(tmp_path / "run", tmp_path / "nojson", "train.batch_size=100000000")
     assert proc.returncode == 2
     (line,) = error_lines(proc)
-    assert "GiB for the 6 batches of 32x32x3 images a training process holds" in line  # 0 loader processes
+    assert "GiB for the batches of 32x32x3 images a training process holds" in line
     assert line.startswith("error: train.batch_size=100000000 needs ") and "lower train.batch_size" in line, line
     assert no_run_files(tmp_path / "run")
 

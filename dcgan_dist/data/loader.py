@@ -597,15 +597,15 @@ def check_batch(batch_size: int, world_size: int, num_samples: int, expect_chw: 
                          f"larger than the data set ({num_samples} samples): every batch would repeat images; use "
                          f"train.batch_size={max(1, num_samples // world_size)} or less")
     c, h, w = expect_chw
-    # Batches alive at once in a training process: the DataLoader's prefetched ones (4 per loader process),
-    # the one being collected and the one training.
-    in_flight = 4 * max(num_workers, 1) + 2
-    need = batch_size * c * h * w * in_flight
+    # A training process holds, in uint8 batches: the DataLoader's prefetched ones (4 per loader process), the one
+    # being collected and its stacked copy, and the float32 one that trains (4 bytes a value).
+    batches = 4 * num_workers + 2 + 4
+    need = batch_size * c * h * w * batches
     memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if need > memory:
-        raise ValueError(f"train.batch_size={batch_size} needs {need / 2**30:.1f} GiB for the {in_flight} batches of "
-                         f"{h}x{w}x{c} images a training process holds, this machine has {memory / 2**30:.1f} GiB: "
-                         "lower train.batch_size")
+        raise ValueError(f"train.batch_size={batch_size} needs {need / 2**30:.1f} GiB for the batches of {h}x{w}x{c} "
+                         f"images a training process holds (prefetched, collected, in float32), this machine has "
+                         f"{memory / 2**30:.1f} GiB: lower train.batch_size")
 
 
 def resolve_data(data_cfg, model_cfg) -> tuple[str, int]:
