@@ -239,16 +239,19 @@ def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("case", ["I;16", "I;16 black", "1", "LA", "P", "RGBA", "CMYK", "F"])
+@pytest.mark.parametrize("case", ["I;16", "I;16 black", "1", "LA", "P", "P of greys", "RGBA", "CMYK", "F"])
 def test_image_modes_decode_to_8_bits_or_count_as_unusable(case):
     palette = Image.new("P", (4, 4), 1)
     palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    greys = Image.new("P", (4, 4), 2)
+    greys.putpalette([v for i in range(256) for v in (255 - i,) * 3])
     cases = {
         "I;16": (grey16(32896), [128]),  # 0x8080: the middle of the 16-bit range, not clipped to 255
         "I;16 black": (grey16(0), [0]),
         "1": (encoded(Image.new("1", (4, 4), 1)), [255]),
         "LA": (encoded(Image.new("LA", (4, 4), (77, 3))), [77]),
         "P": (encoded(palette), [10, 200, 30]),
+        "P of greys": (encoded(greys), [253]),  # a greyscale image saved with a palette: one channel
         "RGBA": (encoded(Image.new("RGBA", (4, 4), (1, 2, 3, 0))), [1, 2, 3]),
         "CMYK": (encoded(Image.new("CMYK", (4, 4), (0, 0, 0, 0)), "JPEG"), [255, 255, 255]),
         "F": (encoded(Image.new("F", (4, 4), 0.5), "TIFF"), None),  # float: no faithful 8-bit form

@@ -120,8 +120,15 @@ _GREY_MODES = ("1", "LA", "La")  # -> L (alpha dropped)
 _COLOUR_MODES = ("P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")  # -> RGB (alpha dropped, palette applied)
 
 
+def _grey_palette(image: Image.Image) -> bool:
+    """A palette image whose colours are all grey (how some tools save greyscale PNGs): one channel, not three."""
+    palette = np.asarray(image.getpalette() or [], dtype=np.int32).reshape(-1, 3)
+    return len(palette) > 0 and bool((palette == palette[:, :1]).all())
+
+
 def image_to_array(image: Image.Image) -> np.ndarray:
-    """A decoded PIL image -> H x W x C uint8: greyscale modes give one channel, colour modes three. Raises
+    """A decoded PIL image -> H x W x C uint8: greyscale modes (and a palette of greys) give one channel, colour
+    modes three. Raises
     ValueError for a mode with no faithful 8-bit form (float, LAB, HSV, ...)."""
     mode = image.mode
     if mode in _SIXTEEN_BIT_MODES:
@@ -129,7 +136,7 @@ def image_to_array(image: Image.Image) -> np.ndarray:
         array = ((np.clip(values, 0, 65535) + 128) // 257).astype(np.uint8)  # 0..65535 -> 0..255, rounded
     elif mode in ("L", "RGB"):
         array = np.asarray(image)
-    elif mode in _GREY_MODES:
+    elif mode in _GREY_MODES or (mode in ("P", "PA") and _grey_palette(image)):
         array = np.asarray(image.convert("L"))
     elif mode in _COLOUR_MODES:
         array = np.asarray(image.convert("RGB"))
