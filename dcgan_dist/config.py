@@ -51,6 +51,9 @@ class DataSection:
     shards: str = ""
     num_workers: int = bounded(2, at_least=0)  # DataLoader worker processes per training process
     shuffle_buffer: int = bounded(2000, at_least=1)  # samples held in each loader worker's shuffle buffer
+    # Unusable samples (undecodable, another size or channel count, an unsupported mode) are skipped and counted;
+    # more than this fraction of a pass (or of the first shard's samples at the start) stops the run with one line.
+    max_bad_fraction: float = bounded(0.05, at_least=0.0, below=1.0)
     # Samples in the data set, for epoch accounting; 0 = read from the shards' dataset.json when there is one.
     num_samples: int = bounded(0, at_least=0)
     synth_num: int = bounded(20000, at_least=1)  # size of the embedded synthetic face set

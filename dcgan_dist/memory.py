@@ -8,6 +8,8 @@ copies and backward's temporaries come on top):
 - the activations autograd keeps for backward, per image: G's forward, and D's forward twice (D's step holds D on
   the real and on the fake batch at once), in the autocast dtype (4 bytes in fp32, 2 in bf16/fp16);
 - the batch itself: uint8 from the loader and the float copy the step reads;
+- on the host, the loader's uint8 batches: 4 prefetched per loader process, plus the one being collected and its
+  stacked copy;
 - with train.eval_every, the SWD's images and descriptors (on the host).
 Shapes come from running G and D on the "meta" device: the real modules, no memory.
 """
@@ -124,15 +126,24 @@ def available_bytes(device: torch.device) -> tuple[int, str] | None:
     return free, where
 
 
+def loader_bytes(cfg: Config) -> int:
+    """Host memory of the loader's uint8 batches: DataLoader prefetches 2 per loader process by default and pins
+    or copies each (4 in all), plus the batch being collected and its stacked copy."""
+    m = cfg.model
+    return cfg.train.batch_size * m.channels * m.image_size ** 2 * (4 * cfg.data.num_workers + 2)
+
+
 def check_memory(cfg: Config, device: torch.device, precision: str) -> None:
     """ConfigError when a training process of `cfg` cannot fit in what `device` (and the host) has free."""
     parts = training_bytes(cfg, precision)
-    evaluation = (evaluation_bytes(cfg), "the SWD's images and descriptors",
-                  f"eval.num={cfg.eval.num} eval.nhoods_per_image={cfg.eval.nhoods_per_image}")
+    host = [(evaluation_bytes(cfg), "the SWD's images and descriptors",
+             f"eval.num={cfg.eval.num} eval.nhoods_per_image={cfg.eval.nhoods_per_image}"),
+            (loader_bytes(cfg), "the loader's batches",
+             f"train.batch_size={cfg.train.batch_size} data.num_workers={cfg.data.num_workers}")]
     if device.type == "cpu":
-        parts.append(evaluation)
-    else:  # the evaluation's images and descriptors are on the host
-        _refuse_if_larger([evaluation], torch.device("cpu"))
+        parts += host
+    else:  # the evaluation's images and descriptors and the loader's batches are on the host
+        _refuse_if_larger(host, torch.device("cpu"))
     _refuse_if_larger(parts, device)
 
 

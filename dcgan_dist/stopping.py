@@ -25,6 +25,37 @@ _OWN_SIGNAL = 1000  # added to the code when this process itself received the si
 _code = 0  # this process's first stop request (see code()); 0: none
 
 
+class StoppedBySignal(BaseException):
+    """SIGTERM/SIGINT stopped work that has no step to finish (generating the synthetic faces, `data synth`):
+    what it wrote is removed; the same command starts it again. BaseException, like KeyboardInterrupt: no
+    `except Exception` on the way takes it for an error."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def raise_on_signals() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT raise StoppedBySignal in the main thread (elsewhere: no change)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise StoppedBySignal(signum)
+
+    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    for signum, before in previous.items():
+        if before is not signal.SIG_IGN:
+            signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before)
+
+
 def request(signum: int, from_driver: bool = False) -> None:
     """Ask this process's run to stop after its current step; the first request wins. Signal-handler safe: it
     only sets a number (the Trainer says what happens when it acts on it)."""

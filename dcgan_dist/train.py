@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
     except (ConfigError, CheckpointError) as exc:  # before any training: the run directory is as it was
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except stopping.StoppedBySignal as exc:  # before training (drawing the synthetic faces): nothing kept
+        print(f"stopped by {exc} before training started; run the same command again to start", file=sys.stderr)
+        return 128 + exc.signum
     if result.stopped_by:
         return stopping.report(result.stopped_by, result.step, result.checkpoint, argv)
     return 0 if result.step >= cfg.train.max_steps else 1

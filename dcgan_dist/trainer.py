@@ -25,7 +25,7 @@ from . import stopping
 from .checkpoint import CheckpointManager, CheckpointStorage, StorageCheckpoints
 from .config import Config, ConfigError
 from .data import ImageBatches, check_shards, normalise, resolve_data
-from .data.loader import slot_seed
+from .data.loader import check_batch, dataset_size, loader_death_as_run_error, slot_seed
 from .distributed.ddp import wrap_models
 from .distributed.env import DistEnv
 from .ema import EMA
@@ -59,18 +59,23 @@ class TrainResult:
 
 def check_settings(cfg: Config, world_size: int = 1, check_run_dir: bool = True, probe: bool = True,
                    device: torch.device | None = None) -> None:
-    """What the settings point at, checked before any run file exists: with `device`, that the model and batch fit
-    in its free memory; the shards (they exist, enough for every worker, the model's image size and channels;
-    probe: reading a first sample where no dataset.json says) and run.dir (it can be made and written). Raises
-    ConfigError: one line naming the setting."""
-    if device is not None:
-        check_memory(cfg, device, resolved(cfg, device)[1].precision)
+    """What the settings point at, checked before any run file exists: the shards (they exist, enough for every
+    worker, the model's image size and channels; probe: decoding the first shard's first samples), the batch (no
+    larger than the data set), with `device` that the model, batch and loader fit in its free memory, and run.dir
+    (it can be made and written). Raises ConfigError: one line naming the setting."""
+    chw = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     if cfg.data.shards:
         try:
-            check_shards(cfg.data.shards, (cfg.model.channels, cfg.model.image_size, cfg.model.image_size), world_size,
-                         probe)
+            check_shards(cfg.data.shards, chw, world_size, probe, cfg.data.max_bad_fraction)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"data.shards={cfg.data.shards}: {exc}") from None
+    try:
+        num_samples = cfg.data.num_samples or (dataset_size(cfg.data.shards) if cfg.data.shards else cfg.data.synth_num)
+        check_batch(cfg.train.batch_size, world_size, num_samples)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if device is not None:
+        check_memory(cfg, device, resolved(cfg, device)[1].precision)
     if check_run_dir:
         try:
             RunStorage(cfg.run.dir).check_writable()
@@ -116,7 +121,7 @@ def make_loader(cfg: Config, env: DistEnv, shards: str) -> ImageBatches:
         shards, cfg.train.batch_size, rank=env.rank, world_size=env.world_size, seed=cfg.run.seed,
         num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
         expect_chw=(cfg.model.channels, cfg.model.image_size, cfg.model.image_size),
-        pin_memory=env.device.type == "cuda",
+        pin_memory=env.device.type == "cuda", max_bad_fraction=cfg.data.max_bad_fraction,
     )
 
 
@@ -228,6 +233,7 @@ class Trainer:
             closing.enter_context(stopping.handle_signals())
             closing.callback(self.batches.close)
             closing.push(self._name_last_checkpoint)
+            closing.push(loader_death_as_run_error)  # runs after the parts close: a dead loader process -> RunError
             for part in self.parts:
                 closing.push(_closer(part, lambda: step))
             while step < cfg.train.max_steps and not stop:
@@ -298,6 +304,3 @@ class Trainer:
         self.say(f"Data: {self.shards} ({self.num_samples or 'unknown number of'} samples), "
                  f"{m.image_size}x{m.image_size}x{m.channels}, global batch {self.global_batch}"
                  + (f", {self.num_samples / self.global_batch:.1f} steps per epoch" if self.num_samples else ""))
-        if self.num_samples and self.global_batch > self.num_samples:
-            self.say(f"warning: the global batch ({self.global_batch}) is larger than the data set "
-                     f"({self.num_samples} samples): every batch repeats images")

@@ -20,6 +20,7 @@ from dcgan_dist.data.convert import convert
 from dcgan_dist.data.shards import decode_sample, iter_samples
 from dcgan_dist.data.synth import draw_face
 from dcgan_dist.distributed.env import DistEnv
+from dcgan_dist.errors import RunError
 from dcgan_dist.images import to_unit_range
 from dcgan_dist.trainer import make_loader
 
@@ -333,7 +334,7 @@ def test_shard_counts_belong_to_their_own_directory(tmp_path):
 
 def test_shape_mismatch_is_a_clear_error(tiny_shards):
     batches = ImageBatches(str(tiny_shards), 4, expect_chw=(3, 64, 64))
-    with pytest.raises(ValueError, match="model.image_size"):
+    with pytest.raises(RunError, match="the model expects 64x64 with 3"):  # every sample unusable: the run stops
         next(batches)
 
 

@@ -17,6 +17,7 @@ import torch
 
 from ..images import save_grid
 from .convert import convert
+from ..stopping import StoppedBySignal
 from .shards import FORMATS, decode_sample, expand_shards, iter_samples, read_info, shard_counts
 
 FORMAT_HELP = ("png (default: lossless, smallest), jpg (lossy), or raw (uint8 arrays: no decoding, the fastest "
@@ -24,17 +25,25 @@ FORMAT_HELP = ("png (default: lossless, smallest), jpg (lossy), or raw (uint8 ar
 from .synth import write_synthetic_shards
 
 
+# Unusable samples named one by one on stderr; the rest are counted.
+SHOWN_BAD_SAMPLES = 5
+
+
 def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> dict:
-    """Read every shard: count shards and samples, image shapes, undecodable samples; compare each shard's count
-    with dataset.json's; write a preview grid. `errors` lists every unreadable or short shard by name."""
+    """Read every shard as training does: count shards and samples, decode every image (its mode converted as
+    the loader does), and count as unusable those that do not decode or differ in size or channels from
+    dataset.json's (or, without it, from most of the images); compare each shard's count with dataset.json's;
+    write a preview grid. `errors` lists every unreadable or short shard by name, `bad_by_shard` the shards
+    with unusable samples."""
     urls = expand_shards(spec)
     info = read_info(spec)
     expected, missing = shard_counts(spec)
-    shapes: Counter = Counter()
+    arrays: dict[str, list] = {}  # url -> [(key, shape)] of its decodable samples
     formats: Counter = Counter()
-    bad_samples, first, errors = 0, [], []
+    bad_by_shard: Counter = Counter()
+    first, errors, reasons = [], [], []
     for url in urls:
-        read, failure = 0, []
+        read, failure, decoded = 0, [], []
 
         def keep_going(exc: Exception) -> bool:
             failure.append(exc)
@@ -45,30 +54,48 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
             try:
                 array = decode_sample(sample)
             except ValueError as exc:
-                bad_samples += 1
-                print(f"warning: {exc}", file=sys.stderr)
+                bad_by_shard[url] += 1
+                reasons.append(str(exc))
                 continue
-            shapes[array.shape] += 1
+            decoded.append((sample["__key__"], array.shape))
             formats[next((k for k in ("raw", "png", "jpg", "jpeg") if k in sample), "?")] += 1
             if len(first) < preview_count:
                 first.append(array)
+        arrays[url] = decoded
         name, want = Path(url).name, expected.get(url)
         if failure:
             errors.append(f"{name}: unreadable after {read} sample(s): {str(failure[0]).splitlines()[0][:200]}")
         elif want is not None and read < want:
             errors.append(f"{name}: {read} samples, dataset.json says {want} (truncated?)")
     errors += [f"{Path(path).name}: missing, dataset.json lists it ({expected[path]} samples)" for path in missing]
+    shapes = Counter(shape for decoded in arrays.values() for _, shape in decoded)
+    # What the set should hold: dataset.json's shape, else that of most images; the others are unusable.
+    if info:
+        want_shape = (info.image_size, info.image_size, info.channels)
+    else:
+        want_shape = shapes.most_common(1)[0][0] if shapes else None
+    for url, decoded in arrays.items():
+        for key, shape in decoded:
+            if shape != want_shape:
+                bad_by_shard[url] += 1
+                reasons.append(f"sample '{key}' in {url}: {shape[0]}x{shape[1]} with {shape[2]} channel(s), the set "
+                               f"holds {want_shape[0]}x{want_shape[1]} with {want_shape[2]}"
+                               + (" (dataset.json)" if info else ""))
     report = {
         "shards": len(urls),
         "samples": sum(shapes.values()),
         "expected_samples": info.num_samples if info else None,
+        "has_dataset_json": info is not None,
         "image_shapes": {f"{h}x{w}x{c}": n for (h, w, c), n in shapes.items()},
         "formats": dict(formats),
-        "bad_samples": bad_samples,
+        "bad_samples": sum(bad_by_shard.values()),
+        "bad_by_shard": {Path(url).name: n for url, n in bad_by_shard.items()},
+        "first_bad": reasons[:SHOWN_BAD_SAMPLES],
         "errors": errors,
     }
-    if first and preview:
-        grid = torch.from_numpy(np.stack([a for a in first if a.shape == first[0].shape])).permute(0, 3, 1, 2)
+    usable = [a for a in first if a.shape == want_shape]
+    if usable and preview:
+        grid = torch.from_numpy(np.stack(usable)).permute(0, 3, 1, 2)
         report["preview"] = str(save_grid(grid, preview))
     return report
 
@@ -120,18 +147,27 @@ def main(argv: list[str] | None = None) -> int:
                 h, w, c = shape.split("x")
                 print(f"images:   {h}x{w}, {c} channel(s): {n}")
             print(f"formats:  {', '.join(f'{k}: {v}' for k, v in report['formats'].items())}")
-            print(f"skipped:  {report['bad_samples']} undecodable sample(s)")
+            print(f"unusable: {report['bad_samples']} sample(s) (undecodable, another size or channel count)"
+                  + "".join(f"\n          {name}: {n}" for name, n in report["bad_by_shard"].items()))
+            if not report["has_dataset_json"]:
+                print("note:     no dataset.json: the shards' sample counts cannot be checked")
             if "preview" in report:
                 print(f"preview:  {report['preview']}")
+            for reason in report["first_bad"]:
+                print(f"warning: {reason}", file=sys.stderr)
             for error in report["errors"]:
                 print(f"error: shard {error}", file=sys.stderr)
             if report["errors"] or report["bad_samples"]:
-                print(f"{len(report['errors'])} bad shard(s), {report['bad_samples']} undecodable sample(s)",
+                print(f"{len(report['errors'])} bad shard(s), {report['bad_samples']} unusable sample(s)"
+                      + (f" (the first {SHOWN_BAD_SAMPLES} above)" if report["bad_samples"] > SHOWN_BAD_SAMPLES else ""),
                       file=sys.stderr)
                 return 1
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StoppedBySignal as exc:  # data synth: the drawing processes ended, the shards written removed
+        print(f"stopped by {exc}; nothing was kept", file=sys.stderr)
+        return 128 + exc.signum
     return 0
 
 

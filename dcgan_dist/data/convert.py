@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..images import array_to_pil
+from ..stopping import raise_on_signals
 from .shards import DatasetInfo, ShardWriter, check_format
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -165,7 +166,8 @@ def _convert_idx(src: Path, out, size, crop, shard_size, limit, progress, fmt) -
 def _write(items, total: int, out, shard_size: int, source: str, progress: bool, fmt: str) -> DatasetInfo:
     skipped = 0
     bar = tqdm(total=total, unit="img", desc=f"converting -> {out}", disable=None if progress else True)  # None: only on a terminal
-    with ShardWriter(out, shard_size=shard_size, fmt=fmt, source=source) as writer:
+    # SIGTERM/SIGINT: the writer removes the shards it wrote (stopping.StoppedBySignal); an error does the same.
+    with raise_on_signals(), ShardWriter(out, shard_size=shard_size, fmt=fmt, source=source) as writer:
         for name, result in items:
             if isinstance(result, Exception):
                 skipped += 1

@@ -18,19 +18,27 @@ process marks them, and the ledger is checkpointed with every rank's position. A
 another layout re-deals the shards to the new ranks and slots; each slot first finishes its shards' passes,
 leaving out what the ledger says was trained, so no sample of a pass is lost or read twice across a resize.
 
-Faults. An unreadable shard (missing, truncated, not a tar) or an undecodable image is logged, counted and
-skipped; neither stops training. A shard that ends early without an error (truncated at a member boundary)
-is caught by comparing each pass's samples per shard with the counts dataset.json records: a warning once per
-shard, and the shortfall counted. Counts travel with the batches to the training process.
+Faults. An unreadable shard (missing, truncated, not a tar) and an unusable sample (undecodable, another size or
+channel count than the model's, an image mode with no 8-bit form) are counted and skipped, with a line for the
+first few per slot. More than `max_bad_fraction` of a pass unusable (as soon as it is certain, where dataset.json
+gives the pass's size), or a pass with no readable sample, stops the slot: it sends a LoaderFailure, one line,
+instead of a batch, and the training process shuts its loader down and raises RunError. An exception would reach
+it as a loader process's traceback, and a loader process blocked on its queue kept the training process from
+exiting. A shard that ends early without an error (truncated at a member boundary) is caught by comparing each
+pass's samples per shard with the counts dataset.json records: a warning once per shard, and the shortfall
+counted. Counts travel with the batches to the training process.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
 import re
 import signal
+import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -39,14 +47,67 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..errors import RunError
 from ..images import to_unit_range
-from .shards import decode_sample, expand_shards, iter_samples, read_info, shard_counts, spec_parts
+from .shards import (is_url, decode_sample, expand_shards, iter_samples, shard_counts, spec_parts)
 from .synth import ensure_synthetic
 
 log = logging.getLogger("dcgan_dist.data")
 
 # Fields of the per-batch info tensor that travels next to the images.
 _COUNTERS = ("bad_samples", "bad_shards", "missing_samples")
+
+
+# Unusable samples (undecodable, another size or channel count, an unsupported mode) a pass may hold before the
+# run stops: data.max_bad_fraction's default. A few broken files in a large set are skipped and counted; a set
+# of the wrong images is an error, not something to train on.
+MAX_BAD_FRACTION = 0.05
+
+
+SHOWN_WARNINGS = 3  # lines about skipped data per loader slot and run; the rest are counted
+
+
+def shard_error_text(exc: BaseException) -> str:
+    """One line for an error reading a shard: webdataset appends (stream, url) to the exception's arguments."""
+    args = exc.args
+    url = args[-1] if len(args) >= 2 and isinstance(args[-1], str) else None
+    reason = args[0] if args and isinstance(args[0], str) else str(exc)
+    reason = (reason.strip().splitlines() or [type(exc).__name__])[0][:200]
+    return f"{os.path.basename(url)}: {reason}" if url else reason
+
+
+@dataclass
+class LoaderFailure:
+    """What a loader slot sends instead of a batch when it cannot go on (too many unusable samples, no readable
+    shard, an error of its own): one line, which the training process raises as RunError after it has shut its
+    loader processes down."""
+
+    message: str
+
+
+class _BadSamples:
+    """The unusable samples of one pass of a slot: how many, in which shards (first seen first), the first one."""
+
+    def __init__(self):
+        self.count = 0
+        self.shards: list[str] = []
+        self.first: str | None = None
+
+    def add(self, url: str, reason: str) -> None:
+        self.count += 1
+        self.first = self.first or reason.splitlines()[0][:300]
+        name = os.path.basename(url)
+        if name not in self.shards:
+            self.shards.append(name)
+
+    def too_many(self, total: int, max_fraction: float) -> bool:
+        return self.count > 0 and self.count > max_fraction * total
+
+    def message(self, pass_index: int, where: str, total: int, max_fraction: float) -> str:
+        shards = ", ".join(self.shards[:3]) + (f" and {len(self.shards) - 3} more" if len(self.shards) > 3 else "")
+        return (f"{self.count} unusable sample(s) of {total} in pass {pass_index} ({where}), more than "
+                f"data.max_bad_fraction={max_fraction:g}: in {shards}; the first: {self.first}; fix or remove those "
+                "shards (`python -m dcgan_dist.data inspect` lists them), or raise data.max_bad_fraction")
 
 
 def slot_seed(*parts: int) -> int:
@@ -82,34 +143,67 @@ class ShardStream(IterableDataset):
     shard_ids: dict[str, int] = field(default_factory=dict)  # shard path -> index in the whole sorted shard list
     # After a resize: shard path -> (pass, trained[ordinal]) from the checkpoint's ledger, left out of that pass.
     trained_before: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
+    max_bad_fraction: float = MAX_BAD_FRACTION  # unusable samples a pass may hold (data.max_bad_fraction)
 
-    def _check_shape(self, array: np.ndarray, sample: dict) -> None:
+    def _unusable(self, array: np.ndarray, sample: dict) -> str | None:
+        """Why a decoded image cannot be trained on (another size or channel count than the model's), or None."""
         if self.expect_chw is None:
-            return
+            return None
         c, h, w = self.expect_chw
-        if array.shape != (h, w, c):
-            raise ValueError(
-                f"shard {sample.get('__url__')} holds {array.shape[0]}x{array.shape[1]} images with "
-                f"{array.shape[2]} channel(s), but the model expects {h}x{w} with {c}; "
-                "set model.image_size/model.channels to match, or convert the data with --size"
-            )
+        if array.shape == (h, w, c):
+            return None
+        return (f"sample '{sample.get('__key__')}' in {sample.get('__url__')}: {array.shape[0]}x{array.shape[1]} with "
+                f"{array.shape[2]} channel(s), the model expects {h}x{w} with {c}")
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...] | LoaderFailure]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         slot = (worker + self.slot_offset) % self.num_slots
+        where = f"rank {self.rank}, loader slot {slot}"
+        # Whatever stops this slot reaches the training process as one line, in the stream (an exception would
+        # arrive there as a worker's traceback); it shuts the loader down and ends the run (RunError).
+        try:
+            yield from self._batches(slot, where)
+        except MemoryError:
+            yield LoaderFailure(f"out of memory in the data loader ({where}): lower train.batch_size, "
+                                "data.shuffle_buffer or data.num_workers")
+        except Exception as exc:  # noqa: BLE001 - any: one line instead of a loader process's traceback
+            reason = (str(exc).strip().splitlines() or [""])[0][:300]
+            yield LoaderFailure(f"the data loader failed ({where}): {type(exc).__name__}: {reason}")
+
+    def _batches(self, slot: int, where: str) -> Iterator[tuple[torch.Tensor, ...] | LoaderFailure]:
         urls = self.rank_urls[slot :: self.num_slots]
         pass_index, skip = self.positions.get(slot, (0, 0))
         counts = dict.fromkeys(_COUNTERS, 0)
         warned: set[str] = set()
+        shard_errors: list[str] = []
+        # Warnings wait for the next batch: a slot that stops instead says it all in its one line. At most
+        # SHOWN_WARNINGS of them per slot and run; every unusable sample and unreadable shard is counted.
+        pending: list[str] = []
+        shown = 0
+        first_bad_reported = False
 
         def on_shard_error(exc: Exception) -> bool:
             counts["bad_shards"] += 1
-            key = str(exc)[:200]
-            if key not in warned:
-                warned.add(key)
-                log.warning("skipping unreadable shard data (rank %d, slot %d): %s", self.rank, slot, key)
+            reason = shard_error_text(exc)
+            if len(shard_errors) < 3:
+                shard_errors.append(reason)
+            if reason not in warned:
+                warned.add(reason)
+                pending.append(f"skipping unreadable shard data ({where}), counted in metrics.jsonl's bad_shards: "
+                               f"{reason}")
             return True  # keep going with the next shard
+
+        def flush_warnings() -> None:
+            nonlocal shown
+            for message in pending:
+                shown += 1
+                if shown <= SHOWN_WARNINGS:
+                    log.warning("%s", message)
+                elif shown == SHOWN_WARNINGS + 1:
+                    log.warning("more unreadable shards or unusable samples (%s) are skipped and counted in "
+                                "metrics.jsonl, without a line each", where)
+            pending.clear()
 
         last_resized_pass = max((p for p, _ in self.trained_before.values()), default=-1)
         batch: list[np.ndarray] = []
@@ -123,20 +217,37 @@ class ShardStream(IterableDataset):
             shuffle = wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
             per_shard = dict.fromkeys(order, 0)
             samples = shuffle(self._untrained(iter_samples(order, handler=on_shard_error), pass_index, per_shard))
+            # The pass's size where dataset.json knows every shard's: then too many unusable samples stop the
+            # slot as soon as they are too many, before a batch of what is left; else at the end of the pass.
+            known = all(u in self.shard_counts for u in order)
+            pass_total = sum(self.shard_counts[u] for u in order) if known else None
+            bad = _BadSamples()
             consumed = 0
             for consumed, sample in enumerate(samples, 1):
                 if consumed <= skip:
                     continue  # resuming: already trained on; skipped without decoding
                 try:
                     array = decode_sample(sample)
+                    reason = self._unusable(array, sample)
                 except ValueError as exc:
+                    reason = str(exc)
+                if reason is not None:
                     counts["bad_samples"] += 1
-                    log.warning("skipping sample: %s", exc)
+                    bad.add(sample["__url__"], reason)
+                    # (what was read counts too, should dataset.json understate the pass)
+                    if pass_total is not None and bad.too_many(max(pass_total, consumed), self.max_bad_fraction):
+                        yield LoaderFailure(bad.message(pass_index, where, max(pass_total, consumed),
+                                                        self.max_bad_fraction))
+                        return
                     continue
-                self._check_shape(array, sample)
                 batch.append(array)
                 batch_ids.append((pass_index, self.shard_ids.get(sample["__url__"], -1), sample["__index__"]))
                 if len(batch) == self.batch_size:
+                    if bad.first is not None and not first_bad_reported:
+                        first_bad_reported = True
+                        pending.append(f"skipping unusable samples ({where}), each counted in metrics.jsonl's "
+                                       f"bad_samples; the first: {bad.first}")
+                    flush_warnings()
                     # One copy on this side: the batch stays in the shards' channels-last layout, and the device
                     # that trains on it rearranges it (normalise), where that is cheap.
                     images = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
@@ -145,17 +256,25 @@ class ShardStream(IterableDataset):
                     yield images, meta, torch.tensor(batch_ids)
                     batch, batch_ids = [], []
             if consumed == 0 and pass_index > last_resized_pass:
-                raise RuntimeError(f"no readable samples in the shards of rank {self.rank}, slot {slot}: {order[:3]}...")
+                names = ", ".join(os.path.basename(u) for u in order[:3]) + (", ..." if len(order) > 3 else "")
+                yield LoaderFailure(f"no readable samples in the {len(order)} shard(s) of {where} ({names}): "
+                                    f"{shard_errors[0] if shard_errors else 'they hold no samples'}; check them with "
+                                    "`python -m dcgan_dist.data inspect`")
+                return
+            # Over the whole pass: a resumed (or, after a resize, shortened) pass counts what it skipped as read.
+            pass_size = max(consumed, pass_total or 0)
+            if bad.too_many(pass_size, self.max_bad_fraction):
+                yield LoaderFailure(bad.message(pass_index, where, pass_size, self.max_bad_fraction))
+                return
             for url, got in per_shard.items():  # a shard that ended early (truncated at a member boundary)
                 want = self.shard_counts.get(url, got)
                 if got < want:
                     counts["missing_samples"] += want - got
                     if url not in warned:
                         warned.add(url)
-                        log.warning("shard %s gave %d of its %d samples (dataset.json); check it with "
-                                    "`python -m dcgan_dist.data inspect`", url, got, want)
+                        pending.append(f"shard {url} gave {got} of its {want} samples (dataset.json); check it with "
+                                       "`python -m dcgan_dist.data inspect`")
             pass_index, skip = pass_index + 1, 0
-
 
     def _untrained(self, samples: Iterator[dict], pass_index: int, per_shard: dict[str, int]) -> Iterator[dict]:
         """Count what each shard gives, and leave out what the ledger of a resized run says was trained in this
@@ -203,9 +322,16 @@ class ImageBatches:
         shuffle_buffer: int = 1000,
         expect_chw: tuple[int, int, int] | None = None,
         pin_memory: bool = False,
+        max_bad_fraction: float = MAX_BAD_FRACTION,
     ):
         urls = expand_shards(shards) if isinstance(shards, str) else list(shards)
         counts, missing = shard_counts(shards) if isinstance(shards, str) else ({}, [])
+        if rank == 0 and isinstance(shards, str):
+            unlisted = [part for part, info in spec_parts(shards) if info is None and not is_url(part)]
+            if unlisted:  # hand-made shards load without it, but a shortfall in them cannot be noticed
+                log.warning("no dataset.json beside %s (%d shard(s)): how many samples each shard should give is "
+                            "unknown, so a truncated one goes unnoticed; `python -m dcgan_dist.data inspect` counts "
+                            "them", ", ".join(unlisted[:3]), sum(len(expand_shards(part)) for part in unlisted))
         if missing:
             log.warning("dataset.json lists %d shard(s) that are gone (%d samples): %s", len(missing),
                         sum(counts[m] for m in missing), ", ".join(os.path.basename(m) for m in missing[:5]))
@@ -218,7 +344,8 @@ class ImageBatches:
         self.num_workers, self.pin_memory, self.rank = num_workers, pin_memory, rank
         self.urls, self.rank_urls = urls, rank_urls
         self.stream = ShardStream(rank_urls, batch_size, rank, seed, self.num_slots, shuffle_buffer, expect_chw,
-                                  shard_counts=counts, shard_ids={u: i for i, u in enumerate(urls)})
+                                  shard_counts=counts, shard_ids={u: i for i, u in enumerate(urls)},
+                                  max_bad_fraction=max_bad_fraction)
         self.layout = {"world_size": world_size, "rank": rank, "slots": self.num_slots, "batch_size": batch_size, "seed": seed}
         self.counters = LoaderCounters()
         self.positions: dict[int, tuple[int, int]] = {}
@@ -229,6 +356,8 @@ class ImageBatches:
         # Rotating the slots' roles on resume keeps the DataLoader's round-robin order that of the interrupted run.
         self.stream.positions, self.stream.slot_offset = dict(self.positions), self.counters.batches % self.num_slots
         workers = self.num_slots if self.num_workers > 0 else 0
+        if workers:
+            _quiet_about_dead_loader_processes()
         return iter(DataLoader(
             self.stream,
             batch_size=None,  # the stream batches itself
@@ -245,7 +374,21 @@ class ImageBatches:
     def __next__(self) -> torch.Tensor:
         if self._it is None:
             self._it = self._start()
-        images, meta, ids = next(self._it)
+        try:
+            item = next(self._it)
+        except StopIteration:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the DataLoader's own (a loader process killed, say): one line
+            reason = (str(exc).strip().splitlines() or [""])[0][:300]
+            item = LoaderFailure(f"the data loader failed (rank {self.rank}): {type(exc).__name__}: {reason}; was a "
+                                 "loader process killed (out of memory?): the same command resumes from the newest "
+                                 "checkpoint")
+        if isinstance(item, LoaderFailure):
+            # Outside the except block: no traceback keeps the DataLoader's iterator, so the loader processes are
+            # shut down here, before the run ends.
+            self.close()
+            raise RunError(item.message)
+        images, meta, ids = item
         slot, pass_index, offset, *counts = (int(v) for v in meta.tolist())
         self.positions[slot] = (pass_index, offset)
         self.counters.batches += 1
@@ -317,6 +460,35 @@ class ImageBatches:
         self._it = None
 
 
+def _quiet_about_dead_loader_processes() -> None:
+    """When a loader process dies (killed: out of memory, say), torch's SIGCHLD handler raises RuntimeError
+    "DataLoader worker ... is killed by signal" in the training process wherever it is, also inside a __del__
+    (a pipe's, the DataLoader iterator's own shutdown), where Python prints it as "Exception ignored in ..." with a
+    traceback. The run reports that death in its one line (ImageBatches.__next__, loader_death_as_run_error, or
+    the DataLoader's own check of its workers), so those copies are dropped; every other one is printed."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiet_about_dead_loader_processes", False):
+        return
+
+    def hook(unraisable) -> None:
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value).startswith("DataLoader worker")):
+            previous(unraisable)
+
+    hook.quiet_about_dead_loader_processes = True
+    sys.unraisablehook = hook
+
+
+def loader_death_as_run_error(exc_type, exc, tb) -> bool:
+    """An ExitStack exit callback around the training loop: when a loader process dies (killed: out of memory,
+    say), torch raises RuntimeError "DataLoader worker (pid N) is killed by signal" in the training process
+    wherever it is at that moment; that becomes RunError, one line."""
+    if exc_type is RuntimeError and str(exc).startswith("DataLoader worker"):
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise RunError(f"the data loader failed: {reason} (out of memory?); the same command resumes from the "
+                       "newest checkpoint") from None
+    return False
+
+
 def _ledger_to_state(ledger: dict[str, tuple[int, np.ndarray]]) -> dict[str, list]:
     """{shard path: [pass, number of ordinals, trained bits packed]} (compact: a bit per sample)."""
     return {url: [int(p), len(trained), np.packbits(trained).tobytes()] for url, (p, trained) in ledger.items()}
@@ -345,36 +517,84 @@ def normalise(images: torch.Tensor, device: torch.device | str, channels_last: b
     return to_unit_range(images)
 
 
-def check_shards(spec: str, expect_chw: tuple[int, int, int], world_size: int = 1, probe: bool = True) -> None:
-    """Before training: the shards exist, there are enough for every worker, and each part of the spec holds
-    images of the model's size and channels, as its dataset.json says or else (probe) its first sample does.
-    Raises FileNotFoundError or ValueError with a one-line message."""
+# Samples of each part's first shard that the start decodes: a data set of the wrong images is refused before
+# any run file exists (a fraction of a second for PNG shards).
+PROBE_SAMPLES = 256
+
+
+def check_shards(spec: str, expect_chw: tuple[int, int, int], world_size: int = 1, probe: bool = True,
+                 max_bad_fraction: float = MAX_BAD_FRACTION) -> None:
+    """Before training: the shards exist and are no unfinished `data synth/convert` output (read_info), there are
+    enough for every worker, and each part of the spec holds images of the model's size and channels, as its
+    dataset.json says and (probe) as the first PROBE_SAMPLES samples of its first shard show, no more than
+    `max_bad_fraction` of them unusable. Raises FileNotFoundError or ValueError with a one-line message."""
     split_for_rank(expand_shards(spec), 0, world_size)
+    c, h, w = expect_chw
     for part, info in spec_parts(spec):
-        if info is not None:
-            shape, source = (info.image_size, info.image_size, info.channels), f"{part} dataset.json"
-        elif probe:
-            first = expand_shards(part)[0]
-            shape, source = _first_image(first).shape, first
-        else:
-            continue
-        c, h, w = expect_chw
-        if tuple(shape) != (h, w, c):
-            raise ValueError(f"the shards hold {shape[0]}x{shape[1]} images with {shape[2]} channel(s) ({source}) "
-                             f"but the model is {h}x{w} with {c}: set model.image_size={shape[0]} "
-                             f"model.channels={shape[2]}, or convert the data with --size {h}")
+        if info is not None and (info.image_size, info.image_size, info.channels) != (h, w, c):
+            raise ValueError(_shape_advice((info.image_size, info.image_size, info.channels), f"{part} dataset.json",
+                                           expect_chw))
+        if probe:
+            _probe(expand_shards(part)[0], expect_chw, max_bad_fraction, info is not None)
 
 
-def _first_image(url: str) -> np.ndarray:
+def _shape_advice(shape: tuple[int, int, int], source: str, expect_chw: tuple[int, int, int]) -> str:
+    c, h, w = expect_chw
+    return (f"the shards hold {shape[0]}x{shape[1]} images with {shape[2]} channel(s) ({source}) but the model is "
+            f"{h}x{w} with {c}: set model.image_size={shape[0]} model.channels={shape[2]}, or convert the data with "
+            f"--size {h}")
+
+
+def _probe(url: str, expect_chw: tuple[int, int, int], max_bad_fraction: float, has_info: bool) -> None:
+    """Decode the first PROBE_SAMPLES samples of a shard as training will; raise ValueError where the model
+    cannot train on them."""
+    c, h, w = expect_chw
+    shapes: Counter = Counter()
+    read, first_bad, name = 0, None, os.path.basename(url)
     try:
-        return decode_sample(next(iter(iter_samples([url]))))
-    except StopIteration:
-        raise ValueError(f"the first shard, {url}, holds no samples") from None
+        for sample in itertools.islice(iter_samples([url]), PROBE_SAMPLES):
+            read += 1
+            try:
+                array = decode_sample(sample)
+            except ValueError as exc:
+                first_bad = first_bad or str(exc)
+                continue
+            shapes[array.shape] += 1
+            if array.shape != (h, w, c):
+                first_bad = first_bad or (f"sample '{sample['__key__']}' is {array.shape[0]}x{array.shape[1]} with "
+                                          f"{array.shape[2]} channel(s)")
     except Exception as exc:  # noqa: BLE001 - whatever the tar reader or the URL's opener raised
         status = re.search(r"exit (\d+)", str(exc)) if url.startswith("pipe:") else None
         reason = (f"its command exited with status {status.group(1)}" if status
                   else (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200])
-        raise ValueError(f"cannot read the first shard, {url}: {reason}") from None
+        if read == 0:
+            raise ValueError(f"cannot read the first shard, {url}: {reason}") from None
+    if read == 0:
+        raise ValueError(f"the first shard, {url}, holds no samples")
+    if len(shapes) == 1 and next(iter(shapes)) != (h, w, c):  # all alike, and not the model's: the advice
+        said = " (dataset.json says otherwise)" if has_info else ""
+        raise ValueError(_shape_advice(next(iter(shapes)), f"{name}{said}", expect_chw))
+    unusable = read - shapes[(h, w, c)]
+    if unusable > max_bad_fraction * read:
+        raise ValueError(f"{unusable} of the first {read} samples of {name} are unusable for a {h}x{w} model with "
+                         f"{c} channel(s), more than data.max_bad_fraction={max_bad_fraction:g}; the first: "
+                         f"{first_bad}; `python -m dcgan_dist.data inspect` lists the shards' problems")
+
+
+def dataset_size(spec: str) -> int:
+    """Samples in a shard spec as its parts' dataset.json files record them; 0 where any part has none."""
+    infos = [info for _, info in spec_parts(spec)]
+    return sum(info.num_samples for info in infos) if infos and all(infos) else 0
+
+
+def check_batch(batch_size: int, world_size: int, num_samples: int) -> None:
+    """Before training: a global batch no larger than the data set (when its size is known); the memory batches
+    need is memory.check_memory's. Raises ValueError with a one-line message."""
+    global_batch = batch_size * world_size
+    if num_samples and global_batch > num_samples:
+        raise ValueError(f"train.batch_size={batch_size} x {world_size} worker(s) is a global batch of {global_batch}, "
+                         f"larger than the data set ({num_samples} samples): every batch would repeat images; use "
+                         f"train.batch_size={max(1, num_samples // world_size)} or less")
 
 
 def resolve_data(data_cfg, model_cfg) -> tuple[str, int]:
@@ -382,8 +602,4 @@ def resolve_data(data_cfg, model_cfg) -> tuple[str, int]:
     faces at the model's size, generated once into data.cache_dir."""
     spec = data_cfg.shards or str(ensure_synthetic(data_cfg.cache_dir, data_cfg.synth_num, model_cfg.image_size,
                                                    model_cfg.channels))
-    num = data_cfg.num_samples
-    if not num:
-        info = read_info(spec)
-        num = info.num_samples if info else 0
-    return spec, num
+    return spec, data_cfg.num_samples or dataset_size(spec)

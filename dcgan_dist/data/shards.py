@@ -23,7 +23,8 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -41,6 +42,13 @@ RAW_EXTENSION = "raw.npy"  # a raw shard's member: a chunk of images as one N x 
 # few enough that a truncated shard loses little and a chunk of 64x64 RGB images stays ~3 MiB.
 RAW_CHUNK = 256
 META_FILE = "dataset.json"
+# While `data synth`/`convert` writes a folder its dataset.json holds only this key; the real one replaces it last.
+# A folder whose dataset.json still says so holds what a stopped or killed conversion left: it is refused.
+# (A placeholder rather than a separate mark file: deleting an object in a store makes pyarrow put an empty
+# "directory" object in its place.)
+UNFINISHED_KEY = "unfinished"
+UNFINISHED_NOTE = ("a `python -m dcgan_dist.data synth/convert` is writing this folder, or was stopped before it "
+                   "finished: then delete the folder and run it again")
 SHARD_PATTERN = "shard-%06d.tar"
 
 
@@ -57,6 +65,10 @@ class DatasetInfo:
     # Samples written into each shard (file name -> count): the loader and `data inspect` check what they read
     # against it, so a truncated shard is reported instead of silently shrinking the data set.
     shard_counts: dict = field(default_factory=dict)
+
+
+# dataset.json's fields and the type each must have (int, str, dict), checked when it is read.
+_FIELD_TYPES = typing.get_type_hints(DatasetInfo)
 
 
 def encode_image(array: np.ndarray, fmt: str = "png") -> bytes:
@@ -102,10 +114,42 @@ def read_raw_chunk(data: bytes) -> np.ndarray:
     return np.frombuffer(data, np.uint8, count=size, offset=stream.tell()).reshape(shape)
 
 
-def decode_sample(sample: dict) -> np.ndarray:
-    """A WebDataset sample dict -> H x W x C uint8 array (C = 1 for greyscale, 3 for RGB).
+# 16-bit greyscale as Pillow opens it (a 16-bit PNG is I;16; other decoders give I): scaled to 8 bits, not clipped.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_GREY_MODES = ("1", "LA", "La")  # -> L (alpha dropped)
+_COLOUR_MODES = ("P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")  # -> RGB (alpha dropped, palette applied)
 
-    Raises ValueError for a sample with no image or undecodable bytes; the caller counts and skips it.
+
+def _grey_palette(image: Image.Image) -> bool:
+    """A palette image whose colours are all grey (how some tools save greyscale PNGs): one channel, not three."""
+    palette = np.asarray(image.getpalette() or [], dtype=np.int32).reshape(-1, 3)
+    return len(palette) > 0 and bool((palette == palette[:, :1]).all())
+
+
+def image_to_array(image: Image.Image) -> np.ndarray:
+    """A decoded PIL image -> H x W x C uint8: greyscale modes (and a palette of greys) give one channel, colour
+    modes three. Raises
+    ValueError for a mode with no faithful 8-bit form (float, LAB, HSV, ...)."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.int64)
+        array = ((np.clip(values, 0, 65535) + 128) // 257).astype(np.uint8)  # 0..65535 -> 0..255, rounded
+    elif mode in ("L", "RGB"):
+        array = np.asarray(image)
+    elif mode in _GREY_MODES or (mode in ("P", "PA") and _grey_palette(image)):
+        array = np.asarray(image.convert("L"))
+    elif mode in _COLOUR_MODES:
+        array = np.asarray(image.convert("RGB"))
+    else:
+        raise ValueError(f"unsupported image mode {mode}")
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def decode_sample(sample: dict) -> np.ndarray:
+    """A WebDataset sample dict -> H x W x C uint8 array (C = 1 for greyscale, 3 for RGB; image_to_array).
+
+    Raises ValueError for a sample with no image, undecodable bytes or an unsupported mode; the caller counts and
+    skips it. MemoryError is not a property of the sample: it propagates.
     """
     image = sample.get("raw")  # an image of a raw chunk, already an array (iter_samples)
     if image is not None:
@@ -117,16 +161,18 @@ def decode_sample(sample: dict) -> np.ndarray:
         if data is not None:
             break
     else:
-        raise ValueError(f"sample '{sample.get('__key__')}' has no image ({', '.join(IMAGE_EXTENSIONS)})")
+        raise ValueError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')} has no image "
+                         f"({', '.join(IMAGE_EXTENSIONS)})")
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            if image.mode not in ("L", "RGB"):
-                image = image.convert("RGB")
-            array = np.asarray(image)
-    except Exception as exc:
-        raise ValueError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')}: cannot decode: {exc}") from exc
-    return array[:, :, None] if array.ndim == 2 else array
+            return image_to_array(image)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for damaged bytes
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')}: cannot decode: "
+                         f"{reason}") from None
 
 
 class ShardTar:
@@ -230,14 +276,19 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            self._close_tar()
-            self.out.discard()
+            unfinished = [self._name] if self._tar is not None else []
+            if self._tar is not None:
+                self._tar.close()
+                self._tar = None
+            self.out.discard(unfinished)
 
 
 class ShardOutput:
     """Where new shards go: a local folder, written in place, or s3://bucket/prefix, each shard written to a
     local staging folder and uploaded as soon as it is complete (so staging holds a few shards at most).
-    Refuses a place that already holds shards. dataset.json is written last."""
+    Refuses a place that already holds shards. A placeholder dataset.json ({UNFINISHED_KEY: ...}) is written
+    first and the real one last, in its place: shards that a killed conversion left are never taken for a data
+    set. `discard` (an error, a stop) removes what this output wrote."""
 
     def __init__(self, out: str):
         self.storage = RunStorage(out)
@@ -249,23 +300,34 @@ class ShardOutput:
         else:
             self.staging = self.storage.local_dir()
             self.staging.mkdir(parents=True, exist_ok=True)
+        self.storage.write(META_FILE, (json.dumps({UNFINISHED_KEY: UNFINISHED_NOTE}) + "\n").encode())
+        self.written: list[str] = []
 
     def finished(self, name: str) -> None:
         """Shard `name` is complete in the staging folder."""
+        self.written.append(name)
         if self.storage.remote:
             self.storage.upload(self.staging / name, name)
             (self.staging / name).unlink()
 
     def close(self, info: "DatasetInfo") -> None:
         self.storage.write(META_FILE, (json.dumps(asdict(info), indent=2) + "\n").encode())
-        self.discard()
+        self._drop_staging()
 
-    def discard(self) -> None:
+    def discard(self, unfinished: Iterable[str] = ()) -> None:
+        """The output is abandoned: the shards it wrote (and `unfinished` ones in staging) and the placeholder go."""
+        for name in [*self.written, *unfinished, META_FILE]:
+            self.storage.delete(name)
+            if self.storage.remote:
+                (self.staging / name).unlink(missing_ok=True)
+        self._drop_staging()
+
+    def _drop_staging(self) -> None:
         if self.storage.remote:
             shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def _is_url(spec: str) -> bool:
+def is_url(spec: str) -> bool:
     """A location that is neither a local path nor an object store prefix (pipe:, http://, ...)."""
     return not is_remote(spec) and ("://" in spec or spec.startswith("pipe:"))
 
@@ -288,7 +350,7 @@ def expand_shards(spec: str) -> list[str]:
     """
     urls: list[str] = []
     for part in wds.shardlists.expand_urls(spec):
-        if _is_url(part) or (is_remote(part) and part.endswith(".tar")):
+        if is_url(part) or (is_remote(part) and part.endswith(".tar")):
             urls.append(part)
         elif is_remote(part):  # a prefix: the .tar objects directly in it
             storage = RunStorage(part)
@@ -318,22 +380,43 @@ def expand_shards(spec: str) -> list[str]:
 
 def read_info(spec: str) -> DatasetInfo | None:
     """dataset.json beside the shards of a spec's first part (its directory or prefix, or the folder of its first
-    shard), if there is one; None for pipe:/http URLs."""
+    shard), if there is one; None for pipe:/http URLs. Keys this version does not know are ignored one by one
+    (a newer writer's extras); a file that is not JSON or lacks a required key raises ValueError."""
     first = spec.split("::")[0]
-    if _is_url(first):
+    if is_url(first):
         return None
     folder = RunStorage(_folder_of(first))
     if not folder.is_file(META_FILE):
         return None
+    where = folder.where(META_FILE)
     try:
-        return DatasetInfo(**json.loads(folder.read(META_FILE)))
-    except (TypeError, ValueError):
-        return None
+        data = json.loads(folder.read(META_FILE))
+    except ValueError as exc:
+        raise ValueError(f"{where} is not valid JSON ({exc}); fix it, or delete it (the shards load without it)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} does not hold a JSON object; fix it, or delete it (the shards load without it)")
+    if UNFINISHED_KEY in data:
+        raise ValueError(f"{folder.location} holds what a stopped `python -m dcgan_dist.data synth/convert` left (its "
+                         "dataset.json was never written): delete it and run that command again")
+    known = {f.name for f in fields(DatasetInfo)}
+    required = [f.name for f in fields(DatasetInfo) if f.default is MISSING and f.default_factory is MISSING]
+    absent = [name for name in required if name not in data]
+    if absent:
+        raise ValueError(f"{where} lacks {', '.join(absent)}; fix it, or delete it (the shards load without it)")
+    kept = {key: value for key, value in data.items() if key in known}
+    for key, value in kept.items():
+        wanted = {int: "a whole number >= 0", str: "a string", dict: "a JSON object"}[_FIELD_TYPES[key]]
+        if (not isinstance(value, _FIELD_TYPES[key]) or isinstance(value, bool)
+                or (isinstance(value, int) and value < 0)
+                or (key == "shard_counts" and not all(isinstance(n, int) and n >= 0 for n in value.values()))):
+            raise ValueError(f"{where}: '{key}' should be {wanted}, it is {json.dumps(value)[:80]}; fix it, or delete "
+                             "it (the shards load without it)")
+    return DatasetInfo(**kept)
 
 
 def spec_parts(spec: str) -> list[tuple[str, DatasetInfo | None]]:
     """Each '::'-joined part of a shard spec with the dataset.json beside its shards (None for URLs, or none)."""
-    return [(part, None if _is_url(part) else read_info(part)) for part in spec.split("::")]
+    return [(part, None if is_url(part) else read_info(part)) for part in spec.split("::")]
 
 
 def shard_counts(spec: str) -> tuple[dict[str, int], list[str]]:

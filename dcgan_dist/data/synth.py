@@ -13,6 +13,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import signal
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from ..stopping import raise_on_signals
 from .shards import META_FILE, SHARD_PATTERN, DatasetInfo, ShardOutput, ShardTar, check_format
 
 SUPERSAMPLE = 4  # draw at 4x and downsample with a box filter for smooth, anti-aliased edges
@@ -151,6 +153,12 @@ def _write_shard(args: tuple[str, int, int, int, int, int, str]) -> tuple[str, i
     return Path(path).name, stop - start
 
 
+def _drawing_process_init() -> None:
+    # Ctrl-C reaches the whole process group: the parent decides (it stops the pool and removes the shards),
+    # so a drawing process must not die first with a KeyboardInterrupt traceback. SIGTERM stays fatal (silent).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def write_synthetic_shards(
     out_dir: str | Path,
     num: int,
@@ -163,7 +171,8 @@ def write_synthetic_shards(
     progress: bool = True,
 ) -> DatasetInfo:
     """Draw `num` faces into shards of `shard_size` in `out_dir` (a folder or s3://bucket/prefix), shards drawn in
-    parallel processes. fmt: png, jpg or raw."""
+    parallel processes. fmt: png, jpg or raw. SIGTERM or SIGINT stops it (stopping.StoppedBySignal) with the
+    drawing processes ended and every shard it wrote removed; so does any error."""
     check_format(fmt)
     out = ShardOutput(str(out_dir))
     jobs = [
@@ -174,13 +183,17 @@ def write_synthetic_shards(
     bar = tqdm(total=num, unit="img", desc=f"drawing faces -> {out_dir}", disable=None if progress else True)  # None: only on a terminal
     counts = {}
     try:
-        with mp.get_context("spawn").Pool(processes) if processes > 1 else nullcontext() as pool:
-            for name, n in (pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard, jobs)):
-                out.finished(name)
-                counts[name] = n
-                bar.update(n)
+        with raise_on_signals():
+            pool_context = (mp.get_context("spawn").Pool(processes, initializer=_drawing_process_init)
+                            if processes > 1 else nullcontext())
+            with pool_context as pool:  # leaving it (a stop, an error) terminates the drawing processes
+                for name, n in (pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard, jobs)):
+                    out.finished(name)
+                    counts[name] = n
+                    bar.update(n)
     except BaseException:
-        out.discard()
+        bar.close()
+        out.discard(Path(job[0]).name for job in jobs)
         raise
     bar.close()
     info = DatasetInfo(num, size, channels, fmt, len(jobs), source=f"synthetic faces, seed {seed}",
@@ -205,10 +218,15 @@ def ensure_synthetic(cache_dir: str, num: int, size: int, channels: int, seed: i
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (final / META_FILE).is_file():
             print(f"Generating the embedded synthetic face set ({num} images, {size}x{size}) in {final} (once)", flush=True)
+            for stale in root.glob(f".{name}.tmp-*"):  # left by a process killed while drawing (this lock is free)
+                shutil.rmtree(stale, ignore_errors=True)
             tmp = root / f".{name}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
             shard_size = max(50, min(1000, num // 64 or 1))  # enough shards to split across many workers
-            write_synthetic_shards(tmp, num, shard_size, size, seed, channels)
+            try:
+                write_synthetic_shards(tmp, num, shard_size, size, seed, channels)
+            except BaseException:  # a stop or an error: nothing half-drawn stays behind
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
     return final
