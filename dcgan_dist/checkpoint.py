@@ -109,6 +109,11 @@ def load(location: str | Path, map_location: str | torch.device = "cpu") -> dict
         raise CheckpointError(f"checkpoint {location} does not exist") from None
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {location} ({str(exc).splitlines()[0][:200]})") from None
+    return parse(data, location, map_location)
+
+
+def parse(data: bytes, location: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint's bytes (read from `location`, named in errors) as its state dict; raises CheckpointError."""
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated, not a torch file, or objects that are not data
@@ -204,8 +209,6 @@ def first_that_fits(saved, use: Callable[[str, dict], Any], warn: Callable[[str]
     for i, (where, read) in enumerate(saved):
         try:
             return use(where, read())
-        except AnotherModelError:
-            raise
         except CheckpointError as exc:
             if i == len(saved) - 1:
                 if i > 0:
@@ -271,14 +274,14 @@ def load_generator(location: str | Path, device: str | torch.device = "cpu", wei
 OPTIONAL_STATES = ("ema",)
 
 
-def _check_optimizer_state(optimizer: torch.optim.Optimizer, name: str) -> None:
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Every per-parameter tensor of an optimiser's loaded state (Adam's moments) has its parameter's shape: torch
     loads any shape and fails only at the next step, after the run's files were written."""
     for group in optimizer.param_groups:
         for param in group["params"]:
             for key, value in optimizer.state.get(param, {}).items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
-                    raise ValueError(f"{name}: a '{key}' of shape {tuple(value.shape)} for a parameter of shape "
+                    raise ValueError(f"a '{key}' of shape {tuple(value.shape)} for a parameter of shape "
                                      f"{tuple(param.shape)}")
 
 
@@ -345,32 +348,42 @@ class CheckpointManager:
         """Load the newest checkpoint that fits into the parts; the step to continue from (0 for a new run). One
         that cannot be read or does not fit (a tensor of another shape, a part missing, a state a part refuses) is
         reported and passed over for the one before it, and leaves nothing of itself in the parts; when none fits,
-        CheckpointError, before anything of the run has been written."""
-        fresh: dict | None = None
+        CheckpointError, before anything of the run has been written. Every rank takes the same decision (one
+        collective per checkpoint tried), so that no rank trains while another gave up."""
         saved = list(self.storage.newest_first())
-
-        def use(where: str, state: dict) -> int:
-            nonlocal fresh
-            self.check_compatible(state, where)
-            fresh = fresh or self._snapshot()
+        fresh: dict | None = None
+        for i, (where, read) in enumerate(saved):
+            error, loaded = None, False
             try:
+                state = read()
+                self.check_compatible(state, where)
+                fresh = fresh or self._snapshot()
+                loaded = True
                 step = self._load(state)
-            except Exception as exc:  # noqa: BLE001 - whatever a part raised about data it cannot take: it does not fit
+            except AnotherModelError as exc:
+                error = ("another model", str(exc))
+            except CheckpointError as exc:
+                error = ("unreadable", str(exc))
+            except Exception as exc:  # noqa: BLE001 - whatever a part raised about data it cannot take: no fit
+                error = ("does not fit", f"{where} does not fit this run ({one_line(exc)})")
+            errors = [e for e in self.env.gather_objects(error) if e]
+            if not errors:
+                self.last_saved = where
+                if self.env.is_main:
+                    self.say(f"Resuming from {where} (step {step})")
+                return step
+            if loaded:
                 self._load_parts(fresh)  # the parts as they were built, nothing of this checkpoint left in them
-                raise CheckpointError(f"{where} does not fit this run ({one_line(exc)})") from None
-            self.last_saved = where
+            kind, message = next((e for e in errors if e[0] == "another model"), errors[0])
+            if kind == "another model":
+                raise AnotherModelError(message)
+            if i == len(saved) - 1:
+                tried = f"; none of the {len(saved)} checkpoints there fits (each reported above)" if i else ""
+                raise CheckpointError(f"{message}{tried}; use another run.dir, or move the checkpoints that do not fit "
+                                      "away to start afresh")
             if self.env.is_main:
-                self.say(f"Resuming from {where} (step {step})")
-            return step
-
-        try:
-            step = first_that_fits(saved, use, self.say)
-        except AnotherModelError:
-            raise
-        except CheckpointError as exc:
-            raise CheckpointError(f"{exc}; use another run.dir, or move the checkpoints that do not fit away to start "
-                                  "afresh") from None
-        return 0 if step is None else step
+                self.say(f"warning: {message}; trying the one before")
+        return 0
 
     def _snapshot(self) -> dict:
         """Every part's state as built (before any checkpoint was loaded into it)."""
@@ -395,10 +408,13 @@ class CheckpointManager:
             if state.get(name) is None:
                 if name in OPTIONAL_STATES:
                     continue
-                raise KeyError(f"it has no '{name}' state")
-            part.load_state_dict(state[name])
-            if isinstance(part, torch.optim.Optimizer):
-                _check_optimizer_state(part, name)
+                raise ValueError(f"it has no '{name}' state")
+            try:
+                part.load_state_dict(state[name])
+                if isinstance(part, torch.optim.Optimizer):
+                    _check_optimizer_state(part)
+            except Exception as exc:  # noqa: BLE001 - named here, turned into "does not fit" by restore
+                raise ValueError(f"{name}: {one_line(exc)}") from None
         ranks = state["ranks"]
         if not isinstance(ranks, dict) or not ranks:
             raise ValueError("it has no per-rank states")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 import torch
@@ -50,6 +51,19 @@ def device(text: str) -> torch.device:
     if chosen.index is not None and chosen.index >= count:
         raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return chosen
+
+
+def output_file(text: str) -> str:
+    """An argparse type: the name of a file to write (not a folder)."""
+    if not text or Path(text).name in ("", ".", "..") or Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file name (a folder?); give one such as grid.png")
+    return text
+
+
+def write_error(option: str, path: str, exc: OSError) -> str:
+    """The one line for an output that could not be written."""
+    where = f": {exc.filename}" if exc.filename and str(exc.filename) != str(path) and not str(exc.filename).endswith(".tmp") else ""
+    return f"error: cannot write {option} {path} ({exc.strerror or exc}{where}); choose another path"
 
 
 def default_device() -> str:
