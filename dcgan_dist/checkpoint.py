@@ -103,8 +103,12 @@ def load(location: str | Path, map_location: str | torch.device = "cpu") -> dict
     """One checkpoint file (a path, or an s3:// URI). Raises CheckpointError for anything that is not a dcgan_dist
     checkpoint."""
     location = str(location)
+    storage = RunStorage(location)
     try:
-        data = RunStorage(location).read("")  # the file itself (and its retries, in an object store)
+        if not storage.remote and storage.exists("") and not storage.is_file(""):
+            # A pipe or a device in a run's checkpoint folder would be read forever or wait for a writer.
+            raise CheckpointError(f"{location} is not a checkpoint file (a folder, a pipe or a device)")
+        data = storage.read("")  # the file itself (and its retries, in an object store)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {location} does not exist") from None
     except OSError as exc:

@@ -16,6 +16,7 @@ data.shards when every shard is a path or an s3:// location (a pipe: command or 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import webdataset as wds
@@ -27,6 +28,7 @@ from .data import check_shards, ensure_synthetic, expand_shards
 from .evaluator import real_images
 from .models import build_models, generate
 from .quality import fid, swd
+from .storage import is_remote
 
 
 def shards_of_checkpoint(cfg: Config, file: str, cache_dir: str) -> str:
@@ -48,6 +50,11 @@ def shards_of_checkpoint(cfg: Config, file: str, cache_dir: str) -> str:
         raise CheckpointError(f"{file} was trained on data.shards={spec}: {exc}; give the real images with --shards") from None
     if not all(plain_location(url) for url in urls):  # a folder or glob may hold files named like URLs
         raise CheckpointError(refuse)
+    # A device or a pipe (/dev/stdin, a FIFO) would be read forever or wait for a writer: files only.
+    special = next((url for url in urls if not is_remote(url) and not os.path.isfile(os.path.expanduser(url))), None)
+    if special:
+        raise CheckpointError(f"{file} names data.shards={spec}, and {special} is not a regular file; give the real "
+                              "images with --shards")
     return spec
 
 

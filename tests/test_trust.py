@@ -3,6 +3,7 @@ a checkpoint that does not fit is refused in one line (a resume passes over it f
 and evaluate refuse arguments that cannot work in one line. Every bad checkpoint here is a real checkpoint of a
 tiny run, edited and saved again."""
 
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,7 +41,8 @@ def edited(source: Path, target: Path, edit) -> Path:
 
 
 def snapshot(folder: Path) -> list[tuple[str, bytes]]:
-    return sorted((str(p.relative_to(folder)), p.read_bytes()) for p in folder.rglob("*") if p.is_file())
+    """Every file's name and bytes (and every other entry's name: a pipe is not read)."""
+    return sorted((str(p.relative_to(folder)), p.read_bytes() if p.is_file() else b"") for p in folder.rglob("*"))
 
 
 def error_line(proc) -> str:
@@ -68,28 +70,33 @@ def test_a_checkpoint_names_no_command_and_no_place(run6, tmp_path, tiny_shards)
     newest = run6 / "checkpoints" / "step_0000006.pt"
     marker = tmp_path / "command-ran"
     first_shard = sorted(tiny_shards.glob("*.tar"))[0]
+    fifo = tmp_path / "fifo.tar"  # a plain path, but reading it would wait for a writer forever
+    os.mkfifo(fifo)
     commands = []
     for i, shards in enumerate([f"pipe:touch {marker}; cat {first_shard}",
                                 f"{tiny_shards}::pipe:touch {marker}; cat {first_shard}",
                                 f"{{pipe:touch {marker}; cat {first_shard},{first_shard}}}",
-                                "http://127.0.0.1:9/shard.tar"]):
+                                "http://127.0.0.1:9/shard.tar", str(fifo)]):
         evil = edited(newest, tmp_path / f"evil{i}.pt", set_setting("data", "shards", shards))
         commands.append(["-m", "dcgan_dist.evaluate", "--checkpoint", str(evil), "--num", "8", "--nhoods-per-image", "2"])
-    for args, proc in zip(commands, run_each(commands)):
-        assert "give the real images with --shards" in error_line(proc), args
-    assert not marker.exists()
     # The command line's --shards is the user's own choice: the same checkpoint evaluates on it.
-    proc = run_cli("-m", "dcgan_dist.evaluate", "--checkpoint", str(tmp_path / "evil0.pt"), "--shards", str(tiny_shards),
-                   "--num", "8", "--nhoods-per-image", "2", "--no-baseline", timeout=60, check=True)
-    assert not marker.exists() and '"step": 6' in proc.stdout
+    commands.append(["-m", "dcgan_dist.evaluate", "--checkpoint", str(tmp_path / "evil0.pt"), "--shards",
+                     str(tiny_shards), "--num", "8", "--nhoods-per-image", "2", "--no-baseline"])
 
     # Synthetic faces (data.shards empty): generated where the command line says, never in the checkpoint's cache_dir.
     def synthetic_elsewhere(state):
         state["config"]["data"].update(shards="", cache_dir=str(tmp_path / "chosen-by-checkpoint"), synth_num=64)
     synthetic = edited(newest, tmp_path / "synthetic.pt", synthetic_elsewhere)
     mine = tmp_path / "my-cache"
-    run_cli("-m", "dcgan_dist.evaluate", "--checkpoint", str(synthetic), "--cache-dir", str(mine), "--num", "8",
-            "--nhoods-per-image", "2", "--no-baseline", timeout=120, check=True)
+    commands.append(["-m", "dcgan_dist.evaluate", "--checkpoint", str(synthetic), "--cache-dir", str(mine), "--num",
+                     "8", "--nhoods-per-image", "2", "--no-baseline"])
+
+    *refused, on_given_shards, on_synthetic = run_each(commands, timeout=120)
+    for args, proc in zip(commands, refused):
+        assert "give the real images with --shards" in error_line(proc), args
+    assert not marker.exists()
+    assert on_given_shards.returncode == 0 and '"step": 6' in on_given_shards.stdout, on_given_shards.stderr
+    assert on_synthetic.returncode == 0, on_synthetic.stderr
     assert not (tmp_path / "chosen-by-checkpoint").exists()
     assert [p.name for p in mine.iterdir() if p.is_dir()] == ["synth-faces-32px-rgb-n64-seed0"]
 
@@ -171,9 +178,10 @@ def test_resume_when_no_checkpoint_fits_is_refused_leaving_the_run_as_it_was(run
     for checkpoint, edit in zip(sorted((run_dir / "checkpoints").glob("step_*.pt")),
                                 (bad_optimizer_shape, odd_wandb_id, bad_rng)):
         edited(checkpoint, checkpoint, edit)
+    os.mkfifo(run_dir / "checkpoints" / "step_0000008.pt")  # the newest: a pipe, which no one will ever write
     before = snapshot(run_dir)
-    line = error_line(run_cli(*train_args(tiny_shards, run_dir, 8), timeout=120))
-    assert "step_0000002.pt does not fit this run" in line and "none of the 3 checkpoints" in line, line
+    line = error_line(run_cli(*train_args(tiny_shards, run_dir, 10), timeout=120))
+    assert "step_0000002.pt does not fit this run" in line and "none of the 4 checkpoints" in line, line
     assert snapshot(run_dir) == before  # config.yaml, metrics.jsonl, samples and checkpoints byte for byte
 
 
