@@ -402,6 +402,9 @@ class CheckpointManager:
 
     def _load(self, state: dict) -> int:
         """A checkpoint's state into the parts; raises (anything) where it does not fit them."""
+        missing = [key for key in ("step", "best", "ranks") if key not in state]
+        if missing:
+            raise ValueError(f"it has no {', '.join(missing)}")
         step, best = state["step"], state["best"]
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step {step!r} is not a step number")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import sys
 
+from PIL import Image
+
 from . import cli
 from .checkpoint import CheckpointError, load_generator, one_line
 from .files import atomic_write
@@ -37,8 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out if args.out != "samples.png" else "progress.gif"
         try:
             animation = progress_animation(RunStorage(args.progress))
-        except (OSError, ValueError) as exc:  # no grids there, a store that cannot be read, a grid that is no image
+        except FileNotFoundError as exc:  # no grids there
             print(f"error: --progress {args.progress}: {one_line(exc)}", file=sys.stderr)
+            return 2
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # a store that cannot be read, a bad grid
+            reason = "one of them is not an image" if isinstance(exc, Image.UnidentifiedImageError) else one_line(exc)
+            print(f"error: --progress {args.progress}: cannot read its sample grids ({reason})", file=sys.stderr)
             return 2
         try:
             path = atomic_write(out, animation)

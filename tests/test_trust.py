@@ -162,6 +162,10 @@ def test_resume_passes_over_checkpoints_that_do_not_fit(run6, tmp_path, tiny_sha
         shutil.copytree(run6, run_dirs[case])
         newest = run_dirs[case] / "checkpoints" / "step_0000006.pt"
         edited(newest, newest, edit)
+    # A run directory's sample grids are read back for progress.gif at the end: one that is not an image costs
+    # the animation (a line says so), not the run.
+    (run_dirs["no opt_d"] / "samples" / "step_0000001.png").write_bytes(b"not a png")
+    (run_dirs["no opt_d"] / "progress.gif").unlink()
     runs = run_each([train_args(tiny_shards, run_dir, 8) for run_dir in [reference, *run_dirs.values()]], timeout=180)
     assert runs[0].returncode == 0, runs[0].stderr[-2000:]
     expected = ckpt.load(reference / "checkpoints" / "step_0000008.pt")
@@ -170,6 +174,7 @@ def test_resume_passes_over_checkpoints_that_do_not_fit(run6, tmp_path, tiny_sha
         assert "step_0000006.pt does not fit this run" in proc.stdout, (case, proc.stdout)
         assert f"Resuming from {run_dir / 'checkpoints' / 'step_0000004.pt'} (step 4)" in proc.stdout, case
         assert_same_training_state(ckpt.load(run_dir / "checkpoints" / "step_0000008.pt"), expected)
+    assert "warning: no progress animation" in runs[2].stdout and not (run_dirs["no opt_d"] / "progress.gif").exists()
 
 
 def test_resume_when_no_checkpoint_fits_is_refused_leaving_the_run_as_it_was(run6, tmp_path, tiny_shards):
