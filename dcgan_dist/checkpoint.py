@@ -205,11 +205,11 @@ def load_checkpoint(location: str | Path, map_location: str | torch.device = "cp
                            lambda file, state: (file, state), warn)
 
 
-def first_that_fits(saved, use: Callable[[str, dict], Any], warn: Callable[[str], None]) -> Any:
+def first_that_fits(saved: list[tuple[str, Callable[[], dict]]], use: Callable[[str, dict], Any],
+                    warn: Callable[[str], None]) -> Any:
     """use(where, state) of the newest of `saved` ((where, read) pairs, newest first) that can be read and that
     `use` accepts (it raises CheckpointError for one that does not fit); each one passed over is reported in a
     line. Raises the CheckpointError of the last one when none fits, or None when `saved` is empty."""
-    saved = list(saved)
     for i, (where, read) in enumerate(saved):
         try:
             return use(where, read())
@@ -278,9 +278,16 @@ def load_generator(location: str | Path, device: str | torch.device = "cpu", wei
 OPTIONAL_STATES = ("ema",)
 
 
-def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Every per-parameter tensor of an optimiser's loaded state (Adam's moments) has its parameter's shape: torch
-    loads any shape and fails only at the next step, after the run's files were written."""
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """A checkpoint's per-parameter optimiser state (Adam's moments and step counts) into `optimizer`. The group
+    settings stay the run's own, as the optimiser was built from the command line's settings and this device
+    (lr, betas, eps, weight_decay, amsgrad, maximize, fused...): a checkpoint does not choose the algorithm. Every
+    moment must have its parameter's shape: torch loads any shape and fails only at the next step, after the run's
+    files were written."""
+    built = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, built):
+        group.update(settings)
     for group in optimizer.param_groups:
         for param in group["params"]:
             for key, value in optimizer.state.get(param, {}).items():
@@ -417,9 +424,10 @@ class CheckpointManager:
                     continue
                 raise ValueError(f"it has no '{name}' state")
             try:
-                part.load_state_dict(state[name])
                 if isinstance(part, torch.optim.Optimizer):
-                    _check_optimizer_state(part)
+                    _load_optimizer_state(part, state[name])
+                else:
+                    part.load_state_dict(state[name])
             except Exception as exc:  # noqa: BLE001 - named here, turned into "does not fit" by restore
                 raise ValueError(f"{name}: {one_line(exc)}") from None
         ranks = state["ranks"]

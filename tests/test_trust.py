@@ -177,6 +177,25 @@ def test_resume_passes_over_checkpoints_that_do_not_fit(run6, tmp_path, tiny_sha
     assert "warning: no progress animation" in runs[2].stdout and not (run_dirs["no opt_d"] / "progress.gif").exists()
 
 
+def test_a_checkpoint_does_not_choose_the_optimiser(run6, tmp_path, tiny_shards):
+    """Adam's group settings in a checkpoint (maximize, weight decay, eps, lr) are not the run's to take: a resume
+    from a checkpoint that carries others ends bit-identical to one from the same checkpoint as it was saved."""
+    def other_algorithm(state):
+        for optimizer in ("opt_g", "opt_d"):
+            for group in state[optimizer]["param_groups"]:
+                group.update(maximize=True, weight_decay=100.0, eps=1.0, lr=10.0)
+
+    plain, crafted = tmp_path / "plain", tmp_path / "crafted"
+    shutil.copytree(run6, plain)
+    shutil.copytree(run6, crafted)
+    newest = crafted / "checkpoints" / "step_0000006.pt"
+    edited(newest, newest, other_algorithm)
+    for proc in run_each([train_args(tiny_shards, run_dir, 8) for run_dir in (plain, crafted)], timeout=180):
+        assert proc.returncode == 0 and "(step 6)" in proc.stdout, proc.stderr[-2000:]
+    assert_same_training_state(ckpt.load(crafted / "checkpoints" / "step_0000008.pt"),
+                               ckpt.load(plain / "checkpoints" / "step_0000008.pt"))
+
+
 def test_resume_when_no_checkpoint_fits_is_refused_leaving_the_run_as_it_was(run6, tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
     shutil.copytree(run6, run_dir)
