@@ -228,9 +228,12 @@ def settings_of(state: dict, where: str) -> config_lib.Config:
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{where} carries no settings (its 'config' is missing)")
     try:
-        return config_lib.from_dict(state["config"])
+        cfg = config_lib.from_dict(state["config"])
     except config_lib.ConfigError as exc:
         raise CheckpointError(f"{where} carries settings this version cannot use ({exc})") from None
+    if not -2**63 <= cfg.run.seed < 2**64:  # what torch.manual_seed takes: no run trained with another
+        raise CheckpointError(f"{where} carries settings this version cannot use (run.seed={cfg.run.seed})")
+    return cfg
 
 
 def load_generator(location: str | Path, device: str | torch.device = "cpu", weights: str = "auto",

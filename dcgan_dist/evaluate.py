@@ -39,7 +39,11 @@ def shards_of_checkpoint(cfg: Config, file: str, cache_dir: str) -> str:
     spec = cfg.data.shards
     if not spec:
         num = min(cfg.data.synth_num, DataSection.synth_num)  # how much work a checkpoint may ask for
-        return str(ensure_synthetic(cache_dir, num, cfg.model.image_size, cfg.model.channels))
+        try:
+            return str(ensure_synthetic(cache_dir, num, cfg.model.image_size, cfg.model.channels))
+        except OSError as exc:
+            raise CheckpointError(f"{file} trained on the synthetic faces, and --cache-dir {cache_dir} cannot hold "
+                                  f"them ({exc.strerror or exc}); give another --cache-dir") from None
     refuse = (f"{file} names data.shards={spec}, which is not a folder, shard file or s3:// location; a checkpoint "
               "does not choose commands or URLs to read: give the real images with --shards")
     if not all(plain_location(part) for part in wds.shardlists.expand_urls(spec)):  # '::' and {a..b}, nothing opened
