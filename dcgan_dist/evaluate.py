@@ -7,46 +7,94 @@ Prints one JSON line: swd (x1e3, mean over pyramid levels) and swd_levels, swd_r
 metric between two disjoint halves of the real data: the floor a perfect generator would reach at this
 sample size), fid (or null with fid_reason), and with --untrained the SWD of the freshly initialised
 generator for scale. The generated set uses the EMA weights when the checkpoint has them.
+
+The checkpoint chooses the model and, without --shards, the real images only where they are plain: its
+data.shards when every shard is a path or an s3:// location (a pipe: command or another URL is refused: give
+--shards), or its synthetic faces, generated in --cache-dir (never its data.cache_dir).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
 
-import torch
+import webdataset as wds
 
-from .checkpoint import CheckpointError, load_generator
-from .config import from_dict
-from .data import resolve_data
+from . import cli
+from .checkpoint import CheckpointError, load_generator, plain_location, settings_of
+from .config import Config, DataSection
+from .data import check_shards, ensure_synthetic, expand_shards
 from .evaluator import real_images
 from .models import build_models, generate
 from .quality import fid, swd
+from .storage import is_remote
+
+
+def shards_of_checkpoint(cfg: Config, file: str, cache_dir: str) -> str:
+    """The real images of a checkpoint's run, as far as a checkpoint may choose them: its data.shards when every
+    shard is a plain path or an s3:// location (never a pipe: command or a URL webdataset would fetch); its
+    synthetic faces (at most data.synth_num=20000 of them, the schema's default) in `cache_dir`, the command
+    line's, never the checkpoint's data.cache_dir. Raises CheckpointError."""
+    spec = cfg.data.shards
+    if not spec:
+        num = min(cfg.data.synth_num, DataSection.synth_num)  # how much work a checkpoint may ask for
+        try:
+            return str(ensure_synthetic(cache_dir, num, cfg.model.image_size, cfg.model.channels))
+        except OSError as exc:
+            raise CheckpointError(f"{file} trained on the synthetic faces, and --cache-dir {cache_dir} cannot hold "
+                                  f"them ({exc.strerror or exc}); give another --cache-dir") from None
+    refuse = (f"{file} names data.shards={spec}, which is not a folder, shard file or s3:// location; a checkpoint "
+              "does not choose commands or URLs to read: give the real images with --shards")
+    if not all(plain_location(part) for part in wds.shardlists.expand_urls(spec)):  # '::' and {a..b}, nothing opened
+        raise CheckpointError(refuse)
+    try:
+        urls = expand_shards(spec)
+    except OSError as exc:
+        raise CheckpointError(f"{file} was trained on data.shards={spec}: {exc}; give the real images with --shards") from None
+    if not all(plain_location(url) for url in urls):  # a folder or glob may hold files named like URLs
+        raise CheckpointError(refuse)
+    # A device or a pipe (/dev/stdin, a FIFO) would be read forever or wait for a writer: files only.
+    special = next((url for url in urls if not is_remote(url) and not os.path.isfile(os.path.expanduser(url))), None)
+    if special:
+        raise CheckpointError(f"{file} names data.shards={spec}, and {special} is not a regular file; give the real "
+                              "images with --shards")
+    return spec
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.evaluate", description=__doc__.split("\n\n")[0])
+    parser = cli.OneLineParser(prog="python -m dcgan_dist.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint file, Ray checkpoint dir, or run directory")
-    parser.add_argument("--shards", default=None, help="real images (default: the run's data.shards)")
-    parser.add_argument("--num", type=int, default=4096, help="images per set")
+    parser.add_argument("--shards", default=None,
+                        help="real images (default: the run's data.shards when it is a folder, file or s3:// location)")
+    parser.add_argument("--cache-dir", default=DataSection.cache_dir,
+                        help="where the synthetic faces are generated when the run trained on them")
+    parser.add_argument("--num", type=cli.whole_number(1), default=4096, help="images per set")
     parser.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"))
     parser.add_argument("--inception-weights", default=None, help="local InceptionV3 weights for FID")
-    parser.add_argument("--nhoods-per-image", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nhoods-per-image", type=cli.whole_number(1), default=128)
+    parser.add_argument("--seed", type=cli.whole_number(0, cli.SEED_LIMIT - 1), default=0)
     parser.add_argument("--untrained", action="store_true", help="also report the SWD of the untrained generator")
     parser.add_argument("--no-baseline", action="store_true", help="skip the real-vs-real SWD")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=cli.device, default=cli.default_device())
     args = parser.parse_args(argv)
+    if not args.checkpoint:
+        parser.error("--checkpoint is empty: give a checkpoint file or a run directory")
 
     try:
         G, state, which = load_generator(args.checkpoint, args.device, args.weights)
+        cfg = settings_of(state, args.checkpoint)  # of which model.* and run.seed are used, and data.* as below
+        chw = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
+        shards = args.shards or shards_of_checkpoint(cfg, args.checkpoint, args.cache_dir)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    cfg = from_dict(state["config"])
-    shards = args.shards or resolve_data(cfg.data, cfg.model)[0]
-    chw = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
+    try:  # the command line's shards (or the run's): there, and of the model's size, before any work
+        check_shards(shards, chw)
+    except (OSError, ValueError) as exc:
+        where = f"--shards={shards}" if args.shards else f"data.shards={shards} (the run's; give --shards)"
+        print(f"error: {where}: {exc}", file=sys.stderr)
+        return 2
     print(f"evaluating step {state['step']} ({which} weights) on {args.num} images from {shards}", file=sys.stderr)
 
     try:

@@ -9,6 +9,7 @@ run drops the records past its checkpoint first, so no step appears twice.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -144,8 +145,13 @@ class Metrics:
         return {"wandb_run_id": self.wandb_run_id, "images_seen": self.images_seen}
 
     def load_state_dict(self, state: dict) -> None:
-        self.wandb_run_id = state.get("wandb_run_id")
-        self.images_seen = state.get("images_seen")
+        run_id, images_seen = state.get("wandb_run_id"), state.get("images_seen")
+        # A checkpoint is untrusted data: the id names W&B's files and run, so only an id of the kind W&B makes.
+        if run_id is not None and not (isinstance(run_id, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,128}", run_id)):
+            raise ValueError(f"W&B run id {str(run_id)[:80]!r} is not one W&B would make")
+        if images_seen is not None and not (isinstance(images_seen, int) and images_seen >= 0):
+            raise ValueError(f"images seen {images_seen!r} is not a count")
+        self.wandb_run_id, self.images_seen = run_id, images_seen
 
     def start(self, step: int) -> None:
         """Rank 0 opens its outputs (after a restore, so that W&B continues the same run)."""

@@ -37,7 +37,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import stopping
 
-from .checkpoint import (BEST_FILE, STATE_FILE, CheckpointError, load, load_checkpoint, ray_storage_path, step_name,
+from .checkpoint import (BEST_FILE, STATE_FILE, CheckpointError, load, ray_storage_path, step_name,
                          to_bytes)
 from .config import Config, ConfigError, from_dict, to_dict
 from .distributed.env import DistEnv
@@ -60,15 +60,20 @@ class RayCheckpoints:
     def __init__(self, scheme: str = "", start_from: str | None = None):
         self.scheme, self.start_from = scheme, start_from
 
-    def latest(self) -> tuple[str, dict] | None:
-        """This run's newest checkpoint; for a run that has none yet, the one it starts from (a sweep's trial
-        continuing another trial's weights), if any."""
+    def newest_first(self):
+        """This run's newest checkpoint (Ray Train hands over that one alone); for a run that has none yet, the one
+        it starts from (a sweep's trial continuing another trial's weights), if any."""
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            return load_checkpoint(self.start_from) if self.start_from else None
-        with checkpoint.as_directory() as directory:
-            state = load(Path(directory) / STATE_FILE)
-        return f"{self.scheme}{checkpoint.path}/{STATE_FILE}", state
+            if self.start_from:
+                yield self.start_from, lambda: load(self.start_from)
+            return
+
+        def read() -> dict:
+            with checkpoint.as_directory() as directory:
+                return load(Path(directory) / STATE_FILE)
+
+        yield f"{self.scheme}{checkpoint.path}/{STATE_FILE}", read
 
     def save(self, state: dict | None, step: int, metrics: dict) -> str | None:
         with tempfile.TemporaryDirectory(prefix="dcgan-ckpt-") as directory:

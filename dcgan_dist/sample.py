@@ -10,12 +10,12 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-import torch
+from PIL import Image
 
-from .checkpoint import CheckpointError, load_generator
+from . import cli
+from .checkpoint import CheckpointError, load_generator, one_line
 from .files import atomic_write
 from .images import save_grid
 from .models import generate
@@ -24,23 +24,32 @@ from .storage import RunStorage
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.sample", description="Sample a grid from a checkpoint.")
+    parser = cli.OneLineParser(prog="python -m dcgan_dist.sample", description="Sample a grid from a checkpoint.")
     parser.add_argument("--checkpoint", help="checkpoint file, Ray checkpoint directory, or run directory (newest checkpoint)")
-    parser.add_argument("--num", type=int, default=64)
-    parser.add_argument("--out", default="samples.png")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--nrow", type=int, default=0, help="images per row (default: square grid)")
+    parser.add_argument("--num", type=cli.whole_number(1), default=64)
+    parser.add_argument("--out", type=cli.output_file, default="samples.png")
+    parser.add_argument("--seed", type=cli.whole_number(0, cli.SEED_LIMIT), default=0)
+    parser.add_argument("--nrow", type=cli.whole_number(0), default=0, help="images per row (default: square grid)")
     parser.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"), help="auto: EMA when the run kept one")
     parser.add_argument("--progress", metavar="RUN_DIR",
                         help="instead: animate RUN_DIR/samples/step_*.png (a folder or s3://...) into --out (GIF)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=cli.device, default=cli.default_device())
     args = parser.parse_args(argv)
     if args.progress:
         out = args.out if args.out != "samples.png" else "progress.gif"
         try:
-            path = atomic_write(out, progress_animation(RunStorage(args.progress)))
-        except FileNotFoundError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            animation = progress_animation(RunStorage(args.progress))
+        except FileNotFoundError as exc:  # no grids there
+            print(f"error: --progress {args.progress}: {one_line(exc)}", file=sys.stderr)
+            return 2
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # a store that cannot be read, a bad grid
+            reason = "one of them is not an image" if isinstance(exc, Image.UnidentifiedImageError) else one_line(exc)
+            print(f"error: --progress {args.progress}: cannot read its sample grids ({reason})", file=sys.stderr)
+            return 2
+        try:
+            path = atomic_write(out, animation)
+        except OSError as exc:
+            print(cli.write_error("--out", out, exc), file=sys.stderr)
             return 2
         print(f"wrote the progress animation of {args.progress} to {path}")
         return 0
@@ -52,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     images = generate(G, args.num, args.seed, args.device)
-    path = save_grid(images, args.out, nrow=args.nrow or None)
+    try:
+        path = save_grid(images, args.out, nrow=args.nrow or None)
+    except OSError as exc:  # a read-only place, a file where a folder should be, a full disk: no file is left
+        print(cli.write_error("--out", args.out, exc), file=sys.stderr)
+        return 2
     print(f"wrote {args.num} samples from step {state['step']} ({which} weights) to {path}")
     return 0
 

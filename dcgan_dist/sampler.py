@@ -7,6 +7,8 @@ import re
 from typing import Callable
 
 import torch
+from PIL import UnidentifiedImageError
+from PIL.Image import DecompressionBombError
 from torch import nn
 
 from .images import encode, gif, grid_image
@@ -52,6 +54,11 @@ class Sampler:
 
     def close(self, step: int) -> None:
         if self.is_main and sample_grids(self.storage):
-            data = progress_animation(self.storage)
+            try:
+                data = progress_animation(self.storage)
+            except (UnidentifiedImageError, DecompressionBombError) as exc:  # a file in samples/ that is no grid
+                self.metrics.message(f"warning: no progress animation: a file in {self.storage.where('samples')} is "
+                                     f"not an image ({type(exc).__name__})")
+                return
             self.metrics.message(f"progress animation -> {self.storage.write('progress.gif', data)}")
             self.metrics.log_animation("progress", data, step)

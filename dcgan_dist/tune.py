@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import posixpath
 import queue
 import re
 import sys
@@ -42,10 +43,10 @@ from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 from ray.util.queue import Queue
 
 from . import ray_launcher
-from .checkpoint import STATE_FILE
+from .checkpoint import STATE_FILE, CheckpointError, one_line, parse
 from .config import Config, ConfigError, build_config, from_dict, split_args, to_dict
 from .errors import RunError
-from .storage import RunStorage, filesystem, is_remote
+from .storage import S3, RunStorage, filesystem, is_remote
 
 METRIC = "swd"
 SPACES = ("loguniform", "uniform", "randint", "choice", "grid")
@@ -123,6 +124,26 @@ class ToTune(ray.train.UserCallback):
         self.reports.put({"metrics": metrics[0], "checkpoint": f"{self.scheme}{checkpoint.path}" if checkpoint else None})
 
 
+def copy_start(path: str, root: str, trial_storage: RunStorage, name: str) -> str:
+    """The checkpoint a trial continues from (Tune's, at `path`), copied into the trial's own folder at once: Tune
+    may delete another trial's checkpoint as it goes on. The path comes from Tune's state, which a resumed sweep
+    reads back from <root>/tune, so it is followed only inside that folder; and the copy must be a readable
+    checkpoint (torch.load(weights_only=True)) before it is written. Nothing of its settings is used: the trial's
+    places and data come from the command line and its searched values, and resuming from it checks that it fits
+    the trial's model and parts (CheckpointManager.restore). Raises CheckpointError."""
+    tune_dir = f"{root}/tune".removeprefix(S3)
+    if not posixpath.normpath(path).startswith(f"{tune_dir}/"):
+        raise CheckpointError(f"Tune handed this trial a checkpoint outside the sweep's storage ({path}, not in "
+                              f"{tune_dir}); it is not read: rerun the sweep in a new run.dir")
+    location = f"{S3 if is_remote(root) else ''}{posixpath.normpath(path)}"
+    try:
+        data = RunStorage(location).read(STATE_FILE)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the checkpoint {location}/{STATE_FILE} ({one_line(exc, 200)})") from None
+    parse(data, f"{location}/{STATE_FILE}")
+    return trial_storage.write(name, data)
+
+
 def run_trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
     """One trial (in a Ray Tune trial actor): a Ray Train run of the base settings with `params`, its reports
     passed on to Tune with a copy of each checkpoint, from which PBT or a resumed sweep continues."""
@@ -135,10 +156,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
         run_name = f"{trial}-from-{zlib.crc32(start.path.encode()):08x}"
         owner = re.search(r"/run_trial_([0-9a-f]+_\d+)_", start.path)
         parent = owner.group(1) if owner else "?"
-        # Copied into this trial's folder at once: Tune may delete the other trial's checkpoint as it goes on.
-        trial_storage = RunStorage(f"{root}/trials/{trial}")
-        source = RunStorage(f"{'s3://' if is_remote(root) else ''}{start.path}")
-        start_from = trial_storage.write(f"start/{run_name}.pt", source.read(STATE_FILE))
+        start_from = copy_start(start.path, root, RunStorage(f"{root}/trials/{trial}"), f"start/{run_name}.pt")
         whose = "its own" if parent == trial else f"trial {parent}'s"
         print(f"trial {trial} continues from {whose} checkpoint {start.path}/{STATE_FILE} (copied to {start_from}) with "
               + ", ".join(f"{k}={_short(v)}" for k, v in params.items()), flush=True)
