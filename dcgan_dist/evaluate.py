@@ -19,10 +19,12 @@ import torch
 
 from .checkpoint import CheckpointError, load_generator
 from .config import from_dict
-from .data import resolve_data
+from .data import expand_shards, resolve_data
+from .errors import RunError
 from .evaluator import real_images
 from .models import build_models, generate
 from .quality import fid, swd
+from .storage import StoreError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,11 +43,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         G, state, which = load_generator(args.checkpoint, args.device, args.weights)
-    except CheckpointError as exc:
+        cfg = from_dict(state["config"])
+        shards = args.shards or resolve_data(cfg.data, cfg.model)[0]
+        expand_shards(shards)  # they exist, and their object store answers: one line here otherwise
+    except (CheckpointError, StoreError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    cfg = from_dict(state["config"])
-    shards = args.shards or resolve_data(cfg.data, cfg.model)[0]
+    except RunError as exc:  # the object store stopped answering
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     chw = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     print(f"evaluating step {state['step']} ({which} weights) on {args.num} images from {shards}", file=sys.stderr)
 

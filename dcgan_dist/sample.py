@@ -20,7 +20,8 @@ from .files import atomic_write
 from .images import save_grid
 from .models import generate
 from .sampler import progress_animation
-from .storage import RunStorage
+from .errors import RunError
+from .storage import RunStorage, StoreError, check_bucket, is_remote
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,19 +39,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.progress:
         out = args.out if args.out != "samples.png" else "progress.gif"
         try:
+            if is_remote(args.progress):
+                check_bucket(args.progress)
             path = atomic_write(out, progress_animation(RunStorage(args.progress)))
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, StoreError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except RunError as exc:  # the object store stopped answering
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         print(f"wrote the progress animation of {args.progress} to {path}")
         return 0
     if not args.checkpoint:
         parser.error("--checkpoint is required (or --progress RUN_DIR)")
     try:
         G, state, which = load_generator(args.checkpoint, args.device, args.weights)
-    except CheckpointError as exc:
+    except (CheckpointError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunError as exc:  # the object store stopped answering
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     images = generate(G, args.num, args.seed, args.device)
     path = save_grid(images, args.out, nrow=args.nrow or None)
     print(f"wrote {args.num} samples from step {state['step']} ({which} weights) to {path}")

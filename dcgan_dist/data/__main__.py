@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import RunError
 from ..images import save_grid
 from .convert import convert
 from .shards import FORMATS, decode_sample, expand_shards, iter_samples, read_info, shard_counts
@@ -129,9 +130,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{len(report['errors'])} bad shard(s), {report['bad_samples']} undecodable sample(s)",
                       file=sys.stderr)
                 return 1
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # storage.StoreError too: a bucket, keys
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunError as exc:  # the object store stopped answering
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
