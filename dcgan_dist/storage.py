@@ -168,13 +168,11 @@ def _reason(exc: BaseException) -> str:
 
 def waiting_for_store(call, what: str, *args, **kwargs):
     """call(*args, **kwargs) (whole and idempotent: a PUT of a whole object, a listing, a ranged read), tried again
-    for as long as the object store is away (`store_away`), up to the storage timeout, with a line on stderr every
-    ~10 s saying what it waits for; then StoreUnreachable. Any other error is raised at once. what: "writing
-    s3://...", for the lines."""
+    while the object store is away (`store_away`), for up to the storage timeout from its first failure, with a
+    line on stderr about every 10 s saying what it waits for; then StoreUnreachable. Any other error is raised at
+    once. what: "writing s3://...", for those lines."""
     global _gave_up
-    started = time.monotonic()
-    deadline = started + (0.0 if _gave_up else _timeout_s)  # given up once: no second wait in this process
-    reported, attempt = None, 0
+    started, deadline, reported, attempt = time.monotonic(), None, None, 0
     while True:
         try:
             result = call(*args, **kwargs)
@@ -182,6 +180,8 @@ def waiting_for_store(call, what: str, *args, **kwargs):
             if not store_away(exc):
                 raise
             now = time.monotonic()
+            if deadline is None:  # given up once already: this process does not wait a second time
+                deadline = now + (0.0 if _gave_up else _timeout_s)
             if now >= deadline:
                 _gave_up = True
                 raise StoreUnreachable(
@@ -193,14 +193,13 @@ def waiting_for_store(call, what: str, *args, **kwargs):
                 sys.stderr.write(f"waiting for the object store at {store_name()} ({what}): {_reason(exc)}; giving "
                                  f"up in {deadline - now:.0f} s (run.storage_timeout_s)\n")
                 sys.stderr.flush()
-            time.sleep(min(random.uniform(0.5, 1.0) * 2 ** min(attempt, 3), max(deadline - now, 0.0)))
+            time.sleep(min(random.uniform(0.5, 1.0) * 2 ** min(attempt, 3), deadline - now))
             attempt += 1
         else:
-            if _gave_up or reported is not None:
-                _gave_up = False
-                if reported is not None:
-                    sys.stderr.write(f"the object store at {store_name()} answers again ({what})\n")
-                    sys.stderr.flush()
+            if reported is not None:
+                sys.stderr.write(f"the object store at {store_name()} answers again ({what})\n")
+                sys.stderr.flush()
+            _gave_up = False
             return result
 
 

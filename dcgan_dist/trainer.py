@@ -36,7 +36,7 @@ from .models import build_models, unwrap
 from .precision import Precision, Speed, pick_device, resolved
 from .sampler import Sampler
 from .schedule import Part, Schedule
-from .storage import RunStorage, StoreError, check_bucket, is_remote, set_timeout
+from .storage import RunStorage, StoreError, StoreUnreachable, check_bucket, is_remote, set_timeout
 
 log = logging.getLogger("dcgan_dist")
 
@@ -131,7 +131,8 @@ def _closer(part: Part, current_step: Callable[[], int]):
         except Exception as error:  # noqa: BLE001 - any: the original error is the one to report
             if exc_type is None:
                 raise
-            log.warning("%s could not finish its outputs: %s", type(part).__name__, error)
+            if not (isinstance(exc, StoreUnreachable) and isinstance(error, StoreUnreachable)):  # said once is enough
+                log.warning("%s could not finish its outputs: %s", type(part).__name__, error)
         return False
 
     return close
