@@ -166,6 +166,20 @@ def _reason(exc: BaseException) -> str:
     return f"{name} (HTTP {status})" if status is not None else name
 
 
+def store_refusal(exc: BaseException) -> str | None:
+    """One line for an object store's refusal during the work (keys expired or revoked, permissions taken away, the
+    bucket deleted), or None for an error that is not one: after the checks at the start, this is a failure of the
+    run, whose newest checkpoint stays intact."""
+    error = _aws_error(exc) if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) else None
+    if error is None or store_away(exc):
+        return None
+    request = str(exc).split(": AWS Error", 1)[0].strip()  # "When uploading object with key 'k' in bucket 'b'"
+    return (f"the object store at {store_name()} refused a request ({request[:1].lower() + request[1:]}: {error[0]}"
+            f"{'' if error[1] is None else f' (HTTP {error[1]})'}); check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+            "AWS_SESSION_TOKEN and the bucket's permissions, then run the same command again (a run resumes from "
+            "its newest checkpoint)")
+
+
 def waiting_for_store(call, what: str, *args, **kwargs):
     """call(*args, **kwargs) (whole and idempotent: a PUT of a whole object, a listing, a ranged read), tried again
     while the object store is away (`store_away`), for up to the storage timeout from its first failure, with a
@@ -184,10 +198,12 @@ def waiting_for_store(call, what: str, *args, **kwargs):
                 deadline = now + (0.0 if _gave_up else _timeout_s)
             if now >= deadline:
                 _gave_up = True
+                error = _aws_error(exc)
+                silent = error is not None and (error[0] == "NETWORK_CONNECTION" or error[1] == -1)
+                state = "did not answer" if silent else "answered only that it is unavailable"
                 raise StoreUnreachable(
-                    f"the object store at {store_name()} did not answer for {now - started:.0f} s ({what}: "
-                    f"{_reason(exc)}); once it answers, run the same command again (a run resumes from its newest "
-                    "checkpoint)") from None
+                    f"the object store at {store_name()} {state} for {now - started:.0f} s ({what}: {_reason(exc)}); "
+                    "once it answers, run the same command again (a run resumes from its newest checkpoint)") from None
             if reported is None or now - reported >= REPORT_EVERY_S:
                 reported = now
                 sys.stderr.write(f"waiting for the object store at {store_name()} ({what}): {_reason(exc)}; giving "

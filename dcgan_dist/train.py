@@ -19,6 +19,7 @@ from . import stopping
 from .checkpoint import SPACE_ERRORS, CheckpointError, CheckpointWriteError
 from .config import Config, ConfigError, allowed_values, flat_settings, from_args, split_args
 from .errors import RunError
+from .storage import store_refusal
 from .trainer import StepHook, Trainer, check_settings
 
 
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
+        if store_refusal(exc):  # e.g. keys that expired mid-run; checked at the start, so a failure of the run
+            print(f"error: {store_refusal(exc)}", file=sys.stderr)
+            return 1
         if exc.errno not in SPACE_ERRORS:
             raise
         print(f"error: cannot write {exc.filename or 'a run file'} ({exc.strerror}): the disk is full; the run's "

@@ -373,3 +373,19 @@ def test_shards_unreadable_past_the_timeout_end_the_run_in_one_line_from_the_loa
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert not [r for r in records if "bad_shards" in r]  # no shard was skipped for the store's absence
     assert_same_training_state(reference, ckpt.load(run_dir / "checkpoints" / f"step_{STEPS:07d}.pt"))
+
+
+def test_a_refusal_during_a_run_is_one_line_naming_the_store_not_the_secret(store, monkeypatch):
+    """Keys that expire or are revoked during a run (checked at its start): the store's refusal of a write, as the
+    training command reports it (exit 1), names the store, the request and what to check, never the secret."""
+    from dcgan_dist.storage import RunStorage, store_refusal
+
+    for key, value in {**store.env, "AWS_SECRET_ACCESS_KEY": WRONG_SECRET}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(OSError) as refused:
+        RunStorage("s3://dcgan-test/runs/refused").write("metrics.jsonl", b"{}\n")
+    line = store_refusal(refused.value)
+    assert line.startswith(f"the object store at {store.env['AWS_ENDPOINT_URL']} refused a request (when uploading "
+                           "object with key 'runs/refused/metrics.jsonl' in bucket 'dcgan-test': "), line
+    assert "\n" not in line and WRONG_SECRET not in line and "AWS_SECRET_ACCESS_KEY" in line
+    assert keys(store.env, "dcgan-test", "runs/refused/") == []
