@@ -16,11 +16,11 @@ import sys
 import torch
 
 from .checkpoint import CheckpointError, load_generator
+from .errors import RunError
 from .files import atomic_write
 from .images import save_grid
 from .models import generate
 from .sampler import progress_animation
-from .errors import RunError
 from .storage import RunStorage, StoreError, check_bucket, is_remote
 
 

@@ -79,6 +79,9 @@ def store_name() -> str:
     """The store the standard variables point at, as a user would recognise it (no credentials)."""
     env = dict(zip(S3_ENV, _store_settings()))
     endpoint = env["AWS_ENDPOINT_URL_S3"] or env["AWS_ENDPOINT_URL"]
+    if "@" in endpoint:  # user:password@host: never shown
+        parsed = urlparse(endpoint)
+        endpoint = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
     return endpoint or f"AWS S3 ({env['AWS_REGION'] or env['AWS_DEFAULT_REGION'] or 'us-east-1'})"
 
 
