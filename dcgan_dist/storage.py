@@ -249,7 +249,6 @@ def check_bucket(location: str, create: bool = False) -> bool:
     create: make a missing bucket (only `data synth/convert --out` do); returns whether it did. Raises StoreError.
     Object stores may create a bucket on a first PUT (SeaweedFS does), so commands call this before writing."""
     bucket = location[len(S3):].split("/", 1)[0]
-    where = f"the object store at {store_name()}"
     if not bucket:
         raise StoreError(f"'{location}' names no bucket; write s3://BUCKET/PREFIX")
     key = (_store_settings(), bucket)
@@ -292,6 +291,8 @@ def _refusal(bucket: str, exc: OSError) -> str:
         return f"{where} does not know {keys}; check AWS_ACCESS_KEY_ID"
     if name == "SIGNATURE_DOES_NOT_MATCH":
         return f"{where} refused the secret key of {keys}; check AWS_SECRET_ACCESS_KEY"
+    if error and error[1] == 301:  # AWS answers a request to another region's bucket with a redirect
+        return f"bucket '{bucket}' is in another region than {store_name()}; set AWS_REGION to the bucket's region"
     if name == "NO_SUCH_BUCKET":
         return f"bucket '{bucket}' does not exist at {store_name()}; create it first or correct the name"
     if name == "ACCESS_DENIED":
