@@ -6,6 +6,11 @@ interoperability endpoint). The endpoint and credentials come only from the stan
 settings: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (empty: AWS itself), AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION or AWS_DEFAULT_REGION; the Ray launcher forwards them to the
 workers.
+
+Every command checks an s3:// location's bucket and keys before it writes (`check_bucket`: StoreError, one line,
+exit 2); only `data synth/convert --out` create a missing bucket. During the work, a store that does not answer
+(or answers only that it is unavailable) is waited for, up to run.storage_timeout_s with a line about every 10 s
+(`waiting_for_store`), then StoreUnreachable: one line, exit 1.
 """
 
 from __future__ import annotations
