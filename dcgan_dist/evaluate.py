@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a single shard cannot be halved
         print(f"warning: {exc}; comparing with all shards, no real-vs-real baseline", file=sys.stderr)
         real_a, real_b = real_images(shards, args.num, chw, args.seed), None
+    except RunError as exc:  # the object store stopped answering
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     fake = generate(G, args.num, seed=args.seed + 1, device=args.device)
     kw = dict(nhoods_per_image=args.nhoods_per_image, seed=args.seed)
     result = {"checkpoint": str(args.checkpoint), "step": state["step"], "weights": which, "num": args.num}
