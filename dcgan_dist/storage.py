@@ -91,9 +91,9 @@ def store_name() -> str:
 
 
 def _attempt_s(timeout_s: float) -> float:
-    """The limit on one request's connecting and on its silence: a few attempts fit in the storage timeout, and a
-    waiting run reports about every REPORT_EVERY_S."""
-    return min(REPORT_EVERY_S, max(1.0, timeout_s / 6))
+    """The limit on one request's connecting and on its silence (5 s: a store that is alive sends a byte sooner;
+    with the pause between tries, a waiting run reports about every REPORT_EVERY_S); a few fit in a short timeout."""
+    return min(5.0, max(1.0, timeout_s / 6))
 
 
 def s3_filesystem(sdk_attempts: int = 10, allow_bucket_creation: bool = False) -> pafs.S3FileSystem:
@@ -217,7 +217,7 @@ def waiting_for_store(call, what: str, *args, **kwargs):
                 sys.stderr.write(f"waiting for the object store at {store_name()} ({what}): {_reason(exc)}; giving "
                                  f"up in {deadline - now:.0f} s (run.storage_timeout_s)\n")
                 sys.stderr.flush()
-            time.sleep(min(random.uniform(0.5, 1.0) * 2 ** min(attempt, 3), deadline - now))
+            time.sleep(min(random.uniform(0.5, 1.0) * 2 ** min(attempt, 2), deadline - now))  # 0.5 s up to 4 s
             attempt += 1
         else:
             if reported is not None:
