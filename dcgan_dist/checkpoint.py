@@ -38,7 +38,7 @@ from . import config as config_lib
 from .distributed.env import DistEnv
 from .models import Generator
 from .schedule import Schedule
-from .storage import RunStorage, is_remote
+from .storage import RunStorage, check_bucket, is_remote
 
 
 FORMAT_VERSION = 2
@@ -154,7 +154,10 @@ def candidates(location: str | Path) -> list[str]:
     """The checkpoint files that `location` names, newest first: the file itself; a Ray checkpoint directory's
     state.pt; the step checkpoints of a folder of them; or of a run directory: in its checkpoints/ (the local
     launcher), or in the Ray storage its config.yaml names (by default <this run directory>/ray/<run.name>; looked
-    at only when that is a plain path or an s3:// location and run.name a plain name). A path or an s3:// URI."""
+    at only when that is a plain path or an s3:// location and run.name a plain name). A path or an s3:// URI
+    (StoreError when its bucket is missing or its store refuses this machine)."""
+    if is_remote(str(location)):
+        check_bucket(str(location))
     try:
         return _candidates(str(location))
     except OSError as exc:  # an object store that cannot be reached, a folder that cannot be listed

@@ -41,6 +41,10 @@ class RunSection:
     # Output folder: config.yaml, metrics.jsonl, samples/, checkpoints/. Rerunning with the same dir resumes.
     dir: str = "runs/${run.name}"
     seed: int = 0
+    # An object store that stops answering (down, frozen, unreachable, throttling) is waited for this long per
+    # request, with a line every ~10 s, before the run ends with one line (exit 1; the newest checkpoint is intact
+    # and the same command resumes). 5 minutes: a store's restart or failover fits; a dead one idles workers little.
+    storage_timeout_s: float = bounded(300.0, above=0.0)
 
 
 @dataclass

@@ -25,10 +25,11 @@ from . import cli
 from .checkpoint import CheckpointError, load_generator, plain_location, settings_of
 from .config import Config, DataSection
 from .data import check_shards, ensure_synthetic, expand_shards
+from .errors import RunError
 from .evaluator import real_images
 from .models import build_models, generate
 from .quality import fid, swd
-from .storage import is_remote
+from .storage import StoreError, is_remote
 
 
 def shards_of_checkpoint(cfg: Config, file: str, cache_dir: str) -> str:
@@ -86,15 +87,21 @@ def main(argv: list[str] | None = None) -> int:
         cfg = settings_of(state, args.checkpoint)  # of which model.* and run.seed are used, and data.* as below
         chw = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
         shards = args.shards or shards_of_checkpoint(cfg, args.checkpoint, args.cache_dir)
-    except CheckpointError as exc:
+    except (CheckpointError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunError as exc:  # the object store stopped answering
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     try:  # the command line's shards (or the run's): there, and of the model's size, before any work
         check_shards(shards, chw)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # StoreError too: a missing bucket, refused keys
         where = f"--shards={shards}" if args.shards else f"data.shards={shards} (the run's; give --shards)"
         print(f"error: {where}: {exc}", file=sys.stderr)
         return 2
+    except RunError as exc:  # the object store stopped answering
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"evaluating step {state['step']} ({which} weights) on {args.num} images from {shards}", file=sys.stderr)
 
     try:
@@ -103,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a single shard cannot be halved
         print(f"warning: {exc}; comparing with all shards, no real-vs-real baseline", file=sys.stderr)
         real_a, real_b = real_images(shards, args.num, chw, args.seed), None
+    except RunError as exc:  # the object store stopped answering
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     fake = generate(G, args.num, seed=args.seed + 1, device=args.device)
     kw = dict(nhoods_per_image=args.nhoods_per_image, seed=args.seed)
     result = {"checkpoint": str(args.checkpoint), "step": state["step"], "weights": which, "num": args.num}

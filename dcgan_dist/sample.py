@@ -16,11 +16,12 @@ from PIL import Image
 
 from . import cli
 from .checkpoint import CheckpointError, load_generator, one_line
+from .errors import RunError
 from .files import atomic_write
 from .images import save_grid
 from .models import generate
 from .sampler import progress_animation
-from .storage import RunStorage
+from .storage import RunStorage, StoreError, check_bucket, is_remote
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,14 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.progress:
         out = args.out if args.out != "samples.png" else "progress.gif"
         try:
+            if is_remote(args.progress):
+                check_bucket(args.progress)
             animation = progress_animation(RunStorage(args.progress))
-        except FileNotFoundError as exc:  # no grids there
+        except (FileNotFoundError, StoreError) as exc:  # no grids there; a missing bucket, refused keys
             print(f"error: --progress {args.progress}: {one_line(exc)}", file=sys.stderr)
             return 2
         except (OSError, ValueError, Image.DecompressionBombError) as exc:  # a store that cannot be read, a bad grid
             reason = "one of them is not an image" if isinstance(exc, Image.UnidentifiedImageError) else one_line(exc)
             print(f"error: --progress {args.progress}: cannot read its sample grids ({reason})", file=sys.stderr)
             return 2
+        except RunError as exc:  # the object store stopped answering
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         try:
             path = atomic_write(out, animation)
         except OSError as exc:
@@ -57,9 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--checkpoint is required (or --progress RUN_DIR)")
     try:
         G, state, which = load_generator(args.checkpoint, args.device, args.weights)
-    except CheckpointError as exc:
+    except (CheckpointError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunError as exc:  # the object store stopped answering
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     images = generate(G, args.num, args.seed, args.device)
     try:
         path = save_grid(images, args.out, nrow=args.nrow or None)

@@ -21,6 +21,7 @@ from .config import Config, ConfigError, allowed_values, flat_settings, from_arg
 from .errors import RunError
 from .precision import pick_device
 from .runlock import run_lock
+from .storage import store_refusal
 from .trainer import StepHook, Trainer, check_settings
 
 
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
+        if store_refusal(exc):  # e.g. keys that expired mid-run; checked at the start, so a failure of the run
+            print(f"error: {store_refusal(exc)}", file=sys.stderr)
+            return 1
         if exc.errno not in SPACE_ERRORS:
             raise
         print(f"error: cannot write {exc.filename or 'a run file'} ({exc.strerror}): the disk is full; the run's "

@@ -37,7 +37,7 @@ from .models import build_models, unwrap
 from .precision import Precision, Speed, pick_device, resolved
 from .sampler import Sampler
 from .schedule import Part, Schedule
-from .storage import RunStorage
+from .storage import RunStorage, StoreError, StoreUnreachable, check_bucket, is_remote, set_timeout
 
 log = logging.getLogger("dcgan_dist")
 
@@ -77,6 +77,12 @@ def check_settings(cfg: Config, world_size: int = 1, check_run_dir: bool = True,
     if device is not None:
         check_memory(cfg, device, resolved(cfg, device)[1].precision)
     if check_run_dir:
+        for key, location in (("run.dir", cfg.run.dir), ("dist.storage_path", cfg.dist.storage_path)):
+            try:  # a bucket is never created by training; the keys and the endpoint are checked here too
+                if is_remote(location):
+                    check_bucket(location)
+            except StoreError as exc:
+                raise ConfigError(f"{key}={location}: {exc}") from None
         try:
             RunStorage(cfg.run.dir).check_writable()
         except OSError as exc:
@@ -135,7 +141,8 @@ def _closer(part: Part, current_step: Callable[[], int]):
         except Exception as error:  # noqa: BLE001 - any: the original error is the one to report
             if exc_type is None:
                 raise
-            log.warning("%s could not finish its outputs: %s", type(part).__name__, error)
+            if not (isinstance(exc, StoreUnreachable) and isinstance(error, StoreUnreachable)):  # said once is enough
+                log.warning("%s could not finish its outputs: %s", type(part).__name__, error)
         return False
 
     return close
@@ -174,6 +181,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, env: DistEnv | None = None, checkpoint_storage: CheckpointStorage | None = None,
                  hooks: Sequence[StepHook] = ()):
+        set_timeout(cfg.run.storage_timeout_s)  # how long an object store that stops answering is waited for
         self.env = env = env or DistEnv(device=pick_device(cfg.train.device))
         # "auto" made concrete here, once: config.yaml, the checkpoints and W&B record what was used.
         cfg, self.speed = resolve_speed(cfg, env)

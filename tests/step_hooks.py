@@ -5,7 +5,9 @@
 run directory (a marker file there), so that the resumed or restarted run passes that step. INT goes to the
 whole process group, as Ctrl-C in a terminal does (run it in a session of its own). --sleep: every step takes S
 seconds longer (time to stop a job from outside). --kill-after-checkpoint STEP --marker FILE: SIGKILL right after
-the checkpoint of STEP is stored, once. --record DIR: every rank appends what it trained on at each step
+the checkpoint of STEP is stored, once. --pause-after STEP --until FILE: rank 0 stops right after
+step STEP, creates FILE.paused and waits until FILE exists (a test does something meanwhile), unless FILE exists
+already (a resumed run passes through). --record DIR: every rank appends what it trained on at each step
 (the tags of tests.test_data.tagged_images) to DIR/rank<R>.jsonl. Under dist.launcher=ray the hooks travel to the Ray workers
 (pickled by value, being defined in this script)."""
 
@@ -61,6 +63,18 @@ class Sleep:
         time.sleep(self.seconds)
 
 
+class PauseUntil:
+    def __init__(self, step: int, go: Path):
+        self.step, self.go = step, go
+
+    def __call__(self, step, env, images) -> None:
+        if step != self.step or env.rank != 0 or self.go.exists():
+            return
+        Path(f"{self.go}.paused").touch()
+        while not self.go.exists():  # the test's signal to go on: a file, polled
+            time.sleep(0.05)
+
+
 class RecordTags:
     def __init__(self, folder: Path):
         self.folder = folder
@@ -79,6 +93,8 @@ if __name__ == "__main__":
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--record", type=Path)
+    parser.add_argument("--pause-after", type=int, default=0)
+    parser.add_argument("--until", type=Path)
     parser.add_argument("--marker", help="the once-only marker file (default: in run.dir, when that is a folder)")
     parser.add_argument("--kill-after-checkpoint", type=int, metavar="STEP",
                         help="SIGKILL right after the checkpoint of STEP is stored (once per --marker)")
@@ -92,6 +108,8 @@ if __name__ == "__main__":
         hooks.append(SignalAfterStep(signal.Signals[f"SIG{args.signal}"], args.after, args.rank, marker))
     if args.sleep:
         hooks.append(Sleep(args.sleep))
+    if args.pause_after:
+        hooks.append(PauseUntil(args.pause_after, args.until.absolute()))
     if args.record:
         hooks.append(RecordTags(args.record.absolute()))
     sys.exit(main(train_args, hooks=hooks))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import RunError
 from ..images import save_grid
 from .convert import convert
 from ..stopping import StoppedBySignal
@@ -162,12 +163,15 @@ def main(argv: list[str] | None = None) -> int:
                       + (f" (the first {SHOWN_BAD_SAMPLES} above)" if report["bad_samples"] > SHOWN_BAD_SAMPLES else ""),
                       file=sys.stderr)
                 return 1
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # storage.StoreError too: a bucket, keys
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except StoppedBySignal as exc:  # data synth: the drawing processes ended, the shards written removed
         print(f"stopped by {exc}; nothing was kept", file=sys.stderr)
         return 128 + exc.signum
+    except RunError as exc:  # the object store stopped answering
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

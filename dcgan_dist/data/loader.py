@@ -456,8 +456,13 @@ class ImageBatches:
                         old.get("batch_size") if old else "?", self.layout["world_size"], self.layout["batch_size"])
 
     def close(self) -> None:
-        # Dropping the iterator shuts the loader's worker processes down.
-        self._it = None
+        # Dropping the iterator shuts the loader's worker processes down, unless an error raised through it (e.g.
+        # an object store that stopped answering) still holds it in its traceback: then it is told to, since its
+        # workers ignore SIGTERM and the process would wait for them forever at exit.
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's multi-process iterator
+        if shutdown is not None:
+            shutdown()
 
 
 def _quiet_about_dead_loader_processes() -> None:

@@ -33,7 +33,7 @@ import webdataset as wds
 from PIL import Image
 
 from ..images import array_to_pil
-from ..storage import ObjectReader, RunStorage, is_remote
+from ..storage import ObjectReader, RunStorage, StoreUnreachable, check_bucket, is_remote, store_name
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 FORMATS = ("png", "jpg", "raw")  # what `data synth/convert --format` writes
@@ -288,10 +288,13 @@ class ShardOutput:
     local staging folder and uploaded as soon as it is complete (so staging holds a few shards at most).
     Refuses a place that already holds shards. A placeholder dataset.json ({UNFINISHED_KEY: ...}) is written
     first and the real one last, in its place: shards that a killed conversion left are never taken for a data
-    set. `discard` (an error, a stop) removes what this output wrote."""
+    set. `discard` (an error, a stop) removes what this output wrote. A bucket that does not exist yet is created
+    (the one command that does: training, sample, evaluate and inspect never create buckets)."""
 
     def __init__(self, out: str):
         self.storage = RunStorage(out)
+        if self.storage.remote and check_bucket(out, create=True):
+            print(f"created bucket '{out[len('s3://'):].split('/')[0]}' at {store_name()}", flush=True)
         existing = [name for name, is_dir in self.storage.list("") if not is_dir and name.endswith(".tar")]
         if existing:
             raise FileExistsError(f"{self.storage.location} already holds {len(existing)} shards; choose an empty one")
@@ -351,8 +354,11 @@ def expand_shards(spec: str) -> list[str]:
     urls: list[str] = []
     for part in wds.shardlists.expand_urls(spec):
         if is_url(part) or (is_remote(part) and part.endswith(".tar")):
+            if is_remote(part):
+                check_bucket(part)
             urls.append(part)
         elif is_remote(part):  # a prefix: the .tar objects directly in it
+            check_bucket(part)
             storage = RunStorage(part)
             found = sorted(storage.where(name) for name, is_dir in storage.list("") if not is_dir and name.endswith(".tar"))
             if not found:
@@ -446,12 +452,25 @@ def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_):
 wds.gopen_schemes.setdefault("s3", _open_s3)
 
 
+def _stopping_when_store_unreachable(handler):
+    """webdataset's error handler for a shard, except that an object store which stopped answering (after the
+    storage timeout) stops the reading: the shard is not bad, and every other one would wait as long."""
+
+    def handle(exc: Exception) -> bool:
+        if isinstance(exc, StoreUnreachable):
+            raise exc
+        return handler(exc)
+
+    return handle
+
+
 def iter_samples(urls: Iterable[str], handler=wds.handlers.reraise_exception) -> Iterator[dict]:
     """One sample per image from shards, in order, through webdataset's tar reader. A png/jpg sample is a dict of
     bytes keyed by extension; a raw chunk becomes one sample per image with "raw": its H x W x C uint8 array,
     keyed `<chunk key>/<i>`. Every sample has "__url__", "__key__" and "__index__", its ordinal in its shard
     (0, 1, ... in the order the shard holds them). A raw chunk that cannot be read is one sample with "__error__"
     (decode_sample raises it); an unreadable tar goes to `handler`, as webdataset does."""
+    handler = _stopping_when_store_unreachable(handler)
     for url in urls:
         index = 0
         for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=handler):
