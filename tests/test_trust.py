@@ -112,7 +112,9 @@ def test_a_run_directory_config_yaml_names_no_other_place(tmp_path, run6):
         run_dir = tmp_path / f"run{i}"
         (tmp_path / "sub").mkdir(exist_ok=True)
         run_dir.mkdir()
-        (run_dir / "config.yaml").write_text(to_yaml(build_config("debug", overrides)))
+        # Written as another program might: a command line would not accept that run.name.
+        plain = [o.replace("run.name=../elsewhere", "run.name=PLACEHOLDER") for o in overrides]
+        (run_dir / "config.yaml").write_text(to_yaml(build_config("debug", plain)).replace("PLACEHOLDER", "../elsewhere"))
         line = error_line(run_cli("-m", "dcgan_dist.sample", "--checkpoint", str(run_dir), "--out",
                                   str(tmp_path / "s.png"), timeout=60))
         assert "was not looked at" in line and "give the checkpoint itself" in line, line

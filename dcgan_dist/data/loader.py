@@ -167,6 +167,8 @@ class ShardStream(IterableDataset):
         except MemoryError:
             yield LoaderFailure(f"out of memory in the data loader ({where}): lower train.batch_size, "
                                 "data.shuffle_buffer or data.num_workers")
+        except RunError as exc:  # already the run's one line (an object store that stopped answering, say)
+            yield LoaderFailure(str(exc))
         except Exception as exc:  # noqa: BLE001 - any: one line instead of a loader process's traceback
             reason = (str(exc).strip().splitlines() or [""])[0][:300]
             yield LoaderFailure(f"the data loader failed ({where}): {type(exc).__name__}: {reason}")
