@@ -45,7 +45,8 @@ from .checkpoint import to_bytes
 from .gan import make_optimizers, train_step
 from .models import build_models
 from .precision import pick_device, resolved
-from .storage import RunStorage
+from .errors import RunError
+from .storage import RunStorage, StoreError
 from .trainer import NoiseRNG, build_networks, distribute, make_loader, resolve_speed
 
 
@@ -376,6 +377,19 @@ def format_mfu(value: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; its failures end in one line like training's: bad data or an object store that stopped
+    answering (RunError, exit 1), a bucket or keys that do not work (StoreError, exit 2)."""
+    try:
+        return _bench(argv)
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _bench(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcgan_dist.bench", description=__doc__.split("\n\n")[0],
                                      epilog="Settings: [--config FILE] [key=value ...], as for dcgan_dist.train.")
     parser.add_argument("--steps", type=int, default=20)

@@ -105,12 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"evaluating step {state['step']} ({which} weights) on {args.num} images from {shards}", file=sys.stderr)
 
     try:
-        real_a = real_images(shards, args.num, chw, args.seed, half=0)
-        real_b = None if args.no_baseline else real_images(shards, args.num, chw, args.seed, half=1)
-    except ValueError as exc:  # a single shard cannot be halved
-        print(f"warning: {exc}; comparing with all shards, no real-vs-real baseline", file=sys.stderr)
-        real_a, real_b = real_images(shards, args.num, chw, args.seed), None
-    except RunError as exc:  # the object store stopped answering
+        try:
+            real_a = real_images(shards, args.num, chw, args.seed, half=0)
+            real_b = None if args.no_baseline else real_images(shards, args.num, chw, args.seed, half=1)
+        except ValueError as exc:  # a single shard cannot be halved
+            print(f"warning: {exc}; comparing with all shards, no real-vs-real baseline", file=sys.stderr)
+            real_a, real_b = real_images(shards, args.num, chw, args.seed), None
+    except RunError as exc:  # the object store stopped answering, or more bad data than data.max_bad_fraction
         print(f"error: {exc}", file=sys.stderr)
         return 1
     fake = generate(G, args.num, seed=args.seed + 1, device=args.device)
