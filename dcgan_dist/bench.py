@@ -1,8 +1,8 @@
 """Measure training speed: the loader, the full training step, the scaling of N Ray workers; the GPU report.
 
-    python -m dcgan_dist.bench [--config FILE] [key=value ...] [--steps 20] [--warmup 5] [--baseline] [--checkpoint]
-                               [--data-only | --skip-data]
-    python -m dcgan_dist.bench --gpu-report docs/gpu-report.md [--config FILE] [key=value ...]   # see gpu_report.py
+    python -m dcgan_dist.bench --config debug --steps 20 --warmup 5 --baseline
+    python -m dcgan_dist.bench --config default --data-only data.num_workers=2
+    python -m dcgan_dist.bench --gpu-report docs/gpu-report.md --config default   # see gpu_report.py
 
 Local launcher: data_images_per_s (shards -> normalised tensors on the device, the real loader; with
 data.num_workers=0 also data_images_per_cpu_s, the same per CPU-second: the loader's cost per core) and
@@ -390,8 +390,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.bench", description=__doc__.split("\n\n")[0],
-                                     epilog="Settings: [--config FILE] [key=value ...], as for dcgan_dist.train.")
+    summary, _, details = __doc__.partition("\n\n")
+    examples = details.split("\n\n")[0]
+    parser = argparse.ArgumentParser(
+        prog="python -m dcgan_dist.bench", description=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [--config FILE] [options] [key=value ...]",
+        epilog=f"{examples}\n\nSettings: [--config FILE] [key=value ...], as for dcgan_dist.train.")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--baseline", action="store_true",

@@ -1,6 +1,7 @@
 """Evaluate a generator: multi-scale SWD always, FID when Inception weights are on this machine.
 
-    python -m dcgan_dist.evaluate --checkpoint runs/debug [--shards DIR] [--num 4096] [--untrained]
+    python -m dcgan_dist.evaluate --checkpoint runs/debug
+    python -m dcgan_dist.evaluate --checkpoint runs/debug/checkpoints/best.pt --shards data/faces --num 4096 --untrained
 
 --checkpoint takes what `sample` takes (a checkpoint file, a Ray checkpoint directory, a run directory).
 Prints one JSON line: swd (x1e3, mean over pyramid levels) and swd_levels, swd_real_vs_real (the same
@@ -15,6 +16,7 @@ data.shards when every shard is a path or an s3:// location (a pipe: command or 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -64,7 +66,9 @@ def shards_of_checkpoint(cfg: Config, file: str, cache_dir: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.OneLineParser(prog="python -m dcgan_dist.evaluate", description=__doc__.split("\n\n")[0])
+    summary, _, details = __doc__.partition("\n\n")
+    parser = cli.OneLineParser(prog="python -m dcgan_dist.evaluate", description=summary, epilog=details,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint file, Ray checkpoint dir, or run directory")
     parser.add_argument("--shards", default=None,
                         help="real images (default: the run's data.shards when it is a folder, file or s3:// location)")

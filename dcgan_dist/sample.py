@@ -1,16 +1,21 @@
 """Draw samples from a trained generator.
 
-    python -m dcgan_dist.sample --checkpoint runs/debug --num 64 --out grid.png [--seed K]   # a run's newest checkpoint
+    python -m dcgan_dist.sample --checkpoint runs/debug --num 64 --seed 1   # a run's newest checkpoint
     python -m dcgan_dist.sample --checkpoint runs/debug/checkpoints/best.pt --out grid.png
-    python -m dcgan_dist.sample --progress runs/debug --out progress.gif      # the run's sample grids, animated
+    python -m dcgan_dist.sample --progress runs/debug      # the run's sample grids, animated
 
 --checkpoint takes a checkpoint file, a Ray checkpoint directory, a folder of checkpoints, or a run directory
-(local or Ray: its newest checkpoint).
+(local or Ray: its newest checkpoint). Without --out the grid goes into the run's folder, never the current
+directory: <run dir>/samples/grid_step<N>_seed<K>.png (the run dir: the folder given, or the one holding the
+checkpoints/ folder of the file given), and --progress writes <RUN_DIR>/progress.gif. A checkpoint in an
+object store needs --out.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
 
 from PIL import Image
 
@@ -24,11 +29,24 @@ from .sampler import progress_animation
 from .storage import RunStorage, StoreError, check_bucket, is_remote
 
 
+def run_folder(checkpoint: str) -> Path:
+    """The local run folder a checkpoint belongs to: the folder given, or the one above its checkpoints/ folder
+    (a Ray checkpoint directory or a loose file: the folder holding it)."""
+    path = Path(checkpoint)
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        return path
+    holder = path.parent
+    return holder.parent if holder.name == "checkpoints" else holder
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.OneLineParser(prog="python -m dcgan_dist.sample", description="Sample a grid from a checkpoint.")
+    summary, _, details = __doc__.partition("\n\n")
+    parser = cli.OneLineParser(prog="python -m dcgan_dist.sample", description=summary, epilog=details,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="checkpoint file, Ray checkpoint directory, or run directory (newest checkpoint)")
     parser.add_argument("--num", type=cli.whole_number(1), default=64)
-    parser.add_argument("--out", type=cli.output_file, default="samples.png")
+    parser.add_argument("--out", type=cli.output_file, default=None,
+                        help="image file (default: in the run's folder, see below)")
     parser.add_argument("--seed", type=cli.whole_number(0, cli.SEED_LIMIT), default=0)
     parser.add_argument("--nrow", type=cli.whole_number(0), default=0, help="images per row (default: square grid)")
     parser.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"), help="auto: EMA when the run kept one")
@@ -37,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", type=cli.device, default=cli.default_device())
     args = parser.parse_args(argv)
     if args.progress:
-        out = args.out if args.out != "samples.png" else "progress.gif"
+        if args.out is None and is_remote(args.progress):
+            parser.error(f"--progress {args.progress} is in an object store: give --out FILE.gif")
+        out = args.out or str(Path(args.progress) / "progress.gif")
         try:
             if is_remote(args.progress):
                 check_bucket(args.progress)
@@ -61,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.checkpoint:
         parser.error("--checkpoint is required (or --progress RUN_DIR)")
+    if args.out is None and is_remote(args.checkpoint):
+        parser.error(f"--checkpoint {args.checkpoint} is in an object store: give --out FILE.png")
     try:
         G, state, which = load_generator(args.checkpoint, args.device, args.weights)
     except (CheckpointError, StoreError) as exc:
@@ -69,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as exc:  # the object store stopped answering
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    out = args.out or str(run_folder(args.checkpoint) / "samples" / f"grid_step{state['step']}_seed{args.seed}.png")
     images = generate(G, args.num, args.seed, args.device)
     try:
-        path = save_grid(images, args.out, nrow=args.nrow or None)
+        path = save_grid(images, out, nrow=args.nrow or None)
     except OSError as exc:  # a read-only place, a file where a folder should be, a full disk: no file is left
-        print(cli.write_error("--out", args.out, exc), file=sys.stderr)
+        print(cli.write_error("--out", out, exc), file=sys.stderr)
         return 2
     print(f"wrote {args.num} samples from step {state['step']} ({which} weights) to {path}")
     return 0

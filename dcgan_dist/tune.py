@@ -1,8 +1,7 @@
 """Hyper-parameter sweeps: Ray Tune over trials that are each a full multi-worker Ray Train run.
 
-    python -m dcgan_dist.tune --config debug --search optim.lr=loguniform(1e-4,1e-3) --search model.ngf=choice(32,64) \
-        --trials 8 --scheduler asha
-    python -m dcgan_dist.tune --config debug --search optim.lr=loguniform(1e-4,1e-3) --trials 4 --scheduler pbt
+    python -m dcgan_dist.tune --config debug --search "optim.lr=loguniform(1e-4,1e-3)" --search "model.ngf=choice(32,64)" --trials 8 --scheduler asha
+    python -m dcgan_dist.tune --config debug --search "optim.lr=loguniform(1e-4,1e-3)" --trials 4 --scheduler pbt
 
 Every trial trains the settings of the command line with its own values of the searched keys, on
 dist.num_workers workers (DDP, synchronised batch norm), and is scored by the in-training SWD against real
@@ -219,7 +218,7 @@ def scheduler(name: str, cfg: Config, searches: list[Search]):
         mutations = {s.key: s.mutation() for s in searches if s.key.startswith("optim.")}
         if not mutations:
             raise ConfigError("--scheduler pbt perturbs learning rates: search at least one optim.* key "
-                              "(e.g. --search optim.lr=loguniform(1e-4,1e-3))")
+                              "(e.g. --search 'optim.lr=loguniform(1e-4,1e-3)')")
         # Every second evaluation the trials wait for each other (synch: the same decisions whatever the timing),
         # and the lower half continues from a trial of the upper half's checkpoint with its optim.* perturbed.
         return PopulationBasedTraining(time_attr="pbt_step", perturbation_interval=2 * interval, synch=True,
@@ -287,8 +286,13 @@ def _short(value: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.tune", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    # The docstring's first paragraph is the description; the rest (examples, spaces) is printed once, after it.
+    summary, _, details = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(
+        prog="python -m dcgan_dist.tune", description=summary, epilog=details,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [--config FILE] --search KEY=SPACE [--search ...] [--trials N] [--scheduler {asha,pbt,fifo}]"
+              " [--concurrent N] [key=value ...]")
     parser.add_argument("--search", action="append", default=[], metavar="KEY=SPACE", help="a key and its space")
     parser.add_argument("--trials", type=int, default=4, help="trials to sample (a grid: repeats of the grid)")
     parser.add_argument("--scheduler", choices=("asha", "pbt", "fifo"), default="asha")
@@ -306,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         base = apply(base, {"train.checkpoint_every": base.train.eval_every})
         searches = [parse_search(item, base) for item in args.search]
         if not searches:
-            raise ConfigError("nothing to search: give --search KEY=SPACE (e.g. --search optim.lr=loguniform(1e-4,1e-3))")
+            raise ConfigError("nothing to search: give --search KEY=SPACE (e.g. --search 'optim.lr=loguniform(1e-4,1e-3)')")
         chosen = scheduler(args.scheduler, base, searches)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

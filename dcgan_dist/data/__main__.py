@@ -1,8 +1,10 @@
 """Shard tools.
 
-    python -m dcgan_dist.data synth   --out DIR --num N [--shard-size S] [--size 64] [--channels 3] [--seed K] [--format png]
-    python -m dcgan_dist.data convert --src PATH --out DIR [--size 64] [--channels 3] [--crop PX] [--shard-size S] [--format png]
-    python -m dcgan_dist.data inspect DIR [--preview FILE]     # exits 1 when a shard is unreadable or short
+    python -m dcgan_dist.data synth --out data/faces --num 20000 --size 64
+    python -m dcgan_dist.data convert --src img_align_celeba --out img_align_celeba-shards --size 64
+    python -m dcgan_dist.data inspect data/faces     # exits 1 when a shard is unreadable or short
+
+`<command> --help` lists each command's options.
 """
 
 from __future__ import annotations
@@ -101,8 +103,21 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
     return report
 
 
+def default_preview(shards: str) -> str | None:
+    """Where inspect puts its preview without --preview: beside the shards (a local folder, or the folder of a
+    local glob or brace pattern), never the current directory; a URL or s3:// location gets none."""
+    if "://" in shards or shards.startswith("pipe:"):
+        return None
+    path = Path(shards).expanduser()
+    folder = path if path.is_dir() else path.parent
+    if not folder.is_dir() or any(ch in str(folder) for ch in "*?[{"):
+        return None
+    return str(folder / "preview.png")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.data", description="Write, convert and inspect face shards.")
+    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.data", description="Write, convert and inspect face shards.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.partition("\n\n")[2])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="draw synthetic faces into shards (the embedded default data set)")
@@ -127,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("inspect", help="count shards and samples, report image size, write a preview grid")
     p.add_argument("shards", help="directory, glob, brace pattern or URL of shards")
-    p.add_argument("--preview", default=None, help="preview PNG path (default: <DIR>/preview.png for a directory, else preview.png)")
+    p.add_argument("--preview", default=None, help="preview PNG path (default: <DIR>/preview.png for a directory, the "
+                   "glob's folder for a local glob; none for a URL or s3:// without --preview)")
 
     args = parser.parse_args(argv)
     try:
@@ -139,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "convert":
             convert(args.src, args.out, args.size, args.channels, args.crop, args.shard_size, args.limit, fmt=args.format)
         else:
-            preview = args.preview or (str(Path(args.shards) / "preview.png") if Path(args.shards).is_dir() else "preview.png")
+            preview = args.preview or default_preview(args.shards)
+            # Said before the shards are read, so that a user knows where a file will appear.
+            print(f"preview:  {preview} (written after the count)" if preview else
+                  "preview:  none (the shards are not a local folder or glob; give --preview FILE.png)")
             report = inspect(args.shards, preview)
             expected = report["expected_samples"]
             print(f"shards:   {report['shards']}")
@@ -153,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             if not report["has_dataset_json"]:
                 print("note:     no dataset.json: the shards' sample counts cannot be checked")
             if "preview" in report:
-                print(f"preview:  {report['preview']}")
+                print(f"preview:  {report['preview']} written")
             for reason in report["first_bad"]:
                 print(f"warning: {reason}", file=sys.stderr)
             for error in report["errors"]:
