@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "convert":
             convert(args.src, args.out, args.size, args.channels, args.crop, args.shard_size, args.limit, fmt=args.format)
         else:
+            expand_shards(args.shards)  # no shards there: the one line, before anything is said about a preview
             preview = args.preview or default_preview(args.shards)
             # Said before the shards are read, so that a user knows where a file will appear.
             print(f"preview:  {preview} (written after the count)" if preview else

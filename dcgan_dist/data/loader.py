@@ -36,6 +36,7 @@ import logging
 import os
 import random
 import re
+import tarfile
 import signal
 import sys
 from collections import Counter
@@ -49,7 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import RunError
 from ..images import to_unit_range
-from .shards import (is_url, decode_sample, expand_shards, iter_samples, shard_counts, spec_parts)
+from .shards import (ImagesNotShards, is_url, decode_sample, expand_shards, iter_samples, shard_counts, spec_parts)
 from .synth import ensure_synthetic
 
 log = logging.getLogger("dcgan_dist.data")
@@ -535,8 +536,11 @@ def check_shards(spec: str, expect_chw: tuple[int, int, int], world_size: int = 
     enough for every worker, and each part of the spec holds images of the model's size and channels, as its
     dataset.json says and (probe) as the first PROBE_SAMPLES samples of its first shard show, no more than
     `max_bad_fraction` of them unusable. Raises FileNotFoundError or ValueError with a one-line message."""
-    split_for_rank(expand_shards(spec), 0, world_size)
     c, h, w = expect_chw
+    try:
+        split_for_rank(expand_shards(spec), 0, world_size)
+    except ImagesNotShards as exc:  # the convert command it prints makes images of the model's size
+        raise exc.for_size(h) from None
     for part, info in spec_parts(spec):
         if info is not None and (info.image_size, info.image_size, info.channels) != (h, w, c):
             raise ValueError(_shape_advice((info.image_size, info.image_size, info.channels), f"{part} dataset.json",
@@ -574,6 +578,10 @@ def _probe(url: str, expect_chw: tuple[int, int, int], max_bad_fraction: float, 
         status = re.search(r"exit (\d+)", str(exc)) if url.startswith("pipe:") else None
         reason = (f"its command exited with status {status.group(1)}" if status
                   else (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200])
+        if read == 0 and (isinstance(exc, tarfile.ReadError) or "bad checksum" in reason or "truncated header" in reason):
+            # webdataset passes tarfile's error on as a tuple with the open file in it: say what it means
+            raise ValueError(f"the first shard, {url}, is not a tar file; shards are made by "
+                             "`python -m dcgan_dist.data convert` or `data synth`") from None
         if read == 0:
             raise ValueError(f"cannot read the first shard, {url}: {reason}") from None
     if read == 0:

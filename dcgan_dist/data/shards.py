@@ -21,6 +21,7 @@ import glob
 import io
 import json
 import os
+import shlex
 import shutil
 import tempfile
 import typing
@@ -345,6 +346,28 @@ def _folder_of(part: str) -> str:
     return os.path.expanduser(part).rstrip("/") if _is_folder(part) else os.path.dirname(expand_shards(part)[0])
 
 
+class ImagesNotShards(FileNotFoundError):
+    """data.shards names image files (a folder of JPEGs, a glob of PNGs), not the tar shards training reads: the
+    message gives the `data convert` command that makes shards of them."""
+
+    def __init__(self, given: str, source: str, size: int = 64):
+        self.given, self.source, self.size = given, source, size
+        out = f"{source.rstrip('/')}-shards"
+        # The command last on the line, so that it pastes as it is.
+        super().__init__(f"'{given}' holds image files, not .tar shards; convert them (then set "
+                         f"data.shards={shlex.quote(out)}): python -m dcgan_dist.data convert --src {shlex.quote(source)} "
+                         f"--out {shlex.quote(out)} --size {size}")
+
+    def for_size(self, size: int) -> "ImagesNotShards":
+        return ImagesNotShards(self.given, self.source, size)
+
+
+def _is_image(path: str | Path) -> bool:
+    from .convert import IMAGE_SUFFIXES  # convert imports this module
+
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
 def expand_shards(spec: str) -> list[str]:
     """Shard spec -> list of URLs/paths.
 
@@ -366,6 +389,8 @@ def expand_shards(spec: str) -> list[str]:
             urls.extend(found)
         elif os.path.isdir(part):
             found = sorted(str(p) for p in Path(part).glob("*.tar"))
+            if not found and any(p.is_file() and _is_image(p) for p in Path(part).expanduser().rglob("*")):
+                raise ImagesNotShards(part, part)
             if not found:
                 raise FileNotFoundError(f"no .tar shards in directory '{part}'")
             urls.extend(found)
@@ -373,11 +398,15 @@ def expand_shards(spec: str) -> list[str]:
             found = sorted(glob.glob(os.path.expanduser(part)))
             if not found:
                 raise FileNotFoundError(f"no shards match '{part}'")
+            if any(_is_image(p) for p in found):  # read as tar they would fail with tarfile's 'bad checksum'
+                raise ImagesNotShards(part, os.path.dirname(found[0]) or ".")
             urls.extend(found)
         else:
             path = os.path.expanduser(part)
             if not os.path.exists(path):
                 raise FileNotFoundError(f"shard '{part}' does not exist")
+            if _is_image(path):
+                raise ImagesNotShards(part, os.path.dirname(path) or ".")
             urls.append(path)
     if not urls:
         raise FileNotFoundError(f"no shards in '{spec}'")
