@@ -580,7 +580,7 @@ def _probe(url: str, expect_chw: tuple[int, int, int], max_bad_fraction: float, 
                   else (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200])
         if read == 0 and (isinstance(exc, tarfile.ReadError) or "bad checksum" in reason or "truncated header" in reason):
             # webdataset passes tarfile's error on as a tuple with the open file in it: say what it means
-            raise ValueError(f"the first shard, {url}, is not a tar file; shards are made by "
+            raise ValueError(f"cannot read the first shard, {url}: it is not a tar file; shards are made by "
                              "`python -m dcgan_dist.data convert` or `data synth`") from None
         if read == 0:
             raise ValueError(f"cannot read the first shard, {url}: {reason}") from None
