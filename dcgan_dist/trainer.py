@@ -280,7 +280,9 @@ class Trainer:
         rate = (step - first) * self.global_batch / max(seconds, 1e-9)
         stopped = stopping.signal_of(stop) if step < cfg.train.max_steps else 0  # at the last step: finished
         self.say(f"{'Stopped' if stopped else 'Done'}: step {step} in {seconds:.1f} s ({rate:.1f} images/s)")
-        self.say(f"  checkpoint: {self.checkpoints.last_saved}\n  samples:    {self.storage.where('samples')}\n"
+        # A samples folder is named only once a grid is in it (a short run may stop before the first).
+        samples = self.storage.where("samples") if self.env.is_main and self.storage.list("samples") else "none yet"
+        self.say(f"  checkpoint: {self.checkpoints.last_saved}\n  samples:    {samples}\n"
                  f"  metrics:    {self.storage.where('metrics.jsonl')}")
         return TrainResult(step, self.checkpoints.last_saved, self.storage.location, last_record, seconds, stopped,
                            bool(stopped) and stopping.own_signal(stop))
