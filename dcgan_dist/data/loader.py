@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import RunError
 from ..images import to_unit_range
 from .shards import (ImagesNotShards, is_url, decode_sample, expand_shards, iter_samples, shard_counts, spec_parts)
-from .synth import ensure_synthetic
+from .synth import available_cpus, ensure_synthetic
 
 log = logging.getLogger("dcgan_dist.data")
 
@@ -339,6 +339,12 @@ class ImageBatches:
             log.warning("dataset.json lists %d shard(s) that are gone (%d samples): %s", len(missing),
                         sum(counts[m] for m in missing), ", ".join(os.path.basename(m) for m in missing[:5]))
         rank_urls = split_for_rank(urls, rank, world_size)
+        cpus = available_cpus()
+        if num_workers > cpus:  # more would only share the cores (and torch warns, twice)
+            if rank == 0:
+                log.warning("data.num_workers=%d but this process may use %d CPU(s): using %d loader worker(s)",
+                            num_workers, cpus, cpus)
+            num_workers = cpus
         # A slot needs at least one shard of its own, so a rank never runs more loader workers than shards.
         self.num_slots = max(1, min(num_workers, len(rank_urls))) if num_workers > 0 else 1
         if num_workers > self.num_slots:

@@ -13,6 +13,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import time
 import signal
 from contextlib import nullcontext
 from pathlib import Path
@@ -159,6 +160,18 @@ def _drawing_process_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a taskset, a container's cpuset), not the machine's."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # no sched_getaffinity on macOS
+        return os.cpu_count() or 1
+
+
+# Without a terminal (CI, nohup, Ray job logs) the drawing says how far it is in a line this often.
+PROGRESS_LINE_S = 5.0
+
+
 def write_synthetic_shards(
     out_dir: str | Path,
     num: int,
@@ -179,8 +192,10 @@ def write_synthetic_shards(
         (str(out.staging / (SHARD_PATTERN % j)), start, min(start + shard_size, num), seed, size, channels, fmt)
         for j, start in enumerate(range(0, num, shard_size))
     ]
-    processes = processes or min(len(jobs), os.cpu_count() or 1)
+    processes = processes or min(len(jobs), available_cpus())
     bar = tqdm(total=num, unit="img", desc=f"drawing faces -> {out_dir}", disable=None if progress else True)  # None: only on a terminal
+    lines = progress and bar.disable  # no bar (no terminal): plain lines instead
+    started = last_line = time.monotonic()
     counts = {}
     try:
         with raise_on_signals():
@@ -191,6 +206,12 @@ def write_synthetic_shards(
                     out.finished(name)
                     counts[name] = n
                     bar.update(n)
+                    now = time.monotonic()
+                    if lines and now - last_line >= PROGRESS_LINE_S and len(counts) < len(jobs):
+                        done = sum(counts.values())
+                        left = (num - done) * (now - started) / done
+                        print(f"drawing faces: {done}/{num} ({100 * done / num:.0f}%), ~{left:.0f} s left", flush=True)
+                        last_line = now
     except BaseException:
         bar.close()
         out.discard(Path(job[0]).name for job in jobs)
@@ -222,6 +243,7 @@ def ensure_synthetic(cache_dir: str, num: int, size: int, channels: int, seed: i
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = root / f".{name}.tmp-{os.getpid()}"
             shard_size = max(50, min(1000, num // 64 or 1))  # enough shards to split across many workers
+            started = time.monotonic()
             try:
                 write_synthetic_shards(tmp, num, shard_size, size, seed, channels)
             except BaseException:  # a stop or an error: nothing half-drawn stays behind
@@ -229,4 +251,5 @@ def ensure_synthetic(cache_dir: str, num: int, size: int, channels: int, seed: i
                 raise
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
+            print(f"Generated {num} faces in {time.monotonic() - started:.1f} s (reused from now on)", flush=True)
     return final
