@@ -28,7 +28,7 @@ METRICS_FILE = "metrics.jsonl"
 ESTIMATE_FILE = "estimate.json"
 # The CPU estimate: measured over the steps after the first (which pays for warm-up), for at least this long and
 # this many steps, and written well within a run's first 30 s even at seconds per step.
-ESTIMATE_MIN_S, ESTIMATE_MIN_STEPS, ESTIMATE_MAX_S = 3.0, 3, 12.0
+ESTIMATE_MIN_S, ESTIMATE_MIN_STEPS, ESTIMATE_MAX_S = 2.0, 3, 8.0
 # An estimate longer than this on a CPU is said in a line, with the way to something faster.
 LONG_ON_CPU_S = 30 * 60
 
