@@ -6,8 +6,8 @@
 
 --checkpoint takes a checkpoint file, a Ray checkpoint directory, a folder of checkpoints, or a run directory
 (local or Ray: its newest checkpoint). Without --out the grid goes into the run's folder, never the current
-directory: <run dir>/samples/grid_step<N>_seed<K>.png (the run dir: the folder given, or the one holding the
-checkpoints/ folder of the file given), and --progress writes <RUN_DIR>/progress.gif. A checkpoint in an
+directory: <run dir>/samples/grid_step<N>_seed<K>.png (the run dir: the nearest folder with the run's config.yaml,
+from the checkpoint upwards), and --progress writes <RUN_DIR>/progress.gif. A checkpoint in an
 object store needs --out.
 """
 
@@ -29,14 +29,20 @@ from .sampler import progress_animation
 from .storage import RunStorage, StoreError, check_bucket, is_remote
 
 
+# How far above a checkpoint its run's config.yaml may be: <run>/ray/<trial>/checkpoint_N/ is the deepest.
+RUN_FOLDER_DEPTH = 5
+
+
 def run_folder(checkpoint: str) -> Path:
-    """The local run folder a checkpoint belongs to: the folder given, or the one above its checkpoints/ folder
-    (a Ray checkpoint directory or a loose file: the folder holding it)."""
-    path = Path(checkpoint)
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        return path
-    holder = path.parent
-    return holder.parent if holder.name == "checkpoints" else holder
+    """The local run folder a checkpoint belongs to: the nearest folder, from the one given (or holding the file
+    given) upwards, that has the run's config.yaml (a checkpoints/ file, a Ray checkpoint directory a few levels
+    down); without one, the folder given or the one holding the file."""
+    path = Path(checkpoint).expanduser()
+    start = path if path.is_dir() else path.parent
+    for folder in [start, *start.parents][:RUN_FOLDER_DEPTH]:
+        if (folder / "config.yaml").is_file():
+            return folder
+    return start
 
 
 def main(argv: list[str] | None = None) -> int:

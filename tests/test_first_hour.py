@@ -107,6 +107,20 @@ def test_a_glob_of_files_that_are_not_tars_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_glob_of_shards_and_images_names_the_images(tmp_path, tiny_shards):
+    data = tmp_path / "faces"
+    data.mkdir()
+    for shard in sorted(tiny_shards.glob("*.tar"))[:2]:
+        (data / shard.name).write_bytes(shard.read_bytes())
+    Image.new("RGB", (8, 8)).save(data / "preview.png")  # what `data inspect` leaves beside the shards
+    proc = run_cli("-m", "dcgan_dist.train", "--config", "debug", *TINY, f"data.shards={data}/*",
+                   f"run.dir={tmp_path / 'run'}", timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "preview.png" in lines[0] and lines[0].endswith(f"{data}/*.tar"), proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_shards):
     """A short tiny run started from an empty working directory: (its process, run dir, working dir)."""

@@ -398,8 +398,13 @@ def expand_shards(spec: str) -> list[str]:
             found = sorted(glob.glob(os.path.expanduser(part)))
             if not found:
                 raise FileNotFoundError(f"no shards match '{part}'")
-            if any(_is_image(p) for p in found):  # read as tar they would fail with tarfile's 'bad checksum'
+            pictures = [p for p in found if _is_image(p)]  # read as tar they would fail with 'bad checksum'
+            if pictures and len(pictures) == len(found):
                 raise ImagesNotShards(part, os.path.dirname(found[0]) or ".")
+            if pictures:  # shards and images alike (a preview.png beside the shards, say)
+                raise FileNotFoundError(f"'{part}' matches image files as well as shards ({os.path.basename(pictures[0])}"
+                                        f"{f' and {len(pictures) - 1} more' if len(pictures) > 1 else ''}): match "
+                                        f"only the shards, e.g. {os.path.join(os.path.dirname(found[0]), '*.tar')}")
             urls.extend(found)
         else:
             path = os.path.expanduser(part)
