@@ -28,7 +28,7 @@ METRICS_FILE = "metrics.jsonl"
 ESTIMATE_FILE = "estimate.json"
 # The CPU estimate: measured over the steps after the first (which pays for warm-up), for at least this long and
 # this many steps, and written well within a run's first 30 s even at seconds per step.
-ESTIMATE_MIN_S, ESTIMATE_MIN_STEPS, ESTIMATE_MAX_S = 2.0, 3, 8.0
+ESTIMATE_MIN_S, ESTIMATE_MIN_STEPS, ESTIMATE_MAX_S = 2.0, 3, 3.0
 # An estimate longer than this on a CPU is said in a line, with the way to something faster.
 LONG_ON_CPU_S = 30 * 60
 
@@ -301,6 +301,10 @@ class Metrics:
         self._flush()
         if "images_per_s" in record:
             self.progress.log(record)
+            # A run that reaches max_steps before the estimate was measured long enough: from the steps there were
+            # (here, not at close: a failing run, a store that stopped answering, is not kept waiting for it).
+            if not self.estimated and record["step"] >= self.cfg.train.max_steps and self.estimate_from is not None:
+                self._estimate(at_end=True)
         if self.wandb:
             self.wandb.log(record, record["step"])
 
@@ -317,8 +321,6 @@ class Metrics:
             self.wandb.log_animation(key, gif, step)
 
     def close(self, step: int) -> None:
-        if not self.estimated and self.env.is_main and self.estimate_from is not None:
-            self._estimate(at_end=True)
         if self.progress:
             self.progress.close()
         if self.wandb:

