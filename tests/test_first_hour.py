@@ -195,6 +195,8 @@ def test_a_gpu_preset_on_a_cpu_estimates_its_time_within_30_s(tmp_path):
             proc.kill()
             proc.communicate()
     assert proc.returncode == 128 + signal.SIGTERM, stderr
+    # The embedded set was drawn first (this run's own cache dir): it says how long that took.
+    assert re.search(r"^Generated 512 faces in [\d.]+ s", stdout, re.M), stdout
     estimate = json.loads(estimate_file.read_text())
     assert estimate["long"] is True and estimate["max_steps"] == 10000 and estimate["global_batch"] == 128
     assert estimate["estimated_total_s"] == pytest.approx(10000 * 128 / estimate["images_per_s"])
