@@ -36,9 +36,9 @@ import logging
 import os
 import random
 import re
-import tarfile
 import signal
 import sys
+import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
