@@ -36,6 +36,7 @@ import torch
 
 from . import config as config_lib
 from .distributed.env import DistEnv
+from .errors import RunError
 from .models import Generator
 from .schedule import Schedule
 from .storage import RunStorage, check_bucket, is_remote
@@ -382,6 +383,8 @@ class CheckpointManager:
                 error = ("another model", str(exc))
             except CheckpointError as exc:
                 error = ("unreadable", str(exc))
+            except RunError as exc:  # the object store stopped answering: no verdict on this checkpoint
+                error = ("store", str(exc))
             except Exception as exc:  # noqa: BLE001 - whatever a part raised about data it cannot take: no fit
                 error = ("does not fit", f"{where} does not fit this run ({one_line(exc)})")
             errors = [e for e in self.env.gather_objects(error) if e]
@@ -392,7 +395,9 @@ class CheckpointManager:
                 return step
             if loaded:
                 self._load_parts(fresh)  # the parts as they were built, nothing of this checkpoint left in them
-            kind, message = next((e for e in errors if e[0] == "another model"), errors[0])
+            kind, message = next((e for e in errors if e[0] in ("store", "another model")), errors[0])
+            if kind == "store":  # on every rank: an older checkpoint must not be taken for a newer one not read
+                raise RunError(message)
             if kind == "another model":
                 raise AnotherModelError(message)
             if i == len(saved) - 1:

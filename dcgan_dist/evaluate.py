@@ -23,7 +23,7 @@ import sys
 
 import webdataset as wds
 
-from . import cli
+from . import cli, stopping
 from .checkpoint import CheckpointError, load_generator, plain_location, settings_of
 from .config import Config, DataSection
 from .data import check_shards, ensure_synthetic, expand_shards
@@ -137,5 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run(argv: list[str] | None = None) -> int:
+    """main, with a stop while the synthetic faces are drawn (SIGTERM, Ctrl-C) as one line: nothing of them kept."""
+    try:
+        return main(argv)
+    except stopping.StoppedBySignal as exc:
+        print(f"stopped by {exc}; nothing was kept", file=sys.stderr)
+        return 128 + exc.signum
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

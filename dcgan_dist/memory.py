@@ -94,16 +94,24 @@ def evaluation_bytes(cfg: Config) -> int:
 
 def _cgroup_free() -> int | None:
     """Bytes this process's cgroup (a container, a Kubernetes pod) may still allocate, when it has a limit."""
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):  # cgroup v1
+    # The usage counts the page cache (the shards just read, say), which the kernel reclaims before it kills:
+    # the inactive file pages are subtracted, as the kubelet does for its own eviction decisions.
+    for folder, limit_name, usage_name, cache_key in (
+            ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),  # cgroup v2
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):  # v1
         try:
-            limit = Path(limit_file).read_text().strip()
-            usage = int(Path(usage_file).read_text().strip())
+            limit = Path(folder, limit_name).read_text().strip()
+            usage = int(Path(folder, usage_name).read_text().strip())
         except (OSError, ValueError):
             continue
-        if limit.isdigit() and int(limit) < 2**60:  # "max" or v1's huge number: no limit
-            return max(int(limit) - usage, 0)
+        if not (limit.isdigit() and int(limit) < 2**60):  # "max" or v1's huge number: no limit
+            continue
+        try:
+            stat = dict(line.split() for line in Path(folder, "memory.stat").read_text().splitlines() if " " in line)
+            usage -= min(int(stat.get(cache_key, 0)), usage)
+        except (OSError, ValueError):
+            pass
+        return max(int(limit) - usage, 0)
     return None
 
 

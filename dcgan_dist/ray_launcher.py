@@ -41,8 +41,7 @@ from .checkpoint import (BEST_FILE, STATE_FILE, CheckpointError, load, ray_stora
                          to_bytes)
 from .config import Config, ConfigError, from_dict, to_dict
 from .distributed.env import DistEnv
-from .errors import RunError
-from .metrics import emit
+from .metrics import NonFiniteLoss, emit
 from .storage import S3_ENV, filesystem, is_remote
 from .trainer import StepHook, Trainer
 
@@ -220,8 +219,10 @@ def train_worker(config: dict, stop: "ray.actor.ActorHandle | None", hooks: Sequ
         result = trainer.fit()
     except CheckpointError as exc:
         return {"error": str(exc)}
-    except RunError as exc:  # raised on every rank alike (a divergence): restarting would only fail again
+    except NonFiniteLoss as exc:  # raised on every rank alike (a divergence): restarting would only fail again
         return {"error": str(exc), "exit_code": 1}
+    # Any other RunError (bad data, the store gone) may be one rank's alone: it propagates, so that Ray Train ends
+    # the whole group (a rank that returned would leave the others waiting in a collective) and restarts it.
     if result.preempted:
         raise Preempted(f"a worker received {signal.Signals(result.stopped_by).name}: stopped after step "
                         f"{result.step} with a checkpoint; Ray restarts the workers from it")

@@ -240,7 +240,8 @@ class _Lease:
                           f"({_describe(current)})", file=sys.stderr, flush=True)
                     return
                 self._write()
-            except OSError as exc:  # the store did not answer: the lease may lapse; try again at the next beat
+            except (OSError, RunError) as exc:  # the store did not answer (StoreUnreachable past run.storage_timeout_s
+                # is a RunError: the run's own next write ends it in one line): the lease may lapse; try at the next beat
                 print(f"warning: cannot renew the lease on {self.storage.where(LOCK_FILE)}: {str(exc)[:200]}",
                       file=sys.stderr, flush=True)
 
@@ -253,7 +254,7 @@ class _Lease:
             current = self._read()
             if current and current.get("token") == self.token:
                 self.storage.delete(LOCK_FILE)
-        except OSError:
+        except (OSError, RunError):  # the store did not answer (it may be why the run ends): the error is the run's
             pass  # the lease expires by itself
 
 
