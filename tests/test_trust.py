@@ -284,3 +284,35 @@ def test_a_sweep_trial_copies_a_start_checkpoint_only_from_the_sweep_and_only_a_
             copy_start(str(path), str(root), trial, "start/y.pt")
         assert "\n" not in str(error.value)
     assert not (root / "trials" / "b" / "start" / "y.pt").exists()
+
+
+def test_resume_with_the_store_gone_is_the_stores_error_not_a_misfit():
+    """A checkpoint the object store did not deliver says nothing about whether it fits: the resume stops with the
+    store's one line (RunError, exit 1) and never falls back to an older checkpoint, which would lose the newer
+    steps silently."""
+    from dcgan_dist.distributed.env import DistEnv
+    from dcgan_dist.errors import RunError
+    from dcgan_dist.schedule import Schedule
+    from dcgan_dist.storage import StoreUnreachable
+
+    tried = []
+
+    class StoreGone:
+        def newest_first(self):
+            def unreachable():
+                tried.append("step_0000006.pt")
+                raise StoreUnreachable("the object store at http://127.0.0.1:1 did not answer for 5 s (reading "
+                                       "s3://b/runs/x/checkpoints/step_0000006.pt)")
+
+            def older():
+                tried.append("step_0000003.pt")
+                return {}
+
+            yield "s3://b/runs/x/checkpoints/step_0000006.pt", unreachable
+            yield "s3://b/runs/x/checkpoints/step_0000003.pt", older
+
+    manager = ckpt.CheckpointManager(StoreGone(), DistEnv(device=torch.device("cpu")), {}, {}, {}, Schedule(1, last=6),
+                                     say=lambda line: None)
+    with pytest.raises(RunError, match=r"^the object store at .* did not answer") as raised:
+        manager.restore()
+    assert not isinstance(raised.value, ckpt.CheckpointError) and tried == ["step_0000006.pt"]
