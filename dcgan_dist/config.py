@@ -85,7 +85,9 @@ class TrainSection:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = bounded(0, at_least=0)  # torch CPU threads per process; 0 = torch's default
     ema_decay: float = bounded(0.0, at_least=0.0, below=1.0)  # EMA of G's weights for samples and evaluation; 0 = off
-    eval_every: int = bounded(0, at_least=0)  # SWD against real images every N steps, keeping the best checkpoint; 0 = off
+    eval_every: int = bounded(
+        0, at_least=0
+    )  # SWD against real images every N steps, keeping the best checkpoint; 0 = off
     # auto: bf16 autocast where the device computes bf16 natively (Ampere+ GPUs; CPUs with AVX512-BF16 or
     # AMX), fp32 elsewhere; fp16 adds gradient scaling. Resolved at start (precision.py), printed, recorded.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -118,8 +120,12 @@ class DistSection:
     min_workers: int = bounded(0, at_least=0)
     resize_check_s: float = bounded(60.0, above=0.0)  # ray, elastic: how often a running group checks for room to grow
     sync_bn: bool = True  # batch norm statistics over the global batch (all workers), for G and D
-    cpus_per_worker: int = bounded(1, at_least=1)  # ray: CPUs reserved per worker (loader processes and torch threads use them)
-    max_failures: int = bounded(3, at_least=0)  # ray: restarts of the worker group from the latest checkpoint after a failure
+    cpus_per_worker: int = bounded(
+        1, at_least=1
+    )  # ray: CPUs reserved per worker (loader processes and torch threads use them)
+    max_failures: int = bounded(
+        3, at_least=0
+    )  # ray: restarts of the worker group from the latest checkpoint after a failure
     # ray: where Ray Train keeps checkpoints (<storage_path>/<run.name>/step_*). Multi-node: shared storage
     # (NFS path, s3://..., gs://...). Empty: <run.dir>/ray.
     storage_path: str = ""
@@ -294,8 +300,10 @@ def validate(cfg: Config) -> None:
             if "above" in limits and value <= limits["above"]:
                 raise ConfigError(f"config key '{key}' is {value}; it must be above {limits['above']}")
     if cfg.dist.min_workers > cfg.dist.num_workers:
-        raise ConfigError(f"config key 'dist.min_workers' is {cfg.dist.min_workers}, more than dist.num_workers "
-                          f"({cfg.dist.num_workers}); elastic training runs between the two")
+        raise ConfigError(
+            f"config key 'dist.min_workers' is {cfg.dist.min_workers}, more than dist.num_workers "
+            f"({cfg.dist.num_workers}); elastic training runs between the two"
+        )
     if cfg.dist.launcher == "local" and cfg.dist.num_workers != 1:
         raise ConfigError(
             f"config key 'dist.num_workers' is {cfg.dist.num_workers} but dist.launcher=local runs one process; "
@@ -317,21 +325,29 @@ def check_run_location(run: RunSection) -> None:
     """run.name is a plain name and run.dir is not a system folder (nor the home folder itself); ConfigError
     otherwise. For what a user typed (files and overrides): configs stored by older runs are read as they are."""
     if not _RUN_NAME.match(run.name) or run.name in (".", ".."):
-        raise ConfigError(f"config key 'run.name' is {run.name!r}; it must be a plain name of letters, digits, '.', "
-                          "'_' and '-' (at most 128, not '.' or '..')")
+        raise ConfigError(
+            f"config key 'run.name' is {run.name!r}; it must be a plain name of letters, digits, '.', "
+            "'_' and '-' (at most 128, not '.' or '..')"
+        )
     if any(ord(c) < 32 or ord(c) == 127 for c in run.dir):
         raise ConfigError(f"config key 'run.dir' is {run.dir!r}; it holds a control character: give a plain path")
     if run.dir.startswith("s3://"):
         return
     if not run.dir.strip():
-        raise ConfigError("config key 'run.dir' is empty; give a folder (default: runs/<run.name>) or s3://bucket/prefix")
+        raise ConfigError(
+            "config key 'run.dir' is empty; give a folder (default: runs/<run.name>) or s3://bucket/prefix"
+        )
     where = os.path.realpath(os.path.expanduser(run.dir))  # symbolic links followed: where the files would land
     home = os.path.realpath(os.path.expanduser("~"))
-    system = where in _SYSTEM_DIRS or where == home or any(where == t or where.startswith(t + "/") for t in _SYSTEM_TREES)
+    system = (
+        where in _SYSTEM_DIRS or where == home or any(where == t or where.startswith(t + "/") for t in _SYSTEM_TREES)
+    )
     if system:
-        raise ConfigError(f"run.dir={run.dir}: {where} is a system folder{' (your home folder)' if where == home else ''}; "
-                          "a run writes config.yaml, metrics.jsonl, samples/ and checkpoints/ into run.dir: choose a "
-                          "folder of its own, e.g. runs/<name>")
+        raise ConfigError(
+            f"run.dir={run.dir}: {where} is a system folder{' (your home folder)' if where == home else ''}; "
+            "a run writes config.yaml, metrics.jsonl, samples/ and checkpoints/ into run.dir: choose a "
+            "folder of its own, e.g. runs/<name>"
+        )
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -361,8 +377,11 @@ def to_yaml(cfg: Config) -> str:
 
 def flat_settings(cfg: Config) -> list[tuple[str, Any]]:
     """(section.key, value) for every setting, in schema order."""
-    return [(f"{s.name}.{f.name}", getattr(getattr(cfg, s.name), f.name))
-            for s in dataclasses.fields(Config) for f in dataclasses.fields(s.default_factory)]
+    return [
+        (f"{s.name}.{f.name}", getattr(getattr(cfg, s.name), f.name))
+        for s in dataclasses.fields(Config)
+        for f in dataclasses.fields(s.default_factory)
+    ]
 
 
 def split_args(argv: list[str]) -> tuple[str | None, list[str]]:

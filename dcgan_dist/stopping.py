@@ -17,8 +17,8 @@ import shlex
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _OWN_SIGNAL = 1000  # added to the code when this process itself received the signal (a preempted Ray worker)
@@ -86,8 +86,10 @@ def clear() -> None:
 def report(signum: int, step: int, checkpoint: str | None, argv: list[str]) -> int:
     """The one line a stopped run ends with (stderr), and its exit code (128 + the signal's number)."""
     command = shlex.join(["python", "-m", "dcgan_dist.train", *argv])
-    sys.stderr.write(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint: {checkpoint}; "
-                     f"resume with: {command}\n")
+    sys.stderr.write(
+        f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint: {checkpoint}; "
+        f"resume with: {command}\n"
+    )
     sys.stderr.flush()
     return 128 + signum
 

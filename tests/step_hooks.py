@@ -8,8 +8,8 @@ seconds longer (time to stop a job from outside). --kill-after-checkpoint STEP -
 the checkpoint of STEP is stored, once. --pause-after STEP --until FILE: rank 0 stops right after
 step STEP, creates FILE.paused and waits until FILE exists (a test does something meanwhile), unless FILE exists
 already (a resumed run passes through). --record DIR: every rank appends what it trained on at each step
-(the tags of tests.test_data.tagged_images) to DIR/rank<R>.jsonl. Under dist.launcher=ray the hooks travel to the Ray workers
-(pickled by value, being defined in this script)."""
+(the tags of tests.test_data.tagged_images) to DIR/rank<R>.jsonl. Under dist.launcher=ray the hooks travel to the Ray
+workers (pickled by value, being defined in this script)."""
 
 import argparse
 import json
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from dcgan_dist.train import main
+from dcgan_dist.cli.train import main
 
 
 class SignalAfterStep:
@@ -40,7 +40,7 @@ class SignalAfterStep:
 def kill_after_checkpoint(step: int, marker: Path) -> None:
     """SIGKILL this process right after the checkpoint of `step` is stored, before anything else runs (once per
     marker file): the moment between a checkpoint and whatever the run would write after it."""
-    from dcgan_dist.checkpoint import CheckpointManager
+    from dcgan_dist.training.checkpoint import CheckpointManager
 
     save = CheckpointManager.save
 
@@ -96,8 +96,12 @@ if __name__ == "__main__":
     parser.add_argument("--pause-after", type=int, default=0)
     parser.add_argument("--until", type=Path)
     parser.add_argument("--marker", help="the once-only marker file (default: in run.dir, when that is a folder)")
-    parser.add_argument("--kill-after-checkpoint", type=int, metavar="STEP",
-                        help="SIGKILL right after the checkpoint of STEP is stored (once per --marker)")
+    parser.add_argument(
+        "--kill-after-checkpoint",
+        type=int,
+        metavar="STEP",
+        help="SIGKILL right after the checkpoint of STEP is stored (once per --marker)",
+    )
     args, train_args = parser.parse_known_args()
     if args.kill_after_checkpoint:
         kill_after_checkpoint(args.kill_after_checkpoint, Path(args.marker))

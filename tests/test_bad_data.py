@@ -45,8 +45,9 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def write_set(folder: Path, shards: list[list[bytes]], image_size: int = 32, channels: int = 3,
-              dataset_json: bool = True) -> Path:
+def write_set(
+    folder: Path, shards: list[list[bytes]], image_size: int = 32, channels: int = 3, dataset_json: bool = True
+) -> Path:
     """Hand-made shards of the given PNG bytes, and (dataset_json) a dataset.json that counts them rightly."""
     folder.mkdir(parents=True)
     counts = {}
@@ -54,15 +55,34 @@ def write_set(folder: Path, shards: list[list[bytes]], image_size: int = 32, cha
         write_tar(folder / f"shard-{s:06d}.tar", [(f"{s:03d}{i:06d}.png", data) for i, data in enumerate(images)])
         counts[f"shard-{s:06d}.tar"] = len(images)
     if dataset_json:
-        (folder / "dataset.json").write_text(json.dumps({
-            "num_samples": sum(counts.values()), "image_size": image_size, "channels": channels, "format": "png",
-            "num_shards": len(shards), "shard_counts": counts}))
+        (folder / "dataset.json").write_text(
+            json.dumps(
+                {
+                    "num_samples": sum(counts.values()),
+                    "image_size": image_size,
+                    "channels": channels,
+                    "format": "png",
+                    "num_shards": len(shards),
+                    "shard_counts": counts,
+                }
+            )
+        )
     return folder
 
 
 def train(run_dir: Path, shards: Path | str, *extra: str, timeout: float = HANG) -> subprocess.CompletedProcess:
-    return run_cli("-m", "dcgan_dist.train", *TINY, f"data.shards={shards}", f"run.dir={run_dir}", "train.max_steps=30",
-                   "train.checkpoint_every=10", "train.sample_every=0", *extra, timeout=timeout)
+    return run_cli(
+        "-m",
+        "dcgan_dist.train",
+        *TINY,
+        f"data.shards={shards}",
+        f"run.dir={run_dir}",
+        "train.max_steps=30",
+        "train.checkpoint_every=10",
+        "train.sample_every=0",
+        *extra,
+        timeout=timeout,
+    )
 
 
 def no_run_files(run_dir: Path) -> bool:
@@ -83,16 +103,19 @@ def bad_later_shards(folder: Path, kind: str) -> Path:
     if kind == "mixed sizes":
         bad = [[png(rgb(7 * s + i, 64 if i % 2 else 32)) for i in range(32)] for s in range(2)]
     elif kind == "greyscale in RGB":
-        bad = [[png(rgb(7 * s + i)[:, :, 0], "L") if i % 2 else png(rgb(7 * s + i)) for i in range(32)]
-               for s in range(2)]
+        bad = [
+            [png(rgb(7 * s + i)[:, :, 0], "L") if i % 2 else png(rgb(7 * s + i)) for i in range(32)] for s in range(2)
+        ]
     else:  # undecodable
         bad = [[b"\x89PNG not really" if i % 2 else png(rgb(7 * s + i)) for i in range(32)] for s in range(2)]
     return write_set(folder, [good[0], bad[0], good[1], bad[1]])
 
 
 # Every loader layout with one kind; the other kinds differ only in what the line says.
-@pytest.mark.parametrize("kind, num_workers", [("mixed sizes", 0), ("mixed sizes", 1), ("mixed sizes", 2),
-                                               ("greyscale in RGB", 2), ("undecodable", 0)])
+@pytest.mark.parametrize(
+    "kind, num_workers",
+    [("mixed sizes", 0), ("mixed sizes", 1), ("mixed sizes", 2), ("greyscale in RGB", 2), ("undecodable", 0)],
+)
 def test_bad_data_in_a_later_shard_ends_the_run_in_one_line(tmp_path, kind, num_workers):
     """A loader process's finding reaches the training process as one line naming the shard, the sample and what
     is wrong; the loader processes are shut down and the run exits 1 within seconds (it used to hang)."""
@@ -102,9 +125,11 @@ def test_bad_data_in_a_later_shard_ends_the_run_in_one_line(tmp_path, kind, num_
     line = error_lines(proc)[-1]
     assert "unusable sample(s) of " in line and "more than data.max_bad_fraction=0.05" in line, line
     assert "shard-000001.tar" in line or "shard-000003.tar" in line, line
-    detail = {"mixed sizes": "64x64 with 3 channel(s), the model expects 32x32 with 3",
-              "greyscale in RGB": "32x32 with 1 channel(s), the model expects 32x32 with 3",
-              "undecodable": "cannot decode"}[kind]
+    detail = {
+        "mixed sizes": "64x64 with 3 channel(s), the model expects 32x32 with 3",
+        "greyscale in RGB": "32x32 with 1 channel(s), the model expects 32x32 with 3",
+        "undecodable": "cannot decode",
+    }[kind]
     assert detail in line, line
     assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))  # it stopped within the first pass
 
@@ -136,11 +161,25 @@ def test_a_few_bad_samples_are_skipped_counted_and_reported_once(tmp_path, num_w
 
 
 def test_a_killed_loader_process_ends_the_run_in_one_line(tmp_path, tiny_shards):
-    run = subprocess.Popen([sys.executable, "-m", "dcgan_dist.train", *TINY, "data.num_workers=1",
-                            f"data.shards={tiny_shards}", f"run.dir={tmp_path / 'run'}", "train.max_steps=100000",
-                            "train.log_every=5", "train.checkpoint_every=5"],
-                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dcgan_dist.train",
+            *TINY,
+            "data.num_workers=1",
+            f"data.shards={tiny_shards}",
+            f"run.dir={tmp_path / 'run'}",
+            "train.max_steps=100000",
+            "train.log_every=5",
+            "train.checkpoint_every=5",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in run.stdout:  # training, so the loader process is running
         if line.startswith("step"):
             break
@@ -161,13 +200,17 @@ def test_a_killed_loader_process_ends_the_run_in_one_line(tmp_path, tiny_shards)
 
 BEFORE_WORK = {
     # the first shard: half its images greyscale in an RGB set
-    "greyscale in the first shard": lambda d: write_set(d, [[png(rgb(i)[:, :, 0], "L") if i % 2 else png(rgb(i))
-                                                             for i in range(32)]] * 2),
+    "greyscale in the first shard": lambda d: write_set(
+        d, [[png(rgb(i)[:, :, 0], "L") if i % 2 else png(rgb(i)) for i in range(32)]] * 2
+    ),
     # dataset.json says 32x32; the images are 64x64
-    "dataset.json misstates the size": lambda d: write_set(d, [[png(rgb(i, 64)) for i in range(32)]] * 2,
-                                                           image_size=32),
-    "every shard unreadable": lambda d: write_set(d, [[png(rgb(i))] for i in range(2)], dataset_json=False) and [
-        (d / f"shard-{s:06d}.tar").write_bytes(b"garbage" * 50) for s in range(2)],
+    "dataset.json misstates the size": lambda d: write_set(
+        d, [[png(rgb(i, 64)) for i in range(32)]] * 2, image_size=32
+    ),
+    "every shard unreadable": lambda d: (
+        write_set(d, [[png(rgb(i))] for i in range(2)], dataset_json=False)
+        and [(d / f"shard-{s:06d}.tar").write_bytes(b"garbage" * 50) for s in range(2)]
+    ),
 }
 
 
@@ -178,10 +221,12 @@ def test_bad_data_in_the_first_shard_is_refused_before_work(tmp_path, case):
     assert proc.returncode == 2, proc.stderr
     lines = error_lines(proc)
     assert len(lines) == 1 and lines[0].startswith(f"error: data.shards={tmp_path / 'data'}: ")
-    expected = {"greyscale in the first shard": "16 of the first 32 samples of shard-000000.tar are unusable",
-                "dataset.json misstates the size": "the shards hold 64x64 images with 3 channel(s) (shard-000000.tar "
-                                                   "(dataset.json says otherwise)) but the model is 32x32",
-                "every shard unreadable": "cannot read the first shard"}[case]
+    expected = {
+        "greyscale in the first shard": "16 of the first 32 samples of shard-000000.tar are unusable",
+        "dataset.json misstates the size": "the shards hold 64x64 images with 3 channel(s) (shard-000000.tar "
+        "(dataset.json says otherwise)) but the model is 32x32",
+        "every shard unreadable": "cannot read the first shard",
+    }[case]
     assert expected in lines[0], lines[0]
     assert no_run_files(tmp_path / "run")  # no run file
 
@@ -199,8 +244,10 @@ def test_a_batch_larger_than_the_data_set_is_refused_before_work(tmp_path, tiny_
     proc = train(tmp_path / "run", tiny_shards, "train.batch_size=100000000")
     assert proc.returncode == 2
     (line,) = error_lines(proc)
-    assert line.startswith("error: train.batch_size=100000000 x 1 worker(s) is a global batch of 100000000, larger "
-                           "than the data set (512 samples)"), line
+    assert line.startswith(
+        "error: train.batch_size=100000000 x 1 worker(s) is a global batch of 100000000, larger "
+        "than the data set (512 samples)"
+    ), line
     assert no_run_files(tmp_path / "run")
     # Without dataset.json the size is unknown: the memory the batch needs decides (memory.check_memory).
     (tmp_path / "nojson").mkdir()
@@ -300,10 +347,29 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = HANG) -> None:
 
 
 def start_synth(out: Path, processes: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dcgan_dist.data", "synth", "--out", str(out), "--num", "3000",
-                             "--shard-size", "20", "--size", "32", "--processes", str(processes)],
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dcgan_dist.data",
+            "synth",
+            "--out",
+            str(out),
+            "--num",
+            "3000",
+            "--shard-size",
+            "20",
+            "--size",
+            "32",
+            "--processes",
+            str(processes),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_a_stopped_or_killed_synth_leaves_nothing_training_takes(tmp_path):
@@ -320,8 +386,10 @@ def test_a_stopped_or_killed_synth_leaves_nothing_training_takes(tmp_path):
     synth.kill()
     synth.communicate(timeout=HANG)
     assert UNFINISHED_KEY in json.loads((tmp_path / "killed" / "dataset.json").read_text())  # the placeholder
-    for command in (["dcgan_dist.train", *TINY, f"data.shards={tmp_path / 'killed'}", f"run.dir={tmp_path / 'run'}"],
-                    ["dcgan_dist.data", "inspect", str(tmp_path / "killed")]):
+    for command in (
+        ["dcgan_dist.train", *TINY, f"data.shards={tmp_path / 'killed'}", f"run.dir={tmp_path / 'run'}"],
+        ["dcgan_dist.data", "inspect", str(tmp_path / "killed")],
+    ):
         proc = run_cli("-m", *command)
         assert proc.returncode == 2
         (line,) = error_lines(proc)
@@ -331,16 +399,29 @@ def test_a_stopped_or_killed_synth_leaves_nothing_training_takes(tmp_path):
 
 def test_sigterm_while_drawing_the_embedded_faces_stops_in_one_line_and_keeps_nothing(tmp_path):
     cache = tmp_path / "cache"
-    run = subprocess.Popen([sys.executable, "-m", "dcgan_dist.train", *TINY, "data.synth_num=3000",
-                            f"data.cache_dir={cache}", f"run.dir={tmp_path / 'run'}"],
-                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dcgan_dist.train",
+            *TINY,
+            "data.synth_num=3000",
+            f"data.cache_dir={cache}",
+            f"run.dir={tmp_path / 'run'}",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: len(list(cache.glob(".synth-faces-*.tmp-*/*.tar"))) >= 2, run)
     run.send_signal(signal.SIGTERM)
     _, stderr = run.communicate(timeout=HANG)
     assert run.returncode == 143
-    assert stderr.strip().splitlines() == ["stopped by SIGTERM before training started; run the same command again "
-                                           "to start"]
+    assert stderr.strip().splitlines() == [
+        "stopped by SIGTERM before training started; run the same command again to start"
+    ]
     assert [p.name for p in cache.iterdir()] == [".synth-faces-32px-rgb-n3000-seed0.lock"]
     # A folder a killed process left is not reused; the next run draws a complete set.
     stale = cache / ".synth-faces-32px-rgb-n40-seed0.tmp-999999"

@@ -7,21 +7,45 @@ import pytest
 import torch
 from torch import nn
 
-from dcgan_dist import bench
 from dcgan_dist.config import build_config
-from dcgan_dist.models import build_models
-from dcgan_dist.precision import resolve
+from dcgan_dist.gan.models import build_models
+from dcgan_dist.gan.precision import resolve
+from dcgan_dist.perf import bench
 
 from .conftest import TINY, run_cli
 
 
 def test_local_bench_with_baseline(tiny_shards):
-    proc = run_cli("-m", "dcgan_dist.bench", "--config", "debug", *TINY, f"data.shards={tiny_shards}",
-                   "--steps", "3", "--warmup", "1", "--baseline", "--checkpoint", f"run.dir={tiny_shards.parent / 'bench'}",
-                   check=True)
+    proc = run_cli(
+        "-m",
+        "dcgan_dist.bench",
+        "--config",
+        "debug",
+        *TINY,
+        f"data.shards={tiny_shards}",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--baseline",
+        "--checkpoint",
+        f"run.dir={tiny_shards.parent / 'bench'}",
+        check=True,
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("train_images_per_s", "data_images_per_s", "data_images_per_cpu_s", "baseline_images_per_s", "vs_baseline", "checkpoint_mib",
-                "checkpoint_write_s", "flops_per_image", "baseline_flops_per_image", "mfu", "baseline_mfu"):
+    for key in (
+        "train_images_per_s",
+        "data_images_per_s",
+        "data_images_per_cpu_s",
+        "baseline_images_per_s",
+        "vs_baseline",
+        "checkpoint_mib",
+        "checkpoint_write_s",
+        "flops_per_image",
+        "baseline_flops_per_image",
+        "mfu",
+        "baseline_mfu",
+    ):
         assert result[key] > 0, key
     assert result["batch_size"] == 16 and result["ngf"] == 8 and result["threads"] == 1
     assert result["device"].startswith("cpu")
@@ -41,8 +65,11 @@ def _conv_flops(model: nn.Module, x: torch.Tensor) -> list[float]:
 
     def hook(layer, inputs, output):
         w = layer.weight.shape  # Conv2d: out, in, k, k; ConvTranspose2d: in, out, k, k
-        positions = (inputs[0].shape[2] * inputs[0].shape[3] if isinstance(layer, nn.ConvTranspose2d)
-                     else output.shape[2] * output.shape[3])  # each input pixel scatters / each output pixel gathers
+        positions = (
+            inputs[0].shape[2] * inputs[0].shape[3]
+            if isinstance(layer, nn.ConvTranspose2d)
+            else output.shape[2] * output.shape[3]
+        )  # each input pixel scatters / each output pixel gathers
         flops.append(2.0 * w.numel() * positions)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
@@ -60,7 +87,9 @@ def test_flop_count_is_forward_and_backward_of_the_training_step(image_size, wid
     weight and input gradients for two batches (no input gradient for D's first layer: its inputs need none),
     G's update the input gradients of D (frozen: no weight gradients) and weight and input gradients of G
     (none for z). So per image: G 3f - f_g1, D 8f - 2 f_d1; the minimal loop adds D's weight gradients once more."""
-    cfg = build_config("debug", [f"model.image_size={image_size}", f"model.ngf={width}", f"model.ndf={width}", "model.nz=16"])
+    cfg = build_config(
+        "debug", [f"model.image_size={image_size}", f"model.ngf={width}", f"model.ndf={width}", "model.nz=16"]
+    )
     G, D = build_models(cfg.model)
     g = _conv_flops(G, torch.randn(1, 16, 1, 1))
     d = _conv_flops(D, torch.randn(1, 3, image_size, image_size))
@@ -82,8 +111,20 @@ def test_device_peaks():
 
 
 def test_bench_can_time_the_loader_alone(tiny_shards):
-    proc = run_cli("-m", "dcgan_dist.bench", "--config", "debug", *TINY, f"data.shards={tiny_shards}",
-                   "--steps", "2", "--warmup", "1", "--data-only", check=True)
+    proc = run_cli(
+        "-m",
+        "dcgan_dist.bench",
+        "--config",
+        "debug",
+        *TINY,
+        f"data.shards={tiny_shards}",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--data-only",
+        check=True,
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["data_images_per_s"] > 0 and result["data_images_per_cpu_s"] > 0
     assert "train_images_per_s" not in result

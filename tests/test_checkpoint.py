@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from dcgan_dist import checkpoint as ckpt
 from dcgan_dist.config import build_config, to_dict, to_yaml
+from dcgan_dist.training import checkpoint as ckpt
 
 
 def fake_state(step: int) -> dict:
@@ -38,7 +38,10 @@ def test_every_layout_finds_the_newest(tmp_path):
     # A Ray run directory as the README's example leaves it: config.yaml names the run, Ray Train's storage
     # holds step_*/state.pt beside its own snapshot file.
     ray_run = tmp_path / "ray-run"
-    write_text(ray_run / "config.yaml", to_yaml(build_config("debug", ["run.name=faces", "dist.launcher=ray", f"run.dir={ray_run}"])))
+    write_text(
+        ray_run / "config.yaml",
+        to_yaml(build_config("debug", ["run.name=faces", "dist.launcher=ray", f"run.dir={ray_run}"])),
+    )
     experiment = ray_run / "ray" / "faces"
     for step in (3, 6):
         write(experiment / f"step_{step:07d}" / ckpt.STATE_FILE, step)
@@ -90,6 +93,10 @@ def test_files_that_are_not_checkpoints_are_refused_without_running_code(tmp_pat
     (tmp_path / "text.pt").write_text("not a checkpoint")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     torch.save({**fake_state(1), "format_version": 1}, tmp_path / "old.pt")
-    for name, words in (("text.pt", "not a readable"), ("other.pt", "not a dcgan_dist checkpoint"), ("old.pt", "format 1")):
+    for name, words in (
+        ("text.pt", "not a readable"),
+        ("other.pt", "not a dcgan_dist checkpoint"),
+        ("old.pt", "format 1"),
+    ):
         with pytest.raises(ckpt.CheckpointError, match=words):
             ckpt.load(tmp_path / name)

@@ -15,14 +15,22 @@ import webdataset as wds
 from PIL import Image
 
 from dcgan_dist.config import build_config
-from dcgan_dist.data import ImageBatches, ShardWriter, check_shards, expand_shards, normalise, read_info, write_synthetic_shards
+from dcgan_dist.data import (
+    ImageBatches,
+    ShardWriter,
+    check_shards,
+    expand_shards,
+    normalise,
+    read_info,
+    write_synthetic_shards,
+)
 from dcgan_dist.data.convert import convert
+from dcgan_dist.data.images import to_unit_range
 from dcgan_dist.data.shards import decode_sample, iter_samples
 from dcgan_dist.data.synth import draw_face
 from dcgan_dist.distributed.env import DistEnv
 from dcgan_dist.errors import RunError
-from dcgan_dist.images import to_unit_range
-from dcgan_dist.trainer import make_loader
+from dcgan_dist.training.trainer import make_loader
 
 from .conftest import run_cli
 
@@ -94,8 +102,14 @@ def test_samples_carry_their_ordinal_in_the_shard_and_a_unique_key(tmp_path, fmt
     assert len({(s["__url__"], s["__key__"]) for s in samples}) == 25
     assert [int(decode_sample(s)[0, 0, 0]) for s in samples] == list(range(25))  # tagged_images' index, in order
     if fmt == "raw":
-        assert [s["__key__"] for s in samples[:6]] == ["000000000/0", "000000000/1", "000000000/2", "000000000/3",
-                                                       "000000004/0", "000000004/1"]
+        assert [s["__key__"] for s in samples[:6]] == [
+            "000000000/0",
+            "000000000/1",
+            "000000000/2",
+            "000000000/3",
+            "000000004/0",
+            "000000004/1",
+        ]
 
 
 def test_a_raw_shard_without_dataset_json_still_loads(tmp_path):
@@ -114,7 +128,7 @@ def test_a_damaged_raw_shard_is_counted_not_fatal(tmp_path):
     with tarfile.open(out / "shard-000001.tar") as tar:
         second = tar.getmembers()[1]
     data = bytearray((out / "shard-000001.tar").read_bytes())
-    data[second.offset_data: second.offset_data + 6] = b"NOTNPY"  # a chunk whose header is not .npy any more
+    data[second.offset_data : second.offset_data + 6] = b"NOTNPY"  # a chunk whose header is not .npy any more
     (out / "shard-000001.tar").write_bytes(bytes(data))
     shard = (out / "shard-000002.tar").read_bytes()
     with tarfile.open(out / "shard-000002.tar") as tar:
@@ -164,8 +178,9 @@ def test_rank_and_worker_splits_are_disjoint_and_cover_the_set(tmp_path, world_s
     write(tmp_path / "s", tagged_images(n), shard_size)
     seen = []
     for rank in range(world_size):
-        batches = ImageBatches(str(tmp_path / "s"), 1, rank=rank, world_size=world_size, seed=4,
-                               num_workers=num_workers, shuffle_buffer=8)
+        batches = ImageBatches(
+            str(tmp_path / "s"), 1, rank=rank, world_size=world_size, seed=4, num_workers=num_workers, shuffle_buffer=8
+        )
         seen.append([tag(b[0]) for b in take(batches, n // world_size)])  # one pass of this rank
         batches.close()
     for rank_tags in seen:
@@ -182,8 +197,9 @@ def test_stream_is_infinite_and_reshuffles_each_pass(tmp_path):
     assert first != second
 
 
-@pytest.mark.parametrize("num_workers, consumed, fmt", [(0, 5, "png"), (2, 3, "png"), (2, 4, "png"), (0, 5, "raw"),
-                                                         (2, 3, "raw")])
+@pytest.mark.parametrize(
+    "num_workers, consumed, fmt", [(0, 5, "png"), (2, 3, "png"), (2, 4, "png"), (0, 5, "raw"), (2, 3, "raw")]
+)
 def test_resume_continues_the_same_sequence(tmp_path, num_workers, consumed, fmt):
     write(tmp_path / "s", tagged_images(64), 8, fmt=fmt, raw_chunk=3)
     kwargs = dict(batch_size=6, seed=2, num_workers=num_workers, shuffle_buffer=10)
@@ -219,10 +235,13 @@ def one_pass_after_resize(tmp_path, before: dict, after: dict, steps_before: int
     return trained, resumed
 
 
-@pytest.mark.parametrize("before, after", [
-    (dict(world_size=2, batch_size=4), dict(world_size=3, batch_size=4)),  # grown
-    (dict(world_size=3, batch_size=4, num_workers=2), dict(world_size=2, batch_size=3)),  # shrunk, other batch
-])
+@pytest.mark.parametrize(
+    "before, after",
+    [
+        (dict(world_size=2, batch_size=4), dict(world_size=3, batch_size=4)),  # grown
+        (dict(world_size=3, batch_size=4, num_workers=2), dict(world_size=2, batch_size=3)),  # shrunk, other batch
+    ],
+)
 def test_a_resized_stream_finishes_each_pass_without_loss_or_repeat(tmp_path, before, after):
     """Checkpoint with N workers, resume with M: the pass in progress ends with every sample trained exactly
     once, the next pass starts afresh, and no rank reads another's shards."""
@@ -234,14 +253,19 @@ def test_a_resized_stream_finishes_each_pass_without_loss_or_repeat(tmp_path, be
     assert len(set(trained)) == len(trained) < n  # pass 0 half done
     shards = list(range(n // shard_size))
     for rank, tags in resumed.items():
-        mine = {t for t in range(n) if t // shard_size in shards[rank::after["world_size"]]}
+        mine = {t for t in range(n) if t // shard_size in shards[rank :: after["world_size"]]}
         left = mine - set(trained)  # what this rank must finish of pass 0, first, once each
         assert set(tags) <= mine
-        assert sorted(tags[:len(left)]) == sorted(left)
-        next_pass = tags[len(left):]
+        assert sorted(tags[: len(left)]) == sorted(left)
+        next_pass = tags[len(left) :]
         assert next_pass and len(set(next_pass)) == len(next_pass)  # pass 1 began, without repeats
-    finished = trained + [t for rank, tags in resumed.items() for t in tags[:len(
-        {t for t in range(n) if t // shard_size in shards[rank::after["world_size"]]} - set(trained))]]
+    finished = trained + [
+        t
+        for rank, tags in resumed.items()
+        for t in tags[
+            : len({t for t in range(n) if t // shard_size in shards[rank :: after["world_size"]]} - set(trained))
+        ]
+    ]
     assert sorted(finished) == list(range(n))  # pass 0: every sample exactly once across the resize
 
 
@@ -318,8 +342,10 @@ def test_a_shard_truncated_at_a_member_boundary_is_counted_and_reported(tmp_path
     proc = run_cli("-m", "dcgan_dist.data", "inspect", str(out))
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: shard ")]
-    assert errors == ["error: shard shard-000002.tar: 7 samples, dataset.json says 10 (truncated?)",
-                      "error: shard shard-000003.tar: missing, dataset.json lists it (10 samples)"]
+    assert errors == [
+        "error: shard shard-000002.tar: 7 samples, dataset.json says 10 (truncated?)",
+        "error: shard shard-000003.tar: missing, dataset.json lists it (10 samples)",
+    ]
 
 
 def test_shard_counts_belong_to_their_own_directory(tmp_path):
@@ -369,8 +395,24 @@ def test_synthetic_faces_are_deterministic():
 
 def test_synth_and_inspect_cli(tmp_path):
     out = tmp_path / "synth"
-    proc = run_cli("-m", "dcgan_dist.data", "synth", "--out", str(out), "--num", "30", "--shard-size", "10",
-                   "--size", "28", "--channels", "1", "--processes", "1", check=True)
+    proc = run_cli(
+        "-m",
+        "dcgan_dist.data",
+        "synth",
+        "--out",
+        str(out),
+        "--num",
+        "30",
+        "--shard-size",
+        "10",
+        "--size",
+        "28",
+        "--channels",
+        "1",
+        "--processes",
+        "1",
+        check=True,
+    )
     assert "wrote 30 synthetic faces (28x28x1) in 3 shard(s)" in proc.stdout
     proc = run_cli("-m", "dcgan_dist.data", "inspect", str(out), check=True)
     assert "shards:   3" in proc.stdout and "samples:  30" in proc.stdout and "28x28, 1 channel(s): 30" in proc.stdout
@@ -378,6 +420,7 @@ def test_synth_and_inspect_cli(tmp_path):
     # Same seed, same set; refusing to overwrite an existing set.
     again = tmp_path / "again"
     write_synthetic_shards(again, 30, 10, 28, 0, 1, processes=1, progress=False)
+
     def pngs(folder):
         return [s["png"] for s in iter_samples(expand_shards(str(folder)))]
 
@@ -386,8 +429,24 @@ def test_synth_and_inspect_cli(tmp_path):
 
 
 def test_synth_and_convert_write_raw_shards_with_the_same_pixels(tmp_path):
-    proc = run_cli("-m", "dcgan_dist.data", "synth", "--out", str(tmp_path / "raw"), "--num", "12", "--shard-size", "5",
-                   "--size", "16", "--format", "raw", "--processes", "1", check=True)
+    proc = run_cli(
+        "-m",
+        "dcgan_dist.data",
+        "synth",
+        "--out",
+        str(tmp_path / "raw"),
+        "--num",
+        "12",
+        "--shard-size",
+        "5",
+        "--size",
+        "16",
+        "--format",
+        "raw",
+        "--processes",
+        "1",
+        check=True,
+    )
     assert "wrote 12 synthetic faces (16x16x3) in 3 shard(s)" in proc.stdout
     assert read_info(str(tmp_path / "raw")).format == "raw"
     proc = run_cli("-m", "dcgan_dist.data", "inspect", str(tmp_path / "raw"), check=True)
@@ -400,8 +459,20 @@ def test_synth_and_convert_write_raw_shards_with_the_same_pixels(tmp_path):
     assert images(tmp_path / "raw") == images(tmp_path / "png")
     digits = np.random.default_rng(1).integers(0, 256, (7, 28, 28), dtype=np.uint8)
     write_idx(tmp_path / "train-images-idx3-ubyte", digits)
-    run_cli("-m", "dcgan_dist.data", "convert", "--src", str(tmp_path / "train-images-idx3-ubyte"), "--out",
-            str(tmp_path / "idx"), "--shard-size", "3", "--format", "raw", check=True)
+    run_cli(
+        "-m",
+        "dcgan_dist.data",
+        "convert",
+        "--src",
+        str(tmp_path / "train-images-idx3-ubyte"),
+        "--out",
+        str(tmp_path / "idx"),
+        "--shard-size",
+        "3",
+        "--format",
+        "raw",
+        check=True,
+    )
     assert images(tmp_path / "idx") == [d[:, :, None].tobytes() for d in digits]
 
 
@@ -436,8 +507,18 @@ def test_convert_zip(tmp_path):
         for p in sorted((tmp_path / "imgs").rglob("*")):
             if p.is_file():
                 z.write(p, p.relative_to(tmp_path))
-    proc = run_cli("-m", "dcgan_dist.data", "convert", "--src", str(tmp_path / "faces.zip"), "--out",
-                   str(tmp_path / "out"), "--size", "32", check=True)
+    proc = run_cli(
+        "-m",
+        "dcgan_dist.data",
+        "convert",
+        "--src",
+        str(tmp_path / "faces.zip"),
+        "--out",
+        str(tmp_path / "out"),
+        "--size",
+        "32",
+        check=True,
+    )
     assert "wrote 3 images (32x32x3)" in proc.stdout and "skipped 1 unreadable" in proc.stdout
     assert "skipping imgs/000004.jpg" in proc.stdout + proc.stderr
 

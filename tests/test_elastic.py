@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dcgan_dist import checkpoint as ckpt
-from dcgan_dist.metrics import read_metrics
+from dcgan_dist.training import checkpoint as ckpt
+from dcgan_dist.training.metrics import read_metrics
 
 from .conftest import ROOT, TINY, extra_ray_node, run_with_env
 from .test_data import tagged_images, write
@@ -36,9 +36,23 @@ def third_node(ray_cluster):
 
 
 def train_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [str(ROOT / "tests" / "step_hooks.py"), "--record", str(run_dir / "trained"), "--config", "debug", *TINY,
-            f"train.batch_size={BATCH}", "data.shuffle_buffer=8", "dist.launcher=ray", f"data.shards={shards}",
-            f"run.dir={run_dir}", f"run.name={run_dir.name}", "train.sample_every=0", "train.log_every=1", *extra]
+    return [
+        str(ROOT / "tests" / "step_hooks.py"),
+        "--record",
+        str(run_dir / "trained"),
+        "--config",
+        "debug",
+        *TINY,
+        f"train.batch_size={BATCH}",
+        "data.shuffle_buffer=8",
+        "dist.launcher=ray",
+        f"data.shards={shards}",
+        f"run.dir={run_dir}",
+        f"run.name={run_dir.name}",
+        "train.sample_every=0",
+        "train.log_every=1",
+        *extra,
+    ]
 
 
 def trained(run_dir: Path) -> list[dict]:
@@ -61,24 +75,27 @@ def assert_each_sample_once_per_pass(before: list[int], after: dict[int, list[in
         left = mine - set(before)
         assert set(tags) <= mine, f"rank {rank} read another rank's shards"
         assert len(tags) >= len(left), f"rank {rank} did not get to the end of the pass"
-        assert sorted(tags[:len(left)]) == sorted(left), f"rank {rank}: the rest of the pass is not what was left"
-        next_pass = tags[len(left):len(left) + len(mine)]
+        assert sorted(tags[: len(left)]) == sorted(left), f"rank {rank}: the rest of the pass is not what was left"
+        next_pass = tags[len(left) : len(left) + len(mine)]
         assert len(set(next_pass)) == len(next_pass)
-        finished += tags[:len(left)]
+        finished += tags[: len(left)]
     assert sorted(finished) == list(range(NUM_SAMPLES))
 
 
 def test_a_checkpoint_from_2_workers_resumed_with_3_trains_each_sample_of_the_pass_once(
-        ray_cluster, third_node, tagged_shards, tmp_path):
+    ray_cluster, third_node, tagged_shards, tmp_path
+):
     run_dir = tmp_path / "grown"
-    first = run_with_env([sys.executable, *train_args(tagged_shards, run_dir, "dist.num_workers=2",
-                                                      "train.max_steps=4")], ray_cluster)
+    first = run_with_env(
+        [sys.executable, *train_args(tagged_shards, run_dir, "dist.num_workers=2", "train.max_steps=4")], ray_cluster
+    )
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
     before = [t for r in trained(run_dir) for t in r["tags"]]  # 2 workers x 4 steps x 4 images
 
     # 9 more steps x 4 images: at least the 36 samples of the largest new rank's three shards.
-    second = run_with_env([sys.executable, *train_args(tagged_shards, run_dir, "dist.num_workers=3",
-                                                       "train.max_steps=13")], ray_cluster)
+    second = run_with_env(
+        [sys.executable, *train_args(tagged_shards, run_dir, "dist.num_workers=3", "train.max_steps=13")], ray_cluster
+    )
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
     assert "Resuming from" in out and "(step 4)" in out
@@ -97,13 +114,28 @@ def test_an_elastic_run_that_loses_a_node_goes_on_with_fewer_workers(ray_cluster
     after the step-3 checkpoint; Ray Train restarts the group with the two workers there is room for, from that
     checkpoint, and the run finishes, each sample of the pass still trained exactly once."""
     run_dir = tmp_path / "shrunk"
-    driver = subprocess.Popen([sys.executable, *train_args(tagged_shards, run_dir, "--sleep=0.5", "dist.num_workers=3",
-                                                           "dist.min_workers=2", "train.max_steps=16",
-                                                           "train.checkpoint_every=3", "dist.max_failures=2")],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              # Until Ray notices the node is gone, a restart may still wait for three workers:
-                              # for this long (Ray's default: 60 s).
-                              env={**ray_cluster, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"})
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            *train_args(
+                tagged_shards,
+                run_dir,
+                "--sleep=0.5",
+                "dist.num_workers=3",
+                "dist.min_workers=2",
+                "train.max_steps=16",
+                "train.checkpoint_every=3",
+                "dist.max_failures=2",
+            ),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # Until Ray notices the node is gone, a restart may still wait for three workers:
+        # for this long (Ray's default: 60 s).
+        env={**ray_cluster, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"},
+    )
     deadline = time.monotonic() + 240
     metrics = run_dir / "metrics.jsonl"
     while not (metrics.is_file() and any(r["step"] >= 4 for r in read_metrics(metrics))):
@@ -114,7 +146,9 @@ def test_an_elastic_run_that_loses_a_node_goes_on_with_fewer_workers(ray_cluster
     (run_dir / "driver.log").write_text(out)
     assert driver.returncode == 0, out[-4000:]
 
-    resumed = sorted(set(int(s) for s in re.findall(r"Resuming from \S+ \(step (\d+)\)", out)))  # (Ray may echo lines twice)
+    resumed = sorted(
+        set(int(s) for s in re.findall(r"Resuming from \S+ \(step (\d+)\)", out))
+    )  # (Ray may echo lines twice)
     assert len(resumed) == 1 and resumed[0] >= 3, out[-4000:]
     records = trained(run_dir)
     assert {r["world"] for r in records if r["step"] <= 3} == {3}
@@ -122,7 +156,9 @@ def test_an_elastic_run_that_loses_a_node_goes_on_with_fewer_workers(ray_cluster
         assert [r["step"] for r in records if r["world"] == 2 and r["rank"] == rank] == list(range(resumed[0] + 1, 17))
     # What counts: the 3-worker steps the checkpoint kept, then the 2-worker steps after it.
     before = [t for r in records if r["world"] == 3 and r["step"] <= resumed[0] for t in r["tags"]]
-    after = {rank: [t for r in records if r["world"] == 2 and r["rank"] == rank for t in r["tags"]] for rank in range(2)}
+    after = {
+        rank: [t for r in records if r["world"] == 2 and r["rank"] == rank for t in r["tags"]] for rank in range(2)
+    }
     assert_each_sample_once_per_pass(before, after, world=2)
     steps = read_metrics(metrics)
     assert [r["step"] for r in steps] == list(range(1, 17))  # each step once: the lost ones were trained again

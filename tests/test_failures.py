@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 
-from dcgan_dist import checkpoint as ckpt
 from dcgan_dist.config import build_config, to_dict
 from dcgan_dist.data import write_synthetic_shards
+from dcgan_dist.training import checkpoint as ckpt
 
 from .conftest import TINY, run_cli
 
@@ -42,8 +42,9 @@ def bad_data_cases(tmp_path, shards64):
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "unreadable URL", "wrong size (dataset.json)",
-                                  "wrong size (first sample)"])
+@pytest.mark.parametrize(
+    "case", ["missing", "empty", "unreadable URL", "wrong size (dataset.json)", "wrong size (first sample)"]
+)
 def test_bad_data_is_one_line_and_exit_2_before_any_run_file(tmp_path, shards64, case):
     setting, words = bad_data_cases(tmp_path, shards64)[case]
     run_dir = tmp_path / "run"
@@ -66,8 +67,13 @@ def test_a_run_dir_that_cannot_be_written_is_named(tmp_path, tiny_shards, where)
 def test_too_few_shards_for_the_workers_is_refused_before_ray_starts(tmp_path, shards64):
     """Two shards cannot feed three workers: said by the driver, before it connects to any Ray cluster."""
     run_dir = tmp_path / "run"
-    proc = train(f"data.shards={shards64}", "model.image_size=64", "dist.launcher=ray", "dist.num_workers=3",
-                 f"run.dir={run_dir}")
+    proc = train(
+        f"data.shards={shards64}",
+        "model.image_size=64",
+        "dist.launcher=ray",
+        "dist.num_workers=3",
+        f"run.dir={run_dir}",
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "cannot feed 3 workers" in lines[0], proc.stderr
 
@@ -83,8 +89,12 @@ class RunsCode:
 
 
 def booby_trapped_checkpoint(path, marker, step: int = 2):
-    state = {"format_version": ckpt.FORMAT_VERSION, "step": step, "config": to_dict(build_config("debug", TINY)),
-             "G": RunsCode(marker)}
+    state = {
+        "format_version": ckpt.FORMAT_VERSION,
+        "step": step,
+        "config": to_dict(build_config("debug", TINY)),
+        "G": RunsCode(marker),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
     return path
@@ -99,12 +109,16 @@ def test_a_checkpoint_crafted_to_run_code_runs_nothing(tmp_path):
     run_dir = tmp_path / "run"
     booby_trapped_checkpoint(run_dir / "checkpoints" / "step_0000002.pt", marker)
     before = sorted((p.relative_to(run_dir), p.read_bytes()) for p in run_dir.rglob("*") if p.is_file())
-    for command in (("-m", "dcgan_dist.sample", "--checkpoint", str(evil), "--out", str(tmp_path / "s.png")),
-                    ("-m", "dcgan_dist.evaluate", "--checkpoint", str(evil)),
-                    ("-m", "dcgan_dist.train", "--config", "debug", *TINY, f"run.dir={run_dir}")):  # resume
+    for command in (
+        ("-m", "dcgan_dist.sample", "--checkpoint", str(evil), "--out", str(tmp_path / "s.png")),
+        ("-m", "dcgan_dist.evaluate", "--checkpoint", str(evil)),
+        ("-m", "dcgan_dist.train", "--config", "debug", *TINY, f"run.dir={run_dir}"),
+    ):  # resume
         proc = run_cli(*command)
         lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and "not a readable dcgan_dist checkpoint" in lines[0], proc.stderr
+        assert proc.returncode == 2 and len(lines) == 1 and "not a readable dcgan_dist checkpoint" in lines[0], (
+            proc.stderr
+        )
         assert not marker.exists(), command
     after = sorted((p.relative_to(run_dir), p.read_bytes()) for p in run_dir.rglob("*") if p.is_file())
     assert after == before  # the refused resume left the run directory exactly as it was

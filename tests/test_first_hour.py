@@ -20,15 +20,26 @@ from dcgan_dist.data.synth import available_cpus
 
 from .conftest import ROOT, TINY, run_cli
 
-HELPS = [["dcgan_dist.train"], ["dcgan_dist.bench"], ["dcgan_dist.sample"], ["dcgan_dist.evaluate"],
-         ["dcgan_dist.data"], ["dcgan_dist.data", "synth"], ["dcgan_dist.data", "convert"],
-         ["dcgan_dist.data", "inspect"], ["dcgan_dist.tune"]]
+HELPS = [
+    ["dcgan_dist.train"],
+    ["dcgan_dist.bench"],
+    ["dcgan_dist.sample"],
+    ["dcgan_dist.evaluate"],
+    ["dcgan_dist.data"],
+    ["dcgan_dist.data", "synth"],
+    ["dcgan_dist.data", "convert"],
+    ["dcgan_dist.data", "inspect"],
+    ["dcgan_dist.tune"],
+]
 
 
 def example_lines(help_text: str) -> list[str]:
     """The command lines a help text shows, from `python -m` on (usage lines are not examples)."""
-    return [line[line.index("python -m"):] for line in help_text.splitlines()
-            if "python -m" in line and not line.lstrip().startswith("usage:")]
+    return [
+        line[line.index("python -m") :]
+        for line in help_text.splitlines()
+        if "python -m" in line and not line.lstrip().startswith("usage:")
+    ]
 
 
 def bash_syntax_error(lines: list[str]) -> str:
@@ -51,8 +62,14 @@ def test_every_help_example_pastes_into_bash(capsys):
     # The check itself can fail: the unquoted example that tune's help used to show is a bash syntax error.
     assert bash_syntax_error(["python -m dcgan_dist.tune --search optim.lr=loguniform(1e-4,1e-3)"])
     examples = {name: example_lines(text) for name, text in helps.items()}
-    for name in ("dcgan_dist.train", "dcgan_dist.bench", "dcgan_dist.sample", "dcgan_dist.evaluate",
-                 "dcgan_dist.data", "dcgan_dist.tune"):
+    for name in (
+        "dcgan_dist.train",
+        "dcgan_dist.bench",
+        "dcgan_dist.sample",
+        "dcgan_dist.evaluate",
+        "dcgan_dist.data",
+        "dcgan_dist.tune",
+    ):
         assert examples[name], f"{name} --help shows no example"
     for name, lines in examples.items():
         assert not bash_syntax_error(lines), (name, lines, bash_syntax_error(lines))
@@ -73,19 +90,40 @@ def images(folder: Path, n: int = 3, suffix: str = ".jpg") -> Path:
 @pytest.mark.parametrize("spec", ["folder", "glob", "one file", "nested folder"])
 def test_images_given_as_shards_point_at_data_convert(tmp_path, spec):
     work = tmp_path / "work"
-    source = images(work / "photos" / "all" if spec == "nested folder" else work / "photos",
-                    suffix=".png" if spec == "one file" else ".jpg")
-    given = {"folder": "photos", "glob": "photos/*.jpg", "one file": "photos/face0.png", "nested folder": "photos"}[spec]
-    proc = run_cli("-m", "dcgan_dist.train", "--config", "debug", *TINY, f"data.shards={given}", "run.dir=run",
-                   cwd=work, timeout=120)
+    source = images(
+        work / "photos" / "all" if spec == "nested folder" else work / "photos",
+        suffix=".png" if spec == "one file" else ".jpg",
+    )
+    given = {"folder": "photos", "glob": "photos/*.jpg", "one file": "photos/face0.png", "nested folder": "photos"}[
+        spec
+    ]
+    proc = run_cli(
+        "-m",
+        "dcgan_dist.train",
+        "--config",
+        "debug",
+        *TINY,
+        f"data.shards={given}",
+        "run.dir=run",
+        cwd=work,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "bad checksum" not in lines[0] and "BufferedReader" not in lines[0], proc.stderr
     assert not (work / "run").exists()
     # The command the line ends with converts the images, as pasted, into shards of the model's size.
-    command = lines[0][lines[0].index("python -m dcgan_dist.data convert"):]
-    converted = subprocess.run(command, shell=True, cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                               capture_output=True, text=True, timeout=120, executable="/bin/bash")
+    command = lines[0][lines[0].index("python -m dcgan_dist.data convert") :]
+    converted = subprocess.run(
+        command,
+        shell=True,
+        cwd=work,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        executable="/bin/bash",
+    )
     assert converted.returncode == 0, converted.stderr
     out = work / re.search(r"--out (\S+)", command).group(1)
     info = json.loads((out / "dataset.json").read_text())
@@ -99,8 +137,16 @@ def test_a_glob_of_files_that_are_not_tars_is_one_line(tmp_path):
     data.mkdir()
     for name in ("a.dat", "b.dat"):
         (data / name).write_bytes(b"not a tar file\n" * 40)
-    proc = run_cli("-m", "dcgan_dist.train", "--config", "debug", *TINY, f"data.shards={data}/*.dat",
-                   f"run.dir={tmp_path / 'run'}", timeout=120)
+    proc = run_cli(
+        "-m",
+        "dcgan_dist.train",
+        "--config",
+        "debug",
+        *TINY,
+        f"data.shards={data}/*.dat",
+        f"run.dir={tmp_path / 'run'}",
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "not a tar file" in lines[0] and "BufferedReader" not in lines[0], proc.stderr
@@ -113,8 +159,16 @@ def test_a_glob_of_shards_and_images_names_the_images(tmp_path, tiny_shards):
     for shard in sorted(tiny_shards.glob("*.tar"))[:2]:
         (data / shard.name).write_bytes(shard.read_bytes())
     Image.new("RGB", (8, 8)).save(data / "preview.png")  # what `data inspect` leaves beside the shards
-    proc = run_cli("-m", "dcgan_dist.train", "--config", "debug", *TINY, f"data.shards={data}/*",
-                   f"run.dir={tmp_path / 'run'}", timeout=120)
+    proc = run_cli(
+        "-m",
+        "dcgan_dist.train",
+        "--config",
+        "debug",
+        *TINY,
+        f"data.shards={data}/*",
+        f"run.dir={tmp_path / 'run'}",
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "preview.png" in lines[0] and lines[0].endswith(f"{data}/*.tar"), proc.stderr
@@ -127,9 +181,22 @@ def tiny_run(tmp_path_factory, tiny_shards):
     base = tmp_path_factory.mktemp("tiny")
     work, run_dir = base / "work", base / "run"
     work.mkdir()
-    proc = run_cli("-m", "dcgan_dist.train", "--config", "debug", *TINY, f"data.shards={tiny_shards}",
-                   f"run.dir={run_dir}", "train.max_steps=40", "train.log_every=10", "train.sample_every=20",
-                   "train.checkpoint_every=20", cwd=work, timeout=120, check=True)
+    proc = run_cli(
+        "-m",
+        "dcgan_dist.train",
+        "--config",
+        "debug",
+        *TINY,
+        f"data.shards={tiny_shards}",
+        f"run.dir={run_dir}",
+        "train.max_steps=40",
+        "train.log_every=10",
+        "train.sample_every=20",
+        "train.checkpoint_every=20",
+        cwd=work,
+        timeout=120,
+        check=True,
+    )
     return proc, run_dir, work
 
 
@@ -150,8 +217,19 @@ def test_every_progress_line_has_an_eta_and_a_cpu_run_writes_its_estimate(tiny_r
 
 def test_sample_and_inspect_write_beside_the_run_not_into_the_cwd(tiny_run, tiny_shards, tmp_path):
     _, run_dir, work = tiny_run
-    sample = run_cli("-m", "dcgan_dist.sample", "--checkpoint", str(run_dir), "--num", "4", "--seed", "5", cwd=work,
-                     timeout=120, check=True)
+    sample = run_cli(
+        "-m",
+        "dcgan_dist.sample",
+        "--checkpoint",
+        str(run_dir),
+        "--num",
+        "4",
+        "--seed",
+        "5",
+        cwd=work,
+        timeout=120,
+        check=True,
+    )
     grid = run_dir / "samples" / "grid_step40_seed5.png"
     assert grid.is_file() and str(grid) in sample.stdout
     checkpoint = run_dir / "checkpoints" / "step_0000020.pt"
@@ -177,16 +255,32 @@ def test_a_gpu_preset_on_a_cpu_estimates_its_time_within_30_s(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "dcgan_dist.train", "--config", "default", "data.synth_num=512",
-                             f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={run_dir}", "wandb.mode=disabled"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dcgan_dist.train",
+            "--config",
+            "default",
+            "data.synth_num=512",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"run.dir={run_dir}",
+            "wandb.mode=disabled",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         estimate_file = run_dir / "estimate.json"
         # 30 s from the command's start (the issue's promise) on an idle machine; a loaded one gets some slack.
         while not estimate_file.is_file():
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() - started < 30 * max(1.0, os.getloadavg()[0] / available_cpus()), \
+            assert time.monotonic() - started < 30 * max(1.0, os.getloadavg()[0] / available_cpus()), (
                 "no estimate within 30 s"
+            )
             time.sleep(0.2)  # polling for the file; nothing is ordered by this wait
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=90)

@@ -6,19 +6,47 @@ import re
 
 from .conftest import TINY, run_cli
 
-ROWS = ["minimal loop (PyTorch example), fp32", "our step, fp32", "our step, fp32 + fused Adam",
-        "our step, bf16 + channels_last", "+ torch.compile", "+ CUDA graphs (compile mode reduce-overhead)"]
+ROWS = [
+    "minimal loop (PyTorch example), fp32",
+    "our step, fp32",
+    "our step, fp32 + fused Adam",
+    "our step, bf16 + channels_last",
+    "+ torch.compile",
+    "+ CUDA graphs (compile mode reduce-overhead)",
+]
 
 
 def test_gpu_report_on_cpu(tmp_path, tiny_shards):
     out = tmp_path / "docs" / "gpu-report.md"
-    proc = run_cli("-m", "dcgan_dist.bench", "--gpu-report", str(out), "--config", "debug", *TINY,
-                   f"data.shards={tiny_shards}", "--steps", "2", "--warmup", "1", "--report-swd-steps", "4",
-                   "eval.num=16", "eval.nhoods_per_image=4", check=True)
+    proc = run_cli(
+        "-m",
+        "dcgan_dist.bench",
+        "--gpu-report",
+        str(out),
+        "--config",
+        "debug",
+        *TINY,
+        f"data.shards={tiny_shards}",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--report-swd-steps",
+        "4",
+        "eval.num=16",
+        "eval.nhoods_per_image=4",
+        check=True,
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     text = out.read_text()
-    for heading in ("## Machine", "## Training step", "## Loader", "## Synchronised batch norm", "## Quality",
-                    "## Skipped or failed"):
+    for heading in (
+        "## Machine",
+        "## Training step",
+        "## Loader",
+        "## Synchronised batch norm",
+        "## Quality",
+        "## Skipped or failed",
+    ):
         assert heading in text, heading
     assert f"| torch | {result['machine']['torch']} |" in text and "| cuda | none (CPU build) |" in text
 
@@ -41,4 +69,6 @@ def test_gpu_report_on_cpu(tmp_path, tiny_shards):
     assert result["sync_bn"]["backend"] == "gloo" and result["sync_bn"]["passed"] is True
     assert result["sync_bn"]["largest_difference"] < 1e-9 and "**passed**" in text
     assert result["swd"]["fp32"] > 0 and result["swd"]["bf16"] > 0 and result["swd"]["steps"] == 4
-    assert re.search(r"\| fp32 \| [0-9.]+ \| [0-9.]+ s \|", text) and re.search(r"\| bf16 \| [0-9.]+ \| [0-9.]+ s \|", text)
+    assert re.search(r"\| fp32 \| [0-9.]+ \| [0-9.]+ s \|", text) and re.search(
+        r"\| bf16 \| [0-9.]+ \| [0-9.]+ s \|", text
+    )

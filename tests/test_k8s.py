@@ -3,8 +3,8 @@ and keeps the invariants users rely on (entrypoint, scale, GPUs, secrets, /dev/s
 
 import copy
 import json
-import os
 import math
+import os
 import re
 import shlex
 import shutil
@@ -24,7 +24,9 @@ K8S_VERSION = "1.32.0"
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "SidecarMode", "InteractiveMode"}
 
 if shutil.which("kubectl") is None:
-    pytest.skip("kubectl is not installed (apt-get install -y kubectl): manifests not rendered", allow_module_level=True)
+    pytest.skip(
+        "kubectl is not installed (apt-get install -y kubectl): manifests not rendered", allow_module_level=True
+    )
 jsonschema = pytest.importorskip("jsonschema")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
@@ -58,7 +60,9 @@ def kuberay_validators():
     if not SCHEMA_DIR.is_dir():
         pytest.skip(f"KubeRay schemas not found at {SCHEMA_DIR}")
     return {
-        kind: jsonschema.Draft7Validator(strict(json.loads((SCHEMA_DIR / f"{kind.lower()}-ray.io-v1.json").read_text())))
+        kind: jsonschema.Draft7Validator(
+            strict(json.loads((SCHEMA_DIR / f"{kind.lower()}-ray.io-v1.json").read_text()))
+        )
         for kind in ("RayJob", "RayCluster")
     }
 
@@ -149,7 +153,10 @@ def test_rayjob_entrypoint_and_scale(rendered):
         if name == "gpu":
             assert cfg.train.device == "cuda" and cfg.dist.sync_bn
             assert 0 < cfg.dist.min_workers < cfg.dist.num_workers  # elastic: a preempted pod does not stall the run
-            assert all(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1 for g in groups)
+            assert all(
+                int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+                for g in groups
+            )
             # Shards and every run file in the bucket, whose keys (and endpoint) come from the Secret dcgan-s3.
             assert cfg.data.shards.startswith("s3://") and cfg.run.dir.startswith("s3://") and not cfg.dist.storage_path
             for template in pod_templates(job):
@@ -169,7 +176,9 @@ def test_pods_are_safe_and_pinned(rendered):
             shm = [v for v in spec["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
             assert len(shm) == 1
             for container in spec["containers"]:
-                assert re.fullmatch(r"[\w./-]+:[\w.-]+", container["image"]) and not container["image"].endswith(":latest")
+                assert re.fullmatch(r"[\w./-]+:[\w.-]+", container["image"]) and not container["image"].endswith(
+                    ":latest"
+                )
                 assert container["resources"]["requests"] and container["resources"]["limits"]
                 assert container["securityContext"]["allowPrivilegeEscalation"] is False
                 mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -186,7 +195,9 @@ def test_gpu_overlay_reads_the_wandb_key_from_a_secret():
         env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
         assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "wandb", "key": "api-key"}
     assert entrypoint_config(job).wandb.mode == "online"
-    worker_env = {e["name"] for e in cluster_spec(job)["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]}
+    worker_env = {
+        e["name"] for e in cluster_spec(job)["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]
+    }
     assert {"NCCL_DEBUG", "NCCL_SOCKET_IFNAME"} <= worker_env
 
 
@@ -201,7 +212,9 @@ def test_worker_pods_stop_training_gracefully(rendered):
             assert pod["terminationGracePeriodSeconds"] >= 60
             command = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
             assert "pkill -TERM -f '^ray::RayTrainWorker'" in command[-1]
-        head_env = {e["name"]: e.get("value") for e in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+        head_env = {
+            e["name"]: e.get("value") for e in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+        }
         assert int(head_env["RAY_JOB_STOP_WAIT_TIME_S"]) >= 60
 
 
@@ -215,8 +228,12 @@ def test_the_prestop_hook_stops_the_training_workers_and_waits_for_them():
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     name = f"ray::RayTrainWorker-test{os.getpid()}"
     command = [part.replace("ray::RayTrainWorker", name) for part in command]
-    workers = [subprocess.Popen(["bash", "-c", f"exec -a {name} bash -c 'trap \"sleep 2; exit 0\" TERM; "
-                                 "while :; do sleep 0.1; done'"]) for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            ["bash", "-c", f"exec -a {name} bash -c 'trap \"sleep 2; exit 0\" TERM; while :; do sleep 0.1; done'"]
+        )
+        for _ in range(2)
+    ]
     time.sleep(0.5)
     started = time.monotonic()
     hook = subprocess.run(command, timeout=60)

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from dcgan_dist.config import build_config
-from dcgan_dist.models import Discriminator, Generator, build_models, init_weights
+from dcgan_dist.gan.models import Discriminator, Generator, build_models, init_weights
 
 
 @pytest.mark.parametrize("size", [28, 32, 64, 128])

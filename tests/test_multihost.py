@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from dcgan_dist import checkpoint as ckpt
-from dcgan_dist.metrics import parse_metrics
-from dcgan_dist.storage import RunStorage
+from dcgan_dist.storage.filesystem import RunStorage
+from dcgan_dist.training import checkpoint as ckpt
+from dcgan_dist.training.metrics import parse_metrics
 
 from .conftest import ROOT, S3_KEYS, TINY, assert_same_training_state
 
@@ -45,11 +45,15 @@ class Hosts:
     def __init__(self):
         self.prefix = f"t{os.getpid() % 10000}"
         self.root = Path(tempfile.mkdtemp(prefix="dcgnet", dir="/tmp"))  # short: Ray's socket paths have a limit
-        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))},
-                    "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **S3_KEYS,
-                    "AWS_ENDPOINT_URL": f"http://{STORE}:8333",
-                    # gloo finds its address from the host name, which resolves to 127.0.0.1 here: the interface
-                    "GLOO_SOCKET_IFNAME": "eth0"}
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))},
+            "RAY_AUTH_MODE": "disabled",
+            "PYTHONUNBUFFERED": "1",
+            **S3_KEYS,
+            "AWS_ENDPOINT_URL": f"http://{STORE}:8333",
+            # gloo finds its address from the host name, which resolves to 127.0.0.1 here: the interface
+            "GLOO_SOCKET_IFNAME": "eth0",
+        }
 
     def private(self, host: str) -> Path:
         """A host's own directories: its HOME and TMPDIR (Ray's temp folder inside)."""
@@ -61,17 +65,33 @@ class Hosts:
         """Run a command on a host (in its namespace, with its own HOME and TMPDIR)."""
         home = self.private(host)
         env = {**self.env, "HOME": str(home), "TMPDIR": str(home / "tmp")}
-        proc = subprocess.run(["ip", "netns", "exec", f"{self.prefix}-{host}", *command], env=env,
-                              capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kwargs)
+        proc = subprocess.run(
+            ["ip", "netns", "exec", f"{self.prefix}-{host}", *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+            **kwargs,
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"{command} on {host}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise AssertionError(
+                f"{command} on {host}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
         return proc
 
     def start_ray_worker(self, name: str) -> None:
         tmp = self.private("worker") / name
         tmp.mkdir()
-        self.on("worker", "ray", "start", f"--address={HEAD}:6379", f"--node-ip-address={WORKER}", "--num-cpus=1",
-                f"--temp-dir={tmp}")
+        self.on(
+            "worker",
+            "ray",
+            "start",
+            f"--address={HEAD}:6379",
+            f"--node-ip-address={WORKER}",
+            "--num-cpus=1",
+            f"--temp-dir={tmp}",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +103,38 @@ def testbed():
     try:
         data = bed.private("store") / "data"
         data.mkdir()
-        identity = {"identities": [{"name": "dcgan", "credentials": [{"accessKey": S3_KEYS["AWS_ACCESS_KEY_ID"],
-                    "secretKey": S3_KEYS["AWS_SECRET_ACCESS_KEY"]}], "actions": ["Admin", "Read", "Write", "List"]}]}
+        identity = {
+            "identities": [
+                {
+                    "name": "dcgan",
+                    "credentials": [
+                        {"accessKey": S3_KEYS["AWS_ACCESS_KEY_ID"], "secretKey": S3_KEYS["AWS_SECRET_ACCESS_KEY"]}
+                    ],
+                    "actions": ["Admin", "Read", "Write", "List"],
+                }
+            ]
+        }
         (bed.private("store") / "s3.json").write_text(json.dumps(identity))
-        store = subprocess.Popen(["ip", "netns", "exec", f"{bed.prefix}-store", "weed", "server", f"-dir={data}",
-                                  f"-ip={STORE}", "-s3", f"-s3.config={bed.private('store') / 's3.json'}",
-                                  "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=200",
-                                  "-master.volumeSizeLimitMB=256"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        store = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                f"{bed.prefix}-store",
+                "weed",
+                "server",
+                f"-dir={data}",
+                f"-ip={STORE}",
+                "-s3",
+                f"-s3.config={bed.private('store') / 's3.json'}",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-volume.max=200",
+                "-master.volumeSizeLimitMB=256",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         from .conftest import wait_until_writable
 
         deadline = time.time() + 120
@@ -101,12 +146,38 @@ def testbed():
                 assert time.time() < deadline, "the object store did not start"
         head_tmp = bed.private("head") / "ray"
         head_tmp.mkdir()
-        bed.on("head", "ray", "start", "--head", f"--node-ip-address={HEAD}", "--port=6379", "--num-cpus=1",
-               "--dashboard-host=0.0.0.0", f"--temp-dir={head_tmp}")
+        bed.on(
+            "head",
+            "ray",
+            "start",
+            "--head",
+            f"--node-ip-address={HEAD}",
+            "--port=6379",
+            "--num-cpus=1",
+            "--dashboard-host=0.0.0.0",
+            f"--temp-dir={head_tmp}",
+        )
         bed.start_ray_worker("ray-first")
         # The shards go into the bucket from the head host; no host keeps a copy.
-        bed.on("head", sys.executable, "-m", "dcgan_dist.data", "synth", "--out", "s3://dcgan/faces32", "--num", "256",
-               "--shard-size", "32", "--size", "32", "--seed", "3", "--processes", "1")
+        bed.on(
+            "head",
+            sys.executable,
+            "-m",
+            "dcgan_dist.data",
+            "synth",
+            "--out",
+            "s3://dcgan/faces32",
+            "--num",
+            "256",
+            "--shard-size",
+            "32",
+            "--size",
+            "32",
+            "--seed",
+            "3",
+            "--processes",
+            "1",
+        )
         yield bed
     finally:
         for host in ("worker", "head", "store"):
@@ -118,19 +189,46 @@ def testbed():
 
 
 def job_args(name: str) -> list[str]:
-    return ["--config", "debug", *TINY, "dist.launcher=ray", "dist.num_workers=2", "data.shards=s3://dcgan/faces32",
-            f"run.dir=s3://dcgan/runs/{name}", f"run.name={name}", "train.max_steps=12", "train.checkpoint_every=4",
-            "train.log_every=1", "train.sample_every=6", "train.ema_decay=0.9", "dist.max_failures=3"]
+    return [
+        "--config",
+        "debug",
+        *TINY,
+        "dist.launcher=ray",
+        "dist.num_workers=2",
+        "data.shards=s3://dcgan/faces32",
+        f"run.dir=s3://dcgan/runs/{name}",
+        f"run.name={name}",
+        "train.max_steps=12",
+        "train.checkpoint_every=4",
+        "train.log_every=1",
+        "train.sample_every=6",
+        "train.ema_decay=0.9",
+        "dist.max_failures=3",
+    ]
 
 
 def submit(bed: Hosts, *entrypoint: str, wait: bool = True):
-    return bed.on("head", "ray", "job", "submit", f"--address=http://{HEAD}:8265", "--working-dir=.",
-                  *([] if wait else ["--no-wait"]), "--", *entrypoint, timeout=600)
+    return bed.on(
+        "head",
+        "ray",
+        "job",
+        "submit",
+        f"--address=http://{HEAD}:8265",
+        "--working-dir=.",
+        *([] if wait else ["--no-wait"]),
+        "--",
+        *entrypoint,
+        timeout=600,
+    )
 
 
 def steps_in_bucket(name: str) -> list[int]:
     storage = RunStorage(f"s3://dcgan/runs/{name}")
-    return [r["step"] for r in parse_metrics(storage.read("metrics.jsonl").decode())] if storage.is_file("metrics.jsonl") else []
+    return (
+        [r["step"] for r in parse_metrics(storage.read("metrics.jsonl").decode())]
+        if storage.is_file("metrics.jsonl")
+        else []
+    )
 
 
 def test_a_job_across_hosts_survives_losing_its_worker_host(testbed, monkeypatch):
@@ -148,7 +246,9 @@ def test_a_job_across_hosts_survives_losing_its_worker_host(testbed, monkeypatch
     job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
     deadline = time.time() + 300
     while not [s for s in steps_in_bucket("lost") if s >= 5]:
-        assert time.time() < deadline, testbed.on("head", "ray", "job", "logs", f"--address=http://{HEAD}:8265", job_id).stdout[-3000:]
+        assert time.time() < deadline, testbed.on(
+            "head", "ray", "job", "logs", f"--address=http://{HEAD}:8265", job_id
+        ).stdout[-3000:]
         time.sleep(0.3)
     subprocess.run(["bash", str(TESTBED), "kill", "worker", testbed.prefix], check=True)
     time.sleep(2)
@@ -171,5 +271,13 @@ def test_a_job_across_hosts_survives_losing_its_worker_host(testbed, monkeypatch
     assert steps_in_bucket("lost") == list(range(1, 13))
     written = {name for name, _ in RunStorage("s3://dcgan/runs/lost").list("")}
     assert {"config.yaml", "metrics.jsonl", "progress.gif", "samples", "ray"} <= written, written
-    assert not [p for p in testbed.root.rglob("*") if p.is_file() and (p.suffix == ".pt" or p.name in (
-        "metrics.jsonl", "progress.gif", "config.yaml", "dataset.json") or p.match("step_*.png"))]
+    assert not [
+        p
+        for p in testbed.root.rglob("*")
+        if p.is_file()
+        and (
+            p.suffix == ".pt"
+            or p.name in ("metrics.jsonl", "progress.gif", "config.yaml", "dataset.json")
+            or p.match("step_*.png")
+        )
+    ]

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from dcgan_dist import checkpoint as ckpt
-from dcgan_dist import precision as precision_lib
 from dcgan_dist.config import build_config, from_yaml
-from dcgan_dist.metrics import read_metrics
-from dcgan_dist.precision import Precision, resolve
-from dcgan_dist.trainer import Trainer
+from dcgan_dist.gan import precision as precision_lib
+from dcgan_dist.gan.precision import Precision, resolve
+from dcgan_dist.training import checkpoint as ckpt
+from dcgan_dist.training.metrics import read_metrics
+from dcgan_dist.training.trainer import Trainer
 
 from .conftest import TINY
 
@@ -19,17 +19,31 @@ CPU = torch.device("cpu")
 
 
 def run(tmp_path, tiny_shards, *overrides, steps=8):
-    cfg = build_config("debug", [*TINY, f"data.shards={tiny_shards}", f"run.dir={tmp_path}", f"train.max_steps={steps}",
-                                 "train.log_every=4", "train.sample_every=0", "train.checkpoint_every=0", *overrides])
+    cfg = build_config(
+        "debug",
+        [
+            *TINY,
+            f"data.shards={tiny_shards}",
+            f"run.dir={tmp_path}",
+            f"train.max_steps={steps}",
+            "train.log_every=4",
+            "train.sample_every=0",
+            "train.checkpoint_every=0",
+            *overrides,
+        ],
+    )
     Trainer(cfg).fit()
     return read_metrics(tmp_path / "metrics.jsonl")
 
 
-@pytest.mark.parametrize("options", [
-    ["train.precision=bf16"],
-    ["train.precision=fp16"],
-    ["train.channels_last=true"],
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["train.precision=bf16"],
+        ["train.precision=fp16"],
+        ["train.channels_last=true"],
+    ],
+)
 def test_options_train_with_finite_losses(tmp_path, tiny_shards, options):
     records = run(tmp_path, tiny_shards, *options)
     assert [r["step"] for r in records] == [4, 8]
@@ -51,20 +65,32 @@ def test_compile(tmp_path, tiny_shards):
 
 
 def test_fp16_scaler_state_is_checkpointed(tmp_path, tiny_shards):
-    cfg = build_config("debug", [*TINY, f"data.shards={tiny_shards}", f"run.dir={tmp_path}", "train.max_steps=3",
-                                 "train.precision=fp16", "train.sample_every=0"])
+    cfg = build_config(
+        "debug",
+        [
+            *TINY,
+            f"data.shards={tiny_shards}",
+            f"run.dir={tmp_path}",
+            "train.max_steps=3",
+            "train.precision=fp16",
+            "train.sample_every=0",
+        ],
+    )
     Trainer(cfg).fit()
     state = ckpt.load(tmp_path / "checkpoints" / "step_0000003.pt")
     assert set(state["precision"]) == {"d", "g"} and state["precision"]["d"]["scale"] > 0
 
 
-@pytest.mark.parametrize("flags, onednn, expected", [
-    ({"avx2", "fma", "avx512f", "avx512_bf16"}, True, ("bf16", True)),
-    ({"avx2", "fma", "amx_tile", "amx_bf16", "avx512f"}, True, ("bf16", True)),
-    ({"avx2", "fma", "avx512f", "avx512_bf16"}, False, ("fp32", True)),  # oneDNN would not use it: fp32
-    ({"avx2", "fma"}, True, ("fp32", False)),  # no bf16 unit, no AVX-512: as before
-    (set(), True, ("fp32", False)),  # no /proc/cpuinfo (not Linux)
-])
+@pytest.mark.parametrize(
+    "flags, onednn, expected",
+    [
+        ({"avx2", "fma", "avx512f", "avx512_bf16"}, True, ("bf16", True)),
+        ({"avx2", "fma", "amx_tile", "amx_bf16", "avx512f"}, True, ("bf16", True)),
+        ({"avx2", "fma", "avx512f", "avx512_bf16"}, False, ("fp32", True)),  # oneDNN would not use it: fp32
+        ({"avx2", "fma"}, True, ("fp32", False)),  # no bf16 unit, no AVX-512: as before
+        (set(), True, ("fp32", False)),  # no /proc/cpuinfo (not Linux)
+    ],
+)
 def test_auto_resolves_from_the_cpu_flags(monkeypatch, flags, onednn, expected):
     monkeypatch.setattr(precision_lib, "cpu_flags", lambda: flags)
     monkeypatch.setattr(precision_lib, "_onednn_bf16", lambda: onednn)
@@ -92,8 +118,10 @@ def test_this_machine_resolves_auto_to_what_its_flags_say():
 
 
 def test_a_run_prints_and_records_what_auto_resolved_to(tmp_path, tiny_shards, capsys):
-    cfg = build_config("debug", [*TINY, f"data.shards={tiny_shards}", f"run.dir={tmp_path}", "train.max_steps=2",
-                                 "train.sample_every=0"])
+    cfg = build_config(
+        "debug",
+        [*TINY, f"data.shards={tiny_shards}", f"run.dir={tmp_path}", "train.max_steps=2", "train.sample_every=0"],
+    )
     assert (cfg.train.precision, cfg.train.channels_last) == ("auto", "auto")  # the defaults
     expected = resolve("auto", "auto", CPU)
     Trainer(cfg).fit()

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from dcgan_dist import checkpoint as ckpt
 from dcgan_dist.config import build_config
 from dcgan_dist.data import ImageBatches
-from dcgan_dist.metrics import read_metrics
-from dcgan_dist.quality import frechet_distance, laplacian_pyramid, swd
-from dcgan_dist.trainer import Trainer
+from dcgan_dist.gan.quality import frechet_distance, laplacian_pyramid, swd
+from dcgan_dist.training import checkpoint as ckpt
+from dcgan_dist.training.metrics import read_metrics
+from dcgan_dist.training.trainer import Trainer
 
 from .conftest import TINY, run_cli
 
@@ -25,7 +25,7 @@ def test_pyramid_reconstructs_the_image():
     x = torch.rand(2, 3, 32, 32) * 255
     levels = laplacian_pyramid(x)
     assert [lvl.shape[-1] for lvl in levels] == [32, 16]
-    from dcgan_dist.quality import _pyr_up
+    from dcgan_dist.gan.quality import _pyr_up
 
     assert torch.allclose(levels[0] + _pyr_up(levels[1], (32, 32)), x, atol=1e-3)
 
@@ -60,10 +60,25 @@ def test_frechet_distance_of_gaussians():
 @pytest.fixture(scope="module")
 def trained_run(tiny_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("quality")
-    cfg = build_config("debug", [*TINY, f"data.shards={tiny_shards}", f"run.dir={run_dir}", "model.ngf=16",
-                                 "model.ndf=16", "train.batch_size=32", "train.max_steps=120", "train.ema_decay=0.95",
-                                 "train.eval_every=30", "eval.num=128", "eval.nhoods_per_image=16",
-                                 "train.checkpoint_every=60", "train.sample_every=60", "train.log_every=30"])
+    cfg = build_config(
+        "debug",
+        [
+            *TINY,
+            f"data.shards={tiny_shards}",
+            f"run.dir={run_dir}",
+            "model.ngf=16",
+            "model.ndf=16",
+            "train.batch_size=32",
+            "train.max_steps=120",
+            "train.ema_decay=0.95",
+            "train.eval_every=30",
+            "eval.num=128",
+            "eval.nhoods_per_image=16",
+            "train.checkpoint_every=60",
+            "train.sample_every=60",
+            "train.log_every=30",
+        ],
+    )
     return run_dir, Trainer(cfg).fit()
 
 
@@ -83,15 +98,28 @@ def test_best_checkpoint_tracks_the_best_swd(trained_run):
 def test_ema_weights_differ_from_raw(trained_run):
     run_dir, _ = trained_run
     state = ckpt.load(run_dir / "checkpoints" / "step_0000120.pt")
-    diffs = [(state["ema"][k].float() - v.float()).abs().max().item()
-             for k, v in state["G"].items() if k.endswith("weight")]
+    diffs = [
+        (state["ema"][k].float() - v.float()).abs().max().item() for k, v in state["G"].items() if k.endswith("weight")
+    ]
     assert max(diffs) > 1e-4
 
 
 def test_evaluate_without_inception_prints_null_fid(trained_run, tiny_shards, tmp_path):
     run_dir, _ = trained_run
-    proc = run_cli("-m", "dcgan_dist.evaluate", "--checkpoint", str(run_dir), "--num", "128",
-                   "--nhoods-per-image", "16", "--untrained", "--inception-weights", str(tmp_path / "none.pth"), check=True)
+    proc = run_cli(
+        "-m",
+        "dcgan_dist.evaluate",
+        "--checkpoint",
+        str(run_dir),
+        "--num",
+        "128",
+        "--nhoods-per-image",
+        "16",
+        "--untrained",
+        "--inception-weights",
+        str(tmp_path / "none.pth"),
+        check=True,
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["fid"] is None and "not found" in result["fid_reason"]
     assert result["weights"] == "ema" and result["step"] == 120

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from dcgan_dist import checkpoint as ckpt
-from dcgan_dist.metrics import read_metrics
+from dcgan_dist.training import checkpoint as ckpt
+from dcgan_dist.training.metrics import read_metrics
 
 from .conftest import ROOT, TINY, assert_same_training_state, assert_sample_and_evaluate_read, run_with_env
 from .wandb_offline import history
@@ -23,8 +23,18 @@ pytest.importorskip("ray")
 
 
 def ray_train_args(tiny_shards, run_dir, *extra):
-    return ["--config", "configs/debug.yaml", *TINY, "dist.launcher=ray", "dist.num_workers=2",
-            f"data.shards={tiny_shards}", f"run.dir={run_dir}", "train.sample_every=0", "train.ema_decay=0.9", *extra]
+    return [
+        "--config",
+        "configs/debug.yaml",
+        *TINY,
+        "dist.launcher=ray",
+        "dist.num_workers=2",
+        f"data.shards={tiny_shards}",
+        f"run.dir={run_dir}",
+        "train.sample_every=0",
+        "train.ema_decay=0.9",
+        *extra,
+    ]
 
 
 def final_checkpoint(stdout: str) -> Path:
@@ -41,10 +51,32 @@ def test_job_submit_on_two_nodes(ray_cluster, tiny_shards, tmp_path):
     """The README's command: `ray job submit --working-dir . -- python -m dcgan_dist.train ...`."""
     env = {**ray_cluster, "RAY_ADDRESS": ray_cluster["RAY_JOB_ADDRESS"]}
     run_dir = tmp_path / "job"
-    proc = run_with_env(["ray", "job", "submit", "--working-dir", ".", "--", "python", "-m", "dcgan_dist.train",
-                         *ray_train_args(tiny_shards, run_dir, "train.max_steps=6", "train.checkpoint_every=3",
-                                         "train.log_every=3", "train.sample_every=3", "wandb.mode=offline",
-                                         "train.eval_every=3", "eval.num=32", "eval.nhoods_per_image=4")], env)
+    proc = run_with_env(
+        [
+            "ray",
+            "job",
+            "submit",
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "-m",
+            "dcgan_dist.train",
+            *ray_train_args(
+                tiny_shards,
+                run_dir,
+                "train.max_steps=6",
+                "train.checkpoint_every=3",
+                "train.log_every=3",
+                "train.sample_every=3",
+                "wandb.mode=offline",
+                "train.eval_every=3",
+                "eval.num=32",
+                "eval.nhoods_per_image=4",
+            ),
+        ],
+        env,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     nodes = worker_nodes(out)
@@ -64,7 +96,16 @@ def test_job_submit_on_two_nodes(ray_cluster, tiny_shards, tmp_path):
     rows = history(next(runs[0].glob("run-*.wandb")))
     assert [row["_step"] for row in rows] == [3, 6]
     for row, record in zip(rows, records):
-        for key in ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s", "lr_g", "step_time_s/rank0", "step_time_s/rank1"):
+        for key in (
+            "loss_d",
+            "loss_g",
+            "d_real",
+            "d_fake",
+            "images_per_s",
+            "lr_g",
+            "step_time_s/rank0",
+            "step_time_s/rank1",
+        ):
             assert row[key] == pytest.approx(record[key]), key
         assert row["samples/_type"] == "image-file"
     assert len(list((runs[0] / "files" / "media" / "images").glob("samples_*.png"))) == 2
@@ -78,9 +119,22 @@ def test_job_submit_on_two_nodes(ray_cluster, tiny_shards, tmp_path):
 def uninterrupted(ray_cluster, tiny_shards, tmp_path_factory):
     """A 2-worker run of 12 steps, checkpoint every 5: the reference for recovery and resume."""
     run_dir = tmp_path_factory.mktemp("ray") / "whole"
-    proc = run_with_env([sys.executable, "-m", "dcgan_dist.train",
-                         *ray_train_args(tiny_shards, run_dir, "train.max_steps=12", "train.checkpoint_every=5",
-                                         "train.log_every=1", "run.name=whole")], ray_cluster)
+    proc = run_with_env(
+        [
+            sys.executable,
+            "-m",
+            "dcgan_dist.train",
+            *ray_train_args(
+                tiny_shards,
+                run_dir,
+                "train.max_steps=12",
+                "train.checkpoint_every=5",
+                "train.log_every=1",
+                "run.name=whole",
+            ),
+        ],
+        ray_cluster,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return run_dir, final_checkpoint(proc.stdout)
 
@@ -89,9 +143,25 @@ def test_worker_crash_recovers_from_the_latest_checkpoint(ray_cluster, tiny_shar
     """Rank 1 is SIGKILLed after step 7; Ray restarts both workers from the step-5 checkpoint; the run ends at
     step 12 with the same weights as a run that never crashed."""
     run_dir = tmp_path / "crash"
-    proc = run_with_env([sys.executable, str(ROOT / "tests" / "step_hooks.py"), "--signal=KILL", "--after=7", "--rank=1",
-                         *ray_train_args(tiny_shards, run_dir, "train.max_steps=12", "train.checkpoint_every=5",
-                                         "train.log_every=1", "run.name=crash", "dist.max_failures=2")], ray_cluster)
+    proc = run_with_env(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "step_hooks.py"),
+            "--signal=KILL",
+            "--after=7",
+            "--rank=1",
+            *ray_train_args(
+                tiny_shards,
+                run_dir,
+                "train.max_steps=12",
+                "train.checkpoint_every=5",
+                "train.log_every=1",
+                "run.name=crash",
+                "dist.max_failures=2",
+            ),
+        ],
+        ray_cluster,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert (run_dir / ".signalled_after_step_7").is_file()  # rank 1 did kill itself
@@ -106,14 +176,32 @@ def test_a_preempted_worker_checkpoints_and_ray_restarts_from_there(ray_cluster,
     the run ends bit-identical to an uninterrupted one. (Python runs the handler in the worker's main thread,
     which Ray wakes every few ms: the training thread may finish a step more before it sees the request.)"""
     run_dir = tmp_path / "preempted"
-    proc = run_with_env([sys.executable, str(ROOT / "tests" / "step_hooks.py"), "--signal=TERM", "--after=7",
-                         "--rank=1", *ray_train_args(tiny_shards, run_dir, "train.max_steps=12", "train.checkpoint_every=5",
-                                                     "train.log_every=1", "run.name=preempted")], ray_cluster)
+    proc = run_with_env(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "step_hooks.py"),
+            "--signal=TERM",
+            "--after=7",
+            "--rank=1",
+            *ray_train_args(
+                tiny_shards,
+                run_dir,
+                "train.max_steps=12",
+                "train.checkpoint_every=5",
+                "train.log_every=1",
+                "run.name=preempted",
+            ),
+        ],
+        ray_cluster,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert (run_dir / ".signalled_after_step_7").is_file()
     kept = sorted(p.name for p in (run_dir / "ray" / "preempted").glob("step_*"))  # the newest 3 of 5, 7|8|9, 10, 12
-    assert len(kept) == 3 and kept[0] in ("step_0000007", "step_0000008", "step_0000009") and kept[1:] == [
-        "step_0000010", "step_0000012"], kept
+    assert (
+        len(kept) == 3
+        and kept[0] in ("step_0000007", "step_0000008", "step_0000009")
+        and kept[1:] == ["step_0000010", "step_0000012"]
+    ), kept
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13))
     assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout)))
 
@@ -123,10 +211,22 @@ def test_ctrl_c_to_the_driver_stops_every_worker_with_a_checkpoint(ray_cluster, 
     abort the run): the workers stop after the same step with a checkpoint, the driver exits 130 with the stop
     line, and the rerun ends bit-identical to an uninterrupted run."""
     run_dir = tmp_path / "interrupted"
-    args = ray_train_args(tiny_shards, run_dir, "train.max_steps=12", "train.checkpoint_every=5", "train.log_every=1",
-                          "run.name=interrupted")
-    driver = subprocess.Popen([sys.executable, str(ROOT / "tests" / "step_hooks.py"), "--sleep=1", *args],
-                              cwd=ROOT, env=ray_cluster, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ray_train_args(
+        tiny_shards,
+        run_dir,
+        "train.max_steps=12",
+        "train.checkpoint_every=5",
+        "train.log_every=1",
+        "run.name=interrupted",
+    )
+    driver = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "step_hooks.py"), "--sleep=1", *args],
+        cwd=ROOT,
+        env=ray_cluster,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_metrics(run_dir, driver)
     driver.send_signal(signal.SIGINT)
     stdout, stderr = driver.communicate(timeout=300)
@@ -161,16 +261,33 @@ def test_ray_job_stop_checkpoints_and_the_job_resumes(ray_cluster, tiny_shards, 
     the stop line; resubmitting the job ends bit-identical to an uninterrupted run."""
     env = {**ray_cluster, "RAY_ADDRESS": ray_cluster["RAY_JOB_ADDRESS"]}
     run_dir = tmp_path / "stopped"
-    args = ray_train_args(tiny_shards, run_dir, "train.max_steps=12", "train.checkpoint_every=5", "train.log_every=1",
-                          "run.name=stopped")
-    submit = run_with_env(["ray", "job", "submit", "--no-wait", "--working-dir", ".", "--", "python",
-                           "tests/step_hooks.py", "--sleep=1", *args], env)
+    args = ray_train_args(
+        tiny_shards, run_dir, "train.max_steps=12", "train.checkpoint_every=5", "train.log_every=1", "run.name=stopped"
+    )
+    submit = run_with_env(
+        [
+            "ray",
+            "job",
+            "submit",
+            "--no-wait",
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "tests/step_hooks.py",
+            "--sleep=1",
+            *args,
+        ],
+        env,
+    )
     assert submit.returncode == 0, submit.stdout + submit.stderr
     job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
     wait_for_metrics(run_dir)
     assert run_with_env(["ray", "job", "stop", job_id], env).returncode == 0
     assert_stopped_with_a_checkpoint(run_with_env(["ray", "job", "logs", job_id], env).stdout, "SIGTERM", run_dir)
-    proc = run_with_env(["ray", "job", "submit", "--working-dir", ".", "--", "python", "-m", "dcgan_dist.train", *args], env)
+    proc = run_with_env(
+        ["ray", "job", "submit", "--working-dir", ".", "--", "python", "-m", "dcgan_dist.train", *args], env
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout + proc.stderr)))
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13))
@@ -178,18 +295,39 @@ def test_ray_job_stop_checkpoints_and_the_job_resumes(ray_cluster, tiny_shards, 
 
 def test_rerun_with_the_same_name_resumes(ray_cluster, tiny_shards, uninterrupted):
     run_dir, _ = uninterrupted
-    proc = run_with_env([sys.executable, "-m", "dcgan_dist.train",
-                         *ray_train_args(tiny_shards, run_dir, "train.max_steps=15", "train.checkpoint_every=5",
-                                         "train.log_every=1", "run.name=whole")], ray_cluster)
+    proc = run_with_env(
+        [
+            sys.executable,
+            "-m",
+            "dcgan_dist.train",
+            *ray_train_args(
+                tiny_shards,
+                run_dir,
+                "train.max_steps=15",
+                "train.checkpoint_every=5",
+                "train.log_every=1",
+                "run.name=whole",
+            ),
+        ],
+        ray_cluster,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert ckpt.load(final_checkpoint(proc.stdout))["step"] == 15
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
     assert steps == list(range(1, 16))
     # Another model cannot resume this run: one line and exit 2, not dist.max_failures futile restarts.
-    proc = run_with_env([sys.executable, "-m", "dcgan_dist.train",
-                         *ray_train_args(tiny_shards, run_dir, "train.max_steps=20", "train.checkpoint_every=5",
-                                         "run.name=whole", "model.ngf=16")], ray_cluster)
+    proc = run_with_env(
+        [
+            sys.executable,
+            "-m",
+            "dcgan_dist.train",
+            *ray_train_args(
+                tiny_shards, run_dir, "train.max_steps=20", "train.checkpoint_every=5", "run.name=whole", "model.ngf=16"
+            ),
+        ],
+        ray_cluster,
+    )
     assert proc.returncode == 2, (proc.stdout + proc.stderr)[-4000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "model.ngf: 8 -> 16" in errors[0]
@@ -197,13 +335,36 @@ def test_rerun_with_the_same_name_resumes(ray_cluster, tiny_shards, uninterrupte
 
 
 def test_bench_on_ray_reports_scaling(ray_cluster, tiny_shards, tmp_path):
-    proc = run_with_env([sys.executable, "-m", "dcgan_dist.bench", "--config", "debug", *TINY, "dist.launcher=ray",
-                         "dist.num_workers=2", f"data.shards={tiny_shards}", f"run.dir={tmp_path}", "--steps", "3",
-                         "--warmup", "1", "--skip-data"], ray_cluster)
+    proc = run_with_env(
+        [
+            sys.executable,
+            "-m",
+            "dcgan_dist.bench",
+            "--config",
+            "debug",
+            *TINY,
+            "dist.launcher=ray",
+            "dist.num_workers=2",
+            f"data.shards={tiny_shards}",
+            f"run.dir={tmp_path}",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--skip-data",
+        ],
+        ray_cluster,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("train_images_per_s", "single_worker_images_per_s", "independent_images_per_s",
-                "ddp_without_sync_bn_images_per_s", "speedup", "comm_efficiency"):
+    for key in (
+        "train_images_per_s",
+        "single_worker_images_per_s",
+        "independent_images_per_s",
+        "ddp_without_sync_bn_images_per_s",
+        "speedup",
+        "comm_efficiency",
+    ):
         assert result[key] > 0, key
     breakdown = result["step_breakdown"]
     assert set(breakdown) == {"compute_s", "data_wait_s", "grad_allreduce_s", "bn_sync_s", "step_s"}

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from dcgan_dist.config import ConfigError, build_config, flat_settings
-from dcgan_dist.memory import check_memory, training_bytes
-from dcgan_dist.metrics import NonFiniteLoss, read_metrics
-from dcgan_dist.runlock import LOCK_FILE, RunLock, run_lock
-from dcgan_dist.storage import RunStorage
-from dcgan_dist.trainer import Trainer
+from dcgan_dist.storage.filesystem import RunStorage
+from dcgan_dist.storage.runlock import LOCK_FILE, RunLock, run_lock
+from dcgan_dist.training.memory_estimate import check_memory, training_bytes
+from dcgan_dist.training.metrics import NonFiniteLoss, read_metrics
+from dcgan_dist.training.trainer import Trainer
 
 from .conftest import ROOT, TINY, run_cli
 
@@ -80,12 +80,16 @@ def test_run_name_is_a_plain_name(name):
 
 def test_memory_needed_grows_with_the_batch_and_is_checked_against_the_device():
     one, small, huge = (build_config("debug", [f"train.batch_size={b}"]) for b in (1, 64, 100000000))
-    need_one, need_small, need_huge = (sum(size for size, *_ in training_bytes(cfg, "fp32")) for cfg in (one, small, huge))
+    need_one, need_small, need_huge = (
+        sum(size for size, *_ in training_bytes(cfg, "fp32")) for cfg in (one, small, huge)
+    )
     per_image = (need_small - need_one) / 63
     assert per_image >= 3 * 32 * 32 * 5 and need_huge == need_one + per_image * (100000000 - 1)  # linear in the batch
     assert training_bytes(small, "bf16")[1][0] < training_bytes(small, "fp32")[1][0]  # activations in 2 bytes
     check_memory(small, torch.device("cpu"), "fp32")  # the quick start fits
-    with pytest.raises(ConfigError, match="^train.batch_size=100000000: training needs at least .*; lower train.batch_size$"):
+    with pytest.raises(
+        ConfigError, match="^train.batch_size=100000000: training needs at least .*; lower train.batch_size$"
+    ):
         check_memory(huge, torch.device("cpu"), "fp32")
     with pytest.raises(ConfigError, match="^eval.num=100000000 .*; lower eval.num or eval.nhoods_per_image$"):
         check_memory(build_config("debug", ["train.eval_every=10", "eval.num=100000000"]), torch.device("cpu"), "fp32")
@@ -131,6 +135,7 @@ def test_system_folders_and_home_are_no_run_dir(tmp_path, monkeypatch):
 
 # -- one run at a time in a run directory ----------------------------------------------------------------------------
 
+
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -142,12 +147,24 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 90) -> None:
 def test_a_second_run_is_refused_while_the_first_runs_and_a_killed_runs_lock_is_taken_over(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
     # A loader process: forked from the run, it outlives a SIGKILL of it by seconds, and must not keep the lock.
-    args = train_args(tiny_shards, run_dir, "train.max_steps=40", "train.checkpoint_every=2", "train.log_every=2",
-                      "data.num_workers=1")
+    args = train_args(
+        tiny_shards,
+        run_dir,
+        "train.max_steps=40",
+        "train.checkpoint_every=2",
+        "train.log_every=2",
+        "data.num_workers=1",
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     # The first run takes a second per step: it is still training when the second starts, and is killed then.
-    first = subprocess.Popen([sys.executable, str(ROOT / "tests" / "step_hooks.py"), "--sleep", "1", *args],
-                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "step_hooks.py"), "--sleep", "1", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: (run_dir / "checkpoints" / "step_0000002.pt").exists(), first)
         second = run_cli("-m", "dcgan_dist.train", *args)
@@ -170,7 +187,8 @@ def test_under_ray_the_driver_holds_the_run_dir_for_the_whole_job(tmp_path, tiny
     """The driver takes the lock before it launches and holds it until the job ends (the workers, and Ray Train's
     restarts of them, never lock); a second command meanwhile is refused before it connects to any cluster. No Ray
     cluster is started here: the launch is replaced by one that looks at the lock."""
-    from dcgan_dist import ray_launcher, train
+    from dcgan_dist.cli import train
+    from dcgan_dist.launch import ray_train as ray_launcher
 
     run_dir = tmp_path / "run"
     args = train_args(tiny_shards, run_dir, "dist.launcher=ray", "train.max_steps=4")
@@ -184,8 +202,14 @@ def test_under_ray_the_driver_holds_the_run_dir_for_the_whole_job(tmp_path, tiny
 
     def launch(cfg, argv, hooks):
         seen["holder"] = json.loads((run_dir / LOCK_FILE).read_text())  # reading it leaves the lock held
-        seen["second"] = subprocess.run([sys.executable, "-m", "dcgan_dist.train", *args], cwd=ROOT, env=env,
-                                        capture_output=True, text=True, timeout=120)
+        seen["second"] = subprocess.run(
+            [sys.executable, "-m", "dcgan_dist.train", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         return 0
 
     monkeypatch.setattr(ray_launcher, "launch", launch)
@@ -209,11 +233,18 @@ def test_one_process_cannot_hold_a_run_dir_twice_and_the_lock_file_goes_with_the
 
 # -- a step's metrics record is stored before its checkpoint -----------------------------------------------------------
 
+
 def test_a_kill_right_after_a_checkpoint_loses_no_metrics_record(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
     args = train_args(tiny_shards, run_dir, "train.max_steps=8", "train.checkpoint_every=4", "train.log_every=2")
-    killed = run_cli(str(ROOT / "tests" / "step_hooks.py"), "--kill-after-checkpoint", "4",
-                     "--marker", str(tmp_path / "killed"), *args)
+    killed = run_cli(
+        str(ROOT / "tests" / "step_hooks.py"),
+        "--kill-after-checkpoint",
+        "4",
+        "--marker",
+        str(tmp_path / "killed"),
+        *args,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (run_dir / "checkpoints" / "step_0000004.pt").exists()
     resumed = run_cli("-m", "dcgan_dist.train", *args)
@@ -223,17 +254,22 @@ def test_a_kill_right_after_a_checkpoint_loses_no_metrics_record(tmp_path, tiny_
 
 # -- non-finite losses -----------------------------------------------------------------------------------------------
 
+
 def test_diverging_losses_stop_with_one_line_exit_1_and_the_last_good_checkpoint(tmp_path, tiny_shards):
     """Six good steps (checkpoints at 3 and 6), then the same run with a learning rate that diverges at once: it
     stops at the next check, before a checkpoint at step 9 could store non-finite weights, naming step 7; the same
     run with a sane learning rate again resumes from step 6 and finishes."""
     run_dir = tmp_path / "run"
     common = ["train.checkpoint_every=3", "train.log_every=10"]
-    assert run_cli("-m", "dcgan_dist.train", *train_args(tiny_shards, run_dir, *common, "train.max_steps=6")).returncode == 0
+    assert (
+        run_cli("-m", "dcgan_dist.train", *train_args(tiny_shards, run_dir, *common, "train.max_steps=6")).returncode
+        == 0
+    )
     checkpoints = run_dir / "checkpoints"
     kept = files_under(checkpoints)
-    diverged = run_cli("-m", "dcgan_dist.train",
-                       *train_args(tiny_shards, run_dir, *common, "train.max_steps=20", "optim.lr=1e30"))
+    diverged = run_cli(
+        "-m", "dcgan_dist.train", *train_args(tiny_shards, run_dir, *common, "train.max_steps=20", "optim.lr=1e30")
+    )
     line = one_error_line(diverged, 1)
     assert "non-finite at step 7 " in line and "optim.lr" in line and str(checkpoints / "step_0000006.pt") in line, line
     assert files_under(checkpoints) == kept  # no checkpoint of step 9, the good ones untouched
@@ -249,8 +285,12 @@ def test_diverging_losses_stop_with_one_line_exit_1_and_the_last_good_checkpoint
 def test_weights_that_became_non_finite_are_never_checkpointed(tmp_path, tiny_shards):
     """A step's losses are computed before its updates: weights made non-finite by the last update of a checkpoint
     step are caught by looking at them before the save (here poisoned right after step 4's update)."""
-    cfg = build_config("debug", train_args(tiny_shards, tmp_path / "run", "train.max_steps=10",
-                                           "train.checkpoint_every=2", "train.log_every=10")[2:])
+    cfg = build_config(
+        "debug",
+        train_args(
+            tiny_shards, tmp_path / "run", "train.max_steps=10", "train.checkpoint_every=2", "train.log_every=10"
+        )[2:],
+    )
     threads = torch.get_num_threads()
     trainer = Trainer(cfg)
 
@@ -275,7 +315,7 @@ def test_weights_that_became_non_finite_are_never_checkpointed(tmp_path, tiny_sh
 HOLD_LEASE = """
 import sys, time
 from dcgan_dist.errors import RunError
-from dcgan_dist.runlock import RunLock
+from dcgan_dist.storage.runlock import RunLock
 lock = RunLock(sys.argv[1], lease_s=float(sys.argv[2]), confirm_s=0.5).acquire()
 print("held", flush=True)
 while True:  # what the training loop does every step
@@ -295,8 +335,13 @@ def test_an_object_store_lease_refuses_a_second_run_and_a_stalled_runs_lease_is_
     60 s lease and is SIGKILLed: on the same machine it is known gone, and its lease is taken over at once."""
     location = f"s3://dcgan-test/lease-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    a = subprocess.Popen([sys.executable, "-c", HOLD_LEASE, location, "2"], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    a = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LEASE, location, "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     b = None
     try:
         assert a.stdout.readline().strip() == "held", a.communicate(timeout=30)

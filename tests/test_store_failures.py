@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcgan_dist import checkpoint as ckpt
-from dcgan_dist.metrics import parse_metrics
+from dcgan_dist.training import checkpoint as ckpt
+from dcgan_dist.training.metrics import parse_metrics
 
 from .conftest import ROOT, S3_KEYS, TINY, assert_same_training_state, free_port_pair, wait_until_writable
 
@@ -35,8 +35,13 @@ WRONG_SECRET = "not-the-secret-4f1c"
 
 
 def client(env: dict):
-    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_REGION"])
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_REGION"],
+    )
 
 
 def buckets(env: dict) -> set[str]:
@@ -45,7 +50,7 @@ def buckets(env: dict) -> set[str]:
 
 def keys(env: dict, bucket: str, prefix: str) -> list[str]:
     listing = client(env).list_objects_v2(Bucket=bucket, Prefix=prefix)
-    return sorted(o["Key"][len(prefix):] for o in listing.get("Contents", []))
+    return sorted(o["Key"][len(prefix) :] for o in listing.get("Contents", []))
 
 
 def read_object(env: dict, bucket: str, key: str) -> bytes:
@@ -70,8 +75,17 @@ class Store:
     def __init__(self, root: Path):
         self.root, self.weed = root, subprocess.check_output(["which", "weed"], text=True).strip()
         (root / "data").mkdir(parents=True)
-        identity = {"identities": [{"name": "dcgan", "credentials": [{"accessKey": S3_KEYS["AWS_ACCESS_KEY_ID"],
-                    "secretKey": S3_KEYS["AWS_SECRET_ACCESS_KEY"]}], "actions": ["Admin", "Read", "Write", "List"]}]}
+        identity = {
+            "identities": [
+                {
+                    "name": "dcgan",
+                    "credentials": [
+                        {"accessKey": S3_KEYS["AWS_ACCESS_KEY_ID"], "secretKey": S3_KEYS["AWS_SECRET_ACCESS_KEY"]}
+                    ],
+                    "actions": ["Admin", "Read", "Write", "List"],
+                }
+            ]
+        }
         (root / "s3.json").write_text(json.dumps(identity))
         self.ports = [free_port_pair() for _ in range(4)]
         self.env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.ports[0]}", **S3_KEYS}
@@ -81,12 +95,26 @@ class Store:
         s3, master, volume, filer = self.ports
         log = open(self.root / "weed.log", "a")
         self.process = subprocess.Popen(
-            [self.weed, "server", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-s3", f"-s3.port={s3}",
-             f"-s3.config={self.root / 's3.json'}", f"-master.port={master}", f"-volume.port={volume}",
-             f"-filer.port={filer}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=20",
-             "-master.volumeSizeLimitMB=64",
-             "-master.electionTimeout=1s"],  # a restarted master leads again in ~3 s, not ~16 s
-            stdout=log, stderr=subprocess.STDOUT)
+            [
+                self.weed,
+                "server",
+                f"-dir={self.root / 'data'}",
+                "-ip=127.0.0.1",
+                "-s3",
+                f"-s3.port={s3}",
+                f"-s3.config={self.root / 's3.json'}",
+                f"-master.port={master}",
+                f"-volume.port={volume}",
+                f"-filer.port={filer}",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-volume.max=20",
+                "-master.volumeSizeLimitMB=64",
+                "-master.electionTimeout=1s",
+            ],  # a restarted master leads again in ~3 s, not ~16 s
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -134,8 +162,11 @@ CASES = {  # what is wrong -> (variables changed, bucket used, words the line mu
     "unknown access key": ({"AWS_ACCESS_KEY_ID": "nobody-here"}, "dcgan-test", "AWS_ACCESS_KEY_ID"),
     "missing bucket": ({}, "no-such-bucket-7d2e", "bucket 'no-such-bucket-7d2e' does not exist"),
     "invalid bucket name": ({}, "Not_A_Bucket", "'Not_A_Bucket' is not a valid bucket name"),
-    "unreachable endpoint": ({"AWS_ENDPOINT_URL": "http://127.0.0.1:<a free port>"}, "dcgan-test",
-                             "cannot reach the object store at"),
+    "unreachable endpoint": (
+        {"AWS_ENDPOINT_URL": "http://127.0.0.1:<a free port>"},
+        "dcgan-test",
+        "cannot reach the object store at",
+    ),
 }
 
 
@@ -143,11 +174,27 @@ def command(name: str, bucket: str, tmp_path: Path, tiny_shards: Path, images: P
     """A command line of `name` whose object-store location is in `bucket`."""
     where = f"s3://{bucket}/failures/{name}"
     if name == "train":
-        return ["-m", "dcgan_dist.train", "--config", "debug", *TINY, "train.max_steps=2", f"data.shards={tiny_shards}",
-                f"run.dir={where}"]
+        return [
+            "-m",
+            "dcgan_dist.train",
+            "--config",
+            "debug",
+            *TINY,
+            "train.max_steps=2",
+            f"data.shards={tiny_shards}",
+            f"run.dir={where}",
+        ]
     if name == "train (shards)":
-        return ["-m", "dcgan_dist.train", "--config", "debug", *TINY, "train.max_steps=2", f"data.shards={where}",
-                f"run.dir={tmp_path / 'work' / 'run'}"]
+        return [
+            "-m",
+            "dcgan_dist.train",
+            "--config",
+            "debug",
+            *TINY,
+            "train.max_steps=2",
+            f"data.shards={where}",
+            f"run.dir={tmp_path / 'work' / 'run'}",
+        ]
     if name == "sample":
         return ["-m", "dcgan_dist.sample", "--checkpoint", where, "--out", str(tmp_path / "work" / "grid.png")]
     if name == "sample --progress":
@@ -165,8 +212,14 @@ def command(name: str, bucket: str, tmp_path: Path, tiny_shards: Path, images: P
 
 COMMANDS = ["train", "train (shards)", "sample", "sample --progress", "evaluate", "inspect", "synth", "convert"]
 # Every case at least once in the default run (and synth making a missing bucket); the whole matrix with -m slow.
-QUICK = {("wrong secret key", "inspect"), ("unknown access key", "sample"), ("missing bucket", "train"),
-         ("missing bucket", "synth"), ("invalid bucket name", "evaluate"), ("unreachable endpoint", "train (shards)")}
+QUICK = {
+    ("wrong secret key", "inspect"),
+    ("unknown access key", "sample"),
+    ("missing bucket", "train"),
+    ("missing bucket", "synth"),
+    ("invalid bucket name", "evaluate"),
+    ("unreachable endpoint", "train (shards)"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -180,11 +233,17 @@ def image_folder(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("case,name", [
-    pytest.param(case, name, id=f"{case}-{name}", marks=() if (case, name) in QUICK else pytest.mark.slow)
-    for case in CASES for name in COMMANDS])
-def test_a_bad_store_setting_is_one_line_and_exit_2_with_nothing_written(store, tiny_shards, image_folder, tmp_path,
-                                                                          case, name):
+@pytest.mark.parametrize(
+    "case,name",
+    [
+        pytest.param(case, name, id=f"{case}-{name}", marks=() if (case, name) in QUICK else pytest.mark.slow)
+        for case in CASES
+        for name in COMMANDS
+    ],
+)
+def test_a_bad_store_setting_is_one_line_and_exit_2_with_nothing_written(
+    store, tiny_shards, image_folder, tmp_path, case, name
+):
     changes, bucket, words = CASES[case]
     env = {**store.env, **changes}
     if case == "unreachable endpoint":
@@ -196,8 +255,12 @@ def test_a_bad_store_setting_is_one_line_and_exit_2_with_nothing_written(store, 
     if case == "missing bucket" and name in ("synth", "convert"):  # the one way to make a bucket, and it says so
         assert proc.returncode == 0 and f"created bucket '{bucket}'" in proc.stdout, proc.stderr
         assert "dataset.json" in keys(store.env, bucket, f"failures/{name}/")
-        client(store.env).delete_objects(Bucket=bucket, Delete={"Objects": [
-            {"Key": f"failures/{name}/{key}"} for key in keys(store.env, bucket, f"failures/{name}/")]})
+        client(store.env).delete_objects(
+            Bucket=bucket,
+            Delete={
+                "Objects": [{"Key": f"failures/{name}/{key}"} for key in keys(store.env, bucket, f"failures/{name}/")]
+            },
+        )
         client(store.env).delete_bucket(Bucket=bucket)
         return
     lines = proc.stderr.strip().splitlines()
@@ -212,8 +275,18 @@ def test_a_bad_store_setting_is_one_line_and_exit_2_with_nothing_written(store, 
 # ---- a store that goes away during a run --------------------------------------------------------------------------
 
 STEPS = 16  # past the first pass over the data (256 images, batch 16): the loader needs shards after step 10
-RUN = ["--config", "debug", *TINY, f"train.max_steps={STEPS}", "train.checkpoint_every=5", "train.sample_every=0",
-       "train.log_every=1", "train.ema_decay=0.9", "data.num_workers=1", "run.storage_timeout_s=5"]
+RUN = [
+    "--config",
+    "debug",
+    *TINY,
+    f"train.max_steps={STEPS}",
+    "train.checkpoint_every=5",
+    "train.sample_every=0",
+    "train.log_every=1",
+    "train.ema_decay=0.9",
+    "data.num_workers=1",
+    "run.storage_timeout_s=5",
+]
 
 
 @pytest.fixture(scope="module")
@@ -222,10 +295,32 @@ def shards_and_reference(store, tmp_path_factory):
     left."""
     cwd = tmp_path_factory.mktemp("reference")
     shards = "s3://dcgan-test/data/faces32"
-    cli(["-m", "dcgan_dist.data", "synth", "--out", shards, "--num", "256", "--shard-size", "32", "--size", "32",
-         "--seed", "3", "--processes", "1"], store.env, cwd).check_returncode()
-    proc = cli(["-m", "dcgan_dist.train", *RUN, f"data.shards={shards}", "run.dir=s3://dcgan-test/runs/reference"],
-               store.env, cwd)
+    cli(
+        [
+            "-m",
+            "dcgan_dist.data",
+            "synth",
+            "--out",
+            shards,
+            "--num",
+            "256",
+            "--shard-size",
+            "32",
+            "--size",
+            "32",
+            "--seed",
+            "3",
+            "--processes",
+            "1",
+        ],
+        store.env,
+        cwd,
+    ).check_returncode()
+    proc = cli(
+        ["-m", "dcgan_dist.train", *RUN, f"data.shards={shards}", "run.dir=s3://dcgan-test/runs/reference"],
+        store.env,
+        cwd,
+    )
     assert proc.returncode == 0, proc.stderr
     return shards, checkpoint_in(store.env, "dcgan-test", f"runs/reference/checkpoints/step_{STEPS:07d}.pt")
 
@@ -237,14 +332,27 @@ class Training:
     def __init__(self, env: dict, cwd: Path, overrides: list[str]):
         self.go = cwd / "go"
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "step_hooks.py"), "--pause-after=6", f"--until={self.go}", *RUN,
-             *overrides], cwd=cwd, env={**os.environ, **env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                str(ROOT / "tests" / "step_hooks.py"),
+                "--pause-after=6",
+                f"--until={self.go}",
+                *RUN,
+                *overrides,
+            ],
+            cwd=cwd,
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.lines: queue.Queue = queue.Queue()
         self.stderr: list[str] = []
         self.stdout: list[str] = []
-        self.readers = [threading.Thread(target=self._read, args=(self.process.stderr, self.stderr, self.lines)),
-                        threading.Thread(target=self._read, args=(self.process.stdout, self.stdout, None))]
+        self.readers = [
+            threading.Thread(target=self._read, args=(self.process.stderr, self.stderr, self.lines)),
+            threading.Thread(target=self._read, args=(self.process.stdout, self.stdout, None)),
+        ]
         for reader in self.readers:
             reader.start()
 
@@ -301,16 +409,18 @@ class Training:
 
 def about_waiting(line: str) -> bool:
     """A line of a run waiting for its store (under load a healthy store may be waited for a moment, too)."""
-    return line.startswith("waiting for the object store at ") or (line.startswith("the object store at ")
-                                                                   and " answers again " in line)
+    return line.startswith("waiting for the object store at ") or (
+        line.startswith("the object store at ") and " answers again " in line
+    )
 
 
 def metrics_steps(env: dict, bucket: str, key: str) -> list[int]:
     return [r["step"] for r in parse_metrics(read_object(env, bucket, key).decode())]
 
 
-def test_a_store_frozen_for_less_than_the_timeout_is_waited_for_and_the_run_goes_on(store, shards_and_reference,
-                                                                                     tmp_path):
+def test_a_store_frozen_for_less_than_the_timeout_is_waited_for_and_the_run_goes_on(
+    store, shards_and_reference, tmp_path
+):
     shards, reference = shards_and_reference
     with Training(store.env, tmp_path, [f"data.shards={shards}", "run.dir=s3://dcgan-test/runs/frozen"]) as run:
         try:
@@ -324,12 +434,14 @@ def test_a_store_frozen_for_less_than_the_timeout_is_waited_for_and_the_run_goes
         assert run.finish() == 0, "\n".join(run.stderr)
     assert any("answers again" in line for line in run.stderr) and not any("Traceback" in s for s in run.stderr)
     assert metrics_steps(store.env, "dcgan-test", "runs/frozen/metrics.jsonl") == list(range(1, STEPS + 1))
-    assert_same_training_state(reference, checkpoint_in(store.env, "dcgan-test",
-                                                        f"runs/frozen/checkpoints/step_{STEPS:07d}.pt"))
+    assert_same_training_state(
+        reference, checkpoint_in(store.env, "dcgan-test", f"runs/frozen/checkpoints/step_{STEPS:07d}.pt")
+    )
 
 
 def test_a_store_down_past_the_timeout_ends_the_run_in_one_line_and_the_same_command_resumes(
-        store, shards_and_reference, tmp_path):
+    store, shards_and_reference, tmp_path
+):
     """The server killed while the run is at step 6, started again on the same ports and data once the run has
     given up: the same command resumes from the step-5 checkpoint in the bucket."""
     shards, reference = shards_and_reference
@@ -349,17 +461,24 @@ def test_a_store_down_past_the_timeout_ends_the_run_in_one_line_and_the_same_com
     assert "run the same command again" in error
     assert keys(store.env, "dcgan-test", "runs/down/checkpoints/") == ["step_0000005.pt"]
 
-    resumed = cli([str(ROOT / "tests" / "step_hooks.py"), "--pause-after=6", f"--until={run.go}", *RUN, *overrides],
-                  store.env, tmp_path)
-    assert resumed.returncode == 0 and "Resuming from s3://dcgan-test/runs/down/checkpoints/step_0000005.pt" in \
-        resumed.stdout, resumed.stderr
+    resumed = cli(
+        [str(ROOT / "tests" / "step_hooks.py"), "--pause-after=6", f"--until={run.go}", *RUN, *overrides],
+        store.env,
+        tmp_path,
+    )
+    assert (
+        resumed.returncode == 0
+        and "Resuming from s3://dcgan-test/runs/down/checkpoints/step_0000005.pt" in resumed.stdout
+    ), resumed.stderr
     assert metrics_steps(store.env, "dcgan-test", "runs/down/metrics.jsonl") == list(range(1, STEPS + 1))
-    assert_same_training_state(reference, checkpoint_in(store.env, "dcgan-test",
-                                                        f"runs/down/checkpoints/step_{STEPS:07d}.pt"))
+    assert_same_training_state(
+        reference, checkpoint_in(store.env, "dcgan-test", f"runs/down/checkpoints/step_{STEPS:07d}.pt")
+    )
 
 
 def test_shards_unreadable_past_the_timeout_end_the_run_in_one_line_from_the_loader_process(
-        store, shards_and_reference, tmp_path):
+    store, shards_and_reference, tmp_path
+):
     """The run's files on this machine, the shards in the store: frozen while the loader process needs its next
     shard. The loader's error is the run's one line (not a skipped "bad shard"), the loader process does not keep
     the run from exiting, and the same command resumes once the store answers."""
@@ -377,8 +496,11 @@ def test_shards_unreadable_past_the_timeout_end_the_run_in_one_line_from_the_loa
     assert code == 1 and run.stderr[-1].startswith("error: the object store at "), "\n".join(run.stderr)
     assert "reading s3://dcgan-test/data/faces32/shard-" in run.stderr[-1]
     assert all(about_waiting(line) for line in run.stderr[:-1]), run.stderr
-    resumed = cli([str(ROOT / "tests" / "step_hooks.py"), "--pause-after=6", f"--until={run.go}", *RUN, *overrides],
-                  store.env, tmp_path)
+    resumed = cli(
+        [str(ROOT / "tests" / "step_hooks.py"), "--pause-after=6", f"--until={run.go}", *RUN, *overrides],
+        store.env,
+        tmp_path,
+    )
     assert resumed.returncode == 0, resumed.stderr
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
@@ -389,14 +511,16 @@ def test_shards_unreadable_past_the_timeout_end_the_run_in_one_line_from_the_loa
 def test_a_refusal_during_a_run_is_one_line_naming_the_store_not_the_secret(store, monkeypatch):
     """Keys that expire or are revoked during a run (checked at its start): the store's refusal of a write, as the
     training command reports it (exit 1), names the store, the request and what to check, never the secret."""
-    from dcgan_dist.storage import RunStorage, store_refusal
+    from dcgan_dist.storage.filesystem import RunStorage, store_refusal
 
     for key, value in {**store.env, "AWS_SECRET_ACCESS_KEY": WRONG_SECRET}.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(OSError) as refused:
         RunStorage("s3://dcgan-test/runs/refused").write("metrics.jsonl", b"{}\n")
     line = store_refusal(refused.value)
-    assert line.startswith(f"the object store at {store.env['AWS_ENDPOINT_URL']} refused a request (when uploading "
-                           "object with key 'runs/refused/metrics.jsonl' in bucket 'dcgan-test': "), line
+    assert line.startswith(
+        f"the object store at {store.env['AWS_ENDPOINT_URL']} refused a request (when uploading "
+        "object with key 'runs/refused/metrics.jsonl' in bucket 'dcgan-test': "
+    ), line
     assert "\n" not in line and WRONG_SECRET not in line and "AWS_SECRET_ACCESS_KEY" in line
     assert keys(store.env, "dcgan-test", "runs/refused/") == []

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from dcgan_dist.distributed import CrossProcessBatchNorm, convert_sync_batchnorm
-from dcgan_dist.distributed.equivalence import Spec, run
+from dcgan_dist.perf.equivalence import Spec, run
 
 # float64: what remains is summation-order rounding; measured ~1e-15 on CPU. Tolerance stated here:
 FLOAT64_TOLERANCE = 1e-12
@@ -46,7 +46,9 @@ def _large_mean_worker(rank: int, init_file: str, x: torch.Tensor, out_dir: str)
         y = bn(local)
         weights = torch.arange(x.numel()).view_as(x).float()[rank * 4 : (rank + 1) * 4]
         (y * weights).sum().backward()  # the two ranks' losses add up to the reference's loss
-        torch.save({"y": y.detach(), "grad": local.grad, "running_var": bn.running_var}, os.path.join(out_dir, f"{rank}.pt"))
+        torch.save(
+            {"y": y.detach(), "grad": local.grad, "running_var": bn.running_var}, os.path.join(out_dir, f"{rank}.pt")
+        )
     finally:
         dist.destroy_process_group()
 
@@ -54,7 +56,9 @@ def _large_mean_worker(rank: int, init_file: str, x: torch.Tensor, out_dir: str)
 def test_float32_statistics_survive_a_large_mean(tmp_path):
     """Activations around 1000 with unit spread: combining raw sums of squares in float32 would be off by ~1."""
     x = 1000 + torch.randn(8, 5, 6, 6, generator=torch.Generator().manual_seed(0))
-    mp.start_processes(_large_mean_worker, args=(str(tmp_path / "init"), x, str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(
+        _large_mean_worker, args=(str(tmp_path / "init"), x, str(tmp_path)), nprocs=2, start_method="spawn"
+    )
     got = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     ref_bn = nn.BatchNorm2d(5).double()
     xd = x.double().requires_grad_(True)

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcgan_dist import checkpoint as ckpt
 from dcgan_dist.config import build_config
 from dcgan_dist.data import ImageBatches, normalise
-from dcgan_dist.metrics import read_metrics
-from dcgan_dist.models import build_models, generate
-from dcgan_dist.trainer import Trainer
+from dcgan_dist.gan.models import build_models, generate
+from dcgan_dist.training import checkpoint as ckpt
+from dcgan_dist.training.metrics import read_metrics
+from dcgan_dist.training.trainer import Trainer
 
 from .conftest import ROOT, TINY, assert_same_training_state, assert_sample_and_evaluate_read, run_cli
 
@@ -21,8 +21,19 @@ METRIC_KEYS = {"step", "loss_d", "loss_g", "d_real", "d_fake", "images_per_s"}
 
 def test_cli_run_writes_checkpoints_samples_metrics_and_resumes(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
-    args = ["-m", "dcgan_dist.train", "--config", "debug", *TINY, f"data.shards={tiny_shards}", f"run.dir={run_dir}",
-            "train.max_steps=6", "train.checkpoint_every=3", "train.sample_every=2", "train.log_every=2"]
+    args = [
+        "-m",
+        "dcgan_dist.train",
+        "--config",
+        "debug",
+        *TINY,
+        f"data.shards={tiny_shards}",
+        f"run.dir={run_dir}",
+        "train.max_steps=6",
+        "train.checkpoint_every=3",
+        "train.sample_every=2",
+        "train.log_every=2",
+    ]
     run_cli(*args, check=True)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000003.pt", "step_0000006.pt"]
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [f"step_000000{i}.png" for i in (2, 4, 6)]
@@ -57,8 +68,18 @@ def test_cli_run_writes_checkpoints_samples_metrics_and_resumes(tmp_path, tiny_s
 
 
 def resume_args(tiny_shards) -> list[str]:
-    return ["--config", "debug", *TINY, f"data.shards={tiny_shards}", "data.num_workers=2", "train.max_steps=12",
-            "train.checkpoint_every=5", "train.sample_every=0", "train.log_every=1", "train.ema_decay=0.9"]
+    return [
+        "--config",
+        "debug",
+        *TINY,
+        f"data.shards={tiny_shards}",
+        "data.num_workers=2",
+        "train.max_steps=12",
+        "train.checkpoint_every=5",
+        "train.sample_every=0",
+        "train.log_every=1",
+        "train.ema_decay=0.9",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +105,13 @@ def processes_mentioning(text: str) -> list[int]:
 def test_killed_run_resumes_to_the_same_parameters(tmp_path, tiny_shards, uninterrupted):
     """SIGKILL mid-run, rerun the same command: bit-exact equal to an uninterrupted run (CPU, tolerance 0)."""
     crashed_dir = tmp_path / "crashed"
-    kill = [str(ROOT / "tests" / "step_hooks.py"), "--signal=KILL", "--after=7", *resume_args(tiny_shards),
-            f"run.dir={crashed_dir}"]
+    kill = [
+        str(ROOT / "tests" / "step_hooks.py"),
+        "--signal=KILL",
+        "--after=7",
+        *resume_args(tiny_shards),
+        f"run.dir={crashed_dir}",
+    ]
     crash = run_cli(*kill)
     assert crash.returncode == -signal.SIGKILL, crash.stderr  # really killed, after step 7
     assert sorted(p.name for p in (crashed_dir / "checkpoints").glob("step_*")) == ["step_0000005.pt"]
@@ -96,18 +122,27 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, tiny_shards, uninte
 
 
 @pytest.mark.parametrize("name, exit_code", [("TERM", 143), ("INT", 130)])
-def test_a_stop_signal_checkpoints_that_step_and_the_rerun_resumes_exactly(tmp_path, tiny_shards, uninterrupted,
-                                                                         name, exit_code):
+def test_a_stop_signal_checkpoints_that_step_and_the_rerun_resumes_exactly(
+    tmp_path, tiny_shards, uninterrupted, name, exit_code
+):
     """SIGTERM (a preemption) or Ctrl-C (SIGINT to the whole process group, loader processes too) after step 7:
     the step finishes, a checkpoint of step 7 is written, the loader processes are gone, one line says where
     and how to resume; the rerun ends bit-identical to an uninterrupted run."""
     run_dir = tmp_path / "stopped"
-    command = [str(ROOT / "tests" / "step_hooks.py"), f"--signal={name}", "--after=7", *resume_args(tiny_shards),
-               f"run.dir={run_dir}"]
+    command = [
+        str(ROOT / "tests" / "step_hooks.py"),
+        f"--signal={name}",
+        "--after=7",
+        *resume_args(tiny_shards),
+        f"run.dir={run_dir}",
+    ]
     proc = run_cli(*command, start_new_session=True)
     assert proc.returncode == exit_code, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"stopped by SIG{name} after step 7") and str(run_dir / "checkpoints" / "step_0000007.pt") in last
+    assert (
+        last.startswith(f"stopped by SIG{name} after step 7")
+        and str(run_dir / "checkpoints" / "step_0000007.pt") in last
+    )
     assert "Traceback" not in proc.stderr
     assert ckpt.load(run_dir / "checkpoints" / "step_0000007.pt")["step"] == 7
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 8))  # flushed to step 7
@@ -125,9 +160,21 @@ def _layout_gap(G, real: torch.Tensor) -> float:
 
 
 def test_both_networks_learn_on_synthetic_faces(tmp_path, tiny_shards):
-    cfg = build_config("debug", [*TINY, f"data.shards={tiny_shards}", f"run.dir={tmp_path}", "model.ngf=16",
-                                 "model.ndf=16", "train.batch_size=32", "train.max_steps=300",
-                                 "train.checkpoint_every=0", "train.sample_every=0", "train.log_every=10"])
+    cfg = build_config(
+        "debug",
+        [
+            *TINY,
+            f"data.shards={tiny_shards}",
+            f"run.dir={tmp_path}",
+            "model.ngf=16",
+            "model.ndf=16",
+            "train.batch_size=32",
+            "train.max_steps=300",
+            "train.checkpoint_every=0",
+            "train.sample_every=0",
+            "train.log_every=10",
+        ],
+    )
     G0, _ = build_models(cfg.model, seed=cfg.run.seed)
     result = Trainer(cfg).fit()
     records = read_metrics(tmp_path / "metrics.jsonl")
@@ -165,8 +212,16 @@ def test_help_shows_the_values_of_that_command_line():
 @pytest.mark.slow
 def test_debug_preset_end_to_end(tmp_path):
     """The README's run command, as is (minus the output folder): ~1.5 minutes on 2 cores."""
-    run_cli("-m", "dcgan_dist.train", "--config", "configs/debug.yaml", f"run.dir={tmp_path}",
-            f"data.cache_dir={tmp_path / 'cache'}", timeout=900, check=True)
+    run_cli(
+        "-m",
+        "dcgan_dist.train",
+        "--config",
+        "configs/debug.yaml",
+        f"run.dir={tmp_path}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        timeout=900,
+        check=True,
+    )
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert records[-1]["step"] == 1500
     assert records[-1]["d_real"] > records[-1]["d_fake"]

@@ -11,16 +11,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcgan_dist import checkpoint as ckpt
 from dcgan_dist.config import build_config, to_yaml
+from dcgan_dist.training import checkpoint as ckpt
 
 from .conftest import TINY, assert_same_training_state, run_cli
 
 
 def train_args(shards: Path, run_dir: Path, max_steps: int) -> list[str]:
-    return ["-m", "dcgan_dist.train", "--config", "debug", *TINY, f"data.shards={shards}", f"run.dir={run_dir}",
-            f"train.max_steps={max_steps}", "train.checkpoint_every=2", "train.sample_every=2", "train.log_every=1",
-            "train.ema_decay=0.9"]
+    return [
+        "-m",
+        "dcgan_dist.train",
+        "--config",
+        "debug",
+        *TINY,
+        f"data.shards={shards}",
+        f"run.dir={run_dir}",
+        f"train.max_steps={max_steps}",
+        "train.checkpoint_every=2",
+        "train.sample_every=2",
+        "train.log_every=1",
+        "train.ema_decay=0.9",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +72,7 @@ def run_each(commands: list[list[str]], timeout: float = 60) -> list:
 def set_setting(section: str, key: str, value):
     def edit(state):
         state["config"][section][key] = value
+
     return edit
 
 
@@ -73,23 +85,57 @@ def test_a_checkpoint_names_no_command_and_no_place(run6, tmp_path, tiny_shards)
     fifo = tmp_path / "fifo.tar"  # a plain path, but reading it would wait for a writer forever
     os.mkfifo(fifo)
     commands = []
-    for i, shards in enumerate([f"pipe:touch {marker}; cat {first_shard}",
-                                f"{tiny_shards}::pipe:touch {marker}; cat {first_shard}",
-                                f"{{pipe:touch {marker}; cat {first_shard},{first_shard}}}",
-                                "http://127.0.0.1:9/shard.tar", str(fifo)]):
+    for i, shards in enumerate(
+        [
+            f"pipe:touch {marker}; cat {first_shard}",
+            f"{tiny_shards}::pipe:touch {marker}; cat {first_shard}",
+            f"{{pipe:touch {marker}; cat {first_shard},{first_shard}}}",
+            "http://127.0.0.1:9/shard.tar",
+            str(fifo),
+        ]
+    ):
         evil = edited(newest, tmp_path / f"evil{i}.pt", set_setting("data", "shards", shards))
-        commands.append(["-m", "dcgan_dist.evaluate", "--checkpoint", str(evil), "--num", "8", "--nhoods-per-image", "2"])
+        commands.append(
+            ["-m", "dcgan_dist.evaluate", "--checkpoint", str(evil), "--num", "8", "--nhoods-per-image", "2"]
+        )
     # The command line's --shards is the user's own choice: the same checkpoint evaluates on it.
-    commands.append(["-m", "dcgan_dist.evaluate", "--checkpoint", str(tmp_path / "evil0.pt"), "--shards",
-                     str(tiny_shards), "--num", "8", "--nhoods-per-image", "2", "--no-baseline"])
+    commands.append(
+        [
+            "-m",
+            "dcgan_dist.evaluate",
+            "--checkpoint",
+            str(tmp_path / "evil0.pt"),
+            "--shards",
+            str(tiny_shards),
+            "--num",
+            "8",
+            "--nhoods-per-image",
+            "2",
+            "--no-baseline",
+        ]
+    )
 
     # Synthetic faces (data.shards empty): generated where the command line says, never in the checkpoint's cache_dir.
     def synthetic_elsewhere(state):
         state["config"]["data"].update(shards="", cache_dir=str(tmp_path / "chosen-by-checkpoint"), synth_num=64)
+
     synthetic = edited(newest, tmp_path / "synthetic.pt", synthetic_elsewhere)
     mine = tmp_path / "my-cache"
-    commands.append(["-m", "dcgan_dist.evaluate", "--checkpoint", str(synthetic), "--cache-dir", str(mine), "--num",
-                     "8", "--nhoods-per-image", "2", "--no-baseline"])
+    commands.append(
+        [
+            "-m",
+            "dcgan_dist.evaluate",
+            "--checkpoint",
+            str(synthetic),
+            "--cache-dir",
+            str(mine),
+            "--num",
+            "8",
+            "--nhoods-per-image",
+            "2",
+            "--no-baseline",
+        ]
+    )
 
     *refused, on_given_shards, on_synthetic = run_each(commands, timeout=120)
     for args, proc in zip(commands, refused):
@@ -107,29 +153,40 @@ def test_a_run_directory_config_yaml_names_no_other_place(tmp_path, run6):
     real = run6 / "checkpoints" / "step_0000004.pt"
     (tmp_path / "elsewhere").mkdir()
     shutil.copy(real, tmp_path / "elsewhere" / "step_0000004.pt")  # where a config.yaml below points
-    for i, overrides in enumerate([[f"dist.storage_path=file://{tmp_path}", "run.name=elsewhere"],
-                                   [f"dist.storage_path={tmp_path}/sub", "run.name=../elsewhere"]]):
+    for i, overrides in enumerate(
+        [
+            [f"dist.storage_path=file://{tmp_path}", "run.name=elsewhere"],
+            [f"dist.storage_path={tmp_path}/sub", "run.name=../elsewhere"],
+        ]
+    ):
         run_dir = tmp_path / f"run{i}"
         (tmp_path / "sub").mkdir(exist_ok=True)
         run_dir.mkdir()
         # Written as another program might: a command line would not accept that run.name.
         plain = [o.replace("run.name=../elsewhere", "run.name=PLACEHOLDER") for o in overrides]
-        (run_dir / "config.yaml").write_text(to_yaml(build_config("debug", plain)).replace("PLACEHOLDER", "../elsewhere"))
-        line = error_line(run_cli("-m", "dcgan_dist.sample", "--checkpoint", str(run_dir), "--out",
-                                  str(tmp_path / "s.png"), timeout=60))
+        (run_dir / "config.yaml").write_text(
+            to_yaml(build_config("debug", plain)).replace("PLACEHOLDER", "../elsewhere")
+        )
+        line = error_line(
+            run_cli(
+                "-m", "dcgan_dist.sample", "--checkpoint", str(run_dir), "--out", str(tmp_path / "s.png"), timeout=60
+            )
+        )
         assert "was not looked at" in line and "give the checkpoint itself" in line, line
         assert not (tmp_path / "s.png").exists()
     # The plain path is followed (the README's dist.storage_path case).
     run_dir = tmp_path / "plain"
     run_dir.mkdir()
-    (run_dir / "config.yaml").write_text(to_yaml(build_config("debug", [f"dist.storage_path={tmp_path}",
-                                                                        "run.name=elsewhere"])))
+    (run_dir / "config.yaml").write_text(
+        to_yaml(build_config("debug", [f"dist.storage_path={tmp_path}", "run.name=elsewhere"]))
+    )
     assert ckpt.load_checkpoint(run_dir)[1]["step"] == 4
 
 
 def bad_shape(part: str):
     def edit(state):
         state[part][next(iter(state[part]))] = torch.zeros(3, 3)
+
     return edit
 
 
@@ -149,8 +206,12 @@ def odd_wandb_id(state):
     state["metrics"]["wandb_run_id"] = "../../elsewhere"
 
 
-MISFITS = {"a G tensor of another shape": bad_shape("G"), "no opt_d": no_opt_d, "a bad RNG state": bad_rng,
-           "an Adam moment of another shape": bad_optimizer_shape}
+MISFITS = {
+    "a G tensor of another shape": bad_shape("G"),
+    "no opt_d": no_opt_d,
+    "a bad RNG state": bad_rng,
+    "an Adam moment of another shape": bad_optimizer_shape,
+}
 
 
 def test_resume_passes_over_checkpoints_that_do_not_fit(run6, tmp_path, tiny_shards):
@@ -182,6 +243,7 @@ def test_resume_passes_over_checkpoints_that_do_not_fit(run6, tmp_path, tiny_sha
 def test_a_checkpoint_does_not_choose_the_optimiser(run6, tmp_path, tiny_shards):
     """Adam's group settings in a checkpoint (maximize, weight decay, eps, lr) are not the run's to take: a resume
     from a checkpoint that carries others ends bit-identical to one from the same checkpoint as it was saved."""
+
     def other_algorithm(state):
         for optimizer in ("opt_g", "opt_d"):
             for group in state[optimizer]["param_groups"]:
@@ -194,15 +256,17 @@ def test_a_checkpoint_does_not_choose_the_optimiser(run6, tmp_path, tiny_shards)
     edited(newest, newest, other_algorithm)
     for proc in run_each([train_args(tiny_shards, run_dir, 8) for run_dir in (plain, crafted)], timeout=180):
         assert proc.returncode == 0 and "(step 6)" in proc.stdout, proc.stderr[-2000:]
-    assert_same_training_state(ckpt.load(crafted / "checkpoints" / "step_0000008.pt"),
-                               ckpt.load(plain / "checkpoints" / "step_0000008.pt"))
+    assert_same_training_state(
+        ckpt.load(crafted / "checkpoints" / "step_0000008.pt"), ckpt.load(plain / "checkpoints" / "step_0000008.pt")
+    )
 
 
 def test_resume_when_no_checkpoint_fits_is_refused_leaving_the_run_as_it_was(run6, tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
     shutil.copytree(run6, run_dir)
-    for checkpoint, edit in zip(sorted((run_dir / "checkpoints").glob("step_*.pt")),
-                                (bad_optimizer_shape, odd_wandb_id, bad_rng)):
+    for checkpoint, edit in zip(
+        sorted((run_dir / "checkpoints").glob("step_*.pt")), (bad_optimizer_shape, odd_wandb_id, bad_rng)
+    ):
         edited(checkpoint, checkpoint, edit)
     os.mkfifo(run_dir / "checkpoints" / "step_0000008.pt")  # the newest: a pipe, which no one will ever write
     before = snapshot(run_dir)
@@ -219,10 +283,23 @@ def test_sample_and_evaluate_refuse_a_generator_that_does_not_fit(run6, tmp_path
     def missing_ema_tensor(state):
         del state["ema"][next(iter(state["ema"]))]
 
-    cases = {"shape": bad_shape("ema"), "missing": missing_ema_tensor, "huge": set_setting("model", "ngf", 10**7),
-             "invalid": set_setting("model", "image_size", 33)}
-    commands = [["-m", "dcgan_dist.sample", "--checkpoint", str(edited(newest, tmp_path / f"{name}.pt", edit)),
-                 "--out", str(tmp_path / f"{name}.png")] for name, edit in cases.items()]
+    cases = {
+        "shape": bad_shape("ema"),
+        "missing": missing_ema_tensor,
+        "huge": set_setting("model", "ngf", 10**7),
+        "invalid": set_setting("model", "image_size", 33),
+    }
+    commands = [
+        [
+            "-m",
+            "dcgan_dist.sample",
+            "--checkpoint",
+            str(edited(newest, tmp_path / f"{name}.pt", edit)),
+            "--out",
+            str(tmp_path / f"{name}.png"),
+        ]
+        for name, edit in cases.items()
+    ]
     raw_g = edited(newest, tmp_path / "raw.pt", bad_shape("G"))
     commands.append(["-m", "dcgan_dist.evaluate", "--checkpoint", str(raw_g), "--weights", "raw"])
     for args, proc in zip(commands, run_each(commands)):
@@ -259,9 +336,9 @@ def test_sample_and_evaluate_refuse_arguments_that_cannot_work(run6, tmp_path):
 def test_a_sweep_trial_copies_a_start_checkpoint_only_from_the_sweep_and_only_a_checkpoint(run6, tmp_path):
     """tune's trial start copy: a checkpoint path that Tune's (resumable, so untrusted) state hands over is followed
     only inside <run.dir>/tune, and what is copied must be a checkpoint."""
-    from dcgan_dist.checkpoint import CheckpointError
-    from dcgan_dist.storage import RunStorage
-    from dcgan_dist.tune import copy_start
+    from dcgan_dist.launch.sweep import copy_start
+    from dcgan_dist.storage.filesystem import RunStorage
+    from dcgan_dist.training.checkpoint import CheckpointError
 
     root = tmp_path / "sweep"
     good = root / "tune" / "run_trial_a_00000_0" / "checkpoint_000001"
@@ -277,9 +354,11 @@ def test_a_sweep_trial_copies_a_start_checkpoint_only_from_the_sweep_and_only_a_
     not_a_checkpoint = root / "tune" / "run_trial_c" / "checkpoint_000001"
     not_a_checkpoint.mkdir(parents=True)
     (not_a_checkpoint / ckpt.STATE_FILE).write_bytes(b"not a checkpoint")
-    for path, words in ((outside, "outside the sweep's storage"), (root / "tune" / ".." / ".." / "outside" /
-                                                                   "checkpoint_000001", "outside the sweep's storage"),
-                        (not_a_checkpoint, "not a readable dcgan_dist checkpoint")):
+    for path, words in (
+        (outside, "outside the sweep's storage"),
+        (root / "tune" / ".." / ".." / "outside" / "checkpoint_000001", "outside the sweep's storage"),
+        (not_a_checkpoint, "not a readable dcgan_dist checkpoint"),
+    ):
         with pytest.raises(CheckpointError, match=words) as error:
             copy_start(str(path), str(root), trial, "start/y.pt")
         assert "\n" not in str(error.value)
@@ -292,8 +371,8 @@ def test_resume_with_the_store_gone_is_the_stores_error_not_a_misfit():
     steps silently."""
     from dcgan_dist.distributed.env import DistEnv
     from dcgan_dist.errors import RunError
-    from dcgan_dist.schedule import Schedule
-    from dcgan_dist.storage import StoreUnreachable
+    from dcgan_dist.storage.filesystem import StoreUnreachable
+    from dcgan_dist.training.schedule import Schedule
 
     tried = []
 
@@ -301,8 +380,10 @@ def test_resume_with_the_store_gone_is_the_stores_error_not_a_misfit():
         def newest_first(self):
             def unreachable():
                 tried.append("step_0000006.pt")
-                raise StoreUnreachable("the object store at http://127.0.0.1:1 did not answer for 5 s (reading "
-                                       "s3://b/runs/x/checkpoints/step_0000006.pt)")
+                raise StoreUnreachable(
+                    "the object store at http://127.0.0.1:1 did not answer for 5 s (reading "
+                    "s3://b/runs/x/checkpoints/step_0000006.pt)"
+                )
 
             def older():
                 tried.append("step_0000003.pt")
@@ -311,8 +392,9 @@ def test_resume_with_the_store_gone_is_the_stores_error_not_a_misfit():
             yield "s3://b/runs/x/checkpoints/step_0000006.pt", unreachable
             yield "s3://b/runs/x/checkpoints/step_0000003.pt", older
 
-    manager = ckpt.CheckpointManager(StoreGone(), DistEnv(device=torch.device("cpu")), {}, {}, {}, Schedule(1, last=6),
-                                     say=lambda line: None)
+    manager = ckpt.CheckpointManager(
+        StoreGone(), DistEnv(device=torch.device("cpu")), {}, {}, {}, Schedule(1, last=6), say=lambda line: None
+    )
     with pytest.raises(RunError, match=r"^the object store at .* did not answer") as raised:
         manager.restore()
     assert not isinstance(raised.value, ckpt.CheckpointError) and tried == ["step_0000006.pt"]

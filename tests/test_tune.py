@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from dcgan_dist import checkpoint as ckpt
-from dcgan_dist.metrics import read_metrics
+from dcgan_dist.training import checkpoint as ckpt
+from dcgan_dist.training.metrics import read_metrics
 
 from .conftest import TINY, extra_ray_node, run_cli, run_with_env
 
@@ -16,15 +16,31 @@ pytest.importorskip("ray")
 
 
 def sweep_args(shards, run_dir, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "dcgan_dist.tune", "--config", "debug", *TINY, "dist.num_workers=2",
-            f"data.shards={shards}", f"run.dir={run_dir}", f"run.name={run_dir.name}", "train.max_steps=8",
-            "train.eval_every=2", "eval.num=32", "eval.nhoods_per_image=4", "train.sample_every=0",
-            "train.log_every=2", "wandb.mode=offline", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "dcgan_dist.tune",
+        "--config",
+        "debug",
+        *TINY,
+        "dist.num_workers=2",
+        f"data.shards={shards}",
+        f"run.dir={run_dir}",
+        f"run.name={run_dir.name}",
+        "train.max_steps=8",
+        "train.eval_every=2",
+        "eval.num=32",
+        "eval.nhoods_per_image=4",
+        "train.sample_every=0",
+        "train.log_every=2",
+        "wandb.mode=offline",
+        *extra,
+    ]
 
 
 def table(out: str) -> list[dict]:
     """The printed results table: one dict per trial."""
-    lines = out[out.index("Sweep done"):].splitlines()[1:]
+    lines = out[out.index("Sweep done") :].splitlines()[1:]
     header = re.split(r"\s{2,}", lines[0].strip())
     rows = []
     for line in lines[1:]:
@@ -40,8 +56,22 @@ def test_an_asha_sweep_stops_trials_early_and_its_best_checkpoint_samples(ray_cl
     the worse; the table's best SWD is the lowest any trial's own metrics.jsonl records; the best checkpoint
     samples."""
     run_dir = tmp_path / "asha"
-    proc = run_with_env(sweep_args(tiny_shards, run_dir, "--search", "optim.lr=grid(0.0002,0.002,0.00005,0.001)",
-                                   "--trials", "1", "--scheduler", "asha", "--concurrent", "1"), ray_cluster, timeout=900)
+    proc = run_with_env(
+        sweep_args(
+            tiny_shards,
+            run_dir,
+            "--search",
+            "optim.lr=grid(0.0002,0.002,0.00005,0.001)",
+            "--trials",
+            "1",
+            "--scheduler",
+            "asha",
+            "--concurrent",
+            "1",
+        ),
+        ray_cluster,
+        timeout=900,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     rows = table(out)
@@ -49,14 +79,19 @@ def test_an_asha_sweep_stops_trials_early_and_its_best_checkpoint_samples(ray_cl
     steps = {r["trial"]: int(r["steps"]) for r in rows}
     assert sorted(steps.values())[0] < 8 and max(steps.values()) == 8  # stopped early / trained to the end
     # Each trial's own record (its run in <run.dir>/trials/<trial>), up to the step Tune last heard of.
-    lowest = min(r["swd"] for trial, last in steps.items()
-                 for r in read_metrics(run_dir / "trials" / trial / "metrics.jsonl") if "swd" in r and r["step"] <= last)
+    lowest = min(
+        r["swd"]
+        for trial, last in steps.items()
+        for r in read_metrics(run_dir / "trials" / trial / "metrics.jsonl")
+        if "swd" in r and r["step"] <= last
+    )
     assert float(rows[0]["best swd"]) == pytest.approx(lowest, abs=1e-4)
     best = re.search(r"Best checkpoint: (\S+)", out).group(1)
     state = ckpt.load_checkpoint(best)[1]
     assert state["config"]["optim"]["lr"] == pytest.approx(float(rows[0]["optim.lr"]), rel=1e-3)
-    sample = run_cli("-m", "dcgan_dist.sample", "--checkpoint", best, "--num", "4", "--out", str(tmp_path / "s.png"),
-                     check=True)
+    sample = run_cli(
+        "-m", "dcgan_dist.sample", "--checkpoint", best, "--num", "4", "--out", str(tmp_path / "s.png"), check=True
+    )
     assert (tmp_path / "s.png").is_file(), sample.stdout
 
 
@@ -67,20 +102,27 @@ def room_for_two_trials(ray_cluster):
 
 
 def test_a_pbt_sweep_continues_the_worse_trial_from_the_better_ones_weights(
-        ray_cluster, room_for_two_trials, tiny_shards, tmp_path):
+    ray_cluster, room_for_two_trials, tiny_shards, tmp_path
+):
     """2 trials side by side; at step 4 (PBT, synchronous) the worse continues from the better one's checkpoint with
     a perturbed learning rate."""
     run_dir = tmp_path / "pbt"
-    proc = run_with_env(sweep_args(tiny_shards, run_dir, "--search", "optim.lr=loguniform(1e-4,1e-3)", "--trials", "2",
-                                   "--scheduler", "pbt"), ray_cluster, timeout=900)
+    proc = run_with_env(
+        sweep_args(
+            tiny_shards, run_dir, "--search", "optim.lr=loguniform(1e-4,1e-3)", "--trials", "2", "--scheduler", "pbt"
+        ),
+        ray_cluster,
+        timeout=900,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "2 side by side" in out
     exploits = int(re.search(r"PBT: (\d+) exploit step", out).group(1))
     assert exploits >= 1
     # The exploit, as the trial itself logged it: it started from the other trial's checkpoint of step 4.
-    moves = re.findall(r"trial (\w+) continues from trial (\w+)'s checkpoint \S+ \(copied to (\S+)\) with optim.lr=(\S+)",
-                       out)
+    moves = re.findall(
+        r"trial (\w+) continues from trial (\w+)'s checkpoint \S+ \(copied to (\S+)\) with optim.lr=(\S+)", out
+    )
     assert moves and all(to != source for to, source, _, _ in moves)
     to, source, path, lr = moves[0]
     copied = ckpt.load(path)

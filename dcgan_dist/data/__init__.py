@@ -1,8 +1,8 @@
 """Data: WebDataset shards of face images, the synthetic face set, converters and the streaming loader."""
 
-from .loader import ImageBatches, check_shards, normalise, resolve_data
-from .shards import DatasetInfo, ShardWriter, expand_shards, read_info
-from .synth import ensure_synthetic, write_synthetic_shards
+from dcgan_dist.data.loader import ImageBatches, check_shards, normalise, resolve_data
+from dcgan_dist.data.shards import DatasetInfo, ShardWriter, expand_shards, read_info
+from dcgan_dist.data.synth import ensure_synthetic, write_synthetic_shards
 
 __all__ = [
     "DatasetInfo",

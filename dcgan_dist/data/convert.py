@@ -12,16 +12,16 @@ import gzip
 import io
 import struct
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..images import array_to_pil
-from ..stopping import raise_on_signals
-from .shards import DatasetInfo, ShardWriter, check_format
+from dcgan_dist.data.images import array_to_pil
+from dcgan_dist.data.shards import DatasetInfo, ShardWriter, check_format
+from dcgan_dist.stopping import raise_on_signals
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions (count, rows, cols)
@@ -84,7 +84,9 @@ def read_idx_images(path: Path) -> np.ndarray:
             raise ValueError(f"{path}: not an IDX image file (magic {magic:#010x}, expected {IDX_IMAGES_MAGIC:#010x})")
         data = f.read(count * rows * cols)
     if len(data) != count * rows * cols:
-        raise ValueError(f"{path}: truncated: header says {count} images of {rows}x{cols}, file holds {len(data)} bytes")
+        raise ValueError(
+            f"{path}: truncated: header says {count} images of {rows}x{cols}, file holds {len(data)} bytes"
+        )
     return np.frombuffer(data, np.uint8).reshape(count, rows, cols)
 
 
@@ -95,7 +97,9 @@ def idx_files(src: Path) -> list[Path]:
 
 
 def is_idx(src: Path) -> bool:
-    return (src.is_file() and "idx3-ubyte" in src.name) or (src.is_dir() and bool(idx_files(src)) and not folder_items_exist(src))
+    return (src.is_file() and "idx3-ubyte" in src.name) or (
+        src.is_dir() and bool(idx_files(src)) and not folder_items_exist(src)
+    )
 
 
 def folder_items_exist(root: Path) -> bool:
@@ -139,7 +143,9 @@ def convert(
             archive.close()
 
 
-def _decode_items(items: list[Item], size: int, channels: int, crop: int) -> Iterator[tuple[str, np.ndarray | Exception]]:
+def _decode_items(
+    items: list[Item], size: int, channels: int, crop: int
+) -> Iterator[tuple[str, np.ndarray | Exception]]:
     for name, load in items:
         try:
             yield name, centre_crop_resize(load(), size, channels, crop)
@@ -165,7 +171,9 @@ def _convert_idx(src: Path, out, size, crop, shard_size, limit, progress, fmt) -
 
 def _write(items, total: int, out, shard_size: int, source: str, progress: bool, fmt: str) -> DatasetInfo:
     skipped = 0
-    bar = tqdm(total=total, unit="img", desc=f"converting -> {out}", disable=None if progress else True)  # None: only on a terminal
+    bar = tqdm(
+        total=total, unit="img", desc=f"converting -> {out}", disable=None if progress else True
+    )  # None: only on a terminal
     # SIGTERM/SIGINT: the writer removes the shards it wrote (stopping.StoppedBySignal); an error does the same.
     with raise_on_signals(), ShardWriter(out, shard_size=shard_size, fmt=fmt, source=source) as writer:
         for name, result in items:
@@ -178,6 +186,8 @@ def _write(items, total: int, out, shard_size: int, source: str, progress: bool,
         bar.close()
         writer.skipped = skipped
         info = writer.close()
-    print(f"wrote {info.num_samples} images ({info.image_size}x{info.image_size}x{info.channels}) "
-          f"in {info.num_shards} shard(s) to {out}; skipped {skipped} unreadable file(s)")
+    print(
+        f"wrote {info.num_samples} images ({info.image_size}x{info.image_size}x{info.channels}) "
+        f"in {info.num_shards} shard(s) to {out}; skipped {skipped} unreadable file(s)"
+    )
     return info

@@ -40,18 +40,26 @@ import signal
 import sys
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import RunError
-from ..images import to_unit_range
-from .shards import (ImagesNotShards, is_url, decode_sample, expand_shards, iter_samples, shard_counts, spec_parts)
-from .synth import available_cpus, ensure_synthetic
+from dcgan_dist.data.images import to_unit_range
+from dcgan_dist.data.shards import (
+    ImagesNotShards,
+    decode_sample,
+    expand_shards,
+    is_url,
+    iter_samples,
+    shard_counts,
+    spec_parts,
+)
+from dcgan_dist.data.synth import available_cpus, ensure_synthetic
+from dcgan_dist.errors import RunError
 
 log = logging.getLogger("dcgan_dist.data")
 
@@ -106,9 +114,11 @@ class _BadSamples:
 
     def message(self, pass_index: int, where: str, total: int, max_fraction: float) -> str:
         shards = ", ".join(self.shards[:3]) + (f" and {len(self.shards) - 3} more" if len(self.shards) > 3 else "")
-        return (f"{self.count} unusable sample(s) of {total} in pass {pass_index} ({where}), more than "
-                f"data.max_bad_fraction={max_fraction:g}: in {shards}; the first: {self.first}; fix or remove those "
-                "shards (`python -m dcgan_dist.data inspect` lists them), or raise data.max_bad_fraction")
+        return (
+            f"{self.count} unusable sample(s) of {total} in pass {pass_index} ({where}), more than "
+            f"data.max_bad_fraction={max_fraction:g}: in {shards}; the first: {self.first}; fix or remove those "
+            "shards (`python -m dcgan_dist.data inspect` lists them), or raise data.max_bad_fraction"
+        )
 
 
 def slot_seed(*parts: int) -> int:
@@ -153,8 +163,10 @@ class ShardStream(IterableDataset):
         c, h, w = self.expect_chw
         if array.shape == (h, w, c):
             return None
-        return (f"sample '{sample.get('__key__')}' in {sample.get('__url__')}: {array.shape[0]}x{array.shape[1]} with "
-                f"{array.shape[2]} channel(s), the model expects {h}x{w} with {c}")
+        return (
+            f"sample '{sample.get('__key__')}' in {sample.get('__url__')}: {array.shape[0]}x{array.shape[1]} with "
+            f"{array.shape[2]} channel(s), the model expects {h}x{w} with {c}"
+        )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...] | LoaderFailure]:
         info = get_worker_info()
@@ -166,8 +178,10 @@ class ShardStream(IterableDataset):
         try:
             yield from self._batches(slot, where)
         except MemoryError:
-            yield LoaderFailure(f"out of memory in the data loader ({where}): lower train.batch_size, "
-                                "data.shuffle_buffer or data.num_workers")
+            yield LoaderFailure(
+                f"out of memory in the data loader ({where}): lower train.batch_size, "
+                "data.shuffle_buffer or data.num_workers"
+            )
         except RunError as exc:  # already the run's one line (an object store that stopped answering, say)
             yield LoaderFailure(str(exc))
         except Exception as exc:  # noqa: BLE001 - any: one line instead of a loader process's traceback
@@ -193,8 +207,9 @@ class ShardStream(IterableDataset):
                 shard_errors.append(reason)
             if reason not in warned:
                 warned.add(reason)
-                pending.append(f"skipping unreadable shard data ({where}), counted in metrics.jsonl's bad_shards: "
-                               f"{reason}")
+                pending.append(
+                    f"skipping unreadable shard data ({where}), counted in metrics.jsonl's bad_shards: {reason}"
+                )
             return True  # keep going with the next shard
 
         def flush_warnings() -> None:
@@ -204,8 +219,11 @@ class ShardStream(IterableDataset):
                 if shown <= SHOWN_WARNINGS:
                     log.warning("%s", message)
                 elif shown == SHOWN_WARNINGS + 1:
-                    log.warning("more unreadable shards or unusable samples (%s) are skipped and counted in "
-                                "metrics.jsonl, without a line each", where)
+                    log.warning(
+                        "more unreadable shards or unusable samples (%s) are skipped and counted in "
+                        "metrics.jsonl, without a line each",
+                        where,
+                    )
             pending.clear()
 
         last_resized_pass = max((p for p, _ in self.trained_before.values()), default=-1)
@@ -239,8 +257,9 @@ class ShardStream(IterableDataset):
                     bad.add(sample["__url__"], reason)
                     # (what was read counts too, should dataset.json understate the pass)
                     if pass_total is not None and bad.too_many(max(pass_total, consumed), self.max_bad_fraction):
-                        yield LoaderFailure(bad.message(pass_index, where, max(pass_total, consumed),
-                                                        self.max_bad_fraction))
+                        yield LoaderFailure(
+                            bad.message(pass_index, where, max(pass_total, consumed), self.max_bad_fraction)
+                        )
                         return
                     continue
                 batch.append(array)
@@ -248,8 +267,10 @@ class ShardStream(IterableDataset):
                 if len(batch) == self.batch_size:
                     if bad.first is not None and not first_bad_reported:
                         first_bad_reported = True
-                        pending.append(f"skipping unusable samples ({where}), each counted in metrics.jsonl's "
-                                       f"bad_samples; the first: {bad.first}")
+                        pending.append(
+                            f"skipping unusable samples ({where}), each counted in metrics.jsonl's "
+                            f"bad_samples; the first: {bad.first}"
+                        )
                     flush_warnings()
                     # One copy on this side: the batch stays in the shards' channels-last layout, and the device
                     # that trains on it rearranges it (normalise), where that is cheap.
@@ -260,9 +281,11 @@ class ShardStream(IterableDataset):
                     batch, batch_ids = [], []
             if consumed == 0 and pass_index > last_resized_pass:
                 names = ", ".join(os.path.basename(u) for u in order[:3]) + (", ..." if len(order) > 3 else "")
-                yield LoaderFailure(f"no readable samples in the {len(order)} shard(s) of {where} ({names}): "
-                                    f"{shard_errors[0] if shard_errors else 'they hold no samples'}; check them with "
-                                    "`python -m dcgan_dist.data inspect`")
+                yield LoaderFailure(
+                    f"no readable samples in the {len(order)} shard(s) of {where} ({names}): "
+                    f"{shard_errors[0] if shard_errors else 'they hold no samples'}; check them with "
+                    "`python -m dcgan_dist.data inspect`"
+                )
                 return
             # Over the whole pass: a resumed (or, after a resize, shortened) pass counts what it skipped as read.
             pass_size = max(consumed, pass_total or 0)
@@ -275,8 +298,10 @@ class ShardStream(IterableDataset):
                     counts["missing_samples"] += want - got
                     if url not in warned:
                         warned.add(url)
-                        pending.append(f"shard {url} gave {got} of its {want} samples (dataset.json); check it with "
-                                       "`python -m dcgan_dist.data inspect`")
+                        pending.append(
+                            f"shard {url} gave {got} of its {want} samples (dataset.json); check it with "
+                            "`python -m dcgan_dist.data inspect`"
+                        )
             pass_index, skip = pass_index + 1, 0
 
     def _untrained(self, samples: Iterator[dict], pass_index: int, per_shard: dict[str, int]) -> Iterator[dict]:
@@ -332,30 +357,62 @@ class ImageBatches:
         if rank == 0 and isinstance(shards, str):
             unlisted = [part for part, info in spec_parts(shards) if info is None and not is_url(part)]
             if unlisted:  # hand-made shards load without it, but a shortfall in them cannot be noticed
-                log.warning("no dataset.json beside %s (%d shard(s)): how many samples each shard should give is "
-                            "unknown, so a truncated one goes unnoticed; `python -m dcgan_dist.data inspect` counts "
-                            "them", ", ".join(unlisted[:3]), sum(len(expand_shards(part)) for part in unlisted))
+                log.warning(
+                    "no dataset.json beside %s (%d shard(s)): how many samples each shard should give is "
+                    "unknown, so a truncated one goes unnoticed; `python -m dcgan_dist.data inspect` counts "
+                    "them",
+                    ", ".join(unlisted[:3]),
+                    sum(len(expand_shards(part)) for part in unlisted),
+                )
         if missing:
-            log.warning("dataset.json lists %d shard(s) that are gone (%d samples): %s", len(missing),
-                        sum(counts[m] for m in missing), ", ".join(os.path.basename(m) for m in missing[:5]))
+            log.warning(
+                "dataset.json lists %d shard(s) that are gone (%d samples): %s",
+                len(missing),
+                sum(counts[m] for m in missing),
+                ", ".join(os.path.basename(m) for m in missing[:5]),
+            )
         rank_urls = split_for_rank(urls, rank, world_size)
         cpus = available_cpus()
         if num_workers > cpus:  # more would only share the cores (and torch warns, twice)
             if rank == 0:
-                log.warning("data.num_workers=%d but this process may use %d CPU(s): using %d loader worker(s)",
-                            num_workers, cpus, cpus)
+                log.warning(
+                    "data.num_workers=%d but this process may use %d CPU(s): using %d loader worker(s)",
+                    num_workers,
+                    cpus,
+                    cpus,
+                )
             num_workers = cpus
         # A slot needs at least one shard of its own, so a rank never runs more loader workers than shards.
         self.num_slots = max(1, min(num_workers, len(rank_urls))) if num_workers > 0 else 1
         if num_workers > self.num_slots:
-            log.warning("rank %d has %d shard(s): using %d loader worker(s) instead of %d",
-                        rank, len(rank_urls), self.num_slots, num_workers)
+            log.warning(
+                "rank %d has %d shard(s): using %d loader worker(s) instead of %d",
+                rank,
+                len(rank_urls),
+                self.num_slots,
+                num_workers,
+            )
         self.num_workers, self.pin_memory, self.rank = num_workers, pin_memory, rank
         self.urls, self.rank_urls = urls, rank_urls
-        self.stream = ShardStream(rank_urls, batch_size, rank, seed, self.num_slots, shuffle_buffer, expect_chw,
-                                  shard_counts=counts, shard_ids={u: i for i, u in enumerate(urls)},
-                                  max_bad_fraction=max_bad_fraction)
-        self.layout = {"world_size": world_size, "rank": rank, "slots": self.num_slots, "batch_size": batch_size, "seed": seed}
+        self.stream = ShardStream(
+            rank_urls,
+            batch_size,
+            rank,
+            seed,
+            self.num_slots,
+            shuffle_buffer,
+            expect_chw,
+            shard_counts=counts,
+            shard_ids={u: i for i, u in enumerate(urls)},
+            max_bad_fraction=max_bad_fraction,
+        )
+        self.layout = {
+            "world_size": world_size,
+            "rank": rank,
+            "slots": self.num_slots,
+            "batch_size": batch_size,
+            "seed": seed,
+        }
         self.counters = LoaderCounters()
         self.positions: dict[int, tuple[int, int]] = {}
         self.ledger: dict[int, tuple[int, np.ndarray]] = {}  # shard id -> (pass, trained[ordinal]) of this rank
@@ -367,17 +424,19 @@ class ImageBatches:
         workers = self.num_slots if self.num_workers > 0 else 0
         if workers:
             _quiet_about_dead_loader_processes()
-        return iter(DataLoader(
-            self.stream,
-            batch_size=None,  # the stream batches itself
-            num_workers=workers,
-            pin_memory=self.pin_memory,
-            prefetch_factor=4 if workers else None,
-            persistent_workers=False,
-            worker_init_fn=_loader_worker_init if workers else None,
-        ))
+        return iter(
+            DataLoader(
+                self.stream,
+                batch_size=None,  # the stream batches itself
+                num_workers=workers,
+                pin_memory=self.pin_memory,
+                prefetch_factor=4 if workers else None,
+                persistent_workers=False,
+                worker_init_fn=_loader_worker_init if workers else None,
+            )
+        )
 
-    def __iter__(self) -> "ImageBatches":
+    def __iter__(self) -> ImageBatches:
         return self
 
     def __next__(self) -> torch.Tensor:
@@ -389,9 +448,11 @@ class ImageBatches:
             raise
         except Exception as exc:  # noqa: BLE001 - the DataLoader's own (a loader process killed, say): one line
             reason = (str(exc).strip().splitlines() or [""])[0][:300]
-            item = LoaderFailure(f"the data loader failed (rank {self.rank}): {type(exc).__name__}: {reason}; was a "
-                                 "loader process killed (out of memory?): the same command resumes from the newest "
-                                 "checkpoint")
+            item = LoaderFailure(
+                f"the data loader failed (rank {self.rank}): {type(exc).__name__}: {reason}; was a "
+                "loader process killed (out of memory?): the same command resumes from the newest "
+                "checkpoint"
+            )
         if isinstance(item, LoaderFailure):
             # Outside the except block: no traceback keeps the DataLoader's iterator, so the loader processes are
             # shut down here, before the run ends.
@@ -450,8 +511,11 @@ class ImageBatches:
         ledgers = [state.get("ledger") for state in states.values()]
         old = next(iter(states.values()), {}).get("layout")
         if not ledgers or any(ledger is None for ledger in ledgers):
-            log.warning("data layout changed since the checkpoint (%s -> %s) and it has no ledger: the data stream "
-                        "restarts", old, self.layout)
+            log.warning(
+                "data layout changed since the checkpoint (%s -> %s) and it has no ledger: the data stream restarts",
+                old,
+                self.layout,
+            )
             return
         merged: dict[str, tuple[int, np.ndarray]] = {}  # the ranks' ledgers hold disjoint shards
         for ledger in ledgers:
@@ -460,9 +524,14 @@ class ImageBatches:
         self.ledger = {ids[u]: e for u, e in merged.items() if u in mine_now}
         self.stream.trained_before = {u: e for u, e in merged.items() if u in mine_now}
         if self.rank == 0:
-            log.warning("data layout changed since the checkpoint (%d worker(s) x batch %s -> %d x %d): shards "
-                        "re-dealt; each pass goes on without the samples it already trained", len(states),
-                        old.get("batch_size") if old else "?", self.layout["world_size"], self.layout["batch_size"])
+            log.warning(
+                "data layout changed since the checkpoint (%d worker(s) x batch %s -> %d x %d): shards "
+                "re-dealt; each pass goes on without the samples it already trained",
+                len(states),
+                old.get("batch_size") if old else "?",
+                self.layout["world_size"],
+                self.layout["batch_size"],
+            )
 
     def close(self) -> None:
         # Dropping the iterator shuts the loader's worker processes down, unless an error raised through it (e.g.
@@ -498,8 +567,9 @@ def loader_death_as_run_error(exc_type, exc, tb) -> bool:
     wherever it is at that moment; that becomes RunError, one line."""
     if exc_type is RuntimeError and str(exc).startswith("DataLoader worker"):
         reason = str(exc).strip().splitlines()[0][:200]
-        raise RunError(f"the data loader failed: {reason} (out of memory?); the same command resumes from the "
-                       "newest checkpoint") from None
+        raise RunError(
+            f"the data loader failed: {reason} (out of memory?); the same command resumes from the newest checkpoint"
+        ) from None
     return False
 
 
@@ -509,8 +579,10 @@ def _ledger_to_state(ledger: dict[str, tuple[int, np.ndarray]]) -> dict[str, lis
 
 
 def _ledger_from_state(state: dict[str, list]) -> dict[str, tuple[int, np.ndarray]]:
-    return {url: (int(p), np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=n).astype(bool))
-            for url, (p, n, bits) in state.items()}
+    return {
+        url: (int(p), np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=n).astype(bool))
+        for url, (p, n, bits) in state.items()
+    }
 
 
 def _loader_worker_init(_: int) -> None:
@@ -536,8 +608,13 @@ def normalise(images: torch.Tensor, device: torch.device | str, channels_last: b
 PROBE_SAMPLES = 256
 
 
-def check_shards(spec: str, expect_chw: tuple[int, int, int], world_size: int = 1, probe: bool = True,
-                 max_bad_fraction: float = MAX_BAD_FRACTION) -> None:
+def check_shards(
+    spec: str,
+    expect_chw: tuple[int, int, int],
+    world_size: int = 1,
+    probe: bool = True,
+    max_bad_fraction: float = MAX_BAD_FRACTION,
+) -> None:
     """Before training: the shards exist and are no unfinished `data synth/convert` output (read_info), there are
     enough for every worker, and each part of the spec holds images of the model's size and channels, as its
     dataset.json says and (probe) as the first PROBE_SAMPLES samples of its first shard show, no more than
@@ -549,17 +626,20 @@ def check_shards(spec: str, expect_chw: tuple[int, int, int], world_size: int = 
         raise exc.for_size(h) from None
     for part, info in spec_parts(spec):
         if info is not None and (info.image_size, info.image_size, info.channels) != (h, w, c):
-            raise ValueError(_shape_advice((info.image_size, info.image_size, info.channels), f"{part} dataset.json",
-                                           expect_chw))
+            raise ValueError(
+                _shape_advice((info.image_size, info.image_size, info.channels), f"{part} dataset.json", expect_chw)
+            )
         if probe:
             _probe(expand_shards(part)[0], expect_chw, max_bad_fraction, info is not None)
 
 
 def _shape_advice(shape: tuple[int, int, int], source: str, expect_chw: tuple[int, int, int]) -> str:
     c, h, w = expect_chw
-    return (f"the shards hold {shape[0]}x{shape[1]} images with {shape[2]} channel(s) ({source}) but the model is "
-            f"{h}x{w} with {c}: set model.image_size={shape[0]} model.channels={shape[2]}, or convert the data with "
-            f"--size {h}")
+    return (
+        f"the shards hold {shape[0]}x{shape[1]} images with {shape[2]} channel(s) ({source}) but the model is "
+        f"{h}x{w} with {c}: set model.image_size={shape[0]} model.channels={shape[2]}, or convert the data with "
+        f"--size {h}"
+    )
 
 
 def _probe(url: str, expect_chw: tuple[int, int, int], max_bad_fraction: float, has_info: bool) -> None:
@@ -578,16 +658,25 @@ def _probe(url: str, expect_chw: tuple[int, int, int], max_bad_fraction: float, 
                 continue
             shapes[array.shape] += 1
             if array.shape != (h, w, c):
-                first_bad = first_bad or (f"sample '{sample['__key__']}' is {array.shape[0]}x{array.shape[1]} with "
-                                          f"{array.shape[2]} channel(s)")
+                first_bad = first_bad or (
+                    f"sample '{sample['__key__']}' is {array.shape[0]}x{array.shape[1]} with "
+                    f"{array.shape[2]} channel(s)"
+                )
     except Exception as exc:  # noqa: BLE001 - whatever the tar reader or the URL's opener raised
         status = re.search(r"exit (\d+)", str(exc)) if url.startswith("pipe:") else None
-        reason = (f"its command exited with status {status.group(1)}" if status
-                  else (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200])
-        if read == 0 and (isinstance(exc, tarfile.ReadError) or "bad checksum" in reason or "truncated header" in reason):
+        reason = (
+            f"its command exited with status {status.group(1)}"
+            if status
+            else (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        )
+        if read == 0 and (
+            isinstance(exc, tarfile.ReadError) or "bad checksum" in reason or "truncated header" in reason
+        ):
             # webdataset passes tarfile's error on as a tuple with the open file in it: say what it means
-            raise ValueError(f"cannot read the first shard, {url}: it is not a tar file; shards are made by "
-                             "`python -m dcgan_dist.data convert` or `data synth`") from None
+            raise ValueError(
+                f"cannot read the first shard, {url}: it is not a tar file; shards are made by "
+                "`python -m dcgan_dist.data convert` or `data synth`"
+            ) from None
         if read == 0:
             raise ValueError(f"cannot read the first shard, {url}: {reason}") from None
     if read == 0:
@@ -597,9 +686,11 @@ def _probe(url: str, expect_chw: tuple[int, int, int], max_bad_fraction: float, 
         raise ValueError(_shape_advice(next(iter(shapes)), f"{name}{said}", expect_chw))
     unusable = read - shapes[(h, w, c)]
     if unusable > max_bad_fraction * read:
-        raise ValueError(f"{unusable} of the first {read} samples of {name} are unusable for a {h}x{w} model with "
-                         f"{c} channel(s), more than data.max_bad_fraction={max_bad_fraction:g}; the first: "
-                         f"{first_bad}; `python -m dcgan_dist.data inspect` lists the shards' problems")
+        raise ValueError(
+            f"{unusable} of the first {read} samples of {name} are unusable for a {h}x{w} model with "
+            f"{c} channel(s), more than data.max_bad_fraction={max_bad_fraction:g}; the first: "
+            f"{first_bad}; `python -m dcgan_dist.data inspect` lists the shards' problems"
+        )
 
 
 def dataset_size(spec: str) -> int:
@@ -613,14 +704,17 @@ def check_batch(batch_size: int, world_size: int, num_samples: int) -> None:
     need is memory.check_memory's. Raises ValueError with a one-line message."""
     global_batch = batch_size * world_size
     if num_samples and global_batch > num_samples:
-        raise ValueError(f"train.batch_size={batch_size} x {world_size} worker(s) is a global batch of {global_batch}, "
-                         f"larger than the data set ({num_samples} samples): every batch would repeat images; use "
-                         f"train.batch_size={max(1, num_samples // world_size)} or less")
+        raise ValueError(
+            f"train.batch_size={batch_size} x {world_size} worker(s) is a global batch of {global_batch}, "
+            f"larger than the data set ({num_samples} samples): every batch would repeat images; use "
+            f"train.batch_size={max(1, num_samples // world_size)} or less"
+        )
 
 
 def resolve_data(data_cfg, model_cfg) -> tuple[str, int]:
     """(shard spec, number of samples or 0 if unknown) for a run. Empty data.shards = the embedded synthetic
     faces at the model's size, generated once into data.cache_dir."""
-    spec = data_cfg.shards or str(ensure_synthetic(data_cfg.cache_dir, data_cfg.synth_num, model_cfg.image_size,
-                                                   model_cfg.channels))
+    spec = data_cfg.shards or str(
+        ensure_synthetic(data_cfg.cache_dir, data_cfg.synth_num, model_cfg.image_size, model_cfg.channels)
+    )
     return spec, data_cfg.num_samples or dataset_size(spec)

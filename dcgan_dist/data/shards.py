@@ -25,16 +25,23 @@ import shlex
 import shutil
 import tempfile
 import typing
+from collections.abc import Iterable, Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from ..images import array_to_pil
-from ..storage import ObjectReader, RunStorage, StoreUnreachable, check_bucket, is_remote, store_name
+from dcgan_dist.data.images import array_to_pil
+from dcgan_dist.storage.filesystem import (
+    ObjectReader,
+    RunStorage,
+    StoreUnreachable,
+    check_bucket,
+    is_remote,
+    store_name,
+)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 FORMATS = ("png", "jpg", "raw")  # what `data synth/convert --format` writes
@@ -48,8 +55,10 @@ META_FILE = "dataset.json"
 # (A placeholder rather than a separate mark file: deleting an object in a store makes pyarrow put an empty
 # "directory" object in its place.)
 UNFINISHED_KEY = "unfinished"
-UNFINISHED_NOTE = ("a `python -m dcgan_dist.data synth/convert` is writing this folder, or was stopped before it "
-                   "finished: then delete the folder and run it again")
+UNFINISHED_NOTE = (
+    "a `python -m dcgan_dist.data synth/convert` is writing this folder, or was stopped before it "
+    "finished: then delete the folder and run it again"
+)
 SHARD_PATTERN = "shard-%06d.tar"
 
 
@@ -162,8 +171,9 @@ def decode_sample(sample: dict) -> np.ndarray:
         if data is not None:
             break
     else:
-        raise ValueError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')} has no image "
-                         f"({', '.join(IMAGE_EXTENSIONS)})")
+        raise ValueError(
+            f"sample '{sample.get('__key__')}' in {sample.get('__url__')} has no image ({', '.join(IMAGE_EXTENSIONS)})"
+        )
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
@@ -172,8 +182,9 @@ def decode_sample(sample: dict) -> np.ndarray:
         raise
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for damaged bytes
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ValueError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')}: cannot decode: "
-                         f"{reason}") from None
+        raise ValueError(
+            f"sample '{sample.get('__key__')}' in {sample.get('__url__')}: cannot decode: {reason}"
+        ) from None
 
 
 class ShardTar:
@@ -207,7 +218,7 @@ class ShardTar:
             self._write_chunk()
         self._tar.close()
 
-    def __enter__(self) -> "ShardTar":
+    def __enter__(self) -> ShardTar:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -221,8 +232,14 @@ class ShardWriter:
     fmt: png, jpg or raw (see the module's docstring); raw_chunk: images per raw member.
     """
 
-    def __init__(self, out_dir: str | Path, shard_size: int = 1000, fmt: str = "png", source: str = "",
-                 raw_chunk: int = RAW_CHUNK):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        shard_size: int = 1000,
+        fmt: str = "png",
+        source: str = "",
+        raw_chunk: int = RAW_CHUNK,
+    ):
         if shard_size < 1 or raw_chunk < 1:
             raise ValueError("shard_size and raw_chunk must be at least 1")
         check_format(fmt)
@@ -272,7 +289,7 @@ class ShardWriter:
         self.out.close(info)
         return info
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -295,7 +312,7 @@ class ShardOutput:
     def __init__(self, out: str):
         self.storage = RunStorage(out)
         if self.storage.remote and check_bucket(out, create=True):
-            print(f"created bucket '{out[len('s3://'):].split('/')[0]}' at {store_name()}", flush=True)
+            print(f"created bucket '{out[len('s3://') :].split('/')[0]}' at {store_name()}", flush=True)
         existing = [name for name, is_dir in self.storage.list("") if not is_dir and name.endswith(".tar")]
         if existing:
             raise FileExistsError(f"{self.storage.location} already holds {len(existing)} shards; choose an empty one")
@@ -314,7 +331,7 @@ class ShardOutput:
             self.storage.upload(self.staging / name, name)
             (self.staging / name).unlink()
 
-    def close(self, info: "DatasetInfo") -> None:
+    def close(self, info: DatasetInfo) -> None:
         self.storage.write(META_FILE, (json.dumps(asdict(info), indent=2) + "\n").encode())
         self._drop_staging()
 
@@ -354,16 +371,18 @@ class ImagesNotShards(FileNotFoundError):
         self.given, self.source, self.size = given, source, size
         out = f"{source.rstrip('/')}-shards"
         # The command last on the line, so that it pastes as it is.
-        super().__init__(f"'{given}' holds image files, not .tar shards; convert them (then set "
-                         f"data.shards={shlex.quote(out)}): python -m dcgan_dist.data convert --src {shlex.quote(source)} "
-                         f"--out {shlex.quote(out)} --size {size}")
+        super().__init__(
+            f"'{given}' holds image files, not .tar shards; convert them (then set "
+            f"data.shards={shlex.quote(out)}): python -m dcgan_dist.data convert --src {shlex.quote(source)} "
+            f"--out {shlex.quote(out)} --size {size}"
+        )
 
-    def for_size(self, size: int) -> "ImagesNotShards":
+    def for_size(self, size: int) -> ImagesNotShards:
         return ImagesNotShards(self.given, self.source, size)
 
 
 def _is_image(path: str | Path) -> bool:
-    from .convert import IMAGE_SUFFIXES  # convert imports this module
+    from dcgan_dist.data.convert import IMAGE_SUFFIXES  # convert imports this module
 
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
@@ -383,7 +402,9 @@ def expand_shards(spec: str) -> list[str]:
         elif is_remote(part):  # a prefix: the .tar objects directly in it
             check_bucket(part)
             storage = RunStorage(part)
-            found = sorted(storage.where(name) for name, is_dir in storage.list("") if not is_dir and name.endswith(".tar"))
+            found = sorted(
+                storage.where(name) for name, is_dir in storage.list("") if not is_dir and name.endswith(".tar")
+            )
             if not found:
                 raise FileNotFoundError(f"no .tar shards in '{part}'")
             urls.extend(found)
@@ -402,9 +423,11 @@ def expand_shards(spec: str) -> list[str]:
             if pictures and len(pictures) == len(found):
                 raise ImagesNotShards(part, os.path.dirname(found[0]) or ".")
             if pictures:  # shards and images alike (a preview.png beside the shards, say)
-                raise FileNotFoundError(f"'{part}' matches image files as well as shards ({os.path.basename(pictures[0])}"
-                                        f"{f' and {len(pictures) - 1} more' if len(pictures) > 1 else ''}): match "
-                                        f"only the shards, e.g. {os.path.join(os.path.dirname(found[0]), '*.tar')}")
+                raise FileNotFoundError(
+                    f"'{part}' matches image files as well as shards ({os.path.basename(pictures[0])}"
+                    f"{f' and {len(pictures) - 1} more' if len(pictures) > 1 else ''}): match "
+                    f"only the shards, e.g. {os.path.join(os.path.dirname(found[0]), '*.tar')}"
+                )
             urls.extend(found)
         else:
             path = os.path.expanduser(part)
@@ -432,12 +455,16 @@ def read_info(spec: str) -> DatasetInfo | None:
     try:
         data = json.loads(folder.read(META_FILE))
     except ValueError as exc:
-        raise ValueError(f"{where} is not valid JSON ({exc}); fix it, or delete it (the shards load without it)") from None
+        raise ValueError(
+            f"{where} is not valid JSON ({exc}); fix it, or delete it (the shards load without it)"
+        ) from None
     if not isinstance(data, dict):
         raise ValueError(f"{where} does not hold a JSON object; fix it, or delete it (the shards load without it)")
     if UNFINISHED_KEY in data:
-        raise ValueError(f"{folder.location} holds what a stopped `python -m dcgan_dist.data synth/convert` left (its "
-                         "dataset.json was never written): delete it and run that command again")
+        raise ValueError(
+            f"{folder.location} holds what a stopped `python -m dcgan_dist.data synth/convert` left (its "
+            "dataset.json was never written): delete it and run that command again"
+        )
     known = {f.name for f in fields(DatasetInfo)}
     required = [f.name for f in fields(DatasetInfo) if f.default is MISSING and f.default_factory is MISSING]
     absent = [name for name in required if name not in data]
@@ -446,11 +473,16 @@ def read_info(spec: str) -> DatasetInfo | None:
     kept = {key: value for key, value in data.items() if key in known}
     for key, value in kept.items():
         wanted = {int: "a whole number >= 0", str: "a string", dict: "a JSON object"}[_FIELD_TYPES[key]]
-        if (not isinstance(value, _FIELD_TYPES[key]) or isinstance(value, bool)
-                or (isinstance(value, int) and value < 0)
-                or (key == "shard_counts" and not all(isinstance(n, int) and n >= 0 for n in value.values()))):
-            raise ValueError(f"{where}: '{key}' should be {wanted}, it is {json.dumps(value)[:80]}; fix it, or delete "
-                             "it (the shards load without it)")
+        if (
+            not isinstance(value, _FIELD_TYPES[key])
+            or isinstance(value, bool)
+            or (isinstance(value, int) and value < 0)
+            or (key == "shard_counts" and not all(isinstance(n, int) and n >= 0 for n in value.values()))
+        ):
+            raise ValueError(
+                f"{where}: '{key}' should be {wanted}, it is {json.dumps(value)[:80]}; fix it, or delete "
+                "it (the shards load without it)"
+            )
     return DatasetInfo(**kept)
 
 
@@ -517,7 +549,12 @@ def iter_samples(urls: Iterable[str], handler=wds.handlers.reraise_exception) ->
             try:
                 images = read_raw_chunk(chunk)
             except ValueError as exc:
-                yield {"__key__": sample["__key__"], "__url__": url, "__index__": index, "__error__": f"raw chunk: {exc}"}
+                yield {
+                    "__key__": sample["__key__"],
+                    "__url__": url,
+                    "__index__": index,
+                    "__error__": f"raw chunk: {exc}",
+                }
                 index += 1
                 continue
             key = sample["__key__"]

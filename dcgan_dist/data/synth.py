@@ -13,8 +13,8 @@ import math
 import multiprocessing as mp
 import os
 import shutil
-import time
 import signal
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -22,13 +22,21 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from ..stopping import raise_on_signals
-from .shards import META_FILE, SHARD_PATTERN, DatasetInfo, ShardOutput, ShardTar, check_format
+from dcgan_dist.data.shards import META_FILE, SHARD_PATTERN, DatasetInfo, ShardOutput, ShardTar, check_format
+from dcgan_dist.stopping import raise_on_signals
 
 SUPERSAMPLE = 4  # draw at 4x and downsample with a box filter for smooth, anti-aliased edges
 
 SKIN_TONES = [(255, 224, 196), (241, 194, 155), (224, 172, 125), (198, 134, 90), (161, 102, 64), (109, 68, 44)]
-HAIR_COLOURS = [(20, 16, 14), (60, 40, 26), (110, 74, 44), (176, 130, 78), (222, 190, 130), (150, 60, 30), (170, 170, 170)]
+HAIR_COLOURS = [
+    (20, 16, 14),
+    (60, 40, 26),
+    (110, 74, 44),
+    (176, 130, 78),
+    (222, 190, 130),
+    (150, 60, 30),
+    (170, 170, 170),
+]
 IRIS_COLOURS = [(70, 45, 25), (40, 90, 150), (60, 120, 70), (110, 90, 60), (30, 30, 30)]
 
 
@@ -193,16 +201,21 @@ def write_synthetic_shards(
         for j, start in enumerate(range(0, num, shard_size))
     ]
     processes = processes or min(len(jobs), available_cpus())
-    bar = tqdm(total=num, unit="img", desc=f"drawing faces -> {out_dir}", disable=None if progress else True)  # None: only on a terminal
+    bar = tqdm(
+        total=num, unit="img", desc=f"drawing faces -> {out_dir}", disable=None if progress else True
+    )  # None: only on a terminal
     lines = progress and bar.disable  # no bar (no terminal): plain lines instead
     started = last_line = time.monotonic()
     counts = {}
     try:
         with raise_on_signals():
-            pool_context = (mp.get_context("spawn").Pool(processes, initializer=_drawing_process_init)
-                            if processes > 1 else nullcontext())
+            pool_context = (
+                mp.get_context("spawn").Pool(processes, initializer=_drawing_process_init)
+                if processes > 1
+                else nullcontext()
+            )
             with pool_context as pool:  # leaving it (a stop, an error) terminates the drawing processes
-                for name, n in (pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard, jobs)):
+                for name, n in pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard, jobs):
                     out.finished(name)
                     counts[name] = n
                     bar.update(n)
@@ -217,8 +230,15 @@ def write_synthetic_shards(
         out.discard(Path(job[0]).name for job in jobs)
         raise
     bar.close()
-    info = DatasetInfo(num, size, channels, fmt, len(jobs), source=f"synthetic faces, seed {seed}",
-                       shard_counts=dict(sorted(counts.items())))
+    info = DatasetInfo(
+        num,
+        size,
+        channels,
+        fmt,
+        len(jobs),
+        source=f"synthetic faces, seed {seed}",
+        shard_counts=dict(sorted(counts.items())),
+    )
     out.close(info)
     return info
 
@@ -238,7 +258,10 @@ def ensure_synthetic(cache_dir: str, num: int, size: int, channels: int, seed: i
     with open(root / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (final / META_FILE).is_file():
-            print(f"Generating the embedded synthetic face set ({num} images, {size}x{size}) in {final} (once)", flush=True)
+            print(
+                f"Generating the embedded synthetic face set ({num} images, {size}x{size}) in {final} (once)",
+                flush=True,
+            )
             for stale in root.glob(f".{name}.tmp-*"):  # left by a process killed while drawing (this lock is free)
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = root / f".{name}.tmp-{os.getpid()}"

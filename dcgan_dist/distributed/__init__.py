@@ -1,7 +1,7 @@
-"""Distribution: process identity and collectives, synchronised batch norm, DDP wrapping, the Ray launcher."""
+"""Distribution: process identity and collectives, synchronised batch norm, DDP wrapping."""
 
-from .ddp import wrap_models
-from .env import DistEnv
-from .sync_batchnorm import CrossProcessBatchNorm, convert_sync_batchnorm
+from dcgan_dist.distributed.ddp import wrap_models
+from dcgan_dist.distributed.env import DistEnv
+from dcgan_dist.distributed.sync_batchnorm import CrossProcessBatchNorm, convert_sync_batchnorm
 
 __all__ = ["CrossProcessBatchNorm", "DistEnv", "convert_sync_batchnorm", "wrap_models"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .env import DistEnv
-from .sync_batchnorm import convert_sync_batchnorm
+from dcgan_dist.distributed.env import DistEnv
+from dcgan_dist.distributed.sync_batchnorm import convert_sync_batchnorm
 
 
 def wrap_models(G: nn.Module, D: nn.Module, env: DistEnv, sync_bn: bool) -> tuple[nn.Module, nn.Module]:
@@ -24,7 +24,9 @@ def wrap_models(G: nn.Module, D: nn.Module, env: DistEnv, sync_bn: bool) -> tupl
     if sync_bn:
         G = convert_sync_batchnorm(G, env.device.type)
         D = convert_sync_batchnorm(D, env.device.type)
-    device_ids = [env.device.index if env.device.index is not None else env.local_rank] if env.device.type == "cuda" else None
+    device_ids = (
+        [env.device.index if env.device.index is not None else env.local_rank] if env.device.type == "cuda" else None
+    )
     G = DDP(G, device_ids=device_ids, forward_sync_buffers=False)
     D = DDP(D, device_ids=device_ids, forward_sync_buffers=False)
     return G, D

@@ -81,8 +81,17 @@ class SyncBatchNormFunction(torch.autograd.Function):
 class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Drop-in for BatchNorm{1,2,3}d whose training statistics span all ranks of `process_group`."""
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 process_group=None, device=None, dtype=None):
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        process_group=None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.process_group = process_group
 
@@ -102,12 +111,17 @@ class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
                 x,
                 self.running_mean if not self.training or self.track_running_stats else None,
                 self.running_var if not self.training or self.track_running_stats else None,
-                self.weight, self.bias, self.training or not self.track_running_stats,
-                self.momentum if self.momentum is not None else 0.0, self.eps,
+                self.weight,
+                self.bias,
+                self.training or not self.track_running_stats,
+                self.momentum if self.momentum is not None else 0.0,
+                self.eps,
             )
         if x.device.type != "cpu":
-            raise RuntimeError(f"CrossProcessBatchNorm synchronises CPU workers; for {x.device.type} tensors use "
-                               f"torch.nn.SyncBatchNorm (convert_sync_batchnorm(module, '{x.device.type}') picks it)")
+            raise RuntimeError(
+                f"CrossProcessBatchNorm synchronises CPU workers; for {x.device.type} tensors use "
+                f"torch.nn.SyncBatchNorm (convert_sync_batchnorm(module, '{x.device.type}') picks it)"
+            )
         group = self.process_group or dist.group.WORLD
         out, mean, unbiased_var = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps, group)
         if self.track_running_stats:

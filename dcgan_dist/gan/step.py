@@ -6,15 +6,15 @@ Nothing here knows which: the step is pure PyTorch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import unwrap
-from .precision import FP32, Precision
+from dcgan_dist.gan.models import unwrap
+from dcgan_dist.gan.precision import FP32, Precision
 
 
 @contextmanager
@@ -52,7 +52,9 @@ def train_step(
         fake = G(z)
         logits_real = D(real).float()
         logits_fake = D(fake.detach()).float()
-    loss_d = F.binary_cross_entropy_with_logits(logits_real, ones) + F.binary_cross_entropy_with_logits(logits_fake, zeros)
+    loss_d = F.binary_cross_entropy_with_logits(logits_real, ones) + F.binary_cross_entropy_with_logits(
+        logits_fake, zeros
+    )
     opt_d.zero_grad(set_to_none=True)
     precision.backward_and_step(loss_d, opt_d, "d")
 
@@ -81,7 +83,9 @@ def set_hyperparameters(optimizers, optim_cfg) -> None:
             group["lr"], group["betas"] = optim_cfg.lr, (optim_cfg.beta1, optim_cfg.beta2)
 
 
-def make_optimizers(G: nn.Module, D: nn.Module, optim_cfg, fused: bool = False) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+def make_optimizers(
+    G: nn.Module, D: nn.Module, optim_cfg, fused: bool = False
+) -> tuple[torch.optim.Adam, torch.optim.Adam]:
     """Adam for each network; fused=True uses the single-kernel implementation (what CUDA devices get)."""
     betas = (optim_cfg.beta1, optim_cfg.beta2)
     kwargs = {"lr": optim_cfg.lr, "betas": betas, **({"fused": True} if fused else {})}

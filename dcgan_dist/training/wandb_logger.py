@@ -1,7 +1,8 @@
 """Weights & Biases on rank 0: scalars, sample grids, the progress animation and the resolved config.
 
-wandb.mode: offline (default; files under <run.dir>/wandb, upload later with `wandb sync <run.dir>/wandb/offline-run-*`),
-online (needs WANDB_API_KEY or `wandb login`), or disabled. WANDB_API_KEY, WANDB_PROJECT and WANDB_ENTITY are read
+wandb.mode: offline (default; files under <run.dir>/wandb, upload later with
+`wandb sync <run.dir>/wandb/offline-run-*`), online (needs WANDB_API_KEY or `wandb login`), or disabled.
+WANDB_API_KEY, WANDB_PROJECT and WANDB_ENTITY are read
 by wandb itself; wandb.project / wandb.entity in the config win when set. The run id is saved in checkpoints, so a
 resumed run continues the same W&B run. metrics.jsonl stays the local record either way.
 """
@@ -13,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import to_dict
+from dcgan_dist.config import to_dict
 
 
 class WandbLogger:

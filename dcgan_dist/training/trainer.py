@@ -13,31 +13,31 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from . import config as config_lib
-from . import stopping
-from .checkpoint import CheckpointManager, CheckpointStorage, StorageCheckpoints
-from .config import Config, ConfigError
-from .data import ImageBatches, check_shards, normalise, resolve_data
-from .data.loader import check_batch, dataset_size, loader_death_as_run_error, slot_seed
-from .distributed.ddp import wrap_models
-from .distributed.env import DistEnv
-from .ema import EMA
-from .evaluator import Evaluator
-from .gan import make_optimizers, set_hyperparameters, train_step
-from .memory import check_memory
-from .metrics import Metrics, NonFiniteLoss
-from .models import build_models, unwrap
-from .precision import Precision, Speed, pick_device, resolved
-from .sampler import Sampler
-from .schedule import Part, Schedule
-from .storage import RunStorage, StoreError, StoreUnreachable, check_bucket, is_remote, set_timeout
+from dcgan_dist import config as config_lib
+from dcgan_dist import stopping
+from dcgan_dist.config import Config, ConfigError
+from dcgan_dist.data import ImageBatches, check_shards, normalise, resolve_data
+from dcgan_dist.data.loader import check_batch, dataset_size, loader_death_as_run_error, slot_seed
+from dcgan_dist.distributed.ddp import wrap_models
+from dcgan_dist.distributed.env import DistEnv
+from dcgan_dist.gan.ema import EMA
+from dcgan_dist.gan.models import build_models, unwrap
+from dcgan_dist.gan.precision import Precision, Speed, pick_device, resolved
+from dcgan_dist.gan.step import make_optimizers, set_hyperparameters, train_step
+from dcgan_dist.storage.filesystem import RunStorage, StoreError, StoreUnreachable, check_bucket, is_remote, set_timeout
+from dcgan_dist.training.checkpoint import CheckpointManager, CheckpointStorage, StorageCheckpoints
+from dcgan_dist.training.memory_estimate import check_memory
+from dcgan_dist.training.metrics import Metrics, NonFiniteLoss
+from dcgan_dist.training.quality_tracking import QualityTracker
+from dcgan_dist.training.sample_grids import SampleGrids
+from dcgan_dist.training.schedule import Part, Schedule
 
 log = logging.getLogger("dcgan_dist")
 
@@ -57,8 +57,9 @@ class TrainResult:
     preempted: bool = False  # that signal reached a training process itself (under Ray: a preempted worker)
 
 
-def check_settings(cfg: Config, world_size: int = 1, check_run_dir: bool = True, probe: bool = True,
-                   device: torch.device | None = None) -> None:
+def check_settings(
+    cfg: Config, world_size: int = 1, check_run_dir: bool = True, probe: bool = True, device: torch.device | None = None
+) -> None:
     """What the settings point at, checked before any run file exists: the shards (they exist, enough for every
     worker, the model's image size and channels; probe: decoding the first shard's first samples), the batch (no
     larger than the data set), with `device` that the model, batch and loader fit in its free memory, and run.dir
@@ -124,10 +125,16 @@ def distribute(G: nn.Module, D: nn.Module, cfg: Config, env: DistEnv) -> tuple[n
 def make_loader(cfg: Config, env: DistEnv, shards: str) -> ImageBatches:
     """This rank's stream of uint8 training batches."""
     return ImageBatches(
-        shards, cfg.train.batch_size, rank=env.rank, world_size=env.world_size, seed=cfg.run.seed,
-        num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+        shards,
+        cfg.train.batch_size,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=cfg.run.seed,
+        num_workers=cfg.data.num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
         expect_chw=(cfg.model.channels, cfg.model.image_size, cfg.model.image_size),
-        pin_memory=env.device.type == "cuda", max_bad_fraction=cfg.data.max_bad_fraction,
+        pin_memory=env.device.type == "cuda",
+        max_bad_fraction=cfg.data.max_bad_fraction,
     )
 
 
@@ -179,8 +186,13 @@ class Trainer:
     after every step.
     """
 
-    def __init__(self, cfg: Config, env: DistEnv | None = None, checkpoint_storage: CheckpointStorage | None = None,
-                 hooks: Sequence[StepHook] = ()):
+    def __init__(
+        self,
+        cfg: Config,
+        env: DistEnv | None = None,
+        checkpoint_storage: CheckpointStorage | None = None,
+        hooks: Sequence[StepHook] = (),
+    ):
         set_timeout(cfg.run.storage_timeout_s)  # how long an object store that stops answering is waited for
         self.env = env = env or DistEnv(device=pick_device(cfg.train.device))
         # "auto" made concrete here, once: config.yaml, the checkpoints and W&B record what was used.
@@ -199,22 +211,40 @@ class Trainer:
         self.batches = make_loader(cfg, env, self.shards)
         self.global_batch = cfg.train.batch_size * env.world_size
 
-        self.metrics = Metrics(cfg, env, self.storage, self.global_batch, self.num_samples, (self.opt_g, self.opt_d),
-                               self.batches)
+        self.metrics = Metrics(
+            cfg, env, self.storage, self.global_batch, self.num_samples, (self.opt_g, self.opt_d), self.batches
+        )
         self.say = self.metrics.message  # rank 0 only
-        states = {"G": self.G, "D": self.D, "opt_g": self.opt_g, "opt_d": self.opt_d, "precision": self.precision,
-                  "metrics": self.metrics, **({"ema": self.ema} if self.ema else {})}
-        storage = checkpoint_storage or StorageCheckpoints(self.storage.sub("checkpoints"), cfg.train.keep_checkpoints,
-                                                           warn=self.say)
-        self.checkpoints = CheckpointManager(storage, env, config_lib.to_dict(cfg), states,
-                                             {"data": self.batches, "rng": self.noise},
-                                             Schedule(cfg.train.checkpoint_every, last=cfg.train.max_steps, on_stop=True),
-                                             self.say)
+        states = {
+            "G": self.G,
+            "D": self.D,
+            "opt_g": self.opt_g,
+            "opt_d": self.opt_d,
+            "precision": self.precision,
+            "metrics": self.metrics,
+            **({"ema": self.ema} if self.ema else {}),
+        }
+        storage = checkpoint_storage or StorageCheckpoints(
+            self.storage.sub("checkpoints"), cfg.train.keep_checkpoints, warn=self.say
+        )
+        self.checkpoints = CheckpointManager(
+            storage,
+            env,
+            config_lib.to_dict(cfg),
+            states,
+            {"data": self.batches, "rng": self.noise},
+            Schedule(cfg.train.checkpoint_every, last=cfg.train.max_steps, on_stop=True),
+            self.say,
+        )
         self.parts: list[Part] = [self.metrics]
         if cfg.train.eval_every:
-            self.parts.append(Evaluator(cfg, self.shards, self.sample_model, self.checkpoints, self.metrics, env.is_main))
-        self.parts += [Sampler(cfg, self.storage, self.sample_model, self.metrics, env.device, env.is_main),
-                       self.checkpoints]
+            self.parts.append(
+                QualityTracker(cfg, self.shards, self.sample_model, self.checkpoints, self.metrics, env.is_main)
+            )
+        self.parts += [
+            SampleGrids(cfg, self.storage, self.sample_model, self.metrics, env.device, env.is_main),
+            self.checkpoints,
+        ]
 
     def sample_model(self) -> nn.Module:
         """The generator that samples and evaluation use: the EMA when the run keeps one."""
@@ -228,8 +258,10 @@ class Trainer:
         if env.is_main:  # after the restore: a refused resume leaves the run's record as it was
             self.storage.write("config.yaml", config_lib.to_yaml(cfg).encode())
         if step >= cfg.train.max_steps:
-            self.say(f"Already trained to step {step} (train.max_steps={cfg.train.max_steps}); nothing to do. "
-                     "Raise train.max_steps to train further.")
+            self.say(
+                f"Already trained to step {step} (train.max_steps={cfg.train.max_steps}); nothing to do. "
+                "Raise train.max_steps to train further."
+            )
             return TrainResult(step, self.checkpoints.last_saved, self.storage.location, {}, 0.0)
         G, D = distribute(self.G, self.D, cfg, env)
         self.describe()
@@ -258,8 +290,10 @@ class Trainer:
                     hook(step, env, images)
                 stop = env.agree_max(stopping.code())  # a graceful stop: after this step, on every rank
                 if stop:
-                    self.say(f"{signal.Signals(stopping.signal_of(stop)).name}: stopping after step {step}, "
-                             "with a checkpoint (send it again to stop at once)")
+                    self.say(
+                        f"{signal.Signals(stopping.signal_of(stop)).name}: stopping after step {step}, "
+                        "with a checkpoint (send it again to stop at once)"
+                    )
 
                 record = {"step": step}
                 due = [part for part in self.parts if part.schedule.due(step, bool(stop))]  # alike on every rank
@@ -282,10 +316,19 @@ class Trainer:
         self.say(f"{'Stopped' if stopped else 'Done'}: step {step} in {seconds:.1f} s ({rate:.1f} images/s)")
         # A samples folder is named only once a grid is in it (a short run may stop before the first).
         samples = self.storage.where("samples") if self.env.is_main and self.storage.list("samples") else "none yet"
-        self.say(f"  checkpoint: {self.checkpoints.last_saved}\n  samples:    {samples}\n"
-                 f"  metrics:    {self.storage.where('metrics.jsonl')}")
-        return TrainResult(step, self.checkpoints.last_saved, self.storage.location, last_record, seconds, stopped,
-                           bool(stopped) and stopping.own_signal(stop))
+        self.say(
+            f"  checkpoint: {self.checkpoints.last_saved}\n  samples:    {samples}\n"
+            f"  metrics:    {self.storage.where('metrics.jsonl')}"
+        )
+        return TrainResult(
+            step,
+            self.checkpoints.last_saved,
+            self.storage.location,
+            last_record,
+            seconds,
+            stopped,
+            bool(stopped) and stopping.own_signal(stop),
+        )
 
     def check_finite(self, step: int) -> None:
         """NonFiniteLoss on every rank alike when a loss since the last check, or now a weight, is nan or inf: a
@@ -307,10 +350,14 @@ class Trainer:
         cfg, env = self.cfg, self.env
         params = [sum(p.numel() for p in net.parameters()) / 1e6 for net in (self.G, self.D)]
         m = cfg.model
-        self.say(f"Run dir: {self.storage.location}  |  {env.world_size} worker(s), device {env.device}"
-                 + (f", synchronised batch norm: {cfg.dist.sync_bn}" if env.distributed else "")
-                 + f"  |  G {params[0]:.2f}M params, D {params[1]:.2f}M params")
+        self.say(
+            f"Run dir: {self.storage.location}  |  {env.world_size} worker(s), device {env.device}"
+            + (f", synchronised batch norm: {cfg.dist.sync_bn}" if env.distributed else "")
+            + f"  |  G {params[0]:.2f}M params, D {params[1]:.2f}M params"
+        )
         self.say(f"Speed: {self.speed.reason}")
-        self.say(f"Data: {self.shards} ({self.num_samples or 'unknown number of'} samples), "
-                 f"{m.image_size}x{m.image_size}x{m.channels}, global batch {self.global_batch}"
-                 + (f", {self.num_samples / self.global_batch:.1f} steps per epoch" if self.num_samples else ""))
+        self.say(
+            f"Data: {self.shards} ({self.num_samples or 'unknown number of'} samples), "
+            f"{m.image_size}x{m.image_size}x{m.channels}, global batch {self.global_batch}"
+            + (f", {self.num_samples / self.global_batch:.1f} steps per epoch" if self.num_samples else "")
+        )

@@ -6,35 +6,44 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointManager
-from .data import ImageBatches
-from .metrics import Metrics
-from .models import eval_mode, generate
-from .quality import swd
-from .schedule import Schedule
+from dcgan_dist.data import ImageBatches
+from dcgan_dist.gan.models import eval_mode, generate
+from dcgan_dist.gan.quality import swd
+from dcgan_dist.training.checkpoint import CheckpointManager
+from dcgan_dist.training.metrics import Metrics
+from dcgan_dist.training.schedule import Schedule
 
 
 def real_images(shards: str, num: int, expect_chw, seed: int, half: int | None = None) -> torch.Tensor:
     """`num` real images (uint8); half=0/1 draws from one of two disjoint halves of the shards."""
     rank, world = (half, 2) if half is not None else (0, 1)
     batch = min(num, 256)
-    stream = ImageBatches(shards, batch, rank=rank, world_size=world, seed=seed, shuffle_buffer=1000, expect_chw=expect_chw)
+    stream = ImageBatches(
+        shards, batch, rank=rank, world_size=world, seed=seed, shuffle_buffer=1000, expect_chw=expect_chw
+    )
     try:
         return torch.cat([next(stream) for _ in range(math.ceil(num / batch))])[:num]
     finally:
         stream.close()
 
 
-class Evaluator:
+class QualityTracker:
     """Fixed real images and fixed latents, so values are comparable across steps."""
 
-    def __init__(self, cfg, shards: str, generator: Callable[[], nn.Module], checkpoints: CheckpointManager,
-                 metrics: Metrics, is_main: bool):
+    def __init__(
+        self,
+        cfg,
+        shards: str,
+        generator: Callable[[], nn.Module],
+        checkpoints: CheckpointManager,
+        metrics: Metrics,
+        is_main: bool,
+    ):
         self.schedule = Schedule(cfg.train.eval_every, last=cfg.train.max_steps)
         self.cfg, self.shards, self.generator, self.is_main = cfg, shards, generator, is_main
         self.checkpoints, self.metrics = checkpoints, metrics

@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from .models import unwrap
+from dcgan_dist.gan.models import unwrap
 
 
 class EMA:

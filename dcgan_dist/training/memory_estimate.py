@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import Config, ConfigError
-from .models import build_models
-from .quality import MIN_LEVEL_SIZE
+from dcgan_dist.config import Config, ConfigError
+from dcgan_dist.gan.models import build_models
+from dcgan_dist.gan.quality import MIN_LEVEL_SIZE
 
 GIB = 2**30
 
@@ -68,15 +68,25 @@ def training_bytes(cfg: Config, precision: str) -> list[tuple[int, str, str]]:
             g_act = _kept_activations(G, torch.empty(1, m.nz, 1, 1))
             d_act = _kept_activations(D, torch.empty(1, m.channels, m.image_size, m.image_size))
     except (RuntimeError, OverflowError) as exc:  # sizes past what torch can describe
-        raise ConfigError(f"model.ngf={m.ngf}, model.ndf={m.ndf}, model.nz={m.nz}: a model of that size cannot be "
-                          f"built ({str(exc).splitlines()[0][:120]})") from None
+        raise ConfigError(
+            f"model.ngf={m.ngf}, model.ndf={m.ndf}, model.nz={m.nz}: a model of that size cannot be "
+            f"built ({str(exc).splitlines()[0][:120]})"
+        ) from None
     ema = g_params * 4 if cfg.train.ema_decay > 0 else 0
     weights = (g_params + d_params) * 16 + ema
-    per_image = (g_act + 2 * d_act) * (4 if precision == "fp32" else 2) + m.channels * m.image_size ** 2 * 5
-    return [(weights, f"G {_count(g_params)} and D {_count(d_params)} parameters with Adam",
-             f"model.ngf={m.ngf} model.ndf={m.ndf}"),
-            (per_image * cfg.train.batch_size, f"the activations of a batch of {cfg.train.batch_size}",
-             f"train.batch_size={cfg.train.batch_size}")]
+    per_image = (g_act + 2 * d_act) * (4 if precision == "fp32" else 2) + m.channels * m.image_size**2 * 5
+    return [
+        (
+            weights,
+            f"G {_count(g_params)} and D {_count(d_params)} parameters with Adam",
+            f"model.ngf={m.ngf} model.ndf={m.ndf}",
+        ),
+        (
+            per_image * cfg.train.batch_size,
+            f"the activations of a batch of {cfg.train.batch_size}",
+            f"train.batch_size={cfg.train.batch_size}",
+        ),
+    ]
 
 
 def evaluation_bytes(cfg: Config) -> int:
@@ -88,7 +98,7 @@ def evaluation_bytes(cfg: Config) -> int:
     levels, size = 1, m.image_size
     while size // 2 >= MIN_LEVEL_SIZE:
         levels, size = levels + 1, size // 2
-    images = e.num * m.channels * m.image_size ** 2 * (1 + 4)
+    images = e.num * m.channels * m.image_size**2 * (1 + 4)
     return images + 2 * levels * e.num * e.nhoods_per_image * 7 * 7 * m.channels * 4
 
 
@@ -97,8 +107,9 @@ def _cgroup_free() -> int | None:
     # The usage counts the page cache (the shards just read, say), which the kernel reclaims before it kills:
     # the inactive file pages are subtracted, as the kubelet does for its own eviction decisions.
     for folder, limit_name, usage_name, cache_key in (
-            ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),  # cgroup v2
-            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):  # v1
+        ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),  # cgroup v2
+        ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+    ):  # v1
         try:
             limit = Path(folder, limit_name).read_text().strip()
             usage = int(Path(folder, usage_name).read_text().strip())
@@ -138,16 +149,24 @@ def loader_bytes(cfg: Config) -> int:
     """Host memory of the loader's uint8 batches: DataLoader prefetches 2 per loader process by default and pins
     or copies each (4 in all), plus the batch being collected and its stacked copy."""
     m = cfg.model
-    return cfg.train.batch_size * m.channels * m.image_size ** 2 * (4 * cfg.data.num_workers + 2)
+    return cfg.train.batch_size * m.channels * m.image_size**2 * (4 * cfg.data.num_workers + 2)
 
 
 def check_memory(cfg: Config, device: torch.device, precision: str) -> None:
     """ConfigError when a training process of `cfg` cannot fit in what `device` (and the host) has free."""
     parts = training_bytes(cfg, precision)
-    host = [(evaluation_bytes(cfg), "the SWD's images and descriptors",
-             f"eval.num={cfg.eval.num} eval.nhoods_per_image={cfg.eval.nhoods_per_image}"),
-            (loader_bytes(cfg), "the loader's batches",
-             f"train.batch_size={cfg.train.batch_size} data.num_workers={cfg.data.num_workers}")]
+    host = [
+        (
+            evaluation_bytes(cfg),
+            "the SWD's images and descriptors",
+            f"eval.num={cfg.eval.num} eval.nhoods_per_image={cfg.eval.nhoods_per_image}",
+        ),
+        (
+            loader_bytes(cfg),
+            "the loader's batches",
+            f"train.batch_size={cfg.train.batch_size} data.num_workers={cfg.data.num_workers}",
+        ),
+    ]
     if device.type == "cpu":
         parts += host
     else:  # the evaluation's images and descriptors and the loader's batches are on the host
@@ -162,5 +181,7 @@ def _refuse_if_larger(parts: list[tuple[int, str, str]], device: torch.device) -
         return
     largest = max(parts)[2]
     what = ", ".join(f"{words}: {_size(size)}" for size, words, _ in parts if size)
-    raise ConfigError(f"{largest}: training needs at least {_size(need)} on {device.type} ({what}) but "
-                      f"{available[1]}; lower {' or '.join(setting.split('=')[0] for setting in largest.split())}")
+    raise ConfigError(
+        f"{largest}: training needs at least {_size(need)} on {device.type} ({what}) but "
+        f"{available[1]}; lower {' or '.join(setting.split('=')[0] for setting in largest.split())}"
+    )

@@ -28,19 +28,19 @@ import io
 import math
 import re
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import torch
 
-from . import config as config_lib
-from .distributed.env import DistEnv
-from .errors import RunError
-from .models import Generator
-from .schedule import Schedule
-from .storage import RunStorage, check_bucket, is_remote
-
+from dcgan_dist import config as config_lib
+from dcgan_dist.distributed.env import DistEnv
+from dcgan_dist.errors import RunError
+from dcgan_dist.gan.models import Generator
+from dcgan_dist.storage.filesystem import RunStorage, check_bucket, is_remote
+from dcgan_dist.training.schedule import Schedule
 
 FORMAT_VERSION = 2
 SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
@@ -128,8 +128,10 @@ def parse(data: bytes, location: str, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{location} is not a dcgan_dist checkpoint")
     if state["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"{location} has checkpoint format {state['format_version']}; this version of "
-                              f"dcgan_dist reads format {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{location} has checkpoint format {state['format_version']}; this version of "
+            f"dcgan_dist reads format {FORMAT_VERSION}"
+        )
     return state
 
 
@@ -183,11 +185,15 @@ def _candidates(location: str) -> list[str]:
         if cfg is None:
             pass
         elif cfg.dist.storage_path and not plain_location(cfg.dist.storage_path):
-            not_looked = (f"; its config.yaml names dist.storage_path={cfg.dist.storage_path}, not a folder or s3:// "
-                          "location, so it was not looked at: give the checkpoint itself")
+            not_looked = (
+                f"; its config.yaml names dist.storage_path={cfg.dist.storage_path}, not a folder or s3:// "
+                "location, so it was not looked at: give the checkpoint itself"
+            )
         elif cfg.run.name in ("", ".", "..") or "/" in cfg.run.name or "\\" in cfg.run.name:
-            not_looked = (f"; its config.yaml names run.name={cfg.run.name!r}, not a plain name, so the Ray storage "
-                          "was not looked at: give the checkpoint itself")
+            not_looked = (
+                f"; its config.yaml names run.name={cfg.run.name!r}, not a plain name, so the Ray storage "
+                "was not looked at: give the checkpoint itself"
+            )
         else:
             ray_storage = RunStorage(ray_storage_path(cfg)) if cfg.dist.storage_path else storage.sub("ray")
             places.append((ray_storage, cfg.run.name))
@@ -195,23 +201,30 @@ def _candidates(location: str) -> list[str]:
         entries = _step_entries(where, folder)
         if entries:
             return [where.where(name) for _, name in reversed(entries)]
-    raise CheckpointError(f"no checkpoints in {storage.location} (looked for step_*.pt, step_*/{STATE_FILE}, "
-                          f"checkpoints/ and the Ray storage named in its config.yaml){not_looked}")
+    raise CheckpointError(
+        f"no checkpoints in {storage.location} (looked for step_*.pt, step_*/{STATE_FILE}, "
+        f"checkpoints/ and the Ray storage named in its config.yaml){not_looked}"
+    )
 
 
 def _to_stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def load_checkpoint(location: str | Path, map_location: str | torch.device = "cpu",
-                    warn: Callable[[str], None] = _to_stderr) -> tuple[str, dict[str, Any]]:
+def load_checkpoint(
+    location: str | Path, map_location: str | torch.device = "cpu", warn: Callable[[str], None] = _to_stderr
+) -> tuple[str, dict[str, Any]]:
     """The newest readable checkpoint that `location` names (see `candidates`)."""
-    return first_that_fits([(file, lambda file=file: load(file, map_location)) for file in candidates(location)],
-                           lambda file, state: (file, state), warn)
+    return first_that_fits(
+        [(file, lambda file=file: load(file, map_location)) for file in candidates(location)],
+        lambda file, state: (file, state),
+        warn,
+    )
 
 
-def first_that_fits(saved: list[tuple[str, Callable[[], dict]]], use: Callable[[str, dict], Any],
-                    warn: Callable[[str], None]) -> Any:
+def first_that_fits(
+    saved: list[tuple[str, Callable[[], dict]]], use: Callable[[str, dict], Any], warn: Callable[[str], None]
+) -> Any:
     """use(where, state) of the newest of `saved` ((where, read) pairs, newest first) that can be read and that
     `use` accepts (it raises CheckpointError for one that does not fit); each one passed over is reported in a
     line. Raises the CheckpointError of the last one when none fits, or None when `saved` is empty."""
@@ -221,8 +234,9 @@ def first_that_fits(saved: list[tuple[str, Callable[[], dict]]], use: Callable[[
         except CheckpointError as exc:
             if i == len(saved) - 1:
                 if i > 0:
-                    raise CheckpointError(f"{exc}; none of the {len(saved)} checkpoints there fits (each reported "
-                                          "above)") from None
+                    raise CheckpointError(
+                        f"{exc}; none of the {len(saved)} checkpoints there fits (each reported above)"
+                    ) from None
                 raise
             warn(f"warning: {exc}; trying the one before")
     return None
@@ -236,13 +250,17 @@ def settings_of(state: dict, where: str) -> config_lib.Config:
         cfg = config_lib.from_dict(state["config"])
     except config_lib.ConfigError as exc:
         raise CheckpointError(f"{where} carries settings this version cannot use ({exc})") from None
-    if not -2**63 <= cfg.run.seed < 2**64:  # what torch.manual_seed takes: no run trained with another
+    if not -(2**63) <= cfg.run.seed < 2**64:  # what torch.manual_seed takes: no run trained with another
         raise CheckpointError(f"{where} carries settings this version cannot use (run.seed={cfg.run.seed})")
     return cfg
 
 
-def load_generator(location: str | Path, device: str | torch.device = "cpu", weights: str = "auto",
-                   warn: Callable[[str], None] = _to_stderr) -> tuple[Generator, dict, str]:
+def load_generator(
+    location: str | Path,
+    device: str | torch.device = "cpu",
+    weights: str = "auto",
+    warn: Callable[[str], None] = _to_stderr,
+) -> tuple[Generator, dict, str]:
     """The generator of a checkpoint (anything `load_checkpoint` reads: the newest that fits), in eval mode.
 
     weights: "ema" (the moving average; an error if the run kept none), "raw", or "auto" (EMA when present).
@@ -261,16 +279,23 @@ def load_generator(location: str | Path, device: str | torch.device = "cpu", wei
         with torch.device("meta"):
             expected = Generator(m.nz, m.ngf, m.channels, m.image_size).state_dict()
         if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-            raise CheckpointError(f"{file} does not fit its model settings (its {which} weights are not a dict of tensors)")
-        misfits = [k for k in expected.keys() | tensors.keys()
-                   if k not in expected or k not in tensors or tensors[k].shape != expected[k].shape]
+            raise CheckpointError(
+                f"{file} does not fit its model settings (its {which} weights are not a dict of tensors)"
+            )
+        misfits = [
+            k
+            for k in expected.keys() | tensors.keys()
+            if k not in expected or k not in tensors or tensors[k].shape != expected[k].shape
+        ]
         if misfits:
             k = sorted(misfits)[0]
             got = tuple(tensors[k].shape) if k in tensors else "missing"
             want = tuple(expected[k].shape) if k in expected else "not in the model"
-            raise CheckpointError(f"{file} does not fit its model settings ({which} weights: {k} is {got}, the model "
-                                  f"{m.image_size}x{m.image_size} nz={m.nz} ngf={m.ngf} needs {want}; "
-                                  f"{len(misfits)} tensor(s) differ)")
+            raise CheckpointError(
+                f"{file} does not fit its model settings ({which} weights: {k} is {got}, the model "
+                f"{m.image_size}x{m.image_size} nz={m.nz} ngf={m.ngf} needs {want}; "
+                f"{len(misfits)} tensor(s) differ)"
+            )
         G = Generator(m.nz, m.ngf, m.channels, m.image_size).to(device)
         try:
             G.load_state_dict(tensors)
@@ -300,8 +325,9 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None
         for param in group["params"]:
             for key, value in optimizer.state.get(param, {}).items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
-                    raise ValueError(f"a '{key}' of shape {tuple(value.shape)} for a parameter of shape "
-                                     f"{tuple(param.shape)}")
+                    raise ValueError(
+                        f"a '{key}' of shape {tuple(value.shape)} for a parameter of shape {tuple(param.shape)}"
+                    )
 
 
 class StorageCheckpoints:
@@ -334,11 +360,16 @@ class StorageCheckpoints:
             return self.storage.write(name, data)
         except OSError as exc:  # nothing was renamed or put: the earlier files are as they were
             entries = _step_entries(self.storage)
-            kept = (f"the newest complete one is {self.storage.where(entries[-1][1])}" if entries
-                    else "no earlier checkpoint exists")
+            kept = (
+                f"the newest complete one is {self.storage.where(entries[-1][1])}"
+                if entries
+                else "no earlier checkpoint exists"
+            )
             need = f"it needs {len(data) / 2**20:.1f} MiB free there; " if exc.errno in SPACE_ERRORS else ""
             reason = exc.strerror or str(exc).splitlines()[0][:200]
-            raise CheckpointWriteError(f"cannot write checkpoint {self.storage.where(name)} ({reason}): {need}{kept}") from None
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {self.storage.where(name)} ({reason}): {need}{kept}"
+            ) from None
 
 
 class CheckpointManager:
@@ -351,8 +382,16 @@ class CheckpointManager:
     `load_rank_states` gets every rank's saved state (the checkpoint may come from another number of workers).
     """
 
-    def __init__(self, storage: CheckpointStorage, env: DistEnv, config: dict, states: dict[str, Stateful],
-                 rank_states: dict[str, Stateful], schedule: Schedule, say: Callable[[str], None] = print):
+    def __init__(
+        self,
+        storage: CheckpointStorage,
+        env: DistEnv,
+        config: dict,
+        states: dict[str, Stateful],
+        rank_states: dict[str, Stateful],
+        schedule: Schedule,
+        say: Callable[[str], None] = print,
+    ):
         self.storage, self.env, self.config = storage, env, config
         self.states, self.rank_states, self.schedule, self.say = states, rank_states, schedule, say
         self.best: dict | None = None  # {"step": ..., metric: value}
@@ -402,16 +441,20 @@ class CheckpointManager:
                 raise AnotherModelError(message)
             if i == len(saved) - 1:
                 tried = f"; none of the {len(saved)} checkpoints there fits (each reported above)" if i else ""
-                raise CheckpointError(f"{message}{tried}; use another run.dir, or move the checkpoints that do not fit "
-                                      "away to start afresh")
+                raise CheckpointError(
+                    f"{message}{tried}; use another run.dir, or move the checkpoints that do not fit "
+                    "away to start afresh"
+                )
             if self.env.is_main:
                 self.say(f"warning: {message}; trying the one before")
         return 0
 
     def _snapshot(self) -> dict:
         """Every part's state as built (before any checkpoint was loaded into it)."""
-        return {"states": {name: copy.deepcopy(part.state_dict()) for name, part in self.states.items()},
-                "rank": {name: copy.deepcopy(part.state_dict()) for name, part in self.rank_states.items()}}
+        return {
+            "states": {name: copy.deepcopy(part.state_dict()) for name, part in self.states.items()},
+            "rank": {name: copy.deepcopy(part.state_dict()) for name, part in self.rank_states.items()},
+        }
 
     def _load_parts(self, snapshot: dict) -> None:
         for name, part in self.states.items():
@@ -427,8 +470,11 @@ class CheckpointManager:
         step, best = state["step"], state["best"]
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step {step!r} is not a step number")
-        if best is not None and not (isinstance(best, dict) and isinstance(best.get("step"), int)
-                                     and all(isinstance(v, (int, float)) for v in best.values())):
+        if best is not None and not (
+            isinstance(best, dict)
+            and isinstance(best.get("step"), int)
+            and all(isinstance(v, (int, float)) for v in best.values())
+        ):
             raise ValueError(f"its best-so-far record {best!r} is not a step and a metric")
         for name, part in self.states.items():
             if state.get(name) is None:
@@ -463,8 +509,9 @@ class CheckpointManager:
         new = self.config["model"]
         if old != new:
             diff = ", ".join(f"model.{k}: {old.get(k)} -> {v}" for k, v in new.items() if old.get(k) != v)
-            raise AnotherModelError(f"{where} was trained with another model ({diff}); "
-                                    "use a new run.dir or the same model settings")
+            raise AnotherModelError(
+                f"{where} was trained with another model ({diff}); use a new run.dir or the same model settings"
+            )
 
     def __call__(self, step: int, record: dict) -> None:
         saved = self.save(step, record)

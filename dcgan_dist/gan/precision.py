@@ -22,18 +22,21 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import ConfigError
+from dcgan_dist.config import ConfigError
 
 if TYPE_CHECKING:
-    from .config import Config
+    from dcgan_dist.config import Config
 
 
 def pick_device(setting: str) -> torch.device:
     """train.device for one process: auto (CUDA when there is one, else CPU), cpu or cuda."""
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            why = (f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None
-                   else "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES)")
+            why = (
+                f"this torch ({torch.__version__}) is built without CUDA"
+                if torch.version.cuda is None
+                else "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES)"
+            )
             raise ConfigError(f"train.device=cuda but {why}; use train.device=auto or cpu")
         return torch.device("cuda")
     return torch.device("cpu")
@@ -120,7 +123,7 @@ def resolve(precision: str, channels_last: bool | str, device: torch.device) -> 
     return Speed(precision, bool(channels_last), "; ".join(why))
 
 
-def resolved(cfg, device: torch.device) -> tuple["Config", Speed]:
+def resolved(cfg, device: torch.device) -> tuple[Config, Speed]:
     """`cfg` (a Config) with train.precision and train.channels_last made concrete for `device`, and the Speed."""
     speed = resolve(cfg.train.precision, cfg.train.channels_last, device)
     return replace(cfg, train=replace(cfg.train, precision=speed.precision, channels_last=speed.channels_last)), speed

@@ -17,12 +17,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .distributed.env import DistEnv
-from .errors import RunError
-from .schedule import Schedule
-from .storage import RunStorage
-from .wandb_logger import WandbLogger
-
+from dcgan_dist.distributed.env import DistEnv
+from dcgan_dist.errors import RunError
+from dcgan_dist.storage.filesystem import RunStorage
+from dcgan_dist.training.schedule import Schedule
+from dcgan_dist.training.wandb_logger import WandbLogger
 
 METRICS_FILE = "metrics.jsonl"
 ESTIMATE_FILE = "estimate.json"
@@ -101,8 +100,10 @@ class NonFiniteLoss(RunError):
         if self.checkpoint is None:
             then = f"no checkpoint was written before it: {lower} and start again"
         else:
-            then = (f"the newest checkpoint, {self.checkpoint}, is from before it, and resuming with the same settings "
-                    f"would diverge again: {lower} and run the command again to resume from it")
+            then = (
+                f"the newest checkpoint, {self.checkpoint}, is from before it, and resuming with the same settings "
+                f"would diverge again: {lower} and run the command again to resume from it"
+            )
         return f"{self.what} step {self.step}{values}: training diverged; {then}"
 
 
@@ -111,16 +112,22 @@ class Progress:
 
     def __init__(self, start_step: int, max_steps: int):
         self.interactive = sys.stderr.isatty()
-        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not self.interactive)
+        self.bar = tqdm(
+            total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not self.interactive
+        )
 
     def log(self, record: dict) -> None:
         fields = {k: record[k] for k in ("loss_d", "loss_g", "d_real", "d_fake") if k in record}
         if self.interactive:
-            self.bar.set_postfix({**{k: f"{v:.3f}" for k, v in fields.items()}, "img/s": f"{record['images_per_s']:.0f}"})
+            self.bar.set_postfix(
+                {**{k: f"{v:.3f}" for k, v in fields.items()}, "img/s": f"{record['images_per_s']:.0f}"}
+            )
         else:
             text = " ".join(f"{k}={v:.3f}" for k, v in fields.items())
-            emit(f"step {record['step']:>7}/{self.bar.total}  {text}  images/s={record['images_per_s']:.1f}  "
-                 f"eta {duration(record['eta_s'])}")
+            emit(
+                f"step {record['step']:>7}/{self.bar.total}  {text}  images/s={record['images_per_s']:.1f}  "
+                f"eta {duration(record['eta_s'])}"
+            )
 
     def message(self, text: str) -> None:
         tqdm.write(text) if self.interactive else emit(text)
@@ -133,8 +140,9 @@ class Metrics:
     """The metrics part. Every rank: `add` each step, `__call__` at log steps (a collective). Rank 0: `write`
     the step's record, `message`, and W&B images; the W&B run id is its state (a resumed run continues it)."""
 
-    def __init__(self, cfg, env: DistEnv, storage: RunStorage, global_batch: int, num_samples: int, optimizers,
-                 batches):
+    def __init__(
+        self, cfg, env: DistEnv, storage: RunStorage, global_batch: int, num_samples: int, optimizers, batches
+    ):
         self.cfg, self.env, self.storage = cfg, env, storage
         self.schedule = Schedule(cfg.train.log_every, last=cfg.train.max_steps, on_stop=True)
         self.global_batch, self.num_samples = global_batch, num_samples
@@ -186,7 +194,10 @@ class Metrics:
         if self.cfg.wandb.mode != "disabled":
             # W&B's own files stay on this machine: the run directory, or beside the data cache for a run in an
             # object store (`wandb sync` uploads them from there).
-            where = self.storage.local_dir() or Path(self.cfg.data.cache_dir).expanduser() / "wandb-runs" / self.cfg.run.name
+            where = (
+                self.storage.local_dir()
+                or Path(self.cfg.data.cache_dir).expanduser() / "wandb-runs" / self.cfg.run.name
+            )
             self.wandb = WandbLogger(self.cfg, where, run_id=self.wandb_run_id)
             self.wandb_run_id = self.wandb.run_id
             self.message(f"W&B ({self.cfg.wandb.mode}): run {self.wandb_run_id} in {where / 'wandb'}")
@@ -232,14 +243,25 @@ class Metrics:
         remaining_s = (max_steps - self.step) * self.global_batch / rate
         total_s = max_steps * self.global_batch / rate
         long = total_s > LONG_ON_CPU_S
-        estimate = {"device": "cpu", "images_per_s": rate, "measured_steps": steps, "measured_s": elapsed,
-                    "global_batch": self.global_batch, "step": self.step, "max_steps": max_steps,
-                    "estimated_total_s": total_s, "estimated_remaining_s": remaining_s, "long": long}
+        estimate = {
+            "device": "cpu",
+            "images_per_s": rate,
+            "measured_steps": steps,
+            "measured_s": elapsed,
+            "global_batch": self.global_batch,
+            "step": self.step,
+            "max_steps": max_steps,
+            "estimated_total_s": total_s,
+            "estimated_remaining_s": remaining_s,
+            "long": long,
+        }
         self.storage.write(ESTIMATE_FILE, (json.dumps(estimate) + "\n").encode())
         if long:
-            self.message(f"warning: at {rate:.0f} images/s on this CPU, train.max_steps={max_steps} would take "
-                         f"~{duration(total_s)} ({duration(remaining_s)} from here); for a CPU try --config debug, "
-                         "or a GPU")
+            self.message(
+                f"warning: at {rate:.0f} images/s on this CPU, train.max_steps={max_steps} would take "
+                f"~{duration(total_s)} ({duration(remaining_s)} from here); for a CPU try --config debug, "
+                "or a GPU"
+            )
 
     def exclude(self, seconds: float) -> None:
         """Leave time spent on something else than training (an evaluation) out of images_per_s."""

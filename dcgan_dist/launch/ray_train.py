@@ -22,8 +22,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import ray
 import ray.train
@@ -35,20 +35,33 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _TorchBackend  # Ray's torch backend, extended by _Backend below
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from . import stopping
-
-from .checkpoint import (BEST_FILE, STATE_FILE, CheckpointError, load, ray_storage_path, step_name,
-                         to_bytes)
-from .config import Config, ConfigError, from_dict, to_dict
-from .distributed.env import DistEnv
-from .metrics import NonFiniteLoss, emit
-from .storage import S3_ENV, filesystem, is_remote
-from .trainer import StepHook, Trainer
+from dcgan_dist import stopping
+from dcgan_dist.config import Config, ConfigError, from_dict, to_dict
+from dcgan_dist.distributed.env import DistEnv
+from dcgan_dist.storage.filesystem import S3_ENV, filesystem, is_remote
+from dcgan_dist.training.checkpoint import (
+    BEST_FILE,
+    STATE_FILE,
+    CheckpointError,
+    load,
+    ray_storage_path,
+    step_name,
+    to_bytes,
+)
+from dcgan_dist.training.metrics import NonFiniteLoss, emit
+from dcgan_dist.training.trainer import StepHook, Trainer
 
 # Driver environment variables that workers need (Ray does not copy the driver's environment to workers): W&B's,
 # and the object store's endpoint and credentials (storage.py).
-FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE", "WANDB_BASE_URL", "PYTHONUNBUFFERED",
-                 *S3_ENV)
+FORWARDED_ENV = (
+    "WANDB_API_KEY",
+    "WANDB_PROJECT",
+    "WANDB_ENTITY",
+    "WANDB_MODE",
+    "WANDB_BASE_URL",
+    "PYTHONUNBUFFERED",
+    *S3_ENV,
+)
 
 
 class RayCheckpoints:
@@ -129,7 +142,7 @@ class StopRequest:
         return self.signum
 
 
-def _watch(stop: "ray.actor.ActorHandle") -> None:
+def _watch(stop: ray.actor.ActorHandle) -> None:
     stopping.request(ray.get(stop.wait.remote()), from_driver=True)
 
 
@@ -168,8 +181,12 @@ def scaling_config(cfg: Config):
     dist.cpus_per_worker CPUs (and one GPU with train.device=cuda)."""
     use_gpu = cfg.train.device == "cuda"
     per_worker = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    return ScalingConfig(num_workers=workers(cfg), use_gpu=use_gpu, resources_per_worker=per_worker,
-                         elastic_resize_monitor_interval_s=cfg.dist.resize_check_s)
+    return ScalingConfig(
+        num_workers=workers(cfg),
+        use_gpu=use_gpu,
+        resources_per_worker=per_worker,
+        elastic_resize_monitor_interval_s=cfg.dist.resize_check_s,
+    )
 
 
 def workers(cfg: Config) -> int | tuple[int, int]:
@@ -193,23 +210,27 @@ def resolve_device(cfg: Config) -> str:
     return "cuda" if ray.cluster_resources().get("GPU", 0) >= fewest else "cpu"
 
 
-def train_worker(config: dict, stop: "ray.actor.ActorHandle | None", hooks: Sequence[StepHook] = (),
-                 start_from: str | None = None) -> dict:
+def train_worker(
+    config: dict, stop: ray.actor.ActorHandle | None, hooks: Sequence[StepHook] = (), start_from: str | None = None
+) -> dict:
     """Body of every Ray Train worker. stop: the driver's StopRequest (None: no stop requests but signals);
     start_from: a checkpoint to start from when the run has none of its own."""
     if stop is not None:
         threading.Thread(target=_watch, args=(stop,), daemon=True, name="dcgan-stop-watch").start()
     cfg = from_dict(config)
     env = worker_env(cfg)
-    emit(f"worker rank {env.rank}/{env.world_size}: node {env.node_id} ({socket.gethostname()}), "
-         f"device {env.device}, pid {os.getpid()}")
+    emit(
+        f"worker rank {env.rank}/{env.world_size}: node {env.node_id} ({socket.gethostname()}), "
+        f"device {env.device}, pid {os.getpid()}"
+    )
     placement = env.gather_objects({"rank": env.rank, "node_id": env.node_id, "host": socket.gethostname()})
     # A setting that does not work here (one node may lack the shards) ends every rank alike, without restarts
     # that could not get further; the same goes for a checkpoint they all read.
     trainer, error = None, None
     try:
-        trainer = Trainer(cfg, env, RayCheckpoints("s3://" if is_remote(cfg.dist.storage_path) else "", start_from),
-                          hooks)
+        trainer = Trainer(
+            cfg, env, RayCheckpoints("s3://" if is_remote(cfg.dist.storage_path) else "", start_from), hooks
+        )
     except ConfigError as exc:
         error = str(exc)
     errors = [e for e in env.gather_objects(error) if e]
@@ -224,10 +245,18 @@ def train_worker(config: dict, stop: "ray.actor.ActorHandle | None", hooks: Sequ
     # Any other RunError (bad data, the store gone) may be one rank's alone: it propagates, so that Ray Train ends
     # the whole group (a rank that returned would leave the others waiting in a collective) and restarts it.
     if result.preempted:
-        raise Preempted(f"a worker received {signal.Signals(result.stopped_by).name}: stopped after step "
-                        f"{result.step} with a checkpoint; Ray restarts the workers from it")
-    return {"step": result.step, "checkpoint": result.checkpoint, "metrics": result.metrics, "workers": placement,
-            "train_seconds": result.seconds, "stopped_by": result.stopped_by}
+        raise Preempted(
+            f"a worker received {signal.Signals(result.stopped_by).name}: stopped after step "
+            f"{result.step} with a checkpoint; Ray restarts the workers from it"
+        )
+    return {
+        "step": result.step,
+        "checkpoint": result.checkpoint,
+        "metrics": result.metrics,
+        "workers": placement,
+        "train_seconds": result.seconds,
+        "stopped_by": result.stopped_by,
+    }
 
 
 def connect() -> float:
@@ -248,8 +277,13 @@ def worker_config(cfg: Config) -> Config:
     return from_dict(config)
 
 
-def torch_trainer(cfg: Config, stop: "ray.actor.ActorHandle | None" = None, hooks: Sequence[StepHook] = (),
-                  callbacks: Sequence[ray.train.UserCallback] = (), start_from: str | None = None) -> TorchTrainer:
+def torch_trainer(
+    cfg: Config,
+    stop: ray.actor.ActorHandle | None = None,
+    hooks: Sequence[StepHook] = (),
+    callbacks: Sequence[ray.train.UserCallback] = (),
+    start_from: str | None = None,
+) -> TorchTrainer:
     """Ray Train's trainer for a run of `worker_config` settings: its workers, storage and failure handling.
     callbacks run in Ray Train's controller (a sweep's trial passes its reports on to Ray Tune there)."""
 
@@ -278,14 +312,19 @@ def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = ()) -> int:
     argv: the command line's settings (for the resume command a stopped run prints); hooks are called in every
     worker after every step (they travel to the workers pickled)."""
     if not is_remote(cfg.run.dir) and not Path(cfg.run.dir).is_absolute() and "working_dir_files" in os.getcwd():
-        print(f"warning: run.dir={cfg.run.dir} is relative to this job's temporary working directory "
-              f"({os.getcwd()}); pass an absolute run.dir (or dist.storage_path on shared storage) to keep outputs",
-              flush=True)
+        print(
+            f"warning: run.dir={cfg.run.dir} is relative to this job's temporary working directory "
+            f"({os.getcwd()}); pass an absolute run.dir (or dist.storage_path on shared storage) to keep outputs",
+            flush=True,
+        )
     ray_seconds = connect()
     resources = ray.cluster_resources()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    print(f"Ray cluster: {len(nodes)} node(s), {resources.get('CPU', 0):g} CPU(s), {resources.get('GPU', 0):g} GPU(s) "
-          f"(connected in {ray_seconds:.1f} s)", flush=True)
+    print(
+        f"Ray cluster: {len(nodes)} node(s), {resources.get('CPU', 0):g} CPU(s), {resources.get('GPU', 0):g} GPU(s) "
+        f"(connected in {ray_seconds:.1f} s)",
+        flush=True,
+    )
     cfg = worker_config(cfg)
     storage = cfg.dist.storage_path
     # On the driver's node: the driver's stop request must not go away with a preempted worker node.
@@ -293,8 +332,11 @@ def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = ()) -> int:
     stop = StopRequest.options(scheduling_strategy=here).remote()
     trainer = torch_trainer(cfg, stop, hooks)
     count = workers(cfg)
-    print(f"Training {count} worker(s) x batch {cfg.train.batch_size} on {cfg.train.device}; "
-          f"Ray storage: {storage}/{cfg.run.name}", flush=True)
+    print(
+        f"Training {count} worker(s) x batch {cfg.train.batch_size} on {cfg.train.device}; "
+        f"Ray storage: {storage}/{cfg.run.name}",
+        flush=True,
+    )
     fit_started = time.perf_counter()
     try:
         result = _fit_forwarding_stop_signals(trainer, stop)
@@ -309,8 +351,10 @@ def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = ()) -> int:
     for worker_info in info.get("workers", []):
         print(f"worker rank {worker_info['rank']} ran on node {worker_info['node_id']} ({worker_info['host']})")
     train_seconds = info.get("train_seconds", 0.0)
-    print(f"Ray time: {ray_seconds:.1f} s to connect, {fit_seconds:.1f} s in fit() of which "
-          f"{train_seconds:.1f} s in the training loop ({fit_seconds - train_seconds:.1f} s of start-up and reporting)")
+    print(
+        f"Ray time: {ray_seconds:.1f} s to connect, {fit_seconds:.1f} s in fit() of which "
+        f"{train_seconds:.1f} s in the training loop ({fit_seconds - train_seconds:.1f} s of start-up and reporting)"
+    )
     if result.checkpoint is None:
         print("No checkpoint was written.")
         return 1
@@ -320,7 +364,7 @@ def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = ()) -> int:
     return 0 if info.get("step", 0) >= cfg.train.max_steps else 1
 
 
-def _fit_forwarding_stop_signals(trainer: TorchTrainer, stop: "ray.actor.ActorHandle"):
+def _fit_forwarding_stop_signals(trainer: TorchTrainer, stop: ray.actor.ActorHandle):
     """trainer.fit(), while SIGTERM/SIGINT to the driver (`ray job stop`, Ctrl-C) ask every worker for a graceful
     stop; a second signal ends the driver as before. fit() runs in a thread of its own, so that Ray Train does not
     put its own SIGINT handler (an abort, no checkpoint) in the main thread's place."""
@@ -340,8 +384,12 @@ def _fit_forwarding_stop_signals(trainer: TorchTrainer, stop: "ray.actor.ActorHa
             fitting.join(timeout=0.2)
             if stopping.code() and not forwarded:
                 signum = stopping.signal_of(stopping.code())
-                print(f"{signal.Signals(signum).name}: asking the workers to stop after their step, with a checkpoint "
-                      "(send it again to stop at once)", file=sys.stderr, flush=True)
+                print(
+                    f"{signal.Signals(signum).name}: asking the workers to stop after their step, with a checkpoint "
+                    "(send it again to stop at once)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 stop.request.remote(signum)
                 forwarded = True
     if "error" in outcome:

@@ -28,14 +28,21 @@ from urllib.parse import urlparse
 
 from pyarrow import fs as pafs
 
-from .config import RunSection
-from .errors import RunError
-from .files import atomic_write
+from dcgan_dist.config import RunSection
+from dcgan_dist.errors import RunError
+from dcgan_dist.files import atomic_write
 
 S3 = "s3://"
 # The variables an S3 client needs here and in every Ray worker (values never printed or stored).
-S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-          "AWS_REGION", "AWS_DEFAULT_REGION")
+S3_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
 REPORT_EVERY_S = 10.0  # while waiting for the store: a line this often
 
 
@@ -107,8 +114,9 @@ def s3_filesystem(sdk_attempts: int = 10, allow_bucket_creation: bool = False) -
 
 
 @functools.lru_cache(maxsize=8)
-def _s3_filesystem(settings: tuple[str, ...], attempt_s: float, sdk_attempts: int,
-                   allow_bucket_creation: bool) -> pafs.S3FileSystem:
+def _s3_filesystem(
+    settings: tuple[str, ...], attempt_s: float, sdk_attempts: int, allow_bucket_creation: bool
+) -> pafs.S3FileSystem:
     env = dict(zip(S3_ENV, settings))
     kwargs: dict = {"region": env["AWS_REGION"] or env["AWS_DEFAULT_REGION"] or "us-east-1"}
     endpoint = env["AWS_ENDPOINT_URL_S3"] or env["AWS_ENDPOINT_URL"]
@@ -116,21 +124,29 @@ def _s3_filesystem(settings: tuple[str, ...], attempt_s: float, sdk_attempts: in
         parsed = urlparse(endpoint)
         kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
     if env["AWS_ACCESS_KEY_ID"]:
-        kwargs.update(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
-                      session_token=env["AWS_SESSION_TOKEN"] or None)
+        kwargs.update(
+            access_key=env["AWS_ACCESS_KEY_ID"],
+            secret_key=env["AWS_SECRET_ACCESS_KEY"],
+            session_token=env["AWS_SESSION_TOKEN"] or None,
+        )
     # allow_delayed_open: an object smaller than one part (metrics.jsonl, a sample grid, dataset.json) is one PUT
     # rather than a three-request multipart upload. request_timeout is curl's limit on a silent transfer (no byte
     # for that long: a frozen server), not on a whole upload.
-    return pafs.S3FileSystem(allow_bucket_creation=allow_bucket_creation, allow_delayed_open=True,
-                             connect_timeout=attempt_s, request_timeout=attempt_s,
-                             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=sdk_attempts), **kwargs)
+    return pafs.S3FileSystem(
+        allow_bucket_creation=allow_bucket_creation,
+        allow_delayed_open=True,
+        connect_timeout=attempt_s,
+        request_timeout=attempt_s,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=sdk_attempts),
+        **kwargs,
+    )
 
 
 def filesystem(location: str, sdk_attempts: int = 10) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path on it) of a local path or an s3://bucket/prefix location. For engines that use it
     directly (Ray Train, Tune) the SDK retries each request; see s3_filesystem."""
     if is_remote(location):
-        return s3_filesystem(sdk_attempts), location[len(S3):].rstrip("/")
+        return s3_filesystem(sdk_attempts), location[len(S3) :].rstrip("/")
     return pafs.LocalFileSystem(), str(Path(location).expanduser().absolute())
 
 
@@ -138,8 +154,14 @@ def filesystem(location: str, sdk_attempts: int = 10) -> tuple[pafs.FileSystem, 
 # to server; Details: ..." or "... AWS Error UNKNOWN (HTTP status 503) during PutObject operation: ...".
 _AWS_ERROR = re.compile(r"AWS Error (\w+)(?: \(HTTP status (-?\d+)\))? during (\w+) operation:? ?([^\n]*)")
 # Errors that say the store is away or busy, not that the request is wrong: waited for.
-_STORE_AWAY = {"NETWORK_CONNECTION", "SERVICE_UNAVAILABLE", "SLOW_DOWN", "THROTTLING", "INTERNAL_FAILURE",
-               "REQUEST_TIMEOUT"}
+_STORE_AWAY = {
+    "NETWORK_CONNECTION",
+    "SERVICE_UNAVAILABLE",
+    "SLOW_DOWN",
+    "THROTTLING",
+    "INTERNAL_FAILURE",
+    "REQUEST_TIMEOUT",
+}
 
 
 def _aws_error(exc: BaseException) -> tuple[str, int | None, str] | None:
@@ -182,10 +204,12 @@ def store_refusal(exc: BaseException) -> str | None:
     if error is None or store_away(exc):
         return None
     request = str(exc).split(": AWS Error", 1)[0].strip()  # "When uploading object with key 'k' in bucket 'b'"
-    return (f"the object store at {store_name()} refused a request ({request[:1].lower() + request[1:]}: {error[0]}"
-            f"{'' if error[1] is None else f' (HTTP {error[1]})'}); check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
-            "AWS_SESSION_TOKEN and the bucket's permissions, then run the same command again (a run resumes from "
-            "its newest checkpoint)")
+    return (
+        f"the object store at {store_name()} refused a request ({request[:1].lower() + request[1:]}: {error[0]}"
+        f"{'' if error[1] is None else f' (HTTP {error[1]})'}); check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "AWS_SESSION_TOKEN and the bucket's permissions, then run the same command again (a run resumes from "
+        "its newest checkpoint)"
+    )
 
 
 def waiting_for_store(call, what: str, *args, **kwargs):
@@ -211,11 +235,14 @@ def waiting_for_store(call, what: str, *args, **kwargs):
                 state = "did not answer" if silent else "answered only that it is unavailable"
                 raise StoreUnreachable(
                     f"the object store at {store_name()} {state} for {now - started:.0f} s ({what}: {_reason(exc)}); "
-                    "once it answers, run the same command again (a run resumes from its newest checkpoint)") from None
+                    "once it answers, run the same command again (a run resumes from its newest checkpoint)"
+                ) from None
             if reported is None or now - reported >= REPORT_EVERY_S:
                 reported = now
-                sys.stderr.write(f"waiting for the object store at {store_name()} ({what}): {_reason(exc)}; giving "
-                                 f"up in {deadline - now:.0f} s (run.storage_timeout_s)\n")
+                sys.stderr.write(
+                    f"waiting for the object store at {store_name()} ({what}): {_reason(exc)}; giving "
+                    f"up in {deadline - now:.0f} s (run.storage_timeout_s)\n"
+                )
                 sys.stderr.flush()
             time.sleep(min(random.uniform(0.5, 1.0) * 2 ** min(attempt, 2), deadline - now))  # 0.5 s up to 4 s
             attempt += 1
@@ -253,7 +280,7 @@ def check_bucket(location: str, create: bool = False) -> bool:
     (a HEAD of the bucket; a refusal is then explained by a listing, whose answer says which key is wrong).
     create: make a missing bucket (only `data synth/convert --out` do); returns whether it did. Raises StoreError.
     Object stores may create a bucket on a first PUT (SeaweedFS does), so commands call this before writing."""
-    bucket = location[len(S3):].split("/", 1)[0]
+    bucket = location[len(S3) :].split("/", 1)[0]
     if not bucket:
         raise StoreError(f"'{location}' names no bucket; write s3://BUCKET/PREFIX")
     key = (_store_settings(), bucket)
@@ -263,12 +290,16 @@ def check_bucket(location: str, create: bool = False) -> bool:
     try:
         found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
         if not found and not _BUCKET_NAME.match(bucket):
-            raise StoreError(f"'{bucket}' is not a valid bucket name (3-63 lowercase letters, digits, "
-                             "dots and hyphens, starting and ending with a letter or digit)")
+            raise StoreError(
+                f"'{bucket}' is not a valid bucket name (3-63 lowercase letters, digits, "
+                "dots and hyphens, starting and ending with a letter or digit)"
+            )
         if not found and not create:
-            raise StoreError(f"bucket '{bucket}' does not exist at {store_name()}; create it first (e.g. "
-                             f"aws s3 mb s3://{bucket}) or correct the name: only `data synth/convert --out` create "
-                             "buckets")
+            raise StoreError(
+                f"bucket '{bucket}' does not exist at {store_name()}; create it first (e.g. "
+                f"aws s3 mb s3://{bucket}) or correct the name: only `data synth/convert --out` create "
+                "buckets"
+            )
         if not found:
             s3_filesystem(sdk_attempts=3, allow_bucket_creation=True).create_dir(bucket)
     except OSError as exc:
@@ -281,8 +312,7 @@ def _refusal(bucket: str, exc: OSError) -> str:
     """One line for a store that did not let this machine use `bucket`."""
     where = f"the object store at {store_name()}"
     if store_away(exc):
-        return (f"cannot reach {where} ({_reason(exc)}); check AWS_ENDPOINT_URL and that the store is "
-                "running")
+        return f"cannot reach {where} ({_reason(exc)}); check AWS_ENDPOINT_URL and that the store is running"
     error = _aws_error(exc)
     if error and error[0] == "ACCESS_DENIED":  # a HEAD's answer has no body: a listing says which key is wrong
         try:
@@ -301,8 +331,10 @@ def _refusal(bucket: str, exc: OSError) -> str:
     if name == "NO_SUCH_BUCKET":
         return f"bucket '{bucket}' does not exist at {store_name()}; create it first or correct the name"
     if name == "ACCESS_DENIED":
-        return (f"{where} denied {keys} access to bucket '{bucket}'; check AWS_ACCESS_KEY_ID, "
-                "AWS_SECRET_ACCESS_KEY and the bucket's permissions")
+        return (
+            f"{where} denied {keys} access to bucket '{bucket}'; check AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY and the bucket's permissions"
+        )
     return f"{where} refused access to bucket '{bucket}' ({_reason(exc)})"
 
 
@@ -321,7 +353,7 @@ class ObjectReader(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         data = waiting_for_store(self._file.read_at, f"reading {self._location}", len(buffer), self._position)
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         self._position += len(data)
         return len(data)
 
@@ -416,7 +448,7 @@ class RunStorage:
         """The folder on this machine's disk, or None for an object store."""
         return None if self.remote else Path(self.root)
 
-    def sub(self, folder: str) -> "RunStorage":
+    def sub(self, folder: str) -> RunStorage:
         return RunStorage(self.where(folder))
 
     def check_writable(self) -> None:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .files import atomic_write
+from dcgan_dist.files import atomic_write
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:

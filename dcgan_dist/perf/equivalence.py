@@ -4,7 +4,7 @@ N workers with batch B each must train exactly like 1 worker with batch N*B on t
 forward outputs, gradients, batch-norm running statistics and parameters after several optimizer steps, for
 G and D. With synchronisation off they must differ (so the check can fail).
 
-    python -m dcgan_dist.distributed.equivalence [--world-size 2] [--device cpu|cuda] [--dtype float64] [--no-sync]
+    python -m dcgan_dist.perf.equivalence [--world-size 2] [--device cpu|cuda] [--dtype float64] [--no-sync]
 
 prints the largest absolute difference of each kind as JSON. On CUDA the workers use torch.nn.SyncBatchNorm,
 over NCCL with one GPU per rank when there are enough GPUs, else over gloo with CUDA tensors, all ranks on
@@ -25,11 +25,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ..config import ModelSection, OptimSection
-from ..gan import make_optimizers, train_step
-from ..models import build_models, unwrap
-from .ddp import wrap_models
-from .env import DistEnv
+from dcgan_dist.config import ModelSection, OptimSection
+from dcgan_dist.distributed.ddp import wrap_models
+from dcgan_dist.distributed.env import DistEnv
+from dcgan_dist.gan.models import build_models, unwrap
+from dcgan_dist.gan.step import make_optimizers, train_step
 
 
 @dataclass
@@ -68,8 +68,10 @@ def _inputs(spec: Spec) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(spec.seed + 1)
     total = spec.world_size * spec.batch
     # A non-zero mean and a wide spread exercise the numerics of combining per-rank statistics.
-    reals = [torch.tanh(torch.randn(total, spec.channels, spec.image_size, spec.image_size, generator=gen) + 0.3)
-             for _ in range(spec.steps + 1)]
+    reals = [
+        torch.tanh(torch.randn(total, spec.channels, spec.image_size, spec.image_size, generator=gen) + 0.3)
+        for _ in range(spec.steps + 1)
+    ]
     zs = [torch.randn(total, spec.nz, 1, 1, generator=gen) * 2 for _ in range(spec.steps + 1)]
     return reals, zs
 
@@ -84,7 +86,9 @@ def _train(spec: Spec, env: DistEnv, rows: slice) -> dict:
     reals, zs = _inputs(spec)
     for real, z in zip(reals[:-1], zs[:-1]):
         train_step(G, D, opt_g, opt_d, real[rows].to(env.device, dtype), z[rows].to(env.device, dtype))
-    result = {name: {k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()} for name, net in (("G", G), ("D", D))}
+    result = {
+        name: {k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()} for name, net in (("G", G), ("D", D))
+    }
     result["grads"] = {
         f"{name}.{k}": p.grad.detach().cpu()
         for name, net in (("G", G), ("D", D))
@@ -122,8 +126,13 @@ def run(spec: Spec) -> dict:
     device = _device(spec, 0)
     reference = _train(single, DistEnv(device=device), slice(None))
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(spec, os.path.join(tmp, "init"), tmp), nprocs=spec.world_size,
-                           start_method="spawn", join=True)
+        mp.start_processes(
+            _worker,
+            args=(spec, os.path.join(tmp, "init"), tmp),
+            nprocs=spec.world_size,
+            start_method="spawn",
+            join=True,
+        )
         ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(spec.world_size)]
 
     def max_diff(a: dict, b: dict, keys=None) -> float:
@@ -139,7 +148,8 @@ def run(spec: Spec) -> dict:
         out[f"{net}_params"] = max(max_diff(reference[net], r[net], params) for r in ranks)
         out[f"{net}_running_stats"] = max(max_diff(reference[net], r[net], buffers) for r in ranks)
         out[f"{net}_grads"] = max(
-            max_diff(reference["grads"], r["grads"], [k for k in reference["grads"] if k.startswith(net + ".")]) for r in ranks
+            max_diff(reference["grads"], r["grads"], [k for k in reference["grads"] if k.startswith(net + ".")])
+            for r in ranks
         )
         # Ranks must agree with each other exactly, parameters and running statistics alike.
         out[f"{net}_rank_disagreement"] = max(max_diff(ranks[0][net], r[net], params + buffers) for r in ranks[1:])
@@ -149,7 +159,7 @@ def run(spec: Spec) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.distributed.equivalence", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.perf.equivalence", description=__doc__.split("\n\n")[0])
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4, help="per worker")
     parser.add_argument("--steps", type=int, default=3)
@@ -158,11 +168,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--width", type=int, default=4)
     parser.add_argument("--no-sync", action="store_true", help="plain per-rank batch norm (expected to differ)")
-    parser.add_argument("--backend", default="", choices=("", "gloo", "nccl"),
-                        help="default: nccl on CUDA with a GPU per rank, else gloo")
+    parser.add_argument(
+        "--backend",
+        default="",
+        choices=("", "gloo", "nccl"),
+        help="default: nccl on CUDA with a GPU per rank, else gloo",
+    )
     args = parser.parse_args(argv)
-    spec = Spec(world_size=args.world_size, batch=args.batch, steps=args.steps, device=args.device, dtype=args.dtype,
-                image_size=args.image_size, width=args.width, sync_bn=not args.no_sync, backend=args.backend)
+    spec = Spec(
+        world_size=args.world_size,
+        batch=args.batch,
+        steps=args.steps,
+        device=args.device,
+        dtype=args.dtype,
+        image_size=args.image_size,
+        width=args.width,
+        sync_bn=not args.no_sync,
+        backend=args.backend,
+    )
     print(json.dumps({"spec": spec.__dict__, **run(spec)}))
     return 0
 

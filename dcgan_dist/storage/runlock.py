@@ -18,7 +18,8 @@ their own driver's lock.
 - An object store (s3://bucket/prefix): <run.dir>/.lock is a lease object {holder, token, renewed, lease_s},
   renewed by a thread every lease_s / 4. A lease not renewed for lease_s (LEASE_S, 60 s) is stale, its run dead, and
   the next run takes it over; at once when the holder was a process of this same machine (boot and pid namespace)
-  that has ended, as after a SIGKILL and a rerun on the same host. pyarrow's S3 client sends no conditional PUT (If-None-Match), so taking a lease is:
+  that has ended, as after a SIGKILL and a rerun on the same host. pyarrow's S3 client sends no conditional PUT
+  (If-None-Match), so taking a lease is:
   read it (free or stale), write ours, wait CONFIRM_S, read it back, and go on only if ours is still there. Two runs
   starting together both write; the later write wins and the other run, reading back after CONFIRM_S, sees it and
   is refused. The race window left: a run whose read-then-write takes longer than CONFIRM_S (a stalled process) can
@@ -38,13 +39,13 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-from .config import ConfigError
-from .errors import RunError
-from .storage import RunStorage
+from dcgan_dist.config import ConfigError
+from dcgan_dist.errors import RunError
+from dcgan_dist.storage.filesystem import RunStorage
 
 LOCK_FILE = ".lock"
 LEASE_S = 60.0  # an object-store lease not renewed for this long is stale (its run is gone)
@@ -67,9 +68,13 @@ os.register_at_fork(after_in_child=_close_lock_fds_in_child)
 
 
 def _holder() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "processes": _process_space(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "processes": _process_space(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300],
+    }
 
 
 def _process_space() -> str:
@@ -117,20 +122,28 @@ class _FolderLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:  # another user's run, a read-only folder
-                raise ConfigError(f"run.dir={self.location}: cannot open its lock file {self.path} ({exc.strerror}); "
-                                  "choose another run.dir") from None
+                raise ConfigError(
+                    f"run.dir={self.location}: cannot open its lock file {self.path} ({exc.strerror}); "
+                    "choose another run.dir"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 if exc.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (some FUSE mounts)
                     os.close(fd)
-                    print(f"warning: cannot lock run.dir={self.location} ({exc.strerror}): nothing stops a second "
-                          "run there from overwriting this one's files", file=sys.stderr, flush=True)
+                    print(
+                        f"warning: cannot lock run.dir={self.location} ({exc.strerror}): nothing stops a second "
+                        "run there from overwriting this one's files",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     return
                 holder = _read_json(os.pread(fd, 4096, 0))
                 os.close(fd)
-                raise ConfigError(f"run.dir={self.location} is in use by another run ({_describe(holder)}); wait "
-                                  "for it to end or stop it, or choose another run.dir") from None
+                raise ConfigError(
+                    f"run.dir={self.location} is in use by another run ({_describe(holder)}); wait "
+                    "for it to end or stop it, or choose another run.dir"
+                ) from None
             # A run that ended removed the file it had locked, maybe just before we locked it: lock the new one.
             try:
                 mine, there = os.fstat(fd), os.stat(self.path)
@@ -141,8 +154,11 @@ class _FolderLock:
             os.close(fd)
         previous = _read_json(os.pread(fd, 4096, 0))
         if previous:  # a run that was killed: the kernel dropped its lock, its note stayed
-            print(f"run.dir={self.location}: taking over the lock of a run that ended without releasing it "
-                  f"({_describe(previous)})", flush=True)
+            print(
+                f"run.dir={self.location}: taking over the lock of a run that ended without releasing it "
+                f"({_describe(previous)})",
+                flush=True,
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_holder()).encode(), 0)
         self.fd = fd
@@ -183,16 +199,20 @@ class _Lease:
             return None
 
     def _write(self) -> None:
-        self.storage.write(LOCK_FILE, json.dumps({**self.holder, "token": self.token, "renewed": time.time(),
-                                                  "lease_s": self.lease_s}).encode())
+        self.storage.write(
+            LOCK_FILE,
+            json.dumps({**self.holder, "token": self.token, "renewed": time.time(), "lease_s": self.lease_s}).encode(),
+        )
 
     def _refuse(self, lease: dict) -> ConfigError:
         about = _describe(lease)
         if "renewed" in lease:
             expires = time.strftime("%H:%M:%S UTC", time.gmtime(float(lease["renewed"]) + float(lease["lease_s"])))
             about += f"; its lease is renewed every {float(lease['lease_s']) / 4:g} s and expires at {expires} if not"
-        return ConfigError(f"run.dir={self.location} is in use by another run ({about}); wait for it to end or stop "
-                           "it, or choose another run.dir")
+        return ConfigError(
+            f"run.dir={self.location} is in use by another run ({about}); wait for it to end or stop "
+            "it, or choose another run.dir"
+        )
 
     def _live(self, lease: dict | None) -> bool:
         if not lease or lease.get("token") == self.token:
@@ -208,8 +228,10 @@ class _Lease:
         try:
             self._acquire()
         except OSError as exc:  # the store did not answer (after its retries): nothing was started
-            raise RunError(f"run.dir={self.location}: cannot take the run's lease in the object store "
-                           f"({str(exc).splitlines()[0][:200]}); run the command again when it answers") from None
+            raise RunError(
+                f"run.dir={self.location}: cannot take the run's lease in the object store "
+                f"({str(exc).splitlines()[0][:200]}); run the command again when it answers"
+            ) from None
 
     def _acquire(self) -> None:
         if self.storage.location in _held_here:  # its lease has this process's pid: it would look like a dead run's
@@ -219,8 +241,11 @@ class _Lease:
         if self._live(current):
             raise self._refuse(current)
         if current and current.get("token"):
-            print(f"run.dir={self.location}: taking over the stale lease of a run that ended without releasing it "
-                  f"({_describe(current)})", flush=True)
+            print(
+                f"run.dir={self.location}: taking over the stale lease of a run that ended without releasing it "
+                f"({_describe(current)})",
+                flush=True,
+            )
         self._write()
         time.sleep(self.confirm_s)  # a run that read the lease free at the same time writes its own meanwhile
         current = self._read()
@@ -236,14 +261,22 @@ class _Lease:
                 current = self._read()
                 if current and current.get("token") != self.token:
                     self.lost = current
-                    print(f"warning: the lease on run.dir={self.location} was taken over by another run "
-                          f"({_describe(current)})", file=sys.stderr, flush=True)
+                    print(
+                        f"warning: the lease on run.dir={self.location} was taken over by another run "
+                        f"({_describe(current)})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     return
                 self._write()
             except (OSError, RunError) as exc:  # the store did not answer (StoreUnreachable past run.storage_timeout_s
-                # is a RunError: the run's own next write ends it in one line): the lease may lapse; try at the next beat
-                print(f"warning: cannot renew the lease on {self.storage.where(LOCK_FILE)}: {str(exc)[:200]}",
-                      file=sys.stderr, flush=True)
+                # is a RunError: the run's own next write ends it in one line): the lease may lapse;
+                # try at the next beat
+                print(
+                    f"warning: cannot renew the lease on {self.storage.where(LOCK_FILE)}: {str(exc)[:200]}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def release(self) -> None:
         self._stop.set()
@@ -264,14 +297,13 @@ class RunLock:
 
     def __init__(self, location: str, lease_s: float = LEASE_S, confirm_s: float = CONFIRM_S):
         self.location = location
-        self._lock = (_Lease(location, lease_s, confirm_s) if location.startswith("s3://")
-                      else _FolderLock(location))
+        self._lock = _Lease(location, lease_s, confirm_s) if location.startswith("s3://") else _FolderLock(location)
 
     @property
     def lost(self) -> dict | None:
         return self._lock.lost
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         self._lock.acquire()
         return self
 
@@ -280,9 +312,11 @@ class RunLock:
 
     def check(self, step: int, *_) -> None:
         if self._lock.lost:
-            raise RunError(f"run.dir={self.location}: this run's lease was taken over by another run "
-                           f"({_describe(self._lock.lost)}) at step {step}; stopped without writing more: see which "
-                           "run should own this run.dir")
+            raise RunError(
+                f"run.dir={self.location}: this run's lease was taken over by another run "
+                f"({_describe(self._lock.lost)}) at step {step}; stopped without writing more: see which "
+                "run should own this run.dir"
+            )
 
 
 @contextmanager

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import to_uint8
+from dcgan_dist.data.images import to_uint8
 
 NHOOD_SIZE = 7
 MIN_LEVEL_SIZE = 16  # coarsest pyramid level, as in the paper
@@ -78,7 +78,9 @@ def _normalise(desc: torch.Tensor) -> torch.Tensor:
     return desc.reshape(desc.shape[0], -1)
 
 
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, repeats: int, dirs_per_repeat: int, gen: torch.Generator) -> float:
+def sliced_wasserstein(
+    a: torch.Tensor, b: torch.Tensor, repeats: int, dirs_per_repeat: int, gen: torch.Generator
+) -> float:
     results = []
     for _ in range(repeats):
         dirs = torch.randn(a.shape[1], dirs_per_repeat, generator=gen, dtype=a.dtype)
@@ -103,8 +105,15 @@ class SWDResult:
         return {"swd": self.mean, "swd_levels": {str(r): v for r, v in zip(self.resolutions, self.per_level)}}
 
 
-def swd(real: torch.Tensor, fake: torch.Tensor, nhoods_per_image: int = 128, repeats: int = 4,
-        dirs_per_repeat: int = 128, seed: int = 0, batch: int = 512) -> SWDResult:
+def swd(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    nhoods_per_image: int = 128,
+    repeats: int = 4,
+    dirs_per_repeat: int = 128,
+    seed: int = 0,
+    batch: int = 512,
+) -> SWDResult:
     """Multi-scale SWD between two image sets (N x C x H x W; uint8 or [-1, 1] floats; same size and shape)."""
     if real.shape[1:] != fake.shape[1:]:
         raise ValueError(f"image shapes differ: {tuple(real.shape[1:])} vs {tuple(fake.shape[1:])}")
@@ -162,7 +171,9 @@ def inception_extractor(weights: str | None, device: str | torch.device = "cpu")
 
 
 @torch.no_grad()
-def inception_features(extractor, images: torch.Tensor, device: str | torch.device = "cpu", batch: int = 128) -> np.ndarray:
+def inception_features(
+    extractor, images: torch.Tensor, device: str | torch.device = "cpu", batch: int = 128
+) -> np.ndarray:
     feats = []
     for start in range(0, images.shape[0], batch):
         x = to_uint8(images[start : start + batch])
@@ -172,7 +183,9 @@ def inception_features(extractor, images: torch.Tensor, device: str | torch.devi
     return np.concatenate(feats)
 
 
-def fid(real: torch.Tensor, fake: torch.Tensor, weights: str | None = None, device: str | torch.device = "cpu") -> tuple[float | None, str | None]:
+def fid(
+    real: torch.Tensor, fake: torch.Tensor, weights: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[float | None, str | None]:
     """(FID, None), or (None, reason) when Inception is not available here."""
     extractor, reason = inception_extractor(weights, device)
     if extractor is None:

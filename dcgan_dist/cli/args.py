@@ -62,7 +62,11 @@ def output_file(text: str) -> str:
 
 def write_error(option: str, path: str, exc: OSError) -> str:
     """The one line for an output that could not be written."""
-    where = f": {exc.filename}" if exc.filename and str(exc.filename) != str(path) and not str(exc.filename).endswith(".tmp") else ""
+    where = (
+        f": {exc.filename}"
+        if exc.filename and str(exc.filename) != str(path) and not str(exc.filename).endswith(".tmp")
+        else ""
+    )
     return f"error: cannot write {option} {path} ({exc.strerror or exc}{where}); choose another path"
 
 

@@ -12,8 +12,8 @@ Also here: the helpers that look through wrappers (DDP, torch.compile) and draw 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -127,7 +127,9 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 
 
 @torch.no_grad()
-def generate(G: nn.Module, num: int, seed: int = 0, device: str | torch.device = "cpu", batch: int = 256) -> torch.Tensor:
+def generate(
+    G: nn.Module, num: int, seed: int = 0, device: str | torch.device = "cpu", batch: int = 256
+) -> torch.Tensor:
     """`num` images in [-1, 1] on the CPU from G as it is (call it in eval mode for samples); the same seed gives
     the same latent vectors."""
     nz = unwrap(G).nz

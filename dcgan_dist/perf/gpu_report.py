@@ -32,13 +32,12 @@ from pathlib import Path
 
 import torch
 
-from . import bench
-from .config import Config
-from .data import resolve_data
-from .distributed import equivalence
-from .distributed.env import DistEnv
-from .precision import native_bf16, pick_device, resolved
-from .trainer import Trainer
+from dcgan_dist.config import Config
+from dcgan_dist.data import resolve_data
+from dcgan_dist.distributed.env import DistEnv
+from dcgan_dist.gan.precision import native_bf16, pick_device, resolved
+from dcgan_dist.perf import bench, equivalence
+from dcgan_dist.training.trainer import Trainer
 
 SYNC_BN_TOLERANCE = 1e-9  # float64: differences are rounding (~1e-15 measured on CPU); a real mismatch is >1e-3
 
@@ -66,8 +65,14 @@ class Report:
     swd: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"machine": self.machine, "setup": self.setup, "steps": [r.__dict__ for r in self.steps],
-                "loader": self.loader, "sync_bn": self.sync_bn, "swd": self.swd}
+        return {
+            "machine": self.machine,
+            "setup": self.setup,
+            "steps": [r.__dict__ for r in self.steps],
+            "loader": self.loader,
+            "sync_bn": self.sync_bn,
+            "swd": self.swd,
+        }
 
 
 def _error(exc: BaseException) -> str:
@@ -84,12 +89,15 @@ def machine(device: torch.device) -> dict:
                 break
     except OSError:
         pass
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu}",
-            "cpu": f"{cpu}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}",
-            "torch": torch.__version__, "python": platform.python_version(),
-            "cuda": torch.version.cuda or "none (CPU build)",
-            "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
-            "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu}",
+        "cpu": f"{cpu}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda or "none (CPU build)",
+        "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info["device"] += f" ({props.total_memory / 2**30:.0f} GiB, compute capability {props.major}.{props.minor})"
@@ -117,8 +125,16 @@ def _cudagraph_skips() -> int:
     return int(counters["inductor"].get("cudagraph_skips", 0))
 
 
-def training_steps(cfg: Config, device: torch.device, shards: str, steps: int, warmup: int, compile: bool,
-                   threads: int, flops: dict[str, float]) -> list[Row]:
+def training_steps(
+    cfg: Config,
+    device: torch.device,
+    shards: str,
+    steps: int,
+    warmup: int,
+    compile: bool,
+    threads: int,
+    flops: dict[str, float],
+) -> list[Row]:
     """The rows of the training-step table (cfg: the report's model and batch, any precision; flops: per image
     of one step, "ours" and "minimal")."""
     env = DistEnv(device=device)
@@ -137,21 +153,37 @@ def training_steps(cfg: Config, device: torch.device, shards: str, steps: int, w
         plan["our step, fp32 + fused Adam"] = (lambda: bench.TrainLoop(fp32, env, None, fused=True), fp32, "fused Adam")
     else:
         plan["our step, fp32 + fused Adam"] = (None, None, f"skipped: {fused_missing}")
-    plan["our step, bf16 + channels_last"] = (lambda: bench.TrainLoop(fast, env, None, fused=fused), fast,
-                                              f"{fused_note}; {bf16_why}" + ("" if bf16_native else " (emulated: slow)"))
+    plan["our step, bf16 + channels_last"] = (
+        lambda: bench.TrainLoop(fast, env, None, fused=fused),
+        fast,
+        f"{fused_note}; {bf16_why}" + ("" if bf16_native else " (emulated: slow)"),
+    )
     if compile:
-        plan["+ torch.compile"] = (lambda: bench.TrainLoop(fast, env, None, fused=fused, compile_mode="default"), fast,
-                                   "mode default; compilation in the warm-up")
+        plan["+ torch.compile"] = (
+            lambda: bench.TrainLoop(fast, env, None, fused=fused, compile_mode="default"),
+            fast,
+            "mode default; compilation in the warm-up",
+        )
     else:
-        plan["+ torch.compile"] = (None, None, "skipped: compilation takes minutes on a small CPU; "
-                                               "--report-compile yes to include it")
+        plan["+ torch.compile"] = (
+            None,
+            None,
+            "skipped: compilation takes minutes on a small CPU; --report-compile yes to include it",
+        )
     if device.type != "cuda":
         plan["+ CUDA graphs (compile mode reduce-overhead)"] = (None, None, "skipped: CUDA graphs need a CUDA device")
     elif not compile:
-        plan["+ CUDA graphs (compile mode reduce-overhead)"] = (None, None, "skipped: needs torch.compile (--report-compile)")
+        plan["+ CUDA graphs (compile mode reduce-overhead)"] = (
+            None,
+            None,
+            "skipped: needs torch.compile (--report-compile)",
+        )
     else:
         plan["+ CUDA graphs (compile mode reduce-overhead)"] = (
-            lambda: bench.TrainLoop(fast, env, None, fused=fused, compile_mode="reduce-overhead"), fast, "")
+            lambda: bench.TrainLoop(fast, env, None, fused=fused, compile_mode="reduce-overhead"),
+            fast,
+            "",
+        )
 
     rows = {name: Row(name, note=note) for name, (_, _, note) in plan.items()}
     loops = {}
@@ -167,7 +199,7 @@ def training_steps(cfg: Config, device: torch.device, shards: str, steps: int, w
         try:
             for _ in range(warmup):
                 loop.step()
-            bench._sync(device)
+            bench.sync_device(device)
         except Exception as exc:  # noqa: BLE001
             rows[name].note = f"failed: {_error(exc)}"
             del loops[name]
@@ -183,8 +215,11 @@ def training_steps(cfg: Config, device: torch.device, shards: str, steps: int, w
     graphs = "+ CUDA graphs (compile mode reduce-overhead)"
     if graphs in rates:
         skipped = _cudagraph_skips() - skips_before
-        rows[graphs].note = (f"inductor fell back from CUDA graphs {skipped} time(s) (TORCH_LOGS=perf_hints says why)"
-                             if skipped else "CUDA graphs replayed (no inductor fallbacks counted)")
+        rows[graphs].note = (
+            f"inductor fell back from CUDA graphs {skipped} time(s) (TORCH_LOGS=perf_hints says why)"
+            if skipped
+            else "CUDA graphs replayed (no inductor fallbacks counted)"
+        )
 
     # Our fastest eager setting on batches from the real loader: does the loader keep up with the step?
     n = cfg.data.num_workers
@@ -210,8 +245,13 @@ def loader_rate(cfg: Config, device: torch.device, shards: str, steps: int, warm
     except Exception as exc:  # noqa: BLE001
         return {"note": f"failed: {_error(exc)}"}
     processes = max(cfg.data.num_workers, 1)
-    return {"images_per_s": rate, "loader_processes": cfg.data.num_workers, "per_process": rate / processes,
-            "image_size": cfg.model.image_size, "channels": cfg.model.channels}
+    return {
+        "images_per_s": rate,
+        "loader_processes": cfg.data.num_workers,
+        "per_process": rate / processes,
+        "image_size": cfg.model.image_size,
+        "channels": cfg.model.channels,
+    }
 
 
 def sync_bn_check(device: torch.device) -> dict:
@@ -223,11 +263,23 @@ def sync_bn_check(device: torch.device) -> dict:
         return {"note": f"failed: {_error(exc)}", "passed": False}
     largest = max(result["max_abs_diff"].values())
     backend = result["backend"]
-    how = {"nccl": "torch.nn.SyncBatchNorm over NCCL, one GPU per rank",
-           "gloo": ("torch.nn.SyncBatchNorm over gloo with CUDA tensors, both ranks on GPU 0 (NCCL refuses two "
-                    "ranks on one device)") if device.type == "cuda" else "CrossProcessBatchNorm over gloo (CPU)"}[backend]
-    return {"backend": backend, "how": how, "largest_difference": largest, "tolerance": SYNC_BN_TOLERANCE,
-            "passed": largest < SYNC_BN_TOLERANCE, "max_abs_diff": result["max_abs_diff"]}
+    how = {
+        "nccl": "torch.nn.SyncBatchNorm over NCCL, one GPU per rank",
+        "gloo": (
+            "torch.nn.SyncBatchNorm over gloo with CUDA tensors, both ranks on GPU 0 (NCCL refuses two "
+            "ranks on one device)"
+        )
+        if device.type == "cuda"
+        else "CrossProcessBatchNorm over gloo (CPU)",
+    }[backend]
+    return {
+        "backend": backend,
+        "how": how,
+        "largest_difference": largest,
+        "tolerance": SYNC_BN_TOLERANCE,
+        "passed": largest < SYNC_BN_TOLERANCE,
+        "max_abs_diff": result["max_abs_diff"],
+    }
 
 
 def swd_after_training(cfg: Config, shards: str, steps: int) -> dict:
@@ -240,9 +292,18 @@ def swd_after_training(cfg: Config, shards: str, steps: int) -> dict:
                 run=replace(cfg.run, dir=str(Path(tmp) / precision), name=f"report-{precision}"),
                 data=replace(cfg.data, shards=shards),
                 # ema_decay=0: the SWD of the generator itself (an EMA over a short run mostly averages its start).
-                train=replace(cfg.train, precision=precision, channels_last="auto", compile=False, max_steps=steps,
-                              eval_every=steps, sample_every=0, checkpoint_every=0, log_every=max(1, steps // 4),
-                              ema_decay=0.0),
+                train=replace(
+                    cfg.train,
+                    precision=precision,
+                    channels_last="auto",
+                    compile=False,
+                    max_steps=steps,
+                    eval_every=steps,
+                    sample_every=0,
+                    checkpoint_every=0,
+                    log_every=max(1, steps // 4),
+                    ema_decay=0.0,
+                ),
                 wandb=replace(cfg.wandb, mode="disabled"),
             )
             try:
@@ -276,46 +337,64 @@ def to_markdown(report: Report) -> str:
         "## Training step",
         "",
         f"{s['model']}, batch {s['batch_size']}, {s['steps']} timed steps after {s['warmup']} warm-up steps per row, "
-        "the rows timed side by side in rotating rounds (median round), on one batch held on the device (the step alone), "
+        "the rows timed side by side in rotating rounds (median round), on one batch held on the device "
+        "(the step alone), "
         "except the last row. MFU: images/s x FLOPs per image of one training step (FlopCounterMode over G and D "
         f"forward and backward: {s['flops_per_image'] / 1e9:.3f} GFLOPs for our step, "
         f"{s['minimal_flops_per_image'] / 1e9:.3f} for the minimal loop, which also computes D's unused gradients "
         "in G's update) over the device's peak for the row's arithmetic: "
-        + "; ".join(f"{k}: {v}" for k, v in s["peaks"].items()) + ".",
+        + "; ".join(f"{k}: {v}" for k, v in s["peaks"].items())
+        + ".",
         "",
         "| step | images/s | vs fp32 minimal loop | MFU | notes |",
         "|---|---|---|---|---|",
     ]
     for r in report.steps:
-        lines.append(f"| {r.name} | {_num(r.images_per_s, '.1f')} | {_num(r.vs_minimal, '.2f')} | "
-                     f"{bench.format_mfu(r.mfu) if r.ran else '-'} | {r.note} |")
+        lines.append(
+            f"| {r.name} | {_num(r.images_per_s, '.1f')} | {_num(r.vs_minimal, '.2f')} | "
+            f"{bench.format_mfu(r.mfu) if r.ran else '-'} | {r.note} |"
+        )
     ld = report.loader
     lines += ["", "## Loader", ""]
     if "images_per_s" in ld:
-        lines.append(f"Shards -> normalised tensors on the device, {ld['image_size']}x{ld['image_size']}x{ld['channels']}: "
-                     f"**{ld['images_per_s']:.0f} images/s** with {ld['loader_processes']} loader process(es) "
-                     f"({ld['per_process']:.0f} per process; 0 processes: decoding in the training process).")
+        lines.append(
+            f"Shards -> normalised tensors on the device, {ld['image_size']}x{ld['image_size']}x{ld['channels']}: "
+            f"**{ld['images_per_s']:.0f} images/s** with {ld['loader_processes']} loader process(es) "
+            f"({ld['per_process']:.0f} per process; 0 processes: decoding in the training process)."
+        )
     else:
         lines.append(ld["note"])
     sb = report.sync_bn
     lines += ["", "## Synchronised batch norm: 2 ranks x 4 against 1 rank x 8", ""]
     if "backend" in sb:
-        lines += [f"{sb['how']}. float64, 3 Adam steps, G and D: largest difference of outputs, gradients, running "
-                  f"statistics and parameters **{sb['largest_difference']:.2e}** (tolerance {sb['tolerance']:.0e}): "
-                  f"**{'passed' if sb['passed'] else 'FAILED'}**.", "",
-                  "| quantity | largest absolute difference |", "|---|---|",
-                  *(f"| {k} | {v:.2e} |" for k, v in sb["max_abs_diff"].items())]
+        lines += [
+            f"{sb['how']}. float64, 3 Adam steps, G and D: largest difference of outputs, gradients, running "
+            f"statistics and parameters **{sb['largest_difference']:.2e}** (tolerance {sb['tolerance']:.0e}): "
+            f"**{'passed' if sb['passed'] else 'FAILED'}**.",
+            "",
+            "| quantity | largest absolute difference |",
+            "|---|---|",
+            *(f"| {k} | {v:.2e} |" for k, v in sb["max_abs_diff"].items()),
+        ]
     else:
         lines.append(sb["note"])
     sw = report.swd
-    lines += ["", f"## Quality: SWD after {sw['steps']} steps, fp32 against bf16", "",
-              f"The same model, seed and data trained by the real Trainer (no EMA), the SWD x1e3 of train.eval_every "
-              f"on {sw['eval_num']} images; lower is better.", "",
-              "| precision | SWD | training time |", "|---|---|---|"]
+    lines += [
+        "",
+        f"## Quality: SWD after {sw['steps']} steps, fp32 against bf16",
+        "",
+        f"The same model, seed and data trained by the real Trainer (no EMA), the SWD x1e3 of train.eval_every "
+        f"on {sw['eval_num']} images; lower is better.",
+        "",
+        "| precision | SWD | training time |",
+        "|---|---|---|",
+    ]
     for precision in ("fp32", "bf16"):
         note = sw.get(f"{precision}_note", "")
-        lines.append(f"| {precision} | {_num(sw.get(precision), '.2f')}{' ' + note if note else ''} | "
-                     f"{_num(sw.get(f'{precision}_seconds'), '.1f')} s |")
+        lines.append(
+            f"| {precision} | {_num(sw.get(precision), '.2f')}{' ' + note if note else ''} | "
+            f"{_num(sw.get(f'{precision}_seconds'), '.1f')} s |"
+        )
     if "bf16_vs_fp32" in sw:
         lines += ["", f"bf16 / fp32: {sw['bf16_vs_fp32']:.3f}."]
     skipped = [f"- {r.name}: {r.note}" for r in report.steps if r.note.startswith(("skipped", "failed"))]
@@ -323,8 +402,15 @@ def to_markdown(report: Report) -> str:
     return "\n".join(lines)
 
 
-def write_report(setting: Config, out: str, steps: int = 20, warmup: int = 5, compile: str = "auto",
-                 swd_steps: int | None = None, command: str = "") -> Report:
+def write_report(
+    setting: Config,
+    out: str,
+    steps: int = 20,
+    warmup: int = 5,
+    compile: str = "auto",
+    swd_steps: int | None = None,
+    command: str = "",
+) -> Report:
     """Run everything and write the Markdown report to `out` (setting: the report's model, batch, data;
     command: the command line, for the report's first line)."""
     if setting.train.num_threads:
@@ -340,8 +426,12 @@ def write_report(setting: Config, out: str, steps: int = 20, warmup: int = 5, co
     report.setup = {
         "command": command or f"python -m dcgan_dist.bench --gpu-report {out}",
         "model": f"DCGAN {m.image_size}x{m.image_size}x{m.channels}, nz={m.nz}, ngf={m.ngf}, ndf={m.ndf}",
-        "batch_size": cfg.train.batch_size, "steps": steps, "warmup": warmup, "device_type": device.type,
-        "auto_resolves_to": speed.reason, "compile": use_compile,
+        "batch_size": cfg.train.batch_size,
+        "steps": steps,
+        "warmup": warmup,
+        "device_type": device.type,
+        "auto_resolves_to": speed.reason,
+        "compile": use_compile,
         "flops_per_image": bench.step_flops_per_image(cfg),
         "minimal_flops_per_image": bench.step_flops_per_image(cfg, minimal=True),
         "peaks": {kind: bench.device_peak(device, kind, threads)[1] for kind in ("fp32", "bf16")},

@@ -4,18 +4,18 @@ a run the grids animated into progress.gif, all in the run's storage. Rank 0 alo
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from PIL import UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 from torch import nn
 
-from .images import encode, gif, grid_image
-from .metrics import Metrics
-from .models import eval_mode
-from .schedule import Schedule
-from .storage import RunStorage
+from dcgan_dist.data.images import encode, gif, grid_image
+from dcgan_dist.gan.models import eval_mode
+from dcgan_dist.storage.filesystem import RunStorage
+from dcgan_dist.training.metrics import Metrics
+from dcgan_dist.training.schedule import Schedule
 
 NUM_FIXED_SAMPLES = 64
 _GRID_NAME = re.compile(r"^step_\d+\.png$")
@@ -23,7 +23,9 @@ _GRID_NAME = re.compile(r"^step_\d+\.png$")
 
 def sample_grids(storage: RunStorage) -> list[str]:
     """A run's sample grids (samples/step_*.png), in step order."""
-    return sorted(f"samples/{name}" for name, is_dir in storage.list("samples") if not is_dir and _GRID_NAME.match(name))
+    return sorted(
+        f"samples/{name}" for name, is_dir in storage.list("samples") if not is_dir and _GRID_NAME.match(name)
+    )
 
 
 def progress_animation(storage: RunStorage) -> bytes:
@@ -34,9 +36,16 @@ def progress_animation(storage: RunStorage) -> bytes:
     return gif([storage.read(name) for name in frames])
 
 
-class Sampler:
-    def __init__(self, cfg, storage: RunStorage, generator: Callable[[], nn.Module], metrics: Metrics,
-                 device: torch.device, is_main: bool):
+class SampleGrids:
+    def __init__(
+        self,
+        cfg,
+        storage: RunStorage,
+        generator: Callable[[], nn.Module],
+        metrics: Metrics,
+        device: torch.device,
+        is_main: bool,
+    ):
         self.schedule = Schedule(cfg.train.sample_every, last=cfg.train.max_steps)
         self.storage, self.generator, self.metrics, self.is_main = storage, generator, metrics, is_main
         noise = torch.Generator().manual_seed(cfg.run.seed)
@@ -57,8 +66,10 @@ class Sampler:
             try:
                 data = progress_animation(self.storage)
             except (UnidentifiedImageError, DecompressionBombError) as exc:  # a file in samples/ that is no grid
-                self.metrics.message(f"warning: no progress animation: a file in {self.storage.where('samples')} is "
-                                     f"not an image ({type(exc).__name__})")
+                self.metrics.message(
+                    f"warning: no progress animation: a file in {self.storage.where('samples')} is "
+                    f"not an image ({type(exc).__name__})"
+                )
                 return
             self.metrics.message(f"progress animation -> {self.storage.write('progress.gif', data)}")
             self.metrics.log_animation("progress", data, step)

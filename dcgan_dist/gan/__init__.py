@@ -1,0 +1,1 @@
+"""The GAN itself: the networks, the training step, EMA, numeric precision, and sample-quality metrics."""

@@ -1,0 +1,423 @@
+"""Measure training speed: the loader, the full training step, the scaling of N Ray workers; the GPU report.
+
+    python -m dcgan_dist.bench --config debug --steps 20 --warmup 5 --baseline
+    python -m dcgan_dist.bench --config default --data-only data.num_workers=2
+    python -m dcgan_dist.bench --gpu-report docs/gpu-report.md --config default   # see gpu_report.py
+
+Local launcher: data_images_per_s (shards -> normalised tensors on the device, the real loader; with
+data.num_workers=0 also data_images_per_cpu_s, the same per CPU-second: the loader's cost per core) and
+train_images_per_s (the real training step on batches from that loader: what the Trainer runs, without its
+parts, in the precision and layout that train.precision/channels_last resolve to, printed first). --baseline
+also times the minimal DCGAN loop of PyTorch's example on in-memory random tensors, always fp32 and NCHW
+(the plain tutorial loop, whatever the settings say), side by side with the training step (alternating steps,
+the median of each: see time_side_by_side), and reports the ratio.
+MFU: the images/s times the FLOPs per image of one step (counted with
+torch's FlopCounterMode over G and D forward and backward), over the device's peak: a data-sheet figure for
+known GPUs (GPU_PEAK_TFLOPS), an estimate from cores x clock x FLOPs/cycle for a CPU.
+
+Ray launcher (dist.launcher=ray, dist.num_workers=N): the same N Ray workers time, one after the other,
+  c: rank 0 alone (1 worker; the others wait),
+  a-nosync: N workers with DDP but per-worker batch norm,
+  b: all N each running the identical step with no communication (the machine's contention ceiling),
+  a: N workers training together (DDP gradient all-reduce + synchronised batch norm).
+speedup = a/c and comm_efficiency = a/b, with the cost per step: compute and data wait (from b), gradient
+all-reduce (a-nosync - b) and batch-norm synchronisation (a - a-nosync).
+
+The last line printed is one JSON object with the figures, MFU, the device, batch size, widths and threads.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dcgan_dist.config import Config, from_dict, to_dict
+from dcgan_dist.data import normalise, resolve_data
+from dcgan_dist.distributed.env import DistEnv
+from dcgan_dist.gan.models import build_models
+from dcgan_dist.gan.step import make_optimizers, train_step
+from dcgan_dist.storage.filesystem import RunStorage
+from dcgan_dist.training.checkpoint import to_bytes
+from dcgan_dist.training.trainer import NoiseRNG, build_networks, distribute, make_loader, resolve_speed
+
+
+def sync_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- what a step costs, and what the device could do -----------------------------------------------------------
+
+# Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets, per kind of arithmetic; matched in this order
+# against torch.cuda.get_device_name() (more specific names first). fp32 is the CUDA cores; tf32/bf16/fp16 the
+# tensor cores. A GPU without an entry for a kind (T4 and V100: no tf32, no bf16) has no peak for it.
+GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H200 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5}),
+    ("H200", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),  # SXM
+    ("H100 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5}),
+    ("H100 PCIe", {"fp32": 51.0, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0}),
+    ("H100", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),  # SXM
+    ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}),
+    ("L40S", {"fp32": 91.6, "tf32": 183.0, "bf16": 362.1, "fp16": 362.1}),
+    ("L4", {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0}),
+    ("A10G", {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0}),  # the A10's sheet; AWS publishes none
+    ("A10", {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0}),
+    ("T4", {"fp32": 8.1, "fp16": 65.0}),
+    ("V100", {"fp32": 15.7, "fp16": 125.0}),  # SXM2; PCIe: 14 / 112
+]
+
+
+def _arithmetic(device: torch.device, precision: str) -> str:
+    """The kind of arithmetic the convolutions run in: fp32 steps on CUDA use TF32 tensor cores when cuDNN
+    allows it (torch's default for convolutions)."""
+    if precision != "fp32":
+        return precision
+    return "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "fp32"
+
+
+def cpu_peak(threads: int, precision: str) -> tuple[float | None, str]:
+    """An estimate of a CPU's peak FLOP/s: cores used x clock x FLOPs per cycle per core from its flags."""
+    from dcgan_dist.gan.precision import cpu_flags
+
+    flags = cpu_flags()
+    mhz = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                mhz = float(line.split(":", 1)[1])
+                break
+    except (OSError, ValueError):
+        pass
+    if not mhz or not flags:
+        return None, "unknown (no clock or flags in /proc/cpuinfo)"
+    # fp32 FLOPs per cycle with two FMA units: 2 x lanes x 2 (a multiply and an add).
+    if "avx512f" in flags:
+        per_cycle, unit = 64, "AVX-512 2x16-lane FMA"
+    elif "avx2" in flags and "fma" in flags:
+        per_cycle, unit = 32, "AVX2 2x8-lane FMA"
+    else:
+        per_cycle, unit = 16, "SSE/AVX without FMA"
+    if precision == "bf16" and "amx_bf16" in flags:
+        per_cycle, unit = 1024, "AMX-BF16 tile unit"
+    elif precision == "bf16" and "avx512_bf16" in flags:
+        per_cycle, unit = 128, "AVX512-BF16 dot products, 2 units"
+    peak = threads * mhz * 1e6 * per_cycle
+    return peak, (
+        f"estimate: {threads} core{'s' if threads != 1 else ''} x {mhz / 1000:.2f} GHz "
+        "(/proc/cpuinfo; boost clock unknown) x "
+        f"{per_cycle} {precision} FLOPs/cycle ({unit})"
+    )
+
+
+def device_peak(device: torch.device, precision: str, threads: int | None = None) -> tuple[float | None, str]:
+    """(the device's peak FLOP/s for this precision, or None; where the figure comes from)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        kind = _arithmetic(device, precision)
+        for key, peaks in GPU_PEAK_TFLOPS:
+            if key in name:
+                if kind not in peaks:
+                    return None, f"unknown: {key} has no {kind} tensor-core peak"
+                return peaks[kind] * 1e12, f"{key} data sheet, dense {kind}"
+        return None, f"unknown: {name} is not in bench.GPU_PEAK_TFLOPS"
+    if device.type == "cpu":
+        return cpu_peak(threads or torch.get_num_threads(), precision)
+    return None, f"unknown for {device.type}"
+
+
+def count_flops(step, batch_size: int) -> float:
+    """FLOPs per image of one call of `step` (a training step: forward and backward of G and D), counted by
+    torch's FlopCounterMode (convolutions and matrix products, the arithmetic that matters for MFU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / batch_size
+
+
+def step_flops_per_image(cfg: Config, minimal: bool = False) -> float:
+    """FLOPs per image of one training step of this model (our train_step, or the minimal loop's), counted
+    once on the CPU in eager fp32 with a small batch: the count is the same in every precision, layout and
+    compiled form, and proportional to the batch."""
+    small = replace(
+        cfg,
+        train=replace(
+            cfg.train, batch_size=min(cfg.train.batch_size, 4), precision="fp32", channels_last=False, compile=False
+        ),
+    )
+    cpu = torch.device("cpu")
+    loop = MinimalLoop(small, cpu) if minimal else TrainLoop(small, DistEnv(device=cpu), shards=None)
+    return count_flops(loop.step, small.train.batch_size)
+
+
+def mfu(images_per_s: float, flops_per_image: float, peak: float | None) -> float | None:
+    return images_per_s * flops_per_image / peak if peak else None
+
+
+# --- the loops that are timed ----------------------------------------------------------------------------------
+
+
+def measure_data(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int) -> tuple[float, float]:
+    """(images/s, images per CPU-second of this process) from the real loader to normalised tensors on the
+    device. The second figure is the loader's cost per core when it runs in this process (data.num_workers=0),
+    whatever else the machine is doing."""
+    batches = make_loader(cfg, env, shards)
+    try:
+        for i in range(warmup + steps):
+            if i == warmup:
+                sync_device(env.device)
+                started, cpu_started = time.perf_counter(), time.process_time()
+            normalise(next(batches), env.device, cfg.train.channels_last)
+        sync_device(env.device)
+        images = steps * cfg.train.batch_size
+        return images / (time.perf_counter() - started), images / (time.process_time() - cpu_started)
+    finally:
+        batches.close()
+
+
+def measure_checkpoint(cfg: Config, device: torch.device) -> dict:
+    """Writing one full checkpoint (G, D, both Adam states after a step) to run.dir, a local folder or a bucket,
+    as the local launcher does; the file is removed again."""
+    G, D, opt_g, opt_d, precision = build_networks(cfg, device)
+    m = cfg.model
+    real = torch.rand(cfg.train.batch_size, m.channels, m.image_size, m.image_size, device=device) * 2 - 1
+    train_step(G, D, opt_g, opt_d, real, torch.randn(real.shape[0], m.nz, 1, 1, device=device), precision)
+    state = {"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()}
+    storage = RunStorage(cfg.run.dir)
+    started = time.perf_counter()
+    data = to_bytes(state)
+    storage.write(".bench-checkpoint.pt", data)
+    seconds = time.perf_counter() - started
+    storage.delete(".bench-checkpoint.pt")
+    return {"checkpoint_mib": len(data) / 2**20, "checkpoint_write_s": seconds}
+
+
+class TrainLoop:
+    """The real training step as `env` runs it (world 1: no DDP, no synchronisation): what the Trainer runs,
+    without its parts. cfg: resolved (precision.resolved).
+
+    shards: batches from the real loader; None: one random batch held on the device (the step alone).
+    data_env: whose slice of the shards to read (so that independent workers still read apart). fused: Adam's
+    implementation (None: what the Trainer picks). compile_mode: torch.compile G and D in this mode
+    ("reduce-overhead": with CUDA graphs) instead of as train.compile says.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        env: DistEnv,
+        shards: str | None,
+        data_env: DistEnv | None = None,
+        fused: bool | None = None,
+        compile_mode: str | None = None,
+    ):
+        self.cfg, self.device = cfg, env.device
+        self.G, self.D, self.opt_g, self.opt_d, self.precision = build_networks(cfg, env.device)
+        if fused is not None:
+            self.opt_g, self.opt_d = make_optimizers(self.G, self.D, cfg.optim, fused=fused)
+        if compile_mode is not None:
+            cfg = replace(cfg, train=replace(cfg.train, compile=False))
+        self.G, self.D = distribute(self.G, self.D, cfg, env)
+        if compile_mode is not None:
+            self.G, self.D = torch.compile(self.G, mode=compile_mode), torch.compile(self.D, mode=compile_mode)
+        self.cuda_graphs = compile_mode == "reduce-overhead"
+        m = cfg.model
+        self.batches = make_loader(cfg, data_env or env, shards) if shards is not None else None
+        self.fixed = (
+            None
+            if shards is not None
+            else normalise(
+                torch.randint(
+                    0, 256, (cfg.train.batch_size, m.channels, m.image_size, m.image_size), dtype=torch.uint8
+                ),
+                env.device,
+                cfg.train.channels_last,
+            )
+        )
+        self.noise = NoiseRNG(env.device, cfg.run.seed + (data_env or env).rank)
+        self.data_wait = 0.0
+
+    def step(self) -> None:
+        fetch = time.perf_counter()
+        real = (
+            self.fixed
+            if self.batches is None
+            else normalise(next(self.batches), self.device, self.cfg.train.channels_last)
+        )
+        self.data_wait += time.perf_counter() - fetch
+        if self.cuda_graphs:  # a new iteration: the graphs' outputs of the previous one may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        train_step(
+            self.G,
+            self.D,
+            self.opt_g,
+            self.opt_d,
+            real,
+            self.noise.latents(real.shape[0], self.cfg.model.nz),
+            self.precision,
+        )
+
+    def close(self) -> None:
+        if self.batches is not None:
+            self.batches.close()
+
+
+class MinimalLoop:
+    """The minimal DCGAN loop of PyTorch's example, always in fp32 and the default memory layout, on random
+    in-memory tensors: "the plain tutorial loop" that the training step is compared with, whatever
+    train.precision and train.channels_last say. Same architecture and batch."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        m = cfg.model
+        G, D = build_models(m, seed=0)
+        self.G, self.D, self.device, self.nz = G.to(device), D.to(device), device, m.nz
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        b = cfg.train.batch_size
+        self.real = torch.rand(b, m.channels, m.image_size, m.image_size, device=device) * 2 - 1
+        self.ones, self.zeros = torch.ones(b, device=device), torch.zeros(b, device=device)
+
+    def step(self) -> None:
+        G, D, b = self.G, self.D, self.real.shape[0]
+        fake = G(torch.randn(b, self.nz, 1, 1, device=self.device))
+        D.zero_grad()
+        loss_d = F.binary_cross_entropy_with_logits(D(self.real), self.ones) + F.binary_cross_entropy_with_logits(
+            D(fake.detach()), self.zeros
+        )
+        loss_d.backward()
+        self.opt_d.step()
+        G.zero_grad()
+        loss_g = F.binary_cross_entropy_with_logits(D(fake), self.ones)
+        loss_g.backward()
+        self.opt_g.step()
+
+    def close(self) -> None:
+        pass
+
+
+def time_side_by_side(
+    loops: dict, batch_size: int, device: torch.device, steps: int, warmup: int, rounds: int | None = None
+) -> dict[str, float]:
+    """images/s of each loop (name -> object with .step()), timed side by side: `rounds` rounds (default: one
+    step each on a CPU, 5 on a GPU, whose steps are too short to time alone) in which every loop runs its share
+    of the steps, in an order rotated every round; the rate is from the median round. On a shared machine whose
+    load comes and goes (other processes, clocks), every loop sees the same conditions, and a burst of load
+    during a few rounds does not move the median."""
+    for loop in loops.values():
+        for _ in range(warmup):
+            loop.step()
+    rounds = min(rounds or (steps if device.type == "cpu" else 5), steps)
+    per_round = steps // rounds
+    seconds: dict[str, list[float]] = {name: [] for name in loops}
+    names = list(loops)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            sync_device(device)
+            started = time.perf_counter()
+            for _ in range(per_round):
+                loops[name].step()
+            sync_device(device)
+            seconds[name].append(time.perf_counter() - started)
+    return {name: per_round * batch_size / statistics.median(times) for name, times in seconds.items()}
+
+
+def measure_train(
+    cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int, data_env: DistEnv | None = None
+) -> dict:
+    """The real training step as `env` runs it (world 1: no DDP, no synchronisation), on batches from the real
+    loader; data_env: whose slice of the shards to read (so that independent workers still read apart)."""
+    loop = TrainLoop(cfg, env, shards, data_env)
+    try:
+        for _ in range(warmup):
+            loop.step()
+        sync_device(env.device)
+        started, loop.data_wait = time.perf_counter(), 0.0
+        for _ in range(steps):
+            loop.step()
+        sync_device(env.device)
+        seconds = time.perf_counter() - started
+    finally:
+        loop.close()
+    return {
+        "images_per_s": steps * cfg.train.batch_size / seconds,
+        "step_s": seconds / steps,
+        "data_wait_s": loop.data_wait / steps,
+    }
+
+
+# --- Ray -----------------------------------------------------------------------------------------------------
+
+
+def _ray_bench_worker(config: dict) -> dict:
+    from dcgan_dist.launch.ray_train import worker_env
+
+    steps, warmup = config.pop("_steps"), config.pop("_warmup")
+    cfg = from_dict(config)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    env = worker_env(cfg)
+    cfg, _ = resolve_speed(cfg, env)  # "auto" for the workers' device, as the Trainer does
+    alone = DistEnv(rank=0, world_size=1, device=env.device)
+    shards = resolve_data(cfg.data, cfg.model)[0] if env.is_main else None
+    shards = env.gather_objects(shards)[0]  # rank 0 generates the synthetic set once; the others reuse it
+    out = {}
+    # One after the other; the barriers keep every worker's run b (and a) side by side.
+    out["c"] = measure_train(cfg, alone, shards, steps, warmup, data_env=env) if env.is_main else None
+    env.barrier()
+    out["a_nosync"] = measure_train(replace(cfg, dist=replace(cfg.dist, sync_bn=False)), env, shards, steps, warmup)
+    out["b"] = measure_train(cfg, alone, shards, steps, warmup, data_env=env)
+    env.barrier()
+    out["a"] = measure_train(cfg, env, shards, steps, warmup)
+    for name in ("a_nosync", "b", "a"):  # rates add up over workers; times are averaged
+        totals = {k: sum(env.gather_scalars(v)) for k, v in out[name].items()}
+        out[name] = {k: v if k == "images_per_s" else v / env.world_size for k, v in totals.items()}
+    return out
+
+
+def bench_ray(cfg: Config, steps: int, warmup: int) -> dict:
+    from ray.train import RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from dcgan_dist.launch.ray_train import connect, resolve_device, scaling_config, worker_runtime_env
+
+    connect()
+    cfg = replace(cfg, train=replace(cfg.train, device=resolve_device(cfg)))
+    config = {**to_dict(cfg), "_steps": steps, "_warmup": warmup}
+    trainer = TorchTrainer(
+        _ray_bench_worker,
+        train_loop_config=config,
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(
+            name=f"bench-{int(time.time())}",
+            storage_path=str((Path(cfg.run.dir) / "bench").resolve()),
+            worker_runtime_env=worker_runtime_env(),
+        ),
+    )
+    r = trainer.fit().return_value
+    a, b, a_nosync, c = (r[k]["images_per_s"] for k in ("a", "b", "a_nosync", "c"))
+    breakdown = {
+        "compute_s": r["b"]["step_s"] - r["b"]["data_wait_s"],
+        "data_wait_s": r["a"]["data_wait_s"],
+        "grad_allreduce_s": r["a_nosync"]["step_s"] - r["b"]["step_s"],
+        "bn_sync_s": r["a"]["step_s"] - r["a_nosync"]["step_s"],
+        "step_s": r["a"]["step_s"],
+    }
+    return {
+        "worker_device": cfg.train.device,
+        "train_images_per_s": a,
+        "single_worker_images_per_s": c,
+        "independent_images_per_s": b,
+        "ddp_without_sync_bn_images_per_s": a_nosync,
+        "speedup": a / c,
+        "comm_efficiency": a / b,
+        "step_breakdown": breakdown,
+    }
+
+
+def format_mfu(value: float | None) -> str:
+    return f"{value * 100:.3g} %" if value is not None else "unknown"

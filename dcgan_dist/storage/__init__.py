@@ -1,0 +1,1 @@
+"""Where runs and shards live: a local folder or an object store (pyarrow filesystems), and the run lock."""

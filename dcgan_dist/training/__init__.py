@@ -1,0 +1,2 @@
+"""A training run: the Trainer, its step-number Schedule, and the parts it drives (metrics, checkpoints,
+sample grids, quality tracking, W&B)."""
