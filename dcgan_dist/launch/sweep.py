@@ -1,23 +1,6 @@
-"""Hyper-parameter sweeps: Ray Tune over trials that are each a full multi-worker Ray Train run.
-
-    python -m dcgan_dist.tune --config debug --search "optim.lr=loguniform(1e-4,1e-3)" \\
-        --search "model.ngf=choice(32,64)" --trials 8 --scheduler asha
-    python -m dcgan_dist.tune --config debug --search "optim.lr=loguniform(1e-4,1e-3)" --trials 4 --scheduler pbt
-
-Every trial trains the settings of the command line with its own values of the searched keys, on
-dist.num_workers workers (DDP, synchronised batch norm), and is scored by the in-training SWD against real
-images (train.eval_every; lower is better). A trial reports to Tune at every evaluation, with a checkpoint
-(train.checkpoint_every follows train.eval_every in a sweep). ASHA stops the trials that are behind at the
-same step; PBT replaces the worse trials' weights with the better ones' and perturbs their learning rates.
-
-Spaces: loguniform(a,b), uniform(a,b), randint(a,b) (b excluded), choice(v1,v2,...), grid(v1,v2,...).
-
-The sweep lives in run.dir (a folder or s3://bucket/prefix): Tune's state and per-trial checkpoints in
-<run.dir>/tune, each trial's run (metrics.jsonl, samples, Ray checkpoints, best.pt) in <run.dir>/trials/<trial>.
-Rerunning the same command resumes an interrupted sweep. W&B groups the trials under run.name.
-Trials run side by side as far as the cluster has room: dist.num_workers x dist.cpus_per_worker CPUs (and a
-GPU per worker on CUDA) each.
-"""
+"""Hyper-parameter sweeps behind `python -m dcgan_dist.tune` (its --help is the user's guide): Ray Tune over trials
+that are each a full multi-worker Ray Train run, scored by the in-training SWD; ASHA, PBT or FIFO; the sweep's state
+in <run.dir>/tune and each trial's run in <run.dir>/trials/<trial>, so rerunning the command resumes it."""
 
 from __future__ import annotations
 
