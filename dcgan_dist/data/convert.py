@@ -38,7 +38,7 @@ def centre_crop_resize(image: Image.Image, size: int, channels: int, crop: int =
     left, top = (w - side) // 2, (h - side) // 2
     image = image.crop((left, top, left + side, top + side))
     if side != size:
-        image = image.resize((size, size), Image.BICUBIC if side < size else Image.LANCZOS)
+        image = image.resize((size, size), Image.Resampling.BICUBIC if side < size else Image.Resampling.LANCZOS)
     array = np.asarray(image)
     return array[:, :, None] if array.ndim == 2 else array
 
