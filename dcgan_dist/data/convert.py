@@ -19,11 +19,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dcgan_dist.data.images import array_to_pil
+from dcgan_dist.data.images import IMAGE_SUFFIXES, array_to_pil
 from dcgan_dist.data.shards import DatasetInfo, ShardWriter, check_format
 from dcgan_dist.stopping import raise_on_signals
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions (count, rows, cols)
 
 # One item of a source: its name (for messages) and a function that opens it as a PIL image.

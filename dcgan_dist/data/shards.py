@@ -33,7 +33,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from dcgan_dist.data.images import array_to_pil
+from dcgan_dist.data.images import IMAGE_SUFFIXES, array_to_pil
 from dcgan_dist.storage.filesystem import (
     ObjectReader,
     RunStorage,
@@ -385,8 +385,6 @@ class ImagesNotShards(FileNotFoundError):
 
 
 def _is_image(path: str | Path) -> bool:
-    from dcgan_dist.data.convert import IMAGE_SUFFIXES  # convert imports this module
-
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
