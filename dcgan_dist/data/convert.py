@@ -19,11 +19,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dcgan_dist.data.images import array_to_pil
+from dcgan_dist.data.images import IMAGE_SUFFIXES, array_to_pil
 from dcgan_dist.data.shards import DatasetInfo, ShardWriter, check_format
 from dcgan_dist.stopping import raise_on_signals
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions (count, rows, cols)
 
 # One item of a source: its name (for messages) and a function that opens it as a PIL image.
@@ -38,7 +37,7 @@ def centre_crop_resize(image: Image.Image, size: int, channels: int, crop: int =
     left, top = (w - side) // 2, (h - side) // 2
     image = image.crop((left, top, left + side, top + side))
     if side != size:
-        image = image.resize((size, size), Image.BICUBIC if side < size else Image.LANCZOS)
+        image = image.resize((size, size), Image.Resampling.BICUBIC if side < size else Image.Resampling.LANCZOS)
     array = np.asarray(image)
     return array[:, :, None] if array.ndim == 2 else array
 

@@ -17,6 +17,9 @@ from PIL import Image
 
 from dcgan_dist.files import atomic_write
 
+# File names taken for images: in a folder or zip to convert, and given as data (images, not shards).
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float32 in [-1, 1], on the tensor's device."""

@@ -40,8 +40,9 @@ import signal
 import sys
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -309,11 +310,12 @@ class ShardStream(IterableDataset):
         pass already (by each sample's ordinal in its shard, `__index__`)."""
         url, trained = None, None
         for sample in samples:
-            if sample["__url__"] != url:
-                url = sample["__url__"]
+            shard: str = sample["__url__"]
+            if shard != url:
+                url = shard
                 before = self.trained_before.get(url)
                 trained = before[1] if before is not None and before[0] == pass_index else None
-            per_shard[url] = per_shard.get(url, 0) + 1
+            per_shard[shard] = per_shard.get(shard, 0) + 1
             index = sample["__index__"]
             if trained is not None and index < len(trained) and trained[index]:
                 continue
@@ -508,9 +510,9 @@ class ImageBatches:
             self.ledger = {ids[u]: e for u, e in _ledger_from_state(mine.get("ledger", {})).items() if u in ids}
             self.stream.trained_before = _ledger_from_state(mine.get("trained_before", {}))
             return
-        ledgers = [state.get("ledger") for state in states.values()]
+        ledgers = [state["ledger"] for state in states.values() if state.get("ledger") is not None]
         old = next(iter(states.values()), {}).get("layout")
-        if not ledgers or any(ledger is None for ledger in ledgers):
+        if not ledgers or len(ledgers) < len(states):  # a rank without one
             log.warning(
                 "data layout changed since the checkpoint (%s -> %s) and it has no ledger: the data stream restarts",
                 old,
@@ -549,16 +551,21 @@ def _quiet_about_dead_loader_processes() -> None:
     (a pipe's, the DataLoader iterator's own shutdown), where Python prints it as "Exception ignored in ..." with a
     traceback. The run reports that death in its one line (ImageBatches.__next__, loader_death_as_run_error, or
     the DataLoader's own check of its workers), so those copies are dropped; every other one is printed."""
-    previous = sys.unraisablehook
-    if getattr(previous, "quiet_about_dead_loader_processes", False):
-        return
+    if not getattr(sys.unraisablehook, "quiet_about_dead_loader_processes", False):
+        sys.unraisablehook = _QuietHook(sys.unraisablehook)
 
-    def hook(unraisable) -> None:
+
+class _QuietHook:
+    """sys.unraisablehook without the loader deaths' copies (see _quiet_about_dead_loader_processes)."""
+
+    quiet_about_dead_loader_processes = True
+
+    def __init__(self, previous: Callable[[Any], object]):
+        self.previous = previous
+
+    def __call__(self, unraisable: Any) -> None:
         if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value).startswith("DataLoader worker")):
-            previous(unraisable)
-
-    hook.quiet_about_dead_loader_processes = True
-    sys.unraisablehook = hook
+            self.previous(unraisable)
 
 
 def loader_death_as_run_error(exc_type, exc, tb) -> bool:
@@ -695,8 +702,9 @@ def _probe(url: str, expect_chw: tuple[int, int, int], max_bad_fraction: float, 
 
 def dataset_size(spec: str) -> int:
     """Samples in a shard spec as its parts' dataset.json files record them; 0 where any part has none."""
-    infos = [info for _, info in spec_parts(spec)]
-    return sum(info.num_samples for info in infos) if infos and all(infos) else 0
+    parts = spec_parts(spec)
+    infos = [info for _, info in parts if info is not None]
+    return sum(info.num_samples for info in infos) if infos and len(infos) == len(parts) else 0
 
 
 def check_batch(batch_size: int, world_size: int, num_samples: int) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from dcgan_dist.data.images import array_to_pil
+from dcgan_dist.data.images import IMAGE_SUFFIXES, array_to_pil
 from dcgan_dist.storage.filesystem import (
     ObjectReader,
     RunStorage,
@@ -245,7 +245,8 @@ class ShardWriter:
         check_format(fmt)
         self.out = ShardOutput(str(out_dir))
         self.fmt, self.source, self.shard_size, self.raw_chunk = fmt, source, shard_size, raw_chunk
-        self.count, self.shape = 0, None
+        self.count = 0
+        self.shape: tuple[int, ...] | None = None
         self.skipped = 0
         self.shard_counts: dict[str, int] = {}
         self._tar: ShardTar | None = None
@@ -262,6 +263,7 @@ class ShardWriter:
             name = SHARD_PATTERN % len(self.shard_counts)
             self._tar, self._name = ShardTar(self.out.staging / name, self.fmt, self.raw_chunk), name
             self.shard_counts[name] = 0
+        assert self._tar is not None  # opened above at the first image of every shard
         self._tar.write(self.count, array)
         self.shard_counts[self._name] += 1
         self.count += 1
@@ -274,7 +276,7 @@ class ShardWriter:
 
     def close(self) -> DatasetInfo:
         self._close_tar()
-        if self.count == 0:
+        if self.count == 0 or self.shape is None:  # the shape is the first image's
             raise ValueError("no images were written")
         info = DatasetInfo(
             num_samples=self.count,
@@ -316,10 +318,11 @@ class ShardOutput:
         existing = [name for name, is_dir in self.storage.list("") if not is_dir and name.endswith(".tar")]
         if existing:
             raise FileExistsError(f"{self.storage.location} already holds {len(existing)} shards; choose an empty one")
-        if self.storage.remote:
+        local = self.storage.local_dir()  # None for an object store
+        if local is None:
             self.staging = Path(tempfile.mkdtemp(prefix="dcgan-shards-"))
         else:
-            self.staging = self.storage.local_dir()
+            self.staging = local
             self.staging.mkdir(parents=True, exist_ok=True)
         self.storage.write(META_FILE, (json.dumps({UNFINISHED_KEY: UNFINISHED_NOTE}) + "\n").encode())
         self.written: list[str] = []
@@ -382,8 +385,6 @@ class ImagesNotShards(FileNotFoundError):
 
 
 def _is_image(path: str | Path) -> bool:
-    from dcgan_dist.data.convert import IMAGE_SUFFIXES  # convert imports this module
-
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 

@@ -144,7 +144,7 @@ def draw_face(index: int, seed: int = 0, size: int = 64) -> Image.Image:
         draw.line(rot(pts), fill=lips, width=max(1, int(1.6 * k)))
 
     img = img.filter(ImageFilter.GaussianBlur(radius=0.6 * SUPERSAMPLE))
-    return img.resize((size, size), Image.BOX)
+    return img.resize((size, size), Image.Resampling.BOX)
 
 
 def face_array(index: int, seed: int, size: int, channels: int) -> np.ndarray:

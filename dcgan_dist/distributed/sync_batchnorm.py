@@ -125,11 +125,14 @@ class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
         group = self.process_group or dist.group.WORLD
         out, mean, unbiased_var = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps, group)
         if self.track_running_stats:
+            # Buffers that exist whenever track_running_stats is set (torch types them as optional).
+            count, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
+            assert count is not None and running_mean is not None and running_var is not None
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-                self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), momentum)
+                count.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(count)
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                running_var.lerp_(unbiased_var.to(running_var.dtype), momentum)
         return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import nn
@@ -132,6 +133,6 @@ def generate(
 ) -> torch.Tensor:
     """`num` images in [-1, 1] on the CPU from G as it is (call it in eval mode for samples); the same seed gives
     the same latent vectors."""
-    nz = unwrap(G).nz
+    nz = cast(Generator, unwrap(G)).nz  # a Generator, possibly inside DDP / torch.compile wrappers
     z = torch.randn(num, nz, 1, 1, generator=torch.Generator().manual_seed(seed))
     return torch.cat([G(z[i : i + batch].to(device)).cpu() for i in range(0, num, batch)])

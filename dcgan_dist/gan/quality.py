@@ -15,6 +15,7 @@ machine; nothing is ever downloaded.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def _pyr_down(x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), k, stride=2, groups=x.shape[1])
 
 
-def _pyr_up(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _pyr_up(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     n, c, h, w = x.shape
     up = x.new_zeros(n, c, h * 2, w * 2)
     up[:, :, ::2, ::2] = x * 4

@@ -24,16 +24,25 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchConfig
 from ray.train.torch.config import _TorchBackend  # Ray's torch backend, extended by _Backend below
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+if TYPE_CHECKING:
+    # ray.train and ray.train.torch choose Ray Train v2's classes when they are imported (v2 is this Ray's default),
+    # which a type checker cannot follow: it would take the v1 classes they first import. It is shown v2's.
+    from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
+else:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
 
 from dcgan_dist import stopping
 from dcgan_dist.config import Config, ConfigError, from_dict, to_dict
@@ -201,7 +210,7 @@ def worker_runtime_env() -> dict | None:
     return {"env_vars": env_vars} if env_vars else None
 
 
-def resolve_device(cfg: Config) -> str:
+def resolve_device(cfg: Config) -> Literal["cpu", "cuda"]:
     """train.device for Ray workers, decided once in the driver: auto = cuda when the cluster has a GPU for every
     worker now (an autoscaling cluster whose GPU nodes are not up yet needs train.device=cuda)."""
     if cfg.train.device != "auto":
@@ -236,6 +245,7 @@ def train_worker(
     errors = [e for e in env.gather_objects(error) if e]
     if errors:
         return {"error": errors[0]}
+    assert trainer is not None  # made on every rank (no errors)
     try:
         result = trainer.fit()
     except CheckpointError as exc:
@@ -329,7 +339,8 @@ def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = ()) -> int:
     storage = cfg.dist.storage_path
     # On the driver's node: the driver's stop request must not go away with a preempted worker node.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    stop = StopRequest.options(scheduling_strategy=here).remote()
+    # mypy leaves out what a class decorator returns: ray.remote made StopRequest an ActorClass, with options().
+    stop = StopRequest.options(scheduling_strategy=here).remote()  # type: ignore[attr-defined]
     trainer = torch_trainer(cfg, stop, hooks)
     count = workers(cfg)
     print(

@@ -242,7 +242,7 @@ def scheduler(name: str, cfg: Config, searches: list[Search]):
 
 # A trial's own process only waits for its Ray Train run: it reserves some memory (Ray's logical "memory" resource)
 # rather than a CPU, so that the workers can have every CPU.
-TRIAL_DRIVER_RESOURCES = {"memory": 256 * 2**20}
+TRIAL_DRIVER_RESOURCES: dict[str, float] = {"memory": 256 * 2**20}
 
 
 def checkpoints_kept(scheduler_name: str):
@@ -354,7 +354,8 @@ def sweep(base: Config, searches: list[Search], trials: int, scheduler_name: str
         flush=True,
     )
     started = time.perf_counter()
-    results = tuner.fit()
+    grid = tuner.fit()
+    results = [grid[i] for i in range(len(grid))]  # a ResultGrid is a sequence (__len__, __getitem__)
     seconds = time.perf_counter() - started
     table, best, exploits = results_table(results, searches)
     print(f"\nSweep done in {seconds:.0f} s:\n{table}", flush=True)

@@ -9,6 +9,7 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -149,7 +150,7 @@ def measure_data(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int
             if i == warmup:
                 sync_device(env.device)
                 started, cpu_started = time.perf_counter(), time.process_time()
-            normalise(next(batches), env.device, cfg.train.channels_last)
+            normalise(next(batches), env.device, bool(cfg.train.channels_last))
         sync_device(env.device)
         images = steps * cfg.train.batch_size
         return images / (time.perf_counter() - started), images / (time.process_time() - cpu_started)
@@ -213,7 +214,7 @@ class TrainLoop:
                     0, 256, (cfg.train.batch_size, m.channels, m.image_size, m.image_size), dtype=torch.uint8
                 ),
                 env.device,
-                cfg.train.channels_last,
+                bool(cfg.train.channels_last),
             )
         )
         self.noise = NoiseRNG(env.device, cfg.run.seed + (data_env or env).rank)
@@ -221,11 +222,11 @@ class TrainLoop:
 
     def step(self) -> None:
         fetch = time.perf_counter()
-        real = (
-            self.fixed
-            if self.batches is None
-            else normalise(next(self.batches), self.device, self.cfg.train.channels_last)
-        )
+        if self.batches is None:
+            assert self.fixed is not None  # the stand-in batch when there are no shards
+            real = self.fixed
+        else:
+            real = normalise(next(self.batches), self.device, bool(self.cfg.train.channels_last))
         self.data_wait += time.perf_counter() - fetch
         if self.cuda_graphs:  # a new iteration: the graphs' outputs of the previous one may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
@@ -342,7 +343,7 @@ def _ray_bench_worker(config: dict) -> dict:
     alone = DistEnv(rank=0, world_size=1, device=env.device)
     shards = resolve_data(cfg.data, cfg.model)[0] if env.is_main else None
     shards = env.gather_objects(shards)[0]  # rank 0 generates the synthetic set once; the others reuse it
-    out = {}
+    out: dict[str, Any] = {}
     # One after the other; the barriers keep every worker's run b (and a) side by side.
     out["c"] = measure_train(cfg, alone, shards, steps, warmup, data_env=env) if env.is_main else None
     env.barrier()
@@ -357,10 +358,14 @@ def _ray_bench_worker(config: dict) -> dict:
 
 
 def bench_ray(cfg: Config, steps: int, warmup: int) -> dict:
-    from ray.train import RunConfig
-    from ray.train.torch import TorchTrainer
-
-    from dcgan_dist.launch.ray_train import connect, resolve_device, scaling_config, worker_runtime_env
+    from dcgan_dist.launch.ray_train import (  # Ray Train's RunConfig and TorchTrainer, as ray_train types them
+        RunConfig,
+        TorchTrainer,
+        connect,
+        resolve_device,
+        scaling_config,
+        worker_runtime_env,
+    )
 
     connect()
     cfg = replace(cfg, train=replace(cfg.train, device=resolve_device(cfg)))
@@ -375,7 +380,9 @@ def bench_ray(cfg: Config, steps: int, warmup: int) -> dict:
             worker_runtime_env=worker_runtime_env(),
         ),
     )
-    r = trainer.fit().return_value
+    # fit() returns Train v2's Result; Ray annotates it with the name ray.train.Result, which a type checker reads
+    # as v1's (no return_value): see the Train v2 note in launch/ray_train.py.
+    r = trainer.fit().return_value  # type: ignore[attr-defined]
     a, b, a_nosync, c = (r[k]["images_per_s"] for k in ("a", "b", "a_nosync", "c"))
     breakdown = {
         "compute_s": r["b"]["step_s"] - r["b"]["data_wait_s"],

@@ -20,6 +20,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -37,8 +38,8 @@ class Spec:
     world_size: int = 2
     batch: int = 4  # per worker
     steps: int = 3
-    image_size: int = 32
-    channels: int = 3
+    image_size: Literal[28, 32, 64, 128] = 32
+    channels: Literal[1, 3] = 3
     nz: int = 8
     width: int = 4
     dtype: str = "float64"
@@ -79,6 +80,8 @@ def _inputs(spec: Spec) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 def _train(spec: Spec, env: DistEnv, rows: slice) -> dict:
     dtype = getattr(torch, spec.dtype)
     model = ModelSection(spec.image_size, spec.channels, spec.nz, spec.width, spec.width)
+    G: torch.nn.Module  # the plain networks, then DDP-wrapped ones
+    D: torch.nn.Module
     G, D = build_models(model, seed=spec.seed)
     G, D = G.to(env.device, dtype), D.to(env.device, dtype)
     opt_g, opt_d = make_optimizers(G, D, OptimSection())

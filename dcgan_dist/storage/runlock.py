@@ -42,6 +42,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeGuard
 
 from dcgan_dist.config import ConfigError
 from dcgan_dist.errors import RunError
@@ -214,7 +215,7 @@ class _Lease:
             "it, or choose another run.dir"
         )
 
-    def _live(self, lease: dict | None) -> bool:
+    def _live(self, lease: dict | None) -> TypeGuard[dict]:
         if not lease or lease.get("token") == self.token:
             return False
         try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import functools
 import io
 import math
 import re
@@ -216,7 +217,7 @@ def load_checkpoint(
 ) -> tuple[str, dict[str, Any]]:
     """The newest readable checkpoint that `location` names (see `candidates`)."""
     return first_that_fits(
-        [(file, lambda file=file: load(file, map_location)) for file in candidates(location)],
+        [(file, functools.partial(load, file, map_location)) for file in candidates(location)],
         lambda file, state: (file, state),
         warn,
     )
@@ -304,7 +305,7 @@ def load_generator(
         return G.eval(), state, which
 
     files = candidates(location)
-    return first_that_fits([(file, lambda file=file: load(file)) for file in files], generator, warn)
+    return first_that_fits([(file, functools.partial(load, file)) for file in files], generator, warn)
 
 
 # Parts a checkpoint may lack: the EMA generator (a run that turns EMA on continues a checkpoint without one).
@@ -341,7 +342,7 @@ class StorageCheckpoints:
     def newest_first(self) -> Iterator[tuple[str, Callable[[], dict]]]:
         for _, name in reversed(_step_entries(self.storage)):
             where = self.storage.where(name)
-            yield where, lambda where=where: load(where)
+            yield where, functools.partial(load, where)
 
     def save(self, state: dict | None, step: int, metrics: dict) -> str | None:
         if state is None:
@@ -432,7 +433,7 @@ class CheckpointManager:
                 if self.env.is_main:
                     self.say(f"Resuming from {where} (step {step})")
                 return step
-            if loaded:
+            if loaded and fresh is not None:  # loaded: the snapshot was taken first
                 self._load_parts(fresh)  # the parts as they were built, nothing of this checkpoint left in them
             kind, message = next((e for e in errors if e[0] in ("store", "another model")), errors[0])
             if kind == "store":  # on every rank: an older checkpoint must not be taken for a newer one not read

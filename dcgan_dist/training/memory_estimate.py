@@ -95,7 +95,7 @@ def evaluation_bytes(cfg: Config) -> int:
     if not cfg.train.eval_every:
         return 0
     m, e = cfg.model, cfg.eval
-    levels, size = 1, m.image_size
+    levels, size = 1, int(m.image_size)
     while size // 2 >= MIN_LEVEL_SIZE:
         levels, size = levels + 1, size // 2
     images = e.num * m.channels * m.image_size**2 * (1 + 4)

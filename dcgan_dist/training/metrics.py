@@ -214,6 +214,7 @@ class Metrics:
             self.unchecked_blocks.append(self._stack_unchecked())
         self.seconds += seconds
         self.steps += 1
+        assert self.images_seen is not None  # counted from by start()
         self.images_seen += self.global_batch
         if self.progress:
             self.progress.bar.update()
@@ -306,13 +307,13 @@ class Metrics:
         record["workers"], record["images"] = self.env.world_size, self.images_seen
         # At the rate since the last log step: what every progress line (a bar or plain log lines) shows.
         record["eta_s"] = (self.cfg.train.max_steps - step) * self.global_batch / max(record["images_per_s"], 1e-9)
-        if self.num_samples:
+        if self.num_samples and self.images_seen is not None:
             record["epoch"] = self.images_seen / self.num_samples
         # Data problems so far, summed over every rank's loader (0 for a healthy data set: then left out).
-        names = ("bad_samples", "bad_shards", "missing_samples")
-        local = torch.tensor([float(getattr(self.batches.counters, n)) for n in names], device=self.env.device)
+        counters = ("bad_samples", "bad_shards", "missing_samples")
+        local = torch.tensor([float(getattr(self.batches.counters, n)) for n in counters], device=self.env.device)
         totals = (self.env.all_reduce_mean(local) * self.env.world_size).round().long().tolist()
-        record.update({n: v for n, v in zip(names, totals) if v})
+        record.update({n: v for n, v in zip(counters, totals) if v})
         if self.env.device.type == "cuda":
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
 
@@ -322,6 +323,7 @@ class Metrics:
         self.lines.append(json.dumps(record))
         self._flush()
         if "images_per_s" in record:
+            assert self.progress is not None  # made by start() on rank 0
             self.progress.log(record)
             # A run that reaches max_steps before the estimate was measured long enough: from the steps there were
             # (here, not at close: a failing run, a store that stopped answering, is not kept waiting for it).

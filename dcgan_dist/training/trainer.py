@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -115,10 +116,12 @@ def distribute(G: nn.Module, D: nn.Module, cfg: Config, env: DistEnv) -> tuple[n
     """What runs the steps: memory layout, synchronised batch norm + DDP (several workers), torch.compile.
     cfg: with train.channels_last resolved (resolve_speed)."""
     if cfg.train.channels_last:
-        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format (documented, and passed on to every tensor); torch's overloads leave it out.
+        G = G.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        D = D.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     G, D = wrap_models(G, D, env, sync_bn=cfg.dist.sync_bn)
-    if cfg.train.compile:
-        G, D = torch.compile(G), torch.compile(D)
+    if cfg.train.compile:  # a module compiles to a module (OptimizedModule); torch types the result as a callable
+        G, D = cast(nn.Module, torch.compile(G)), cast(nn.Module, torch.compile(D))
     return G, D
 
 
@@ -166,7 +169,7 @@ class NoiseRNG:
         return torch.randn(n, nz, 1, 1, device=self.generator.device, generator=self.generator)
 
     def state_dict(self) -> dict:
-        state = {"noise": self.generator.get_state(), "torch": torch.get_rng_state()}
+        state: dict[str, Any] = {"noise": self.generator.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
@@ -269,6 +272,7 @@ class Trainer:
         last_record: dict = {}
         stop = 0
         started = time.perf_counter()
+        channels_last = bool(cfg.train.channels_last)  # resolved (resolve_speed): True or False
         with ExitStack() as closing:  # on the way out, whatever happens: parts last to first, then the loader
             closing.enter_context(stopping.handle_signals())
             closing.callback(self.batches.close)
@@ -279,7 +283,7 @@ class Trainer:
             while step < cfg.train.max_steps and not stop:
                 step_started = time.perf_counter()
                 images = next(self.batches)
-                real = normalise(images, env.device, cfg.train.channels_last)
+                real = normalise(images, env.device, channels_last)
                 z = self.noise.latents(real.shape[0], cfg.model.nz)
                 losses = train_step(G, D, self.opt_g, self.opt_d, real, z, self.precision)
                 if self.ema is not None:
