@@ -1,16 +1,16 @@
 """Measure training speed: the loader, the full training step, the scaling of N Ray workers; the GPU report.
 
-    python -m dcgan_dist.bench --config debug --steps 20 --warmup 5 --baseline
-    python -m dcgan_dist.bench --config default --data-only data.num_workers=2
+    python -m dcgan_dist.bench --config debug bench.steps=20 bench.warmup=5 bench.baseline=true
+    python -m dcgan_dist.bench --config default bench.measure=loader data.num_workers=2
     python -m dcgan_dist.bench --gpu-report docs/gpu-report.md --config default   # see gpu_report.py
 
 Local launcher: data_images_per_s (shards -> normalised tensors on the device, the real loader; with
 data.num_workers=0 also data_images_per_cpu_s, the same per CPU-second: the loader's cost per core) and
 train_images_per_s (the real training step on batches from that loader: what the Trainer runs, without its
-parts, in the precision and layout that train.precision/channels_last resolve to, printed first). --baseline
-also times the minimal DCGAN loop of PyTorch's example on in-memory random tensors, always fp32 and NCHW
-(the plain tutorial loop, whatever the settings say), side by side with the training step (alternating steps,
-the median of each: see time_side_by_side), and reports the ratio.
+parts, in the precision and layout that train.precision/channels_last resolve to, printed first).
+bench.baseline=true also times the minimal DCGAN loop of PyTorch's example on in-memory random tensors, always
+fp32 and NCHW (the plain tutorial loop, whatever the settings say), side by side with the training step
+(alternating steps, the median of each: see time_side_by_side), and reports the ratio.
 MFU: the images/s times the FLOPs per image of one step (counted with
 torch's FlopCounterMode over G and D forward and backward), over the device's peak: a data-sheet figure for
 known GPUs (GPU_PEAK_TFLOPS), an estimate from cores x clock x FLOPs/cycle for a CPU.
