@@ -28,7 +28,6 @@ import sys
 from dcgan_dist.cli import args as cli
 from dcgan_dist.config import ConfigError
 from dcgan_dist.errors import RunError
-from dcgan_dist.launch.sweep import apply, parse_search, scheduler, sweep
 
 COMMAND = cli.Command(
     "python -m dcgan_dist.tune",
@@ -52,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         return parsed
     args, base, _ = parsed
     tune = base.tune
+    # Imported once the command line is known to be good: a bad one is refused without Ray, which is slow to import.
+    from dcgan_dist.launch.sweep import apply, parse_search, scheduler, sweep
+
     try:
         if not base.train.eval_every:
             raise ConfigError("a sweep scores trials by the in-training SWD: set train.eval_every (e.g. 100)")
