@@ -4,8 +4,9 @@ with the same line, reads its options from the schema's sections, and its --help
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
-import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -16,9 +17,18 @@ from tests.conftest import TINY, run_cli
 COMMANDS = ["train", "sample", "evaluate", "bench", "tune"]
 
 
-def one_error_line(proc) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (proc.returncode, proc.stderr)
+def run_main(command: str, args: list[str], capsys) -> tuple[int, str, str]:
+    """The command's main, as `python -m dcgan_dist.<command>` runs it, in this process: (exit code, out, err)."""
+    main = importlib.import_module(f"dcgan_dist.cli.{command}").main
+    capsys.readouterr()
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(code: int, err: str) -> str:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
     return lines[0]
 
 
@@ -31,25 +41,42 @@ def doc(section: type, name: str) -> str:
     return next(f for f in dataclasses.fields(section) if f.name == name).metadata["doc"]
 
 
-@pytest.mark.parametrize("bad", ["trian.max_steps=3", "train.max_step=3", "eval.nmu=3"])
-def test_every_command_refuses_a_misspelt_key_with_the_same_line(bad, tmp_path):
-    procs = [run_cli("-m", f"dcgan_dist.{command}", bad, f"run.dir={tmp_path / command}") for command in COMMANDS]
-    lines = {command: one_error_line(proc) for command, proc in zip(COMMANDS, procs)}
-    assert len(set(lines.values())) == 1, lines
-    named = re.search(r"'([^']+)'", next(iter(lines.values()))).group(1)  # the first part of the key that is wrong
-    assert bad.split("=")[0].startswith(named) and named.split(".")[-1] not in ("train", "max_steps", "eval")
-    assert list(tmp_path.iterdir()) == []  # refused before any work: no run folder
+def test_a_misspelt_key_is_exit_2_and_one_line_through_python_m(tmp_path):
+    """Through `python -m` (the exit code a shell sees): two commands, the same line (all five: below, in-process)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = list(
+            pool.map(
+                lambda c: run_cli("-m", f"dcgan_dist.{c}", "trian.max_steps=3", f"run.dir={tmp_path}"), COMMANDS[:2]
+            )
+        )
+    lines = {one_error_line(proc.returncode, proc.stderr) for proc in procs}
+    assert len(lines) == 1 and "'trian'" in lines.pop()
+    assert list(tmp_path.iterdir()) == []  # refused before any work
 
 
-def test_a_bad_config_file_and_a_bad_value_are_the_same_line_everywhere(tmp_path):
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["trian.max_steps=3"],
+        ["train.max_step=3"],
+        ["eval.nmu=3"],
+        ["sample.num=0"],
+        ["bench.measure=everything"],
+        ["tune.trials=1.5"],
+        ["--config", "no-such-preset"],
+        ["--config", "{bad_file}"],
+    ],
+)
+def test_a_bad_setting_is_the_same_line_in_every_command(args, tmp_path, capsys):
     bad_file = tmp_path / "bad.yaml"
     bad_file.write_text("sample:\n  nmu: 3\n")
-    for args in (["--config", str(bad_file)], ["sample.num=0"], ["bench.measure=everything"]):
-        lines = {one_error_line(run_cli("-m", f"dcgan_dist.{c}", *args)) for c in COMMANDS}
-        assert len(lines) == 1, (args, lines)
+    args = [a.replace("{bad_file}", str(bad_file)) for a in args]
+    lines = {c: one_error_line(*run_main(c, [*args, f"run.dir={tmp_path / 'run'}"], capsys)[::2]) for c in COMMANDS}
+    assert len(set(lines.values())) == 1, lines
+    assert not (tmp_path / "run").exists()
 
 
-def test_former_flags_are_one_line_naming_the_setting():
+def test_former_flags_are_one_line_naming_the_setting(capsys):
     cases = [
         ("sample", ["--num", "4"], "sample.num="),
         ("evaluate", ["--checkpoint", "x.pt", "--nhoods-per-image", "4"], "eval.nhoods_per_image="),
@@ -59,7 +86,8 @@ def test_former_flags_are_one_line_naming_the_setting():
         ("tune", ["--trials", "2"], "tune.trials="),
     ]
     for command, args, setting in cases:
-        assert setting in one_error_line(run_cli("-m", f"dcgan_dist.{command}", *args)), (command, args)
+        code, _, err = run_main(command, args, capsys)
+        assert setting in one_error_line(code, err), (command, args)
 
 
 def test_tune_refuses_a_bad_command_line_without_ray():
@@ -75,7 +103,7 @@ def test_tune_refuses_a_bad_command_line_without_ray():
     assert len(proc.stderr.strip().splitlines()) == 3
 
 
-def test_help_shows_each_settings_value_allowed_values_and_the_schemas_description():
+def test_help_shows_each_settings_value_allowed_values_and_the_schemas_description(capsys):
     expected = {
         "train": [("train.num_threads", config.TrainSection), ("data.num_samples", config.DataSection)],
         "sample": [("sample.nrow", config.SampleSection), ("sample.weights", config.SampleSection)],
@@ -83,19 +111,21 @@ def test_help_shows_each_settings_value_allowed_values_and_the_schemas_descripti
         "bench": [("bench.measure", config.BenchSection), ("bench.warmup", config.BenchSection)],
         "tune": [("tune.scheduler", config.TuneSection), ("tune.concurrent", config.TuneSection)],
     }
+    given = ["sample.num=7", "tune.trials=3", "bench.steps=9", "train.num_threads=2"]
+    cfg = build_config("debug", given)
     for command, keys in expected.items():
-        proc = run_cli("-m", f"dcgan_dist.{command}", "--help", "sample.num=7", "tune.trials=3", "bench.steps=9")
-        assert proc.returncode == 0, proc.stderr
-        text = words(proc.stdout)
+        code, out, _ = run_main(command, ["--help", *given], capsys)
+        assert code == 0
+        text = words(out)
         for key, section in keys:
             assert words(doc(section, key.split(".")[1])) in text, (command, key)
-        cfg = build_config("debug", ["sample.num=7", "tune.trials=3", "bench.steps=9"])
-        for key, value in [("sample.num", 7), ("tune.trials", 3), ("bench.steps", 9)]:
-            if key.split(".")[0] == command:
-                assert f"{key}={value} " in text and getattr(getattr(cfg, command), key.split(".")[1]) == value
-    # Allowed values of a Literal setting, as the schema's type says.
-    text = words(run_cli("-m", "dcgan_dist.sample", "--help").stdout)
-    assert "sample.weights=auto (auto | ema | raw)" in text
+        for key in given:  # the value this command line gives, where the command uses the setting
+            section, name = key.split("=")[0].split(".")
+            if section == command or (command, section) == ("train", "train"):
+                assert f"{key} " in text and str(getattr(getattr(cfg, section), name)) == key.split("=")[1]
+    # Allowed values of a Literal setting, as the schema's type says; bounds as the field declares them.
+    text = words(run_main("sample", ["--help"], capsys)[1])
+    assert "sample.weights=auto (auto | ema | raw)" in text and "sample.num=64 (at least 1)" in text
 
 
 def test_every_setting_and_section_has_a_description():
@@ -127,32 +157,31 @@ def test_evaluate_without_options_uses_the_eval_settings(run2, tiny_shards, tmp_
     """No options: the eval.* settings of the default preset (what --help shows), not a default of its own; a file
     and an override set them as for training; eval.inception_weights is where FID's weights are looked for."""
     base = build_config("debug").eval
-    proc = run_cli("-m", "dcgan_dist.evaluate", "--checkpoint", str(run2), "--shards", str(tiny_shards), check=True)
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert (result["num"], result["nhoods_per_image"], result["seed"]) == (base.num, base.nhoods_per_image, base.seed)
-    assert result["swd_real_vs_real"] is not None and "swd_untrained" not in result  # eval.baseline, eval.untrained
-
     settings = tmp_path / "eval.yaml"
     settings.write_text("eval:\n  num: 48\n  nhoods_per_image: 8\n  seed: 5\n  baseline: false\n")
     weights = tmp_path / "no-inception.pth"
-    proc = run_cli(
-        "-m",
-        "dcgan_dist.evaluate",
-        "--checkpoint",
-        str(run2),
-        "--shards",
-        str(tiny_shards),
-        "--config",
-        str(settings),
-        "eval.num=32",
-        "eval.untrained=true",
-        f"eval.inception_weights={weights}",
-        check=True,
-    )
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert (result["num"], result["nhoods_per_image"], result["seed"]) == (32, 8, 5)
-    assert result["swd_real_vs_real"] is None and result["swd_untrained"] is not None
-    assert result["fid"] is None and str(weights) in result["fid_reason"]
+    evaluate = ["-m", "dcgan_dist.evaluate", "--checkpoint", str(run2), "--shards", str(tiny_shards)]
+    commands = [
+        evaluate,
+        [
+            *evaluate,
+            "--config",
+            str(settings),
+            "eval.num=32",
+            "eval.untrained=true",
+            f"eval.inception_weights={weights}",
+        ],
+    ]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        plain, configured = [
+            json.loads(p.stdout.strip().splitlines()[-1])
+            for p in pool.map(lambda args: run_cli(*args, check=True), commands)
+        ]
+    assert (plain["num"], plain["nhoods_per_image"], plain["seed"]) == (base.num, base.nhoods_per_image, base.seed)
+    assert plain["swd_real_vs_real"] is not None and "swd_untrained" not in plain  # eval.baseline, eval.untrained
+    assert (configured["num"], configured["nhoods_per_image"], configured["seed"]) == (32, 8, 5)
+    assert configured["swd_real_vs_real"] is None and configured["swd_untrained"] is not None
+    assert configured["fid"] is None and str(weights) in configured["fid_reason"]
 
 
 def test_sample_reads_the_sample_settings(run2, tmp_path):
