@@ -3,25 +3,32 @@ with the same line, reads its options from the schema's sections, and its --help
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import json
+import re
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from dcgan_dist import config
 from dcgan_dist.config import build_config
-from tests.conftest import TINY, run_cli
+from tests.conftest import ROOT, TINY, run_cli
 
 COMMANDS = ["train", "sample", "evaluate", "bench", "tune"]
+CLI = ROOT / "dcgan_dist" / "cli"
 
 
 def run_main(command: str, args: list[str], capsys) -> tuple[int, str, str]:
     """The command's main, as `python -m dcgan_dist.<command>` runs it, in this process: (exit code, out, err)."""
     main = importlib.import_module(f"dcgan_dist.cli.{command}").main
     capsys.readouterr()
-    code = main(args)
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's refusals (one line, see cli.args.OneLineParser)
+        code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -204,3 +211,41 @@ def test_sample_reads_the_sample_settings(run2, tmp_path):
     side = build_config("debug", TINY).model.image_size
     # 2 px of padding around every image: 2 columns and 3 rows (a square grid of 6 would be 3 x 2).
     assert (width, height) == (2 * (side + 2) + 2, 3 * (side + 2) + 2)
+
+
+def documented_command_lines() -> list[tuple[str, str, list[str]]]:
+    """(file, command, arguments) of every `python -m dcgan_dist.<command>` line that the docs' bash blocks and
+    inline code, and the commands' own help texts show (continuation lines joined; not those with placeholders
+    such as `...`, `<run>` or `[optional]`)."""
+    texts = {
+        str(p.relative_to(ROOT)): p.read_text()
+        for p in [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "k8s" / "README.md"]
+    }
+    texts.update({f"cli/{p.name}": ast.get_docstring(ast.parse(p.read_text())) or "" for p in CLI.glob("*.py")})
+    found = []
+    for name, text in texts.items():
+        text = text.replace("\\\n", " ")  # continuation lines
+        if name.endswith(".md"):  # bash blocks: a line each; inline code: up to its closing backtick
+            fences = re.findall(r"```bash\n(.*?)```", text, re.S)
+            inline = re.sub(r"```.*?```", "", text, flags=re.S)
+            text = "\n".join(
+                [*fences, *(m.replace("\n", " ") for m in re.findall(r"(?<!see )python -m [^`]*", inline))]
+            )
+        for match in re.finditer(r"(?<!see )python -m dcgan_dist\.(train|sample|evaluate|bench|tune)\b([^`\n]*)", text):
+            args = match.group(2).split(" #")[0].split("&&")[0].split("|")[0]
+            if any(mark in args for mark in ("...", "<", "[", "FILE", "RUN_DIR")) or text[: match.start()].endswith(
+                "see "
+            ):
+                continue
+            found.append((name, match.group(1), shlex.split(args)))
+    return found
+
+
+def test_the_documented_command_lines_parse(capsys):
+    """What the README and docs show works as pasted: each command line's flags and settings are accepted (--help
+    stops it after the checks)."""
+    lines = documented_command_lines()
+    assert {command for _, command, _ in lines} >= {"train", "sample", "evaluate", "bench", "tune"}
+    for name, command, args in lines:
+        code, _, err = run_main(command, [*args, "--help"], capsys)
+        assert code == 0, (name, command, args, err)
