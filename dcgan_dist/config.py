@@ -507,7 +507,7 @@ def limits_text(key: str) -> str:
 
 def setting_keys(selection: list[str] | tuple[str, ...] | None = None) -> list[str]:
     """Every 'section.key' of the schema in order, or those of the sections and keys selected."""
-    keys = [f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(s.default_factory)]
+    keys = [f"{s.name}.{name}" for s in dataclasses.fields(Config) for name in _fields(_section(s.name))]
     if selection is None:
         return keys
     return [k for chosen in selection for k in keys if k == chosen or k.partition(".")[0] == chosen]

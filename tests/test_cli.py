@@ -233,9 +233,7 @@ def documented_command_lines() -> list[tuple[str, str, list[str]]]:
             )
         for match in re.finditer(r"(?<!see )python -m dcgan_dist\.(train|sample|evaluate|bench|tune)\b([^`\n]*)", text):
             args = match.group(2).split(" #")[0].split("&&")[0].split("|")[0]
-            if any(mark in args for mark in ("...", "<", "[", "FILE", "RUN_DIR")) or text[: match.start()].endswith(
-                "see "
-            ):
+            if any(mark in args for mark in ("...", "<", "[", "FILE", "RUN_DIR")):
                 continue
             found.append((name, match.group(1), shlex.split(args)))
     return found

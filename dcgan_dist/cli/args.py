@@ -18,8 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-import torch
-
 from dcgan_dist.config import Config, ConfigError, describe, from_args, limits_text, setting_keys, split_args
 
 
@@ -98,40 +96,6 @@ class Command:
         )
 
 
-def whole_number(low: int, high: int | None = None):
-    """An argparse type: an int in [low, high]."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low or (high is not None and value > high):
-            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
-            raise argparse.ArgumentTypeError(f"{value} cannot work; give a number {bounds}")
-        return value
-
-    return parse
-
-
-def device(text: str) -> torch.device:
-    """An argparse type: a device this machine has (cpu, cuda, cuda:N)."""
-    try:
-        chosen = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu or cuda (cuda:N)") from None
-    if chosen.type == "cpu":
-        return chosen
-    if chosen.type != "cuda":
-        raise argparse.ArgumentTypeError(f"{text}: only cpu and cuda devices are supported")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device; use --device cpu")
-    if chosen.index is not None and chosen.index >= count:
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    return chosen
-
-
 def output_file(text: str) -> str:
     """An argparse type: the name of a file to write (not a folder)."""
     if not text or Path(text).name in ("", ".", "..") or Path(text).expanduser().is_dir():
@@ -147,7 +111,3 @@ def write_error(option: str, path: str, exc: OSError) -> str:
         else ""
     )
     return f"error: cannot write {option} {path} ({exc.strerror or exc}{where}); choose another path"
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
