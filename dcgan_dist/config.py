@@ -494,12 +494,19 @@ def describe(key: str) -> str:
     return _fields(_section(section))[name].metadata.get("doc", "")
 
 
+def show(value: Any) -> str:
+    """A value as it is written on a command line (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def limits_text(key: str) -> str:
     """What a setting accepts, where the schema restricts it: 'auto | cpu | cuda', 'at least 1, below 1.0'."""
     choices = allowed_values(key)
     if choices is not None:
-        return " | ".join(str(c) for c in choices)
+        return " | ".join(show(c) for c in choices)
     section, _, name = key.rpartition(".")
+    if typing.get_type_hints(_section(section))[name] is bool:
+        return "true | false"
     limits = _fields(_section(section))[name].metadata.get("limits", {})
     words = {"at_least": "at least", "below": "below", "above": "above"}
     return ", ".join(f"{words[k]} {v}" for k, v in limits.items())

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from dcgan_dist.config import Config, ConfigError, describe, from_args, limits_text, setting_keys, split_args
+from dcgan_dist.config import Config, ConfigError, describe, from_args, limits_text, setting_keys, show, split_args
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -37,7 +37,7 @@ def settings_help(cfg: Config, base: str, selection: Sequence[str] | None = None
     for key in setting_keys(None if selection is None else list(selection)):
         section, _, name = key.partition(".")
         accepts = limits_text(key)
-        lines.append(f"  {key}={getattr(getattr(cfg, section), name)}" + (f"    ({accepts})" if accepts else ""))
+        lines.append(f"  {key}={show(getattr(getattr(cfg, section), name))}" + (f"    ({accepts})" if accepts else ""))
         lines += textwrap.wrap(describe(key), width=HELP_WIDTH, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
 
