@@ -2,10 +2,11 @@
 
     python -m dcgan_dist.train --config configs/debug.yaml train.max_steps=100 model.ngf=32
 
-Every setting lives here, with its allowed values in its type (`Literal[...]`) or its bounds in the field
-(`bounded(...)`). Code receives the Config (or the part it needs) and never reads environment variables for
-settings. A bad key, type or value is a `ConfigError` whose one-line message names the key and what it
-accepts; the CLIs turn it into exit code 2 before any work starts.
+Every setting lives here, with its one-line description, its allowed values in its type (`Literal[...]`) or its
+bounds in the field (`setting(...)`); every command's --help shows them from here. Code receives the Config (or
+the part it needs) and never reads environment variables for settings. A bad key, type or value is a
+`ConfigError` whose one-line message names the key and what it accepts; the CLIs turn it into exit code 2
+before any work starts.
 """
 
 from __future__ import annotations
@@ -29,126 +30,238 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 QUICKSTART_PRESET = "debug"
 
 
-def bounded(default: Any, *, at_least: float | None = None, below: float | None = None, above: float | None = None):
-    """A numeric setting with bounds: at least `at_least`, strictly below `below`, strictly above `above`."""
+def setting(
+    default: Any, doc: str, *, at_least: float | None = None, below: float | None = None, above: float | None = None
+):
+    """A setting: its default, its one-line description (shown by every command's --help), and for a number
+    its bounds: at least `at_least`, strictly below `below`, strictly above `above`."""
     limits = {k: v for k, v in (("at_least", at_least), ("below", below), ("above", above)) if v is not None}
-    return field(default=default, metadata={"limits": limits})
+    return field(default=default, metadata={"doc": doc, "limits": limits})
+
+
+def section(factory: Any, doc: str):
+    """A section of settings with its one-line description."""
+    return field(default_factory=factory, metadata={"doc": doc})
+
+
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes at most 64 bits (signed)
 
 
 @dataclass
 class RunSection:
-    name: str = "dcgan"
-    # Output folder: config.yaml, metrics.jsonl, samples/, checkpoints/. Rerunning with the same dir resumes.
-    dir: str = "runs/${run.name}"
-    seed: int = 0
-    # An object store that stops answering (down, frozen, unreachable, throttling) is waited for this long per
-    # request, with a line every ~10 s, before the run ends with one line (exit 1; the newest checkpoint is intact
-    # and the same command resumes). 5 minutes: a store's restart or failover fits; a dead one idles workers little.
-    storage_timeout_s: float = bounded(300.0, above=0.0)
+    name: str = setting(
+        "dcgan", "the run's name: run.dir's default folder, W&B's run name, Ray's folder of checkpoints"
+    )
+    dir: str = setting(
+        "runs/${run.name}",
+        "output folder (or s3://bucket/prefix): config.yaml, metrics.jsonl, samples/, checkpoints/; rerunning with "
+        "the same dir resumes",
+    )
+    seed: int = setting(0, "seed of the weights' initialisation, the data order and the in-training SWD")
+    storage_timeout_s: float = setting(
+        300.0,
+        "how long an object store that stops answering is waited for per request (a line every ~10 s) before the "
+        "run ends with one line (exit 1, the newest checkpoint intact, the same command resumes); 5 minutes: a "
+        "store's restart or failover fits",
+        above=0.0,
+    )
 
 
 @dataclass
 class DataSection:
-    # WebDataset shards: a directory of .tar files, a glob, a brace pattern (data/faces-{000000..000099}.tar),
-    # or any URL webdataset opens (pipe:aws s3 cp s3://bucket/faces-000000.tar -). Several joined by "::".
-    # Empty: the embedded synthetic faces, generated once into data.cache_dir.
-    shards: str = ""
-    num_workers: int = bounded(2, at_least=0)  # DataLoader worker processes per training process
-    shuffle_buffer: int = bounded(2000, at_least=1)  # samples held in each loader worker's shuffle buffer
-    # Unusable samples (undecodable, another size or channel count, an unsupported mode) are skipped and counted;
-    # more than this fraction of a pass (or of the first shard's samples at the start) stops the run with one line.
-    max_bad_fraction: float = bounded(0.05, at_least=0.0, below=1.0)
-    # Samples in the data set, for epoch accounting; 0 = read from the shards' dataset.json when there is one.
-    num_samples: int = bounded(0, at_least=0)
-    synth_num: int = bounded(20000, at_least=1)  # size of the embedded synthetic face set
-    cache_dir: str = "~/.cache/dcgan_dist"  # where the synthetic set is generated
+    shards: str = setting(
+        "",
+        "WebDataset shards: a folder of .tar files, a glob, a brace pattern (data/faces-{000000..000099}.tar) or "
+        "a URL webdataset opens (pipe:aws s3 cp s3://bucket/faces-000000.tar -), several joined by '::'; "
+        "empty: the embedded synthetic faces, generated once into data.cache_dir",
+    )
+    num_workers: int = setting(
+        2, "DataLoader worker processes per training process (0: load in the process itself)", at_least=0
+    )
+    shuffle_buffer: int = setting(2000, "samples held in each loader worker's shuffle buffer", at_least=1)
+    max_bad_fraction: float = setting(
+        0.05,
+        "unusable samples (undecodable, another size or channel count) are skipped and counted; more than this "
+        "fraction of a pass (or of the first shard's samples at the start) stops the run with one line",
+        at_least=0.0,
+        below=1.0,
+    )
+    num_samples: int = setting(
+        0,
+        "samples in the data set, for epoch accounting; 0: read from the shards' dataset.json when there is one",
+        at_least=0,
+    )
+    synth_num: int = setting(20000, "size of the embedded synthetic face set", at_least=1)
+    cache_dir: str = setting("~/.cache/dcgan_dist", "where the synthetic faces are generated (train, bench, evaluate)")
 
 
 @dataclass
 class ModelSection:
-    image_size: Literal[28, 32, 64, 128] = 64  # 28 for MNIST-like data
-    channels: Literal[1, 3] = 3  # grey or RGB
-    nz: int = bounded(100, at_least=1)  # latent vector length
-    ngf: int = bounded(64, at_least=1)  # generator width (channels of its last hidden layer)
-    ndf: int = bounded(64, at_least=1)  # discriminator width (channels of its first layer)
+    image_size: Literal[28, 32, 64, 128] = setting(64, "image side in pixels (28 for MNIST-like data)")
+    channels: Literal[1, 3] = setting(3, "1: grey, 3: RGB")
+    nz: int = setting(100, "latent vector length", at_least=1)
+    ngf: int = setting(64, "generator width (channels of its last hidden layer)", at_least=1)
+    ndf: int = setting(64, "discriminator width (channels of its first layer)", at_least=1)
 
 
 @dataclass
 class TrainSection:
-    batch_size: int = bounded(128, at_least=1)  # per worker; the global batch is batch_size * the number of workers
-    max_steps: int = bounded(10000, at_least=1)
-    checkpoint_every: int = bounded(500, at_least=0)  # 0: only at the end
-    sample_every: int = bounded(500, at_least=0)  # 0: only at the end
-    log_every: int = bounded(50, at_least=1)
-    keep_checkpoints: int = bounded(3, at_least=1)  # newest step checkpoints kept
-    # auto: CUDA when there is one (local), or when the Ray cluster has a GPU per worker (ray); else CPU.
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_threads: int = bounded(0, at_least=0)  # torch CPU threads per process; 0 = torch's default
-    ema_decay: float = bounded(0.0, at_least=0.0, below=1.0)  # EMA of G's weights for samples and evaluation; 0 = off
-    eval_every: int = bounded(
-        0, at_least=0
-    )  # SWD against real images every N steps, keeping the best checkpoint; 0 = off
-    # auto: bf16 autocast where the device computes bf16 natively (Ampere+ GPUs; CPUs with AVX512-BF16 or
-    # AMX), fp32 elsewhere; fp16 adds gradient scaling. Resolved at start (precision.py), printed, recorded.
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    # NHWC memory layout; auto: on where convolutions are faster so (tensor-core GPUs, CPUs with oneDNN).
-    channels_last: Literal["auto", True, False] = "auto"
-    compile: bool = False  # torch.compile G and D (minutes of compilation first)
+    batch_size: int = setting(
+        128, "images per worker and step; the global batch is batch_size * the number of workers", at_least=1
+    )
+    max_steps: int = setting(10000, "training steps in all (a resumed run continues to this step)", at_least=1)
+    checkpoint_every: int = setting(500, "steps between checkpoints; 0: only at the end", at_least=0)
+    sample_every: int = setting(500, "steps between sample grids (run.dir/samples); 0: only at the end", at_least=0)
+    log_every: int = setting(50, "steps between metrics lines (console, metrics.jsonl, W&B)", at_least=1)
+    keep_checkpoints: int = setting(3, "newest step checkpoints kept", at_least=1)
+    device: Literal["auto", "cpu", "cuda"] = setting(
+        "auto",
+        "where every command computes; auto: CUDA when there is one (local), or when the Ray cluster has a GPU per "
+        "worker (ray); else CPU",
+    )
+    num_threads: int = setting(0, "torch CPU threads per process; 0: torch's default (one per core)", at_least=0)
+    ema_decay: float = setting(
+        0.0, "EMA of G's weights, used for samples and evaluation; 0: off", at_least=0.0, below=1.0
+    )
+    eval_every: int = setting(
+        0, "steps between SWD evaluations against real images (eval.*), keeping the best checkpoint; 0: off", at_least=0
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = setting(
+        "auto",
+        "auto: bf16 autocast where the device computes bf16 natively (Ampere+ GPUs; CPUs with AVX512-BF16 or AMX), "
+        "fp32 elsewhere; fp16 adds gradient scaling; resolved at start, printed, recorded",
+    )
+    channels_last: Literal["auto", True, False] = setting(
+        "auto", "NHWC memory layout; auto: on where convolutions are faster so (tensor-core GPUs, CPUs with oneDNN)"
+    )
+    compile: bool = setting(False, "torch.compile G and D (minutes of compilation first)")
 
 
 @dataclass
 class EvalSection:
-    num: int = bounded(1024, at_least=16)  # images per side (real, generated) for the in-training SWD
-    nhoods_per_image: int = bounded(64, at_least=1)  # 7x7 neighbourhoods per image and pyramid level
-    inception_weights: str = ""  # local InceptionV3 weights for FID (evaluate command); never downloaded
+    num: int = setting(
+        1024, "images per side (real, generated) for the SWD: in training and for the evaluate command", at_least=16
+    )
+    nhoods_per_image: int = setting(64, "7x7 neighbourhoods per image and pyramid level for the SWD", at_least=1)
+    seed: int = setting(
+        0,
+        "evaluate: seed of the real images drawn, the latent vectors and the SWD projections",
+        at_least=0,
+        below=SEED_LIMIT - 1,
+    )
+    weights: Literal["auto", "ema", "raw"] = setting(
+        "auto", "evaluate: the generator's weights; auto: the EMA weights when the checkpoint has them"
+    )
+    baseline: bool = setting(
+        True,
+        "evaluate: also the SWD between two disjoint halves of the real images (the floor a perfect generator "
+        "would reach at this sample size)",
+    )
+    untrained: bool = setting(False, "evaluate: also the SWD of the freshly initialised generator, for scale")
+    inception_weights: str = setting(
+        "~/.cache/torch/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth",
+        "evaluate: local InceptionV3 weights for FID (torch-fidelity's pt_inception-2015-12-05; the default is "
+        "where torch hub keeps them); never downloaded: without them fid is null, with the reason",
+    )
+
+
+@dataclass
+class SampleSection:
+    num: int = setting(64, "images in the grid", at_least=1)
+    seed: int = setting(0, "seed of the latent vectors", at_least=0, below=SEED_LIMIT)
+    nrow: int = setting(0, "images per row of the grid; 0: a square grid", at_least=0)
+    weights: Literal["auto", "ema", "raw"] = setting(
+        "auto", "the generator's weights; auto: the EMA weights when the checkpoint has them"
+    )
+
+
+@dataclass
+class BenchSection:
+    steps: int = setting(20, "timed steps of each measurement (the loader alone: twice as many batches)", at_least=1)
+    warmup: int = setting(5, "untimed steps before each measurement", at_least=0)
+    measure: Literal["all", "loader", "step"] = setting(
+        "all", "all: the loader alone, then the training step; loader: only the loader; step: only the training step"
+    )
+    baseline: bool = setting(
+        False, "also time PyTorch's minimal fp32 DCGAN loop, side by side with the training step, and the ratio"
+    )
+    checkpoint: bool = setting(
+        False, "also time writing one checkpoint to run.dir (a local folder or s3://bucket/prefix)"
+    )
+    report_compile: Literal["auto", "yes", "no"] = setting(
+        "auto", "--gpu-report: time the torch.compile rows; auto: on CUDA only (minutes on a small CPU)"
+    )
+    report_swd_steps: int = setting(
+        0, "--gpu-report: training steps of each SWD run; 0: 600 on CUDA, 200 on CPU", at_least=0
+    )
+
+
+@dataclass
+class TuneSection:
+    trials: int = setting(4, "trials to sample (with grid(...) spaces: repeats of the grid)", at_least=1)
+    scheduler: Literal["asha", "pbt", "fifo"] = setting(
+        "asha",
+        "asha: the trials behind at the same step stop; pbt: the worse trials take the better ones' weights and "
+        "perturbed learning rates; fifo: every trial runs to the end",
+    )
+    concurrent: int = setting(0, "trials side by side at most; 0: as many as the cluster has room for", at_least=0)
 
 
 @dataclass
 class OptimSection:
-    lr: float = bounded(2e-4, above=0.0)
-    beta1: float = bounded(0.5, at_least=0.0, below=1.0)
-    beta2: float = bounded(0.999, at_least=0.0, below=1.0)
+    lr: float = setting(2e-4, "Adam's learning rate, for G and D", above=0.0)
+    beta1: float = setting(0.5, "Adam's beta1", at_least=0.0, below=1.0)
+    beta2: float = setting(0.999, "Adam's beta2", at_least=0.0, below=1.0)
 
 
 @dataclass
 class DistSection:
-    launcher: Literal["local", "ray"] = "local"  # local: this process, no Ray; ray: Ray Train workers
-    num_workers: int = bounded(1, at_least=1)  # training processes (ray); each reads its own slice of the shards
-    # ray: elastic training with between min_workers and num_workers workers, as many as the cluster has room
-    # for (Ray Train restarts the group smaller after losing a node, larger when capacity returns). The batch
-    # per worker stays train.batch_size, the learning rate stays optim.lr. 0: always num_workers.
-    min_workers: int = bounded(0, at_least=0)
-    resize_check_s: float = bounded(60.0, above=0.0)  # ray, elastic: how often a running group checks for room to grow
-    sync_bn: bool = True  # batch norm statistics over the global batch (all workers), for G and D
-    cpus_per_worker: int = bounded(
-        1, at_least=1
-    )  # ray: CPUs reserved per worker (loader processes and torch threads use them)
-    max_failures: int = bounded(
-        3, at_least=0
-    )  # ray: restarts of the worker group from the latest checkpoint after a failure
-    # ray: where Ray Train keeps checkpoints (<storage_path>/<run.name>/step_*). Multi-node: shared storage
-    # (NFS path, s3://..., gs://...). Empty: <run.dir>/ray.
-    storage_path: str = ""
+    launcher: Literal["local", "ray"] = setting("local", "local: this process, no Ray; ray: Ray Train workers")
+    num_workers: int = setting(1, "training processes (ray); each reads its own slice of the shards", at_least=1)
+    min_workers: int = setting(
+        0,
+        "ray: elastic training with between min_workers and num_workers workers, as many as the cluster has room "
+        "for (the batch per worker stays train.batch_size, the learning rate optim.lr); 0: always num_workers",
+        at_least=0,
+    )
+    resize_check_s: float = setting(60.0, "ray, elastic: how often a running group checks for room to grow", above=0.0)
+    sync_bn: bool = setting(True, "batch norm statistics over the global batch (all workers), for G and D")
+    cpus_per_worker: int = setting(
+        1, "ray: CPUs reserved per worker (loader processes and torch threads use them)", at_least=1
+    )
+    max_failures: int = setting(
+        3, "ray: restarts of the worker group from the latest checkpoint after a failure", at_least=0
+    )
+    storage_path: str = setting(
+        "",
+        "ray: where Ray Train keeps checkpoints (<storage_path>/<run.name>/step_*); multi-node: shared storage "
+        "(NFS path, s3://..., gs://...); empty: <run.dir>/ray",
+    )
 
 
 @dataclass
 class WandbSection:
-    mode: Literal["offline", "online", "disabled"] = "offline"  # offline: no account needed; `wandb sync` later
-    project: str = ""  # empty: $WANDB_PROJECT, else "dcgan_dist"
-    entity: str = ""
-    group: str = ""  # W&B group (a sweep puts its trials in one, named after the sweep's run.name)
+    mode: Literal["offline", "online", "disabled"] = setting(
+        "offline", "offline: no account needed, `wandb sync` later; online; disabled"
+    )
+    project: str = setting("", "W&B project; empty: $WANDB_PROJECT, else dcgan_dist")
+    entity: str = setting("", "W&B entity (user or team); empty: your default")
+    group: str = setting("", "W&B group (a sweep puts its trials in one, named after the sweep's run.name)")
 
 
 @dataclass
 class Config:
-    run: RunSection = field(default_factory=RunSection)
-    data: DataSection = field(default_factory=DataSection)
-    model: ModelSection = field(default_factory=ModelSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    dist: DistSection = field(default_factory=DistSection)
-    wandb: WandbSection = field(default_factory=WandbSection)
+    run: RunSection = section(RunSection, "the run: its name, folder and seed")
+    data: DataSection = section(DataSection, "the training images and their loader")
+    model: ModelSection = section(ModelSection, "the networks (a checkpoint's own are used to sample and evaluate)")
+    train: TrainSection = section(TrainSection, "the training loop, and the device of every command")
+    optim: OptimSection = section(OptimSection, "the optimiser")
+    eval: EvalSection = section(EvalSection, "the SWD/FID quality metrics: in training and the evaluate command")
+    sample: SampleSection = section(SampleSection, "the sample command's grid")
+    bench: BenchSection = section(BenchSection, "the bench command's measurements")
+    tune: TuneSection = section(TuneSection, "the tune command's sweep (its spaces: --search KEY=SPACE)")
+    dist: DistSection = section(DistSection, "distributed training")
+    wandb: WandbSection = section(WandbSection, "Weights & Biases logging")
 
 
 class ConfigError(ValueError):
@@ -373,6 +486,38 @@ def from_yaml(text: str) -> Config:
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def describe(key: str) -> str:
+    """The one-line description of a setting or a section ('eval.num', 'eval')."""
+    section, _, name = key.rpartition(".")
+    return _fields(_section(section))[name].metadata.get("doc", "")
+
+
+def show(value: Any) -> str:
+    """A value as it is written on a command line (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def limits_text(key: str) -> str:
+    """What a setting accepts, where the schema restricts it: 'auto | cpu | cuda', 'at least 1, below 1.0'."""
+    choices = allowed_values(key)
+    if choices is not None:
+        return " | ".join(show(c) for c in choices)
+    section, _, name = key.rpartition(".")
+    if typing.get_type_hints(_section(section))[name] is bool:
+        return "true | false"
+    limits = _fields(_section(section))[name].metadata.get("limits", {})
+    words = {"at_least": "at least", "below": "below", "above": "above"}
+    return ", ".join(f"{words[k]} {v}" for k, v in limits.items())
+
+
+def setting_keys(selection: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """Every 'section.key' of the schema in order, or those of the sections and keys selected."""
+    keys = [f"{s.name}.{name}" for s in dataclasses.fields(Config) for name in _fields(_section(s.name))]
+    if selection is None:
+        return keys
+    return [k for chosen in selection for k in keys if k == chosen or k.partition(".")[0] == chosen]
 
 
 def flat_settings(cfg: Config) -> list[tuple[str, Any]]:

@@ -133,7 +133,7 @@ def assert_sample_and_evaluate_read(source: Path, step: int, tmp_path: Path) -> 
     """`python -m dcgan_dist.sample` and `evaluate` both read the checkpoint that `source` names (a file, a run
     directory, a Ray checkpoint directory), and it is the one of `step`."""
     out = tmp_path / "samples-check.png"
-    run_cli("-m", "dcgan_dist.sample", "--checkpoint", str(source), "--num", "4", "--out", str(out), check=True)
+    run_cli("-m", "dcgan_dist.sample", "--checkpoint", str(source), "sample.num=4", "--out", str(out), check=True)
     assert out.is_file()
     out.unlink()
     proc = run_cli(
@@ -141,11 +141,9 @@ def assert_sample_and_evaluate_read(source: Path, step: int, tmp_path: Path) -> 
         "dcgan_dist.evaluate",
         "--checkpoint",
         str(source),
-        "--num",
-        "32",
-        "--nhoods-per-image",
-        "4",
-        "--no-baseline",
+        "eval.num=32",
+        "eval.nhoods_per_image=4",
+        "eval.baseline=false",
         check=True,
     )
     assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == step

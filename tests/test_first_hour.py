@@ -222,10 +222,8 @@ def test_sample_and_inspect_write_beside_the_run_not_into_the_cwd(tiny_run, tiny
         "dcgan_dist.sample",
         "--checkpoint",
         str(run_dir),
-        "--num",
-        "4",
-        "--seed",
-        "5",
+        "sample.num=4",
+        "sample.seed=5",
         cwd=work,
         timeout=120,
         check=True,
@@ -233,7 +231,9 @@ def test_sample_and_inspect_write_beside_the_run_not_into_the_cwd(tiny_run, tiny
     grid = run_dir / "samples" / "grid_step40_seed5.png"
     assert grid.is_file() and str(grid) in sample.stdout
     checkpoint = run_dir / "checkpoints" / "step_0000020.pt"
-    run_cli("-m", "dcgan_dist.sample", "--checkpoint", str(checkpoint), "--num", "4", cwd=work, timeout=120, check=True)
+    run_cli(
+        "-m", "dcgan_dist.sample", "--checkpoint", str(checkpoint), "sample.num=4", cwd=work, timeout=120, check=True
+    )
     assert (run_dir / "samples" / "grid_step20_seed0.png").is_file()
     (run_dir / "progress.gif").unlink()
     run_cli("-m", "dcgan_dist.sample", "--progress", str(run_dir), cwd=work, timeout=120, check=True)

@@ -249,8 +249,7 @@ def test_a_run_in_the_bucket_resumes_exactly_after_sigkill_from_the_bucket_alone
         "s3://dcgan-test/runs/killed",
         "--out",
         str(out),
-        "--num",
-        "4",
+        "sample.num=4",
         check=True,
     )
     assert out.is_file()

@@ -111,13 +111,10 @@ def test_evaluate_without_inception_prints_null_fid(trained_run, tiny_shards, tm
         "dcgan_dist.evaluate",
         "--checkpoint",
         str(run_dir),
-        "--num",
-        "128",
-        "--nhoods-per-image",
-        "16",
-        "--untrained",
-        "--inception-weights",
-        str(tmp_path / "none.pth"),
+        "eval.num=128",
+        "eval.nhoods_per_image=16",
+        "eval.untrained=true",
+        f"eval.inception_weights={tmp_path / 'none.pth'}",
         check=True,
     )
     result = json.loads(proc.stdout.strip().splitlines()[-1])

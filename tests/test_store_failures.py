@@ -200,7 +200,7 @@ def command(name: str, bucket: str, tmp_path: Path, tiny_shards: Path, images: P
     if name == "sample --progress":
         return ["-m", "dcgan_dist.sample", "--progress", where, "--out", str(tmp_path / "work" / "p.gif")]
     if name == "evaluate":
-        return ["-m", "dcgan_dist.evaluate", "--checkpoint", where, "--num", "32"]
+        return ["-m", "dcgan_dist.evaluate", "--checkpoint", where, "eval.num=32"]
     if name == "inspect":
         return ["-m", "dcgan_dist.data", "inspect", where, "--preview", str(tmp_path / "work" / "preview.png")]
     if name == "synth":

@@ -96,7 +96,7 @@ def test_a_checkpoint_names_no_command_and_no_place(run6, tmp_path, tiny_shards)
     ):
         evil = edited(newest, tmp_path / f"evil{i}.pt", set_setting("data", "shards", shards))
         commands.append(
-            ["-m", "dcgan_dist.evaluate", "--checkpoint", str(evil), "--num", "8", "--nhoods-per-image", "2"]
+            ["-m", "dcgan_dist.evaluate", "--checkpoint", str(evil), "eval.num=16", "eval.nhoods_per_image=2"]
         )
     # The command line's --shards is the user's own choice: the same checkpoint evaluates on it.
     commands.append(
@@ -107,11 +107,9 @@ def test_a_checkpoint_names_no_command_and_no_place(run6, tmp_path, tiny_shards)
             str(tmp_path / "evil0.pt"),
             "--shards",
             str(tiny_shards),
-            "--num",
-            "8",
-            "--nhoods-per-image",
-            "2",
-            "--no-baseline",
+            "eval.num=16",
+            "eval.nhoods_per_image=2",
+            "eval.baseline=false",
         ]
     )
 
@@ -127,13 +125,10 @@ def test_a_checkpoint_names_no_command_and_no_place(run6, tmp_path, tiny_shards)
             "dcgan_dist.evaluate",
             "--checkpoint",
             str(synthetic),
-            "--cache-dir",
-            str(mine),
-            "--num",
-            "8",
-            "--nhoods-per-image",
-            "2",
-            "--no-baseline",
+            f"data.cache_dir={mine}",
+            "eval.num=16",
+            "eval.nhoods_per_image=2",
+            "eval.baseline=false",
         ]
     )
 
@@ -301,7 +296,7 @@ def test_sample_and_evaluate_refuse_a_generator_that_does_not_fit(run6, tmp_path
         for name, edit in cases.items()
     ]
     raw_g = edited(newest, tmp_path / "raw.pt", bad_shape("G"))
-    commands.append(["-m", "dcgan_dist.evaluate", "--checkpoint", str(raw_g), "--weights", "raw"])
+    commands.append(["-m", "dcgan_dist.evaluate", "--checkpoint", str(raw_g), "eval.weights=raw"])
     for args, proc in zip(commands, run_each(commands)):
         line = error_line(proc)
         assert args[3] in line and ("does not fit its model settings" in line or "cannot use" in line), line
@@ -315,19 +310,19 @@ def test_sample_and_evaluate_refuse_arguments_that_cannot_work(run6, tmp_path):
     blocker.write_text("")
     checkpoint = str(run6 / "checkpoints" / "step_0000006.pt")
     sample = ["-m", "dcgan_dist.sample", "--checkpoint", checkpoint]
-    evaluate = ["-m", "dcgan_dist.evaluate", "--checkpoint", checkpoint, "--nhoods-per-image", "2"]
+    evaluate = ["-m", "dcgan_dist.evaluate", "--checkpoint", checkpoint, "eval.nhoods_per_image=2"]
     cases = [
-        (sample + ["--num", "0", "--out", str(tmp_path / "zero.png")], "--num"),
+        (sample + ["sample.num=0", "--out", str(tmp_path / "zero.png")], "sample.num"),
         (sample + ["--out", str(blocker / "grid.png")], "cannot write --out"),
         (sample + ["--out", "/proc/grid.png"], "cannot write --out"),
         (sample + ["--out", str(tmp_path)], "--out"),
         (["-m", "dcgan_dist.sample", "--progress", str(run6), "--out", str(blocker / "p.gif")], "cannot write --out"),
-        (evaluate + ["--num", "0"], "--num"),
+        (evaluate + ["eval.num=0"], "eval.num"),
         (evaluate + ["--shards", str(tmp_path / "no-such-shards")], "--shards"),
         (["-m", "dcgan_dist.evaluate", "--checkpoint", str(tmp_path / "no-such.pt")], "does not exist"),
     ]
     if not torch.cuda.is_available():
-        cases.append((evaluate + ["--device", "cuda"], "no CUDA device"))
+        cases.append((evaluate + ["train.device=cuda"], "train.device=cuda"))
     for (args, words), proc in zip(cases, run_each([args for args, _ in cases])):
         assert words in error_line(proc), (args, proc.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"] and blocker.read_text() == ""

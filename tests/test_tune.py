@@ -62,12 +62,9 @@ def test_an_asha_sweep_stops_trials_early_and_its_best_checkpoint_samples(ray_cl
             run_dir,
             "--search",
             "optim.lr=grid(0.0002,0.002,0.00005,0.001)",
-            "--trials",
-            "1",
-            "--scheduler",
-            "asha",
-            "--concurrent",
-            "1",
+            "tune.trials=1",
+            "tune.scheduler=asha",
+            "tune.concurrent=1",
         ),
         ray_cluster,
         timeout=900,
@@ -90,7 +87,7 @@ def test_an_asha_sweep_stops_trials_early_and_its_best_checkpoint_samples(ray_cl
     state = ckpt.load_checkpoint(best)[1]
     assert state["config"]["optim"]["lr"] == pytest.approx(float(rows[0]["optim.lr"]), rel=1e-3)
     sample = run_cli(
-        "-m", "dcgan_dist.sample", "--checkpoint", best, "--num", "4", "--out", str(tmp_path / "s.png"), check=True
+        "-m", "dcgan_dist.sample", "--checkpoint", best, "sample.num=4", "--out", str(tmp_path / "s.png"), check=True
     )
     assert (tmp_path / "s.png").is_file(), sample.stdout
 
@@ -109,7 +106,7 @@ def test_a_pbt_sweep_continues_the_worse_trial_from_the_better_ones_weights(
     run_dir = tmp_path / "pbt"
     proc = run_with_env(
         sweep_args(
-            tiny_shards, run_dir, "--search", "optim.lr=loguniform(1e-4,1e-3)", "--trials", "2", "--scheduler", "pbt"
+            tiny_shards, run_dir, "--search", "optim.lr=loguniform(1e-4,1e-3)", "tune.trials=2", "tune.scheduler=pbt"
         ),
         ray_cluster,
         timeout=900,

@@ -1,16 +1,24 @@
-"""What the sample and evaluate commands share: a bad argument is one line (argparse's own errors print the usage
-first, several lines), and the argument types that check what can work (counts, seeds, the device)."""
+"""The one command-line grammar every command shares:
+
+    python -m dcgan_dist.<command> [its flags] [--config FILE] [key=value ...] [--help]
+
+Settings (counts, seeds, steps, the device...) are keys of the schema (dcgan_dist/config.py): `--config FILE`
+(a path or a preset name; default: the debug preset) then `key=value` overrides, checked by the same code for
+every command, so a misspelt key is the same one line and exit 2 everywhere. A command's own flags are only for
+what is not a setting (--checkpoint, --out, --shards...). `--help` lists the command's flags, then each setting
+it uses with the value the command line gives it, what the schema allows, and the schema's description.
+A bad argument is one line (argparse's own errors print the usage first, several lines)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-import torch
-
-SEED_LIMIT = 2**63 - 1  # torch.Generator.manual_seed takes at most 64 bits
+from dcgan_dist.config import Config, ConfigError, describe, from_args, limits_text, setting_keys, show, split_args
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -19,38 +27,73 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def whole_number(low: int, high: int | None = None):
-    """An argparse type: an int in [low, high]."""
+SETTINGS_USAGE = "[--config FILE] [key=value ...]"
+HELP_WIDTH = 110
 
-    def parse(text: str) -> int:
+
+def settings_help(cfg: Config, base: str, selection: Sequence[str] | None = None) -> str:
+    """The settings a command uses, each with its value, what it accepts and its description (from the schema)."""
+    lines = [f"Settings ({SETTINGS_USAGE}; the values with --config {base} and the overrides given):"]
+    for key in setting_keys(None if selection is None else list(selection)):
+        section, _, name = key.partition(".")
+        accepts = limits_text(key)
+        lines.append(f"  {key}={show(getattr(getattr(cfg, section), name))}" + (f"    ({accepts})" if accepts else ""))
+        lines += textwrap.wrap(describe(key), width=HELP_WIDTH, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+class Command:
+    """A command's flags (argparse, for what is not a setting) and its settings (the schema)."""
+
+    def __init__(
+        self,
+        prog: str,
+        doc: str,
+        settings: Sequence[str] | None,
+        moved: dict[str, str] | None = None,
+        fixed: Sequence[str] = (),
+    ):
+        """settings: the sections and keys its --help lists (None: all); moved: former flags -> what to write now
+        (a one-line error says so); fixed: overrides the command always applies (after the user's)."""
+        self.settings, self.moved, self.fixed = settings, moved or {}, list(fixed)
+        self.parser = OneLineParser(
+            prog=prog,
+            description=doc.strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            add_help=False,
+            allow_abbrev=False,
+        )
+
+    def parse(self, argv: list[str] | None) -> tuple[argparse.Namespace, Config, str] | int:
+        """(flags, settings, the preset or file they started from), or an exit code: 0 after --help, 2 after
+        a bad argument or setting (one line on stderr)."""
+        argv = sys.argv[1:] if argv is None else list(argv)
+        wants_help = any(a in ("-h", "--help") for a in argv)
+        args, rest = self.parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
         try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low or (high is not None and value > high):
-            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
-            raise argparse.ArgumentTypeError(f"{value} cannot work; give a number {bounds}")
-        return value
+            for arg in rest:
+                flag = arg.split("=", 1)[0]
+                if flag in self.moved:
+                    raise ConfigError(
+                        f"{flag} is a setting now: write {self.moved[flag]} (see {self.parser.prog} --help)"
+                    )
+            config_file, overrides = split_args(rest)
+            cfg, base = from_args([*(["--config", config_file] if config_file else []), *overrides, *self.fixed])
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if wants_help:
+            self.parser.epilog = settings_help(cfg, base, self.settings)
+            self.parser.usage = f"{self.parser.prog} {self._flags_usage()} {SETTINGS_USAGE}"
+            print(self.parser.format_help())
+            return 0
+        return args, cfg, base
 
-    return parse
-
-
-def device(text: str) -> torch.device:
-    """An argparse type: a device this machine has (cpu, cuda, cuda:N)."""
-    try:
-        chosen = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu or cuda (cuda:N)") from None
-    if chosen.type == "cpu":
-        return chosen
-    if chosen.type != "cuda":
-        raise argparse.ArgumentTypeError(f"{text}: only cpu and cuda devices are supported")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device; use --device cpu")
-    if chosen.index is not None and chosen.index >= count:
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    return chosen
+    def _flags_usage(self) -> str:
+        return " ".join(
+            f"[{a.option_strings[0]}" + ("" if a.nargs == 0 else f" {a.metavar or a.dest.upper()}") + "]"
+            for a in self.parser._actions
+        )
 
 
 def output_file(text: str) -> str:
@@ -68,7 +111,3 @@ def write_error(option: str, path: str, exc: OSError) -> str:
         else ""
     )
     return f"error: cannot write {option} {path} ({exc.strerror or exc}{where}); choose another path"
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

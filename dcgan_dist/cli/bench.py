@@ -1,16 +1,16 @@
 """Measure training speed: the loader, the full training step, the scaling of N Ray workers; the GPU report.
 
-    python -m dcgan_dist.bench --config debug --steps 20 --warmup 5 --baseline
-    python -m dcgan_dist.bench --config default --data-only data.num_workers=2
+    python -m dcgan_dist.bench --config debug bench.steps=20 bench.warmup=5 bench.baseline=true
+    python -m dcgan_dist.bench --config default bench.measure=loader data.num_workers=2
     python -m dcgan_dist.bench --gpu-report docs/gpu-report.md --config default   # see gpu_report.py
 
 Local launcher: data_images_per_s (shards -> normalised tensors on the device, the real loader; with
 data.num_workers=0 also data_images_per_cpu_s, the same per CPU-second: the loader's cost per core) and
 train_images_per_s (the real training step on batches from that loader: what the Trainer runs, without its
-parts, in the precision and layout that train.precision/channels_last resolve to, printed first). --baseline
-also times the minimal DCGAN loop of PyTorch's example on in-memory random tensors, always fp32 and NCHW
-(the plain tutorial loop, whatever the settings say), side by side with the training step (alternating steps,
-the median of each: see time_side_by_side), and reports the ratio.
+parts, in the precision and layout that train.precision/channels_last resolve to, printed first).
+bench.baseline=true also times the minimal DCGAN loop of PyTorch's example on in-memory random tensors, always
+fp32 and NCHW (the plain tutorial loop, whatever the settings say), side by side with the training step
+(alternating steps, the median of each: see time_side_by_side), and reports the ratio.
 MFU: the images/s times the FLOPs per image of one step (counted with
 torch's FlopCounterMode over G and D forward and backward), over the device's peak: a data-sheet figure for
 known GPUs (GPU_PEAK_TFLOPS), an estimate from cores x clock x FLOPs/cycle for a CPU.
@@ -24,17 +24,18 @@ speedup = a/c and comm_efficiency = a/b, with the cost per step: compute and dat
 all-reduce (a-nosync - b) and batch-norm synchronisation (a - a-nosync).
 
 The last line printed is one JSON object with the figures, MFU, the device, batch size, widths and threads.
+What is measured and for how long: the bench.* settings below; the model, batch, data, precision and launcher:
+the training settings, as for dcgan_dist.train.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import torch
 
-from dcgan_dist.config import ConfigError, from_args
+from dcgan_dist.cli import args as cli
 from dcgan_dist.data import resolve_data
 from dcgan_dist.distributed.env import DistEnv
 from dcgan_dist.errors import RunError
@@ -67,65 +68,45 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+COMMAND = cli.Command(
+    "python -m dcgan_dist.bench",
+    __doc__,
+    settings=["bench", "run", "data", "model", "train", "optim", "eval.num", "eval.nhoods_per_image", "dist"],
+    moved={
+        "--steps": "bench.steps=N",
+        "--warmup": "bench.warmup=N",
+        "--baseline": "bench.baseline=true",
+        "--skip-data": "bench.measure=step",
+        "--data-only": "bench.measure=loader",
+        "--checkpoint": "bench.checkpoint=true",
+        "--report-compile": "bench.report_compile=auto|yes|no",
+        "--report-swd-steps": "bench.report_swd_steps=N",
+    },
+)
+COMMAND.parser.add_argument(
+    "--gpu-report",
+    metavar="FILE.md",
+    help="instead: the one-command report (fp32 loop to CUDA graphs, loader, MFU, sync-BN check, "
+    "SWD fp32 vs bf16) written to FILE.md; see dcgan_dist/perf/gpu_report.py",
+)
+
+
 def _bench(argv: list[str] | None) -> int:
-    summary, _, details = __doc__.partition("\n\n")
-    examples = details.split("\n\n")[0]
-    parser = argparse.ArgumentParser(
-        prog="python -m dcgan_dist.bench",
-        description=summary,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="%(prog)s [--config FILE] [options] [key=value ...]",
-        epilog=f"{examples}\n\nSettings: [--config FILE] [key=value ...], as for dcgan_dist.train.",
-    )
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument(
-        "--baseline",
-        action="store_true",
-        help="also time the minimal fp32 DCGAN loop, side by side with the training step",
-    )
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--skip-data", action="store_true", help="do not measure the loader alone")
-    which.add_argument("--data-only", action="store_true", help="measure the loader alone, not the training step")
-    parser.add_argument(
-        "--checkpoint",
-        action="store_true",
-        help="also time writing one checkpoint to run.dir (a local folder or s3://bucket/prefix)",
-    )
-    parser.add_argument(
-        "--gpu-report",
-        metavar="FILE.md",
-        help="instead: the one-command report (fp32 loop to CUDA graphs, loader, MFU, sync-BN check, "
-        "SWD fp32 vs bf16) written to FILE.md; see dcgan_dist/perf/gpu_report.py",
-    )
-    parser.add_argument(
-        "--report-compile",
-        choices=("auto", "yes", "no"),
-        default="auto",
-        help="--gpu-report: time the torch.compile rows (auto: on CUDA only; minutes on a small CPU)",
-    )
-    parser.add_argument(
-        "--report-swd-steps",
-        type=int,
-        default=None,
-        help="--gpu-report: training steps of each SWD run (default: 600 on CUDA, 200 on CPU)",
-    )
-    args, rest = parser.parse_known_args(argv)
-    try:
-        setting, _ = from_args(rest)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    parsed = COMMAND.parse(argv)
+    if isinstance(parsed, int):
+        return parsed
+    args, setting, _ = parsed
+    bench = setting.bench
     if args.gpu_report:
         from dcgan_dist.perf.gpu_report import write_report
 
         write_report(
             setting,
             args.gpu_report,
-            steps=args.steps,
-            warmup=args.warmup,
-            compile=args.report_compile,
-            swd_steps=args.report_swd_steps,
+            steps=bench.steps,
+            warmup=bench.warmup,
+            compile=bench.report_compile,
+            swd_steps=bench.report_swd_steps or None,
             command=" ".join(["python -m dcgan_dist.bench", *(sys.argv[1:] if argv is None else argv)]),
         )
         return 0
@@ -149,24 +130,24 @@ def _bench(argv: list[str] | None) -> int:
         "threads": threads,
         "dist_workers": cfg.dist.num_workers,
         "loader_workers": cfg.data.num_workers,
-        "steps": args.steps,
+        "steps": bench.steps,
     }
     result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} threads)"
     shards = resolve_data(cfg.data, cfg.model)[0]
     env = DistEnv(device=device)
     rows = []  # (name, images/s, MFU as text)
-    if not args.skip_data:
-        result["data_images_per_s"], per_cpu_s = measure_data(cfg, env, shards, args.steps * 2, args.warmup)
+    if bench.measure != "step":
+        result["data_images_per_s"], per_cpu_s = measure_data(cfg, env, shards, bench.steps * 2, bench.warmup)
         rows.append(("loader alone (shards -> normalised tensors)", result["data_images_per_s"], ""))
         if cfg.data.num_workers == 0:  # else the loader's processes do the work, and their CPU time is not counted
             result["data_images_per_cpu_s"] = per_cpu_s
             rows.append(("loader alone, per CPU-second of this process", per_cpu_s, ""))
-    if args.checkpoint:
+    if bench.checkpoint:
         result.update(measure_checkpoint(cfg, device))
-    if args.data_only:
+    if bench.measure == "loader":
         pass  # the loader's figure above is all that was asked for
     elif cfg.dist.launcher == "ray":
-        result.update(bench_ray(setting, args.steps, args.warmup))
+        result.update(bench_ray(setting, bench.steps, bench.warmup))
         n = cfg.dist.num_workers
         rows += [
             ("c: 1 worker", result["single_worker_images_per_s"], ""),
@@ -178,10 +159,10 @@ def _bench(argv: list[str] | None) -> int:
         peak, peak_source = device_peak(device, cfg.train.precision, threads)
         result.update({"flops_per_image": step_flops_per_image(cfg), "peak_flops": peak, "peak_source": peak_source})
         loops = {"train": TrainLoop(cfg, env, shards)}
-        if args.baseline:
+        if bench.baseline:
             loops["baseline"] = MinimalLoop(cfg, device)
         try:
-            rates = time_side_by_side(loops, cfg.train.batch_size, device, args.steps, args.warmup)
+            rates = time_side_by_side(loops, cfg.train.batch_size, device, bench.steps, bench.warmup)
         finally:
             for loop in loops.values():
                 loop.close()
@@ -197,7 +178,7 @@ def _bench(argv: list[str] | None) -> int:
                 format_mfu(result["mfu"]),
             )
         )
-        if args.baseline:
+        if bench.baseline:
             base_peak, base_source = device_peak(device, "fp32", threads)
             result.update(
                 {

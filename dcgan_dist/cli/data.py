@@ -4,7 +4,10 @@
     python -m dcgan_dist.data convert --src img_align_celeba --out img_align_celeba-shards --size 64
     python -m dcgan_dist.data inspect data/faces     # exits 1 when a shard is unreadable or short
 
-`<command> --help` lists each command's options.
+`<command> --help` lists each command's options. They describe the shards written or read, not a run: these
+commands take no --config or key=value settings; where an option and a setting mean the same, the option's
+default is the setting's in the schema (synth --num: data.synth_num, --size: model.image_size, --channels:
+model.channels).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dcgan_dist.config import DataSection, ModelSection, allowed_values
 from dcgan_dist.data.convert import convert
 from dcgan_dist.data.images import save_grid
 from dcgan_dist.data.shards import FORMATS, decode_sample, expand_shards, iter_samples, read_info, shard_counts
@@ -128,10 +132,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("synth", help="draw synthetic faces into shards (the embedded default data set)")
     p.add_argument("--out", required=True)
-    p.add_argument("--num", type=int, required=True)
+    p.add_argument(
+        "--num", type=int, default=DataSection.synth_num, help="faces (default: data.synth_num's, %(default)s)"
+    )
     p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    p.add_argument("--size", type=int, default=ModelSection.image_size)
+    p.add_argument("--channels", type=int, default=ModelSection.channels, choices=allowed_values("model.channels"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", default="png", choices=FORMATS, help=FORMAT_HELP)
     p.add_argument("--processes", type=int, default=0, help="drawing processes (0 = one per core)")
@@ -141,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         "--src", required=True, help="image folder (e.g. img_align_celeba/), .zip, or *-images-idx3-ubyte[.gz]"
     )
     p.add_argument("--out", required=True)
-    p.add_argument("--size", type=int, default=None, help="output size (default 64; IDX files keep 28)")
+    p.add_argument(
+        "--size", type=int, default=None, help=f"output size (default {ModelSection.image_size}; IDX files keep 28)"
+    )
     p.add_argument("--channels", type=int, default=None, choices=(1, 3), help="default 3 (IDX: 1)")
     p.add_argument(
         "--crop", type=int, default=0, help="centre crop side in px before resizing (default: largest square)"

@@ -1,22 +1,24 @@
 """Evaluate a generator: multi-scale SWD always, FID when Inception weights are on this machine.
 
     python -m dcgan_dist.evaluate --checkpoint runs/debug
-    python -m dcgan_dist.evaluate --checkpoint runs/debug/checkpoints/best.pt --shards data/faces --num 4096 --untrained
+    python -m dcgan_dist.evaluate --checkpoint runs/debug/checkpoints/best.pt --shards data/faces \
+        eval.num=4096 eval.untrained=true
 
 --checkpoint takes what `sample` takes (a checkpoint file, a Ray checkpoint directory, a run directory).
 Prints one JSON line: swd (x1e3, mean over pyramid levels) and swd_levels, swd_real_vs_real (the same
 metric between two disjoint halves of the real data: the floor a perfect generator would reach at this
 sample size), fid (or null with fid_reason), and with --untrained the SWD of the freshly initialised
-generator for scale. The generated set uses the EMA weights when the checkpoint has them.
+generator for scale (eval.untrained=true). The generated set uses the EMA weights when the checkpoint has them.
+How many images, the seed, the SWD's neighbourhoods, the weights: the eval.* settings listed below, the same
+ones the in-training SWD uses (eval.num, eval.nhoods_per_image).
 
 The checkpoint chooses the model and, without --shards, the real images only where they are plain: its
 data.shards when every shard is a path or an s3:// location (a pipe: command or another URL is refused: give
---shards), or its synthetic faces, generated in --cache-dir (never its data.cache_dir).
+--shards), or its synthetic faces, generated in the command line's data.cache_dir (never the checkpoint's).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,10 +27,11 @@ import webdataset as wds
 
 from dcgan_dist import stopping
 from dcgan_dist.cli import args as cli
-from dcgan_dist.config import Config, DataSection
+from dcgan_dist.config import Config, ConfigError, DataSection
 from dcgan_dist.data import check_shards, ensure_synthetic, expand_shards
 from dcgan_dist.errors import RunError
 from dcgan_dist.gan.models import build_models, generate
+from dcgan_dist.gan.precision import pick_device
 from dcgan_dist.gan.quality import fid, swd
 from dcgan_dist.storage.filesystem import StoreError, is_remote
 from dcgan_dist.training.checkpoint import CheckpointError, load_generator, plain_location, settings_of
@@ -39,7 +42,7 @@ def shards_of_checkpoint(cfg: Config, file: str, cache_dir: str) -> str:
     """The real images of a checkpoint's run, as far as a checkpoint may choose them: its data.shards when every
     shard is a plain path or an s3:// location (never a pipe: command or a URL webdataset would fetch); its
     synthetic faces (at most data.synth_num=20000 of them, the schema's default) in `cache_dir`, the command
-    line's, never the checkpoint's data.cache_dir. Raises CheckpointError."""
+    line's data.cache_dir, never the checkpoint's. Raises CheckpointError."""
     spec = cfg.data.shards
     if not spec:
         num = min(cfg.data.synth_num, DataSection.synth_num)  # how much work a checkpoint may ask for
@@ -47,8 +50,8 @@ def shards_of_checkpoint(cfg: Config, file: str, cache_dir: str) -> str:
             return str(ensure_synthetic(cache_dir, num, cfg.model.image_size, cfg.model.channels))
         except OSError as exc:
             raise CheckpointError(
-                f"{file} trained on the synthetic faces, and --cache-dir {cache_dir} cannot hold "
-                f"them ({exc.strerror or exc}); give another --cache-dir"
+                f"{file} trained on the synthetic faces, and data.cache_dir={cache_dir} cannot hold "
+                f"them ({exc.strerror or exc}); give another data.cache_dir"
             ) from None
     refuse = (
         f"{file} names data.shards={spec}, which is not a folder, shard file or s3:// location; a checkpoint "
@@ -73,43 +76,47 @@ def shards_of_checkpoint(cfg: Config, file: str, cache_dir: str) -> str:
     return spec
 
 
+COMMAND = cli.Command(
+    "python -m dcgan_dist.evaluate",
+    __doc__,
+    settings=["eval", "train.device", "data.cache_dir"],
+    moved={
+        "--num": "eval.num=N",
+        "--nhoods-per-image": "eval.nhoods_per_image=N",
+        "--seed": "eval.seed=N",
+        "--weights": "eval.weights=auto|ema|raw",
+        "--inception-weights": "eval.inception_weights=PATH",
+        "--untrained": "eval.untrained=true",
+        "--no-baseline": "eval.baseline=false",
+        "--cache-dir": "data.cache_dir=DIR",
+        "--device": "train.device=auto|cpu|cuda",
+    },
+)
+parser = COMMAND.parser
+parser.add_argument("--checkpoint", help="checkpoint file, Ray checkpoint dir, or run directory (required)")
+parser.add_argument(
+    "--shards",
+    default=None,
+    help="real images (default: the run's data.shards when it is a folder, file or s3:// location)",
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    summary, _, details = __doc__.partition("\n\n")
-    parser = cli.OneLineParser(
-        prog="python -m dcgan_dist.evaluate",
-        description=summary,
-        epilog=details,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file, Ray checkpoint dir, or run directory")
-    parser.add_argument(
-        "--shards",
-        default=None,
-        help="real images (default: the run's data.shards when it is a folder, file or s3:// location)",
-    )
-    parser.add_argument(
-        "--cache-dir",
-        default=DataSection.cache_dir,
-        help="where the synthetic faces are generated when the run trained on them",
-    )
-    parser.add_argument("--num", type=cli.whole_number(1), default=4096, help="images per set")
-    parser.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"))
-    parser.add_argument("--inception-weights", default=None, help="local InceptionV3 weights for FID")
-    parser.add_argument("--nhoods-per-image", type=cli.whole_number(1), default=128)
-    parser.add_argument("--seed", type=cli.whole_number(0, cli.SEED_LIMIT - 1), default=0)
-    parser.add_argument("--untrained", action="store_true", help="also report the SWD of the untrained generator")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the real-vs-real SWD")
-    parser.add_argument("--device", type=cli.device, default=cli.default_device())
-    args = parser.parse_args(argv)
+    parsed = COMMAND.parse(argv)
+    if isinstance(parsed, int):
+        return parsed
+    args, setting, _ = parsed
+    settings = setting.eval
     if not args.checkpoint:
-        parser.error("--checkpoint is empty: give a checkpoint file or a run directory")
+        parser.error("--checkpoint is required: give a checkpoint file or a run directory")
 
     try:
-        G, state, which = load_generator(args.checkpoint, args.device, args.weights)
+        device = pick_device(setting.train.device)
+        G, state, which = load_generator(args.checkpoint, device, settings.weights)
         cfg = settings_of(state, args.checkpoint)  # of which model.* and run.seed are used, and data.* as below
         chw = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
-        shards = args.shards or shards_of_checkpoint(cfg, args.checkpoint, args.cache_dir)
-    except (CheckpointError, StoreError) as exc:
+        shards = args.shards or shards_of_checkpoint(cfg, args.checkpoint, setting.data.cache_dir)
+    except (CheckpointError, StoreError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RunError as exc:  # the object store stopped answering
@@ -124,30 +131,31 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as exc:  # the object store stopped answering
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"evaluating step {state['step']} ({which} weights) on {args.num} images from {shards}", file=sys.stderr)
+    print(f"evaluating step {state['step']} ({which} weights) on {settings.num} images from {shards}", file=sys.stderr)
 
     try:
         try:
-            real_a = real_images(shards, args.num, chw, args.seed, half=0)
-            real_b = None if args.no_baseline else real_images(shards, args.num, chw, args.seed, half=1)
+            real_a = real_images(shards, settings.num, chw, settings.seed, half=0)
+            real_b = None if not settings.baseline else real_images(shards, settings.num, chw, settings.seed, half=1)
         except ValueError as exc:  # a single shard cannot be halved
             print(f"warning: {exc}; comparing with all shards, no real-vs-real baseline", file=sys.stderr)
-            real_a, real_b = real_images(shards, args.num, chw, args.seed), None
+            real_a, real_b = real_images(shards, settings.num, chw, settings.seed), None
     except RunError as exc:  # the object store stopped answering, or more bad data than data.max_bad_fraction
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    fake = generate(G, args.num, seed=args.seed + 1, device=args.device)
-    kw = dict(nhoods_per_image=args.nhoods_per_image, seed=args.seed)
-    result = {"checkpoint": str(args.checkpoint), "step": state["step"], "weights": which, "num": args.num}
+    fake = generate(G, settings.num, seed=settings.seed + 1, device=device)
+    kw = dict(nhoods_per_image=settings.nhoods_per_image, seed=settings.seed)
+    result = {"checkpoint": str(args.checkpoint), "step": state["step"], "weights": which, "num": settings.num}
+    result.update(nhoods_per_image=settings.nhoods_per_image, seed=settings.seed)
     result.update(swd(real_a, fake, **kw).as_dict())
     result["swd_real_vs_real"] = swd(real_a, real_b, **kw).mean if real_b is not None else None
-    if args.untrained:
+    if settings.untrained:
         # The generator as training starts: batch statistics (train mode). In eval mode an untrained G, whose
         # running statistics are still the initial ones, draws one flat image for every z: a degenerate baseline.
         G0, _ = build_models(cfg.model, seed=cfg.run.seed)
-        untrained = generate(G0.to(args.device).train(), args.num, args.seed + 1, args.device)
+        untrained = generate(G0.to(device).train(), settings.num, settings.seed + 1, device)
         result["swd_untrained"] = swd(real_a, untrained, **kw).mean
-    value, reason = fid(real_a, fake, args.inception_weights, args.device)
+    value, reason = fid(real_a, fake, settings.inception_weights, device)
     result["fid"] = value
     if reason:
         result["fid_reason"] = reason

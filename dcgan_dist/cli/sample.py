@@ -1,6 +1,6 @@
 """Draw samples from a trained generator.
 
-    python -m dcgan_dist.sample --checkpoint runs/debug --num 64 --seed 1   # a run's newest checkpoint
+    python -m dcgan_dist.sample --checkpoint runs/debug sample.num=64 sample.seed=1   # a run's newest checkpoint
     python -m dcgan_dist.sample --checkpoint runs/debug/checkpoints/best.pt --out grid.png
     python -m dcgan_dist.sample --progress runs/debug      # the run's sample grids, animated
 
@@ -8,22 +8,24 @@
 (local or Ray: its newest checkpoint). Without --out the grid goes into the run's folder, never the current
 directory: <run dir>/samples/grid_step<N>_seed<K>.png (the run dir: the nearest folder with the run's config.yaml,
 from the checkpoint upwards), and --progress writes <RUN_DIR>/progress.gif. A checkpoint in an
-object store needs --out.
+object store needs --out. The grid's settings are sample.* (and train.device), listed below; the model is the
+checkpoint's.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from PIL import Image
 
 from dcgan_dist.cli import args as cli
+from dcgan_dist.config import ConfigError
 from dcgan_dist.data.images import save_grid
 from dcgan_dist.errors import RunError
 from dcgan_dist.files import atomic_write
 from dcgan_dist.gan.models import generate
+from dcgan_dist.gan.precision import pick_device
 from dcgan_dist.storage.filesystem import RunStorage, StoreError, check_bucket, is_remote
 from dcgan_dist.training.checkpoint import CheckpointError, load_generator, one_line
 from dcgan_dist.training.sample_grids import progress_animation
@@ -44,33 +46,38 @@ def run_folder(checkpoint: str) -> Path:
     return start
 
 
+COMMAND = cli.Command(
+    "python -m dcgan_dist.sample",
+    __doc__,
+    settings=["sample", "train.device"],
+    moved={
+        "--num": "sample.num=N",
+        "--seed": "sample.seed=N",
+        "--nrow": "sample.nrow=N",
+        "--weights": "sample.weights=auto|ema|raw",
+        "--device": "train.device=auto|cpu|cuda",
+    },
+)
+parser = COMMAND.parser
+parser.add_argument(
+    "--checkpoint", help="checkpoint file, Ray checkpoint directory, or run directory (newest checkpoint)"
+)
+parser.add_argument(
+    "--out", type=cli.output_file, default=None, help="image file (default: in the run's folder, see above)"
+)
+parser.add_argument(
+    "--progress",
+    metavar="RUN_DIR",
+    help="instead: animate RUN_DIR/samples/step_*.png (a folder or s3://...) into --out (GIF)",
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    summary, _, details = __doc__.partition("\n\n")
-    parser = cli.OneLineParser(
-        prog="python -m dcgan_dist.sample",
-        description=summary,
-        epilog=details,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--checkpoint", help="checkpoint file, Ray checkpoint directory, or run directory (newest checkpoint)"
-    )
-    parser.add_argument("--num", type=cli.whole_number(1), default=64)
-    parser.add_argument(
-        "--out", type=cli.output_file, default=None, help="image file (default: in the run's folder, see below)"
-    )
-    parser.add_argument("--seed", type=cli.whole_number(0, cli.SEED_LIMIT), default=0)
-    parser.add_argument("--nrow", type=cli.whole_number(0), default=0, help="images per row (default: square grid)")
-    parser.add_argument(
-        "--weights", default="auto", choices=("auto", "ema", "raw"), help="auto: EMA when the run kept one"
-    )
-    parser.add_argument(
-        "--progress",
-        metavar="RUN_DIR",
-        help="instead: animate RUN_DIR/samples/step_*.png (a folder or s3://...) into --out (GIF)",
-    )
-    parser.add_argument("--device", type=cli.device, default=cli.default_device())
-    args = parser.parse_args(argv)
+    parsed = COMMAND.parse(argv)
+    if isinstance(parsed, int):
+        return parsed
+    args, cfg, _ = parsed
+    settings = cfg.sample
     if args.progress:
         if args.out is None and is_remote(args.progress):
             parser.error(f"--progress {args.progress} is in an object store: give --out FILE.gif")
@@ -101,21 +108,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None and is_remote(args.checkpoint):
         parser.error(f"--checkpoint {args.checkpoint} is in an object store: give --out FILE.png")
     try:
-        G, state, which = load_generator(args.checkpoint, args.device, args.weights)
-    except (CheckpointError, StoreError) as exc:
+        device = pick_device(cfg.train.device)
+        G, state, which = load_generator(args.checkpoint, device, settings.weights)
+    except (CheckpointError, StoreError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RunError as exc:  # the object store stopped answering
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    out = args.out or str(run_folder(args.checkpoint) / "samples" / f"grid_step{state['step']}_seed{args.seed}.png")
-    images = generate(G, args.num, args.seed, args.device)
+    out = args.out or str(run_folder(args.checkpoint) / "samples" / f"grid_step{state['step']}_seed{settings.seed}.png")
+    images = generate(G, settings.num, settings.seed, device)
     try:
-        path = save_grid(images, out, nrow=args.nrow or None)
+        path = save_grid(images, out, nrow=settings.nrow or None)
     except OSError as exc:  # a read-only place, a file where a folder should be, a full disk: no file is left
         print(cli.write_error("--out", out, exc), file=sys.stderr)
         return 2
-    print(f"wrote {args.num} samples from step {state['step']} ({which} weights) to {path}")
+    print(f"wrote {settings.num} samples from step {state['step']} ({which} weights) to {path}")
     return 0
 
 

@@ -16,7 +16,8 @@ import sys
 from collections.abc import Sequence
 
 from dcgan_dist import stopping
-from dcgan_dist.config import Config, ConfigError, allowed_values, flat_settings, from_args, split_args
+from dcgan_dist.cli.args import SETTINGS_USAGE, settings_help
+from dcgan_dist.config import Config, ConfigError, from_args, split_args
 from dcgan_dist.errors import RunError
 from dcgan_dist.gan.precision import pick_device
 from dcgan_dist.storage.filesystem import store_refusal
@@ -24,13 +25,13 @@ from dcgan_dist.storage.runlock import run_lock
 from dcgan_dist.training.checkpoint import SPACE_ERRORS, CheckpointError, CheckpointWriteError
 from dcgan_dist.training.trainer import StepHook, Trainer, check_settings
 
+# The settings training uses (the eval.* ones of the evaluate command and sample.*, bench.*, tune.* are not).
+SETTINGS = ["run", "data", "model", "train", "optim", "eval.num", "eval.nhoods_per_image", "dist", "wandb"]
+
 
 def usage(cfg: Config, base: str) -> str:
-    lines = [__doc__.strip(), f"\nSettings (with --config {base} and the overrides given):"]
-    for key, value in flat_settings(cfg):
-        choices = allowed_values(key)
-        lines.append(f"  {key}={value}" + (f"    ({' | '.join(str(c) for c in choices)})" if choices else ""))
-    return "\n".join(lines)
+    settings = settings_help(cfg, base, SETTINGS)
+    return f"usage: python -m dcgan_dist.train {SETTINGS_USAGE}\n\n{__doc__.strip()}\n\n{settings}"
 
 
 def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:

@@ -1,8 +1,8 @@
 """Hyper-parameter sweeps: Ray Tune over trials that are each a full multi-worker Ray Train run.
 
-    python -m dcgan_dist.tune --config debug --search "optim.lr=loguniform(1e-4,1e-3)" \\
-        --search "model.ngf=choice(32,64)" --trials 8 --scheduler asha
-    python -m dcgan_dist.tune --config debug --search "optim.lr=loguniform(1e-4,1e-3)" --trials 4 --scheduler pbt
+    python -m dcgan_dist.tune --config debug train.eval_every=100 --search "optim.lr=loguniform(1e-4,1e-3)" \\
+        --search "model.ngf=choice(32,64)" tune.trials=8 tune.scheduler=asha
+    python -m dcgan_dist.tune --config debug --search "optim.lr=loguniform(1e-4,1e-3)" tune.trials=4 tune.scheduler=pbt
 
 Every trial trains the settings of the command line with its own values of the searched keys, on
 dist.num_workers workers (DDP, synchronised batch norm), and is scored by the in-training SWD against real
@@ -11,6 +11,8 @@ images (train.eval_every; lower is better). A trial reports to Tune at every eva
 same step; PBT replaces the worse trials' weights with the better ones' and perturbs their learning rates.
 
 Spaces: loguniform(a,b), uniform(a,b), randint(a,b) (b excluded), choice(v1,v2,...), grid(v1,v2,...).
+What is searched is a flag, --search KEY=SPACE (repeated; KEY is any setting); how (trials, scheduler,
+concurrency) are the tune.* settings below, and every other setting is each trial's, as for dcgan_dist.train.
 
 The sweep lives in run.dir (a folder or s3://bucket/prefix): Tune's state and per-trial checkpoints in
 <run.dir>/tune, each trial's run (metrics.jsonl, samples, Ray checkpoints, best.pt) in <run.dir>/trials/<trial>.
@@ -21,42 +23,40 @@ GPU per worker on CUDA) each.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from dcgan_dist.config import ConfigError, build_config, split_args
+from dcgan_dist.cli import args as cli
+from dcgan_dist.config import ConfigError
 from dcgan_dist.errors import RunError
-from dcgan_dist.launch.sweep import apply, parse_search, scheduler, sweep
+
+COMMAND = cli.Command(
+    "python -m dcgan_dist.tune",
+    __doc__,
+    settings=["tune", "run", "data", "model", "train", "optim", "eval.num", "eval.nhoods_per_image", "dist", "wandb"],
+    moved={
+        "--trials": "tune.trials=N",
+        "--scheduler": "tune.scheduler=asha|pbt|fifo",
+        "--concurrent": "tune.concurrent=N",
+    },
+    fixed=["dist.launcher=ray"],  # every trial is a Ray Train run
+)
+COMMAND.parser.add_argument(
+    "--search", action="append", default=[], metavar="KEY=SPACE", help="a setting and its space (repeated)"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    # The docstring's first paragraph is the description; the rest (examples, spaces) is printed once, after it.
-    summary, _, details = __doc__.partition("\n\n")
-    parser = argparse.ArgumentParser(
-        prog="python -m dcgan_dist.tune",
-        description=summary,
-        epilog=details,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="%(prog)s [--config FILE] --search KEY=SPACE [--search ...] [--trials N] [--scheduler {asha,pbt,fifo}]"
-        " [--concurrent N] [key=value ...]",
-    )
-    parser.add_argument("--search", action="append", default=[], metavar="KEY=SPACE", help="a key and its space")
-    parser.add_argument("--trials", type=int, default=4, help="trials to sample (a grid: repeats of the grid)")
-    parser.add_argument("--scheduler", choices=("asha", "pbt", "fifo"), default="asha")
-    parser.add_argument(
-        "--concurrent",
-        type=int,
-        default=0,
-        help="trials side by side at most (default: as many as the cluster has room for)",
-    )
-    args, rest = parser.parse_known_args(argv)
+    parsed = COMMAND.parse(argv)
+    if isinstance(parsed, int):
+        return parsed
+    args, base, _ = parsed
+    tune = base.tune
+    # Imported once the command line is known to be good: a bad one is refused without Ray, which is slow to import.
+    from dcgan_dist.launch.sweep import apply, parse_search, scheduler, sweep
+
     try:
-        file, overrides = split_args(rest)
-        base = build_config(file or "debug", [*overrides, "dist.launcher=ray"])  # every trial is a Ray Train run
         if not base.train.eval_every:
             raise ConfigError("a sweep scores trials by the in-training SWD: set train.eval_every (e.g. 100)")
-        if args.trials < 1:
-            raise ConfigError("--trials must be at least 1")
         # Every evaluation is reported to Tune with a checkpoint, so that PBT and a resumed sweep continue there.
         base = apply(base, {"train.checkpoint_every": base.train.eval_every})
         searches = [parse_search(item, base) for item in args.search]
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(
                 "nothing to search: give --search KEY=SPACE (e.g. --search 'optim.lr=loguniform(1e-4,1e-3)')"
             )
-        chosen = scheduler(args.scheduler, base, searches)
+        chosen = scheduler(tune.scheduler, base, searches)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_settings(base, base.dist.num_workers)
         with run_lock(base.run.dir):  # one sweep per run.dir; its trials' Ray workers do not lock
-            return sweep(base, searches, args.trials, args.scheduler, chosen, args.concurrent)
+            return sweep(base, searches, tune.trials, tune.scheduler, chosen, tune.concurrent)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

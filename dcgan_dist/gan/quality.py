@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dcgan_dist.config import EvalSection
 from dcgan_dist.data.images import to_uint8
 
 NHOOD_SIZE = 7
 MIN_LEVEL_SIZE = 16  # coarsest pyramid level, as in the paper
-DEFAULT_INCEPTION_WEIGHTS = "~/.cache/torch/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth"
+DEFAULT_INCEPTION_WEIGHTS = EvalSection.inception_weights  # the setting eval.inception_weights
 
 
 def _gaussian_kernel(channels: int) -> torch.Tensor:
@@ -158,7 +159,11 @@ def inception_extractor(weights: str | None, device: str | torch.device = "cpu")
     """torch-fidelity's InceptionV3 (the TF-FID port) from local weights; (extractor, None) or (None, reason)."""
     path = Path(os.path.expanduser(weights or DEFAULT_INCEPTION_WEIGHTS))
     if not path.is_file():
-        how = "--inception-weights PATH" if weights is None else "a readable file"
+        how = (
+            "eval.inception_weights=PATH"
+            if path == Path(os.path.expanduser(DEFAULT_INCEPTION_WEIGHTS))
+            else "a readable file"
+        )
         return None, f"Inception weights not found at {path}; pass {how} (pt_inception-2015-12-05 from torch-fidelity)"
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3

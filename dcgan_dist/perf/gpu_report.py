@@ -1,6 +1,6 @@
 """One command, one Markdown report of what the hardware at hand does with DCGAN.
 
-    python -m dcgan_dist.bench --gpu-report docs/gpu-report.md [--config default] [key=value ...] [--steps 50]
+    python -m dcgan_dist.bench --gpu-report docs/gpu-report.md [--config default] [key=value ...] [bench.steps=50]
 
 Sized to finish in under 10 minutes on one GPU with the default preset (compilation included). It runs:
 
@@ -16,7 +16,7 @@ Sized to finish in under 10 minutes on one GPU with the default preset (compilat
 4. the SWD after a short run of the same model in fp32 and in bf16 (the real Trainer, same steps and seed).
 
 On a CPU it does what applies and says, row by row, what it skipped and why: CUDA graphs need CUDA, and
-compilation (minutes on a small CPU) runs only with --report-compile yes. A row that fails records its error
+compilation (minutes on a small CPU) runs only with bench.report_compile=yes. A row that fails records its error
 and the report goes on. The last line printed is one JSON object with everything in the report.
 """
 
@@ -168,7 +168,7 @@ def training_steps(
         plan["+ torch.compile"] = (
             None,
             None,
-            "skipped: compilation takes minutes on a small CPU; --report-compile yes to include it",
+            "skipped: compilation takes minutes on a small CPU; bench.report_compile=yes to include it",
         )
     if device.type != "cuda":
         plan["+ CUDA graphs (compile mode reduce-overhead)"] = (None, None, "skipped: CUDA graphs need a CUDA device")
@@ -176,7 +176,7 @@ def training_steps(
         plan["+ CUDA graphs (compile mode reduce-overhead)"] = (
             None,
             None,
-            "skipped: needs torch.compile (--report-compile)",
+            "skipped: needs torch.compile (bench.report_compile)",
         )
     else:
         plan["+ CUDA graphs (compile mode reduce-overhead)"] = (
