@@ -399,7 +399,7 @@ def validate(cfg: Config) -> None:
     """The bounds declared with `bounded(...)` and the rules that relate settings (types and Literal values
     are checked by OmegaConf while merging)."""
     for section in dataclasses.fields(Config):
-        for f in dataclasses.fields(section.default_factory):
+        for f in dataclasses.fields(section.default_factory):  # type: ignore[arg-type]  # a section class as factory
             key, value = f"{section.name}.{f.name}", getattr(getattr(cfg, section.name), f.name)
             # Every float setting: nan passes any bound check (comparisons with nan are false) and inf is
             # no learning rate, decay or interval either.
@@ -525,7 +525,7 @@ def flat_settings(cfg: Config) -> list[tuple[str, Any]]:
     return [
         (f"{s.name}.{f.name}", getattr(getattr(cfg, s.name), f.name))
         for s in dataclasses.fields(Config)
-        for f in dataclasses.fields(s.default_factory)
+        for f in dataclasses.fields(s.default_factory)  # type: ignore[arg-type]  # a section class as factory
     ]
 
 

@@ -158,7 +158,7 @@ def _bench(argv: list[str] | None) -> int:
     else:
         peak, peak_source = device_peak(device, cfg.train.precision, threads)
         result.update({"flops_per_image": step_flops_per_image(cfg), "peak_flops": peak, "peak_source": peak_source})
-        loops = {"train": TrainLoop(cfg, env, shards)}
+        loops: dict[str, TrainLoop | MinimalLoop] = {"train": TrainLoop(cfg, env, shards)}
         if bench.baseline:
             loops["baseline"] = MinimalLoop(cfg, device)
         try:

@@ -16,6 +16,7 @@ import argparse
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,9 +50,12 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
     arrays: dict[str, list] = {}  # url -> [(key, shape)] of its decodable samples
     formats: Counter = Counter()
     bad_by_shard: Counter = Counter()
-    first, errors, reasons = [], [], []
+    first: list[np.ndarray] = []
+    errors: list[str] = []
+    reasons: list[str] = []
     for url in urls:
-        read, failure, decoded = 0, [], []
+        read, decoded = 0, []
+        failure: list[Exception] = []
 
         def keep_going(exc: Exception, failure: list = failure) -> bool:  # this shard's list
             failure.append(exc)
@@ -78,6 +82,7 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
     errors += [f"{Path(path).name}: missing, dataset.json lists it ({expected[path]} samples)" for path in missing]
     shapes = Counter(shape for decoded in arrays.values() for _, shape in decoded)
     # What the set should hold: dataset.json's shape, else that of most images; the others are unusable.
+    want_shape: tuple[int, int, int] | None
     if info:
         want_shape = (info.image_size, info.image_size, info.channels)
     else:
@@ -90,7 +95,7 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
                     f"sample '{key}' in {url}: {shape[0]}x{shape[1]} with {shape[2]} channel(s), the set "
                     f"holds {want_shape[0]}x{want_shape[1]} with {want_shape[2]}" + (" (dataset.json)" if info else "")
                 )
-    report = {
+    report: dict[str, Any] = {
         "shards": len(urls),
         "samples": sum(shapes.values()),
         "expected_samples": info.num_samples if info else None,
