@@ -89,7 +89,7 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
         want_shape = shapes.most_common(1)[0][0] if shapes else None
     for url, decoded in arrays.items():
         for key, shape in decoded:
-            if shape != want_shape:
+            if want_shape is not None and shape != want_shape:  # None only when nothing decoded
                 bad_by_shard[url] += 1
                 reasons.append(
                     f"sample '{key}' in {url}: {shape[0]}x{shape[1]} with {shape[2]} channel(s), the set "
