@@ -45,6 +45,9 @@ def section(factory: Any, doc: str):
 
 
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes at most 64 bits (signed)
+# run.seed is offset before use (the in-training SWD adds 1_000_003, bench adds a worker's rank): room for them
+# below SEED_LIMIT. numpy's SeedSequence (data/loader.py slot_seed) takes any seed >= 0, no negative one.
+RUN_SEED_ROOM = 2**21
 
 
 @dataclass
@@ -57,7 +60,12 @@ class RunSection:
         "output folder (or s3://bucket/prefix): config.yaml, metrics.jsonl, samples/, checkpoints/; rerunning with "
         "the same dir resumes",
     )
-    seed: int = setting(0, "seed of the weights' initialisation, the data order and the in-training SWD")
+    seed: int = setting(
+        0,
+        "seed of the weights' initialisation, the data order and the in-training SWD",
+        at_least=0,
+        below=SEED_LIMIT - RUN_SEED_ROOM,
+    )
     storage_timeout_s: float = setting(
         300.0,
         "how long an object store that stops answering is waited for per request (a line every ~10 s) before the "
@@ -167,7 +175,9 @@ class EvalSection:
 
 @dataclass
 class SampleSection:
-    num: int = setting(64, "images in the grid", at_least=1)
+    # At most 10,000: one grid image of them all, generated in one batch (10,000 64x64 RGB images are ~500 MB of
+    # floats and a 6,400-pixel-wide PNG); a larger number only hangs the command.
+    num: int = setting(64, "images in the grid", at_least=1, below=10_001)
     seed: int = setting(0, "seed of the latent vectors", at_least=0, below=SEED_LIMIT)
     nrow: int = setting(0, "images per row of the grid; 0: a square grid", at_least=0)
     weights: Literal["auto", "ema", "raw"] = setting(
@@ -188,7 +198,7 @@ class BenchSection:
     checkpoint: bool = setting(
         False, "also time writing one checkpoint to run.dir (a local folder or s3://bucket/prefix)"
     )
-    report_compile: Literal["auto", "yes", "no"] = setting(
+    report_compile: Literal["auto", True, False] = setting(
         "auto", "--gpu-report: time the torch.compile rows; auto: on CUDA only (minutes on a small CPU)"
     )
     report_swd_steps: int = setting(
@@ -310,7 +320,7 @@ def _expected(key: str) -> str:
     try:
         choices = allowed_values(key)
         if choices is not None:
-            return "one of " + ", ".join(str(c) for c in choices)
+            return "one of " + ", ".join(show(c) for c in choices)
         section, _, name = key.rpartition(".")
         hint = typing.get_type_hints(_section(section))[name]
         return f"a value of type {getattr(hint, '__name__', hint)}"
@@ -323,6 +333,8 @@ def resolve_config_path(name: str) -> Path:
     path = Path(name)
     if path.is_file():
         return path
+    if path.expanduser().is_dir():
+        raise ConfigError(f"config file '{name}' is a directory; give a YAML file or a preset ({', '.join(presets())})")
     preset = PRESET_DIR / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
     if preset.is_file():
         return preset
@@ -334,10 +346,16 @@ def presets() -> list[str]:
 
 
 def _parse_dotlist(overrides: list[str]) -> DictConfig:
-    for item in overrides:
-        key, sep, _ = item.partition("=")
+    overrides = list(overrides)
+    for i, item in enumerate(overrides):
+        key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.max_steps=100)")
+        if not value.strip() and key in setting_keys():  # YAML reads `key=` as null: an empty text, or refused
+            section, _, name = key.rpartition(".")
+            if typing.get_type_hints(_section(section))[name] is not str:
+                raise ConfigError(f"config key '{key}' is empty; it expects {_expected(key)}")
+            overrides[i] = f"{key}=''"
     try:
         return OmegaConf.from_dotlist(overrides)
     except (OmegaConfBaseException, yaml.YAMLError) as exc:  # YAML refuses control characters, for one
@@ -437,6 +455,8 @@ _SYSTEM_DIRS = ("/", "/home", "/root", "/var", "/tmp", "/opt", "/srv", "/mnt", "
 def check_run_location(run: RunSection) -> None:
     """run.name is a plain name and run.dir is not a system folder (nor the home folder itself); ConfigError
     otherwise. For what a user typed (files and overrides): configs stored by older runs are read as they are."""
+    if not run.name:
+        raise ConfigError("config key 'run.name' is empty; give a plain name of letters, digits, '.', '_' and '-'")
     if not _RUN_NAME.match(run.name) or run.name in (".", ".."):
         raise ConfigError(
             f"config key 'run.name' is {run.name!r}; it must be a plain name of letters, digits, '.', "
@@ -529,32 +549,40 @@ def flat_settings(cfg: Config) -> list[tuple[str, Any]]:
     ]
 
 
-def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    """`[--config FILE] [key=value ...]` -> (file, overrides); --config may appear anywhere."""
-    config_file, overrides, i = None, [], 0
+def split_args(argv: list[str], prog: str | None = None) -> tuple[str | None, list[str]]:
+    """`[--config FILE] [key=value ...]` -> (file, overrides); --config may appear anywhere, once (prog: the
+    command, named in the error about an unknown option)."""
+    config_file: str | None = None
+    overrides, i = [], 0
     while i < len(argv):
-        arg = argv[i]
+        arg, value = argv[i], None
         if arg in ("--config", "-c"):
             if i + 1 >= len(argv):
                 raise ConfigError("--config needs a file name")
-            config_file, i = argv[i + 1], i + 2
-            continue
-        if arg.startswith("--config="):
-            config_file = arg.split("=", 1)[1]
+            value, i = argv[i + 1], i + 1
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
         elif arg.startswith("-"):
-            raise ConfigError(f"unknown option '{arg}'; usage: [--config FILE] [key=value ...]")
+            see = f"see {prog} --help" if prog else "usage: [--config FILE] [key=value ...]"
+            raise ConfigError(f"unknown option '{arg.split('=', 1)[0]}' ({see})")
         else:
             overrides.append(arg)
+        if value is not None:
+            if not value.strip():
+                raise ConfigError(f"--config is empty; give a YAML file or a preset ({', '.join(presets())})")
+            if config_file is not None:
+                raise ConfigError(f"--config is given twice ({config_file}, {value}); give one")
+            config_file = value
         i += 1
     return config_file, overrides
 
 
-def from_args(argv: list[str]) -> tuple[Config, str]:
+def from_args(argv: list[str], prog: str | None = None) -> tuple[Config, str]:
     """The Config of a command line `[--config FILE] [key=value ...]`, and the preset or file it started from.
 
     Without --config the quick-start preset is the base, overrides or not: `train train.max_steps=3000` after
     the quick start continues the quick-start run rather than starting the schema's 64x64 defaults elsewhere.
     """
-    config_file, overrides = split_args(argv)
+    config_file, overrides = split_args(argv, prog)
     base = config_file or QUICKSTART_PRESET
     return build_config(base, overrides), base

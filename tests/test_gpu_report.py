@@ -54,7 +54,7 @@ def test_gpu_report_on_cpu(tmp_path, tiny_shards):
         assert steps[name]["images_per_s"] > 0 and steps[name]["vs_minimal"] > 0 and steps[name]["mfu"] > 0, name
         assert re.search(rf"\| {re.escape(name)} \| [0-9.]+ \| [0-9.]+ \| [0-9.e+-]+ % \|", text), name
     assert steps[ROWS[0]]["vs_minimal"] == 1.0
-    assert steps[ROWS[4]]["images_per_s"] is None and "bench.report_compile=yes" in steps[ROWS[4]]["note"]
+    assert steps[ROWS[4]]["images_per_s"] is None and "bench.report_compile=true" in steps[ROWS[4]]["note"]
     assert steps[ROWS[5]]["note"] == "skipped: CUDA graphs need a CUDA device"
     for name in ROWS[4:]:  # listed again, with the reason, under "Skipped or failed"
         assert f"- {name}: skipped: " in text.split("## Skipped or failed", 1)[1]

@@ -42,6 +42,25 @@ def settings_help(cfg: Config, base: str, selection: Sequence[str] | None = None
     return "\n".join(lines)
 
 
+def check_overrides(overrides: Sequence[str], settings: Sequence[str] | None, prog: str) -> None:
+    """Refuse (ConfigError) an override of a setting the command does not use: another command's section is not
+    silently ignored. A key the schema does not have is left to the schema's own error; model.* of a command that
+    reads a checkpoint (it does not list model) is the checkpoint's."""
+    if settings is None:
+        return
+    used = set(setting_keys(list(settings)))
+    for item in overrides:
+        key = item.partition("=")[0]
+        if key in used or key not in setting_keys():
+            continue
+        command = prog.rpartition(".")[2]
+        if key.startswith("model."):
+            raise ConfigError(
+                f"{key} is not a setting of {command}: the checkpoint decides the model (see {prog} --help)"
+            )
+        raise ConfigError(f"{key} is not a setting of {command}; its settings: see {prog} --help")
+
+
 class Command:
     """A command's flags (argparse, for what is not a setting) and its settings (the schema)."""
 
@@ -77,7 +96,8 @@ class Command:
                     raise ConfigError(
                         f"{flag} is a setting now: write {self.moved[flag]} (see {self.parser.prog} --help)"
                     )
-            config_file, overrides = split_args(rest)
+            config_file, overrides = split_args(rest, self.parser.prog)
+            check_overrides(overrides, self.settings, self.parser.prog)
             cfg, base = from_args([*(["--config", config_file] if config_file else []), *overrides, *self.fixed])
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -100,6 +120,42 @@ def output_file(text: str) -> str:
     """An argparse type: the name of a file to write (not a folder)."""
     if not text or Path(text).name in ("", ".", "..") or Path(text).expanduser().is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is not a file name (a folder?); give one such as grid.png")
+    return text
+
+
+def _integer(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give {least} or more") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} is too small; give {least} or more")
+    return value
+
+
+def whole_number(text: str) -> int:
+    """An argparse type: an integer, 0 or more."""
+    return _integer(text, 0)
+
+
+def positive_number(text: str) -> int:
+    """An argparse type: an integer, 1 or more."""
+    return _integer(text, 1)
+
+
+def output_folder(text: str) -> str:
+    """An argparse type: the name of a folder to write into (not empty: never the current directory by accident)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty folder name; give one such as data/faces")
+    if Path(text).expanduser().is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; give a folder")
+    return text
+
+
+def not_empty(text: str) -> str:
+    """An argparse type: a value that is not empty (an empty one would silently mean the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give a value, or leave the option out for its default")
     return text
 
 

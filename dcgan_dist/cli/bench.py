@@ -79,13 +79,14 @@ COMMAND = cli.Command(
         "--skip-data": "bench.measure=step",
         "--data-only": "bench.measure=loader",
         "--checkpoint": "bench.checkpoint=true",
-        "--report-compile": "bench.report_compile=auto|yes|no",
+        "--report-compile": "bench.report_compile=auto|true|false",
         "--report-swd-steps": "bench.report_swd_steps=N",
     },
 )
 COMMAND.parser.add_argument(
     "--gpu-report",
     metavar="FILE.md",
+    type=cli.output_file,
     help="instead: the one-command report (fp32 loop to CUDA graphs, loader, MFU, sync-BN check, "
     "SWD fp32 vs bf16) written to FILE.md; see dcgan_dist/perf/gpu_report.py",
 )
@@ -98,17 +99,21 @@ def _bench(argv: list[str] | None) -> int:
     args, setting, _ = parsed
     bench = setting.bench
     if args.gpu_report:
-        from dcgan_dist.perf.gpu_report import write_report
+        from dcgan_dist.perf.gpu_report import ReportWriteError, write_report
 
-        write_report(
-            setting,
-            args.gpu_report,
-            steps=bench.steps,
-            warmup=bench.warmup,
-            compile=bench.report_compile,
-            swd_steps=bench.report_swd_steps or None,
-            command=" ".join(["python -m dcgan_dist.bench", *(sys.argv[1:] if argv is None else argv)]),
-        )
+        try:
+            write_report(
+                setting,
+                args.gpu_report,
+                steps=bench.steps,
+                warmup=bench.warmup,
+                compile=bench.report_compile,
+                swd_steps=bench.report_swd_steps or None,
+                command=" ".join(["python -m dcgan_dist.bench", *(sys.argv[1:] if argv is None else argv)]),
+            )
+        except ReportWriteError as exc:
+            print(cli.write_error("--gpu-report", args.gpu_report, exc.error), file=sys.stderr)
+            return 2
         return 0
     if setting.train.num_threads:
         torch.set_num_threads(setting.train.num_threads)

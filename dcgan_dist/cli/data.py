@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dcgan_dist.cli import args as cli
 from dcgan_dist.config import DataSection, ModelSection, allowed_values
 from dcgan_dist.data.convert import convert
 from dcgan_dist.data.images import save_grid
@@ -127,7 +128,7 @@ def default_preview(shards: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.OneLineParser(
         prog="python -m dcgan_dist.data",
         description="Write, convert and inspect face shards.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -136,31 +137,43 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="draw synthetic faces into shards (the embedded default data set)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, type=cli.output_folder)
     p.add_argument(
-        "--num", type=int, default=DataSection.synth_num, help="faces (default: data.synth_num's, %(default)s)"
+        "--num",
+        type=cli.positive_number,
+        default=DataSection.synth_num,
+        help="faces (default: data.synth_num's, %(default)s)",
     )
-    p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--size", type=int, default=ModelSection.image_size)
+    p.add_argument("--shard-size", type=cli.positive_number, default=1000)
+    p.add_argument("--size", type=int, default=ModelSection.image_size, choices=allowed_values("model.image_size"))
     p.add_argument("--channels", type=int, default=ModelSection.channels, choices=allowed_values("model.channels"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.whole_number, default=0)
     p.add_argument("--format", default="png", choices=FORMATS, help=FORMAT_HELP)
-    p.add_argument("--processes", type=int, default=0, help="drawing processes (0 = one per core)")
+    p.add_argument("--processes", type=cli.whole_number, default=0, help="drawing processes (0 = one per core)")
 
     p = sub.add_parser("convert", help="convert an image folder, a zip of images or MNIST IDX files into shards")
     p.add_argument(
         "--src", required=True, help="image folder (e.g. img_align_celeba/), .zip, or *-images-idx3-ubyte[.gz]"
     )
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, type=cli.output_folder)
     p.add_argument(
-        "--size", type=int, default=None, help=f"output size (default {ModelSection.image_size}; IDX files keep 28)"
+        "--size",
+        type=int,
+        default=None,
+        choices=allowed_values("model.image_size"),
+        help=f"output size (default {ModelSection.image_size}; IDX files keep 28)",
     )
-    p.add_argument("--channels", type=int, default=None, choices=(1, 3), help="default 3 (IDX: 1)")
     p.add_argument(
-        "--crop", type=int, default=0, help="centre crop side in px before resizing (default: largest square)"
+        "--channels", type=int, default=None, choices=allowed_values("model.channels"), help="default 3 (IDX: 1)"
     )
-    p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--limit", type=int, default=0, help="convert only the first N images")
+    p.add_argument(
+        "--crop",
+        type=cli.whole_number,
+        default=0,
+        help="centre crop side in px before resizing (default: largest square)",
+    )
+    p.add_argument("--shard-size", type=cli.positive_number, default=1000)
+    p.add_argument("--limit", type=cli.whole_number, default=0, help="convert only the first N images (0: all)")
     p.add_argument("--format", default="png", choices=FORMATS, help=FORMAT_HELP)
 
     p = sub.add_parser("inspect", help="count shards and samples, report image size, write a preview grid")

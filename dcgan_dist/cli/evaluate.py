@@ -1,14 +1,14 @@
 """Evaluate a generator: multi-scale SWD always, FID when Inception weights are on this machine.
 
     python -m dcgan_dist.evaluate --checkpoint runs/debug
-    python -m dcgan_dist.evaluate --checkpoint runs/debug/checkpoints/best.pt --shards data/faces \
+    python -m dcgan_dist.evaluate --checkpoint runs/debug/checkpoints/best.pt --shards data/faces \\
         eval.num=4096 eval.untrained=true
 
 --checkpoint takes what `sample` takes (a checkpoint file, a Ray checkpoint directory, a run directory).
 Prints one JSON line: swd (x1e3, mean over pyramid levels) and swd_levels, swd_real_vs_real (the same
 metric between two disjoint halves of the real data: the floor a perfect generator would reach at this
-sample size), fid (or null with fid_reason), and with --untrained the SWD of the freshly initialised
-generator for scale (eval.untrained=true). The generated set uses the EMA weights when the checkpoint has them.
+sample size), fid (or null with fid_reason), and with eval.untrained=true the SWD of the freshly initialised
+generator for scale. The generated set uses the EMA weights when the checkpoint has them.
 How many images, the seed, the SWD's neighbourhoods, the weights: the eval.* settings listed below, the same
 ones the in-training SWD uses (eval.num, eval.nhoods_per_image).
 
@@ -97,6 +97,7 @@ parser.add_argument("--checkpoint", help="checkpoint file, Ray checkpoint dir, o
 parser.add_argument(
     "--shards",
     default=None,
+    type=cli.not_empty,
     help="real images (default: the run's data.shards when it is a folder, file or s3:// location)",
 )
 

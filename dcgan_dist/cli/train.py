@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from dcgan_dist import stopping
-from dcgan_dist.cli.args import SETTINGS_USAGE, settings_help
+from dcgan_dist.cli.args import SETTINGS_USAGE, check_overrides, settings_help
 from dcgan_dist.config import Config, ConfigError, from_args, split_args
 from dcgan_dist.errors import RunError
 from dcgan_dist.gan.precision import pick_device
@@ -29,16 +29,20 @@ from dcgan_dist.training.trainer import StepHook, Trainer, check_settings
 SETTINGS = ["run", "data", "model", "train", "optim", "eval.num", "eval.nhoods_per_image", "dist", "wandb"]
 
 
+PROG = "python -m dcgan_dist.train"
+
+
 def usage(cfg: Config, base: str) -> str:
     settings = settings_help(cfg, base, SETTINGS)
-    return f"usage: python -m dcgan_dist.train {SETTINGS_USAGE}\n\n{__doc__.strip()}\n\n{settings}"
+    return f"usage: {PROG} {SETTINGS_USAGE}\n\n{__doc__.strip()}\n\n{settings}"
 
 
 def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = [a for a in argv if a not in ("-h", "--help")]
     try:
-        cfg, base = from_args(args)
+        cfg, base = from_args(args, PROG)
+        check_overrides(split_args(args)[1], SETTINGS, PROG)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -509,7 +509,8 @@ def shard_counts(spec: str) -> tuple[dict[str, int], list[str]]:
 
 
 def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_):
-    """webdataset's opener for s3:// shards: the object read in 4 MiB ranged GETs (storage.py says which store)."""
+    """webdataset's opener for s3:// shards: the object read in 4 MiB ranged GETs (storage/filesystem.py says
+    which store)."""
     if mode != "rb":
         raise ValueError(f"{url}: shards in an object store are read here, written with `data synth/convert --out`")
     return io.BufferedReader(ObjectReader(url), buffer_size=4 << 20)

@@ -61,7 +61,7 @@ from dcgan_dist.training.metrics import NonFiniteLoss, emit
 from dcgan_dist.training.trainer import StepHook, Trainer
 
 # Driver environment variables that workers need (Ray does not copy the driver's environment to workers): W&B's,
-# and the object store's endpoint and credentials (storage.py).
+# and the object store's endpoint and credentials (storage/filesystem.py).
 FORWARDED_ENV = (
     "WANDB_API_KEY",
     "WANDB_PROJECT",

@@ -224,7 +224,7 @@ def scheduler(name: str, cfg: Config, searches: list[Search]):
         mutations = {s.key: s.mutation() for s in searches if s.key.startswith("optim.")}
         if not mutations:
             raise ConfigError(
-                "--scheduler pbt perturbs learning rates: search at least one optim.* key "
+                "tune.scheduler=pbt perturbs learning rates: search at least one optim.* key "
                 "(e.g. --search 'optim.lr=loguniform(1e-4,1e-3)')"
             )
         # Every second evaluation the trials wait for each other (synch: the same decisions whatever the timing),

@@ -16,7 +16,7 @@ Sized to finish in under 10 minutes on one GPU with the default preset (compilat
 4. the SWD after a short run of the same model in fp32 and in bf16 (the real Trainer, same steps and seed).
 
 On a CPU it does what applies and says, row by row, what it skipped and why: CUDA graphs need CUDA, and
-compilation (minutes on a small CPU) runs only with bench.report_compile=yes. A row that fails records its error
+compilation (minutes on a small CPU) runs only with bench.report_compile=true. A row that fails records its error
 and the report goes on. The last line printed is one JSON object with everything in the report.
 """
 
@@ -168,7 +168,7 @@ def training_steps(
         plan["+ torch.compile"] = (
             None,
             None,
-            "skipped: compilation takes minutes on a small CPU; bench.report_compile=yes to include it",
+            "skipped: compilation takes minutes on a small CPU; bench.report_compile=true to include it",
         )
     if device.type != "cuda":
         plan["+ CUDA graphs (compile mode reduce-overhead)"] = (None, None, "skipped: CUDA graphs need a CUDA device")
@@ -402,12 +402,20 @@ def to_markdown(report: Report) -> str:
     return "\n".join(lines)
 
 
+class ReportWriteError(Exception):
+    """The report was measured but its file could not be written (the OSError in `.error`)."""
+
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
+
+
 def write_report(
     setting: Config,
     out: str,
     steps: int = 20,
     warmup: int = 5,
-    compile: str = "auto",
+    compile: bool | str = "auto",
     swd_steps: int | None = None,
     command: str = "",
 ) -> Report:
@@ -418,7 +426,7 @@ def write_report(
     threads = torch.get_num_threads()
     device = pick_device(setting.train.device)
     cfg, speed = resolved(setting, device)
-    use_compile = compile == "yes" or (compile == "auto" and device.type == "cuda")
+    use_compile = compile is True or (compile == "auto" and device.type == "cuda")
     swd_steps = swd_steps if swd_steps is not None else (600 if device.type == "cuda" else 200)
     shards = resolve_data(cfg.data, cfg.model)[0]
     m = cfg.model
@@ -448,8 +456,11 @@ def write_report(
     report.swd = swd_after_training(cfg, shards, swd_steps)
     say(f"  SWD runs: {time.perf_counter() - started:.0f} s")
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_markdown(report))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(to_markdown(report))
+    except OSError as exc:  # the report's own file, told apart from a failure while measuring
+        raise ReportWriteError(exc) from exc
     say(f"wrote {path}")
     print(json.dumps(report.as_dict()))
     return report

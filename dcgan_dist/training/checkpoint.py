@@ -9,7 +9,7 @@ run, and read back into the same parts with `load_state_dict`:
      "ranks": {0: {"data": ..., "rng": ...}, 1: {...}}}             # every rank's own `rank_states`
 
 Where checkpoints go is a storage: `StorageCheckpoints` (<run.dir>/checkpoints, on a disk or in an object
-store: the local launcher) or Ray Train's storage (`ray_launcher.RayCheckpoints`), both with the same three
+store: the local launcher) or Ray Train's storage (`launch/ray_train.py`'s RayCheckpoints), both with the same three
 methods. `load_checkpoint(path)` reads any of them back for resume, `sample` and `evaluate`: a checkpoint
 file, a Ray checkpoint directory, a folder of checkpoints, or a run directory (local or Ray).
 

@@ -1,7 +1,7 @@
 """The Trainer: builds a run's parts, restores them from the newest checkpoint, then trains.
 
     Trainer(cfg).fit()                                  # local: this process
-    Trainer(cfg, env, RayCheckpoints(...)).fit()        # every Ray Train worker (ray_launcher.py)
+    Trainer(cfg, env, RayCheckpoints(...)).fit()        # every Ray Train worker (launch/ray_train.py)
 
 `fit` is the whole training loop: a batch, `train_step`, then every part whose schedule is due (metrics,
 evaluator, sampler, checkpoints; see schedule.py for why only the step number decides). The same code runs in
