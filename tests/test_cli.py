@@ -247,3 +247,123 @@ def test_the_documented_command_lines_parse(capsys):
     for name, command, args in lines:
         code, _, err = run_main(command, [*args, "--help"], capsys)
         assert code == 0, (name, command, args, err)
+
+
+def test_bench_report_compile_takes_true_and_false_as_a_command_line_writes_them(capsys):
+    """yes/no are booleans to YAML: the setting takes what they read as (auto | true | false), shown so by --help."""
+    assert config.from_args(["bench.report_compile=true"])[0].bench.report_compile is True
+    assert config.from_args(["bench.report_compile=no"])[0].bench.report_compile is False
+    assert config.from_args([])[0].bench.report_compile == "auto"
+    code, out, _ = run_main("bench", ["--help"], capsys)
+    assert code == 0 and "bench.report_compile=auto    (auto | true | false)" in out
+
+
+def test_gpu_report_into_a_folder_is_refused_before_any_measurement(tmp_path, capsys, monkeypatch):
+    from dcgan_dist.perf import gpu_report
+
+    def measured(*args, **kwargs):
+        raise AssertionError("the report ran")
+
+    monkeypatch.setattr(gpu_report, "write_report", measured)
+    line = one_error_line(*run_main("bench", ["--gpu-report", str(tmp_path)], capsys)[::2])
+    assert "--gpu-report" in line and str(tmp_path) in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_seed_is_bounded_so_that_every_seed_derived_from_it_works():
+    import torch
+
+    from dcgan_dist.data.loader import slot_seed
+
+    for bad in ("-1", str(config.SEED_LIMIT - config.RUN_SEED_ROOM), str(2**64)):
+        with pytest.raises(config.ConfigError, match="run.seed"):
+            config.from_args([f"run.seed={bad}"])
+    top = config.from_args([f"run.seed={config.SEED_LIMIT - config.RUN_SEED_ROOM - 1}"])[0].run.seed
+    slot_seed(top, 3, 7)  # the data order and the noise stream
+    torch.Generator().manual_seed(top + 1_000_003 + 64)  # the in-training SWD's offset, bench's ranks
+
+
+@pytest.mark.parametrize(
+    "command, args, expected",
+    [
+        ("sample", ["--checkpoint", "x.pt", "bench.steps=3"], "bench.steps is not a setting of sample"),
+        ("sample", ["--checkpoint", "x.pt", "model.ngf=8"], "the checkpoint decides the model"),
+        ("evaluate", ["--checkpoint", "x.pt", "sample.num=5"], "sample.num is not a setting of evaluate"),
+        ("evaluate", ["--checkpoint", "x.pt", "model.image_size=32"], "the checkpoint decides the model"),
+        ("bench", ["tune.trials=2"], "tune.trials is not a setting of bench"),
+        ("train", ["sample.num=5"], "sample.num is not a setting of train"),
+        ("train", ["eval.weights=raw"], "eval.weights is not a setting of train"),
+    ],
+)
+def test_a_setting_of_another_command_is_refused_not_ignored(command, args, expected, tmp_path, capsys):
+    line = one_error_line(*run_main(command, args, capsys)[::2])
+    assert expected in line and f"python -m dcgan_dist.{command} --help" in line, line
+
+
+def test_each_command_accepts_the_settings_it_lists(capsys):
+    """train and tune take every training setting (tune passes them to its trials); a command's --help lists them."""
+    from dcgan_dist.cli import bench, evaluate, sample, train, tune
+
+    for command, listed in [
+        (tune.COMMAND, tune.COMMAND.settings),
+        (bench.COMMAND, bench.COMMAND.settings),
+        (sample.COMMAND, sample.COMMAND.settings),
+        (evaluate.COMMAND, evaluate.COMMAND.settings),
+    ]:
+        cfg = config.from_args([])[0]
+        overrides = [f"{k}={config.show(v)}" for k, v in config.flat_settings(cfg) if k in config.setting_keys(listed)]
+        assert not isinstance(command.parse(overrides), int), command.parser.prog
+    assert set(config.setting_keys(train.SETTINGS)) <= set(config.setting_keys(tune.COMMAND.settings))
+    trained = [f"{k}=1" for k in ("train.max_steps", "optim.lr", "eval.num", "dist.num_workers")] + [
+        "wandb.mode=offline"
+    ]
+    code, _, err = run_main("train", [*trained, "eval.num=16", "--help"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--check"], "error: unknown option '--check' (see python -m dcgan_dist.{command} --help)"),
+        (["--config="], "error: --config is empty"),
+        (["--config", "debug", "--config=default"], "error: --config is given twice (debug, default)"),
+        (["--config", "{tmp}"], "is a directory"),
+        (["run.name="], "error: config key 'run.name' is empty"),
+        (["train.max_steps="], "error: config key 'train.max_steps' is empty"),
+        (["train.channels_last=maybe"], "one of auto, true, false"),
+        (["sample.num=10000000"], "config key 'sample.num' is 10000000"),
+    ],
+)
+def test_bad_command_lines_are_one_line_in_every_command(args, expected, tmp_path, capsys):
+    for command in COMMANDS:
+        given = [a.replace("{tmp}", str(tmp_path)) for a in args]
+        line = one_error_line(*run_main(command, given, capsys)[::2])
+        assert expected.replace("{command}", command) in line, (command, line)
+
+
+def test_evaluate_refuses_empty_shards(capsys):
+    line = one_error_line(*run_main("evaluate", ["--checkpoint", "x.pt", "--shards="], capsys)[::2])
+    assert "--shards" in line and "empty" in line
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["synth", "--out", "{tmp}/x", "--num", "-5"], "--num: -5"),
+        (["synth", "--out", "", "--num", "4"], "--out: an empty folder name"),
+        (["synth", "--out", "{tmp}/x", "--size", "48"], "--size: invalid choice: 48"),
+        (["synth", "--out", "{tmp}/x", "--processes", "-3"], "--processes: -3"),
+        (["convert", "--src", "{tmp}", "--out", "{tmp}/x", "--limit", "-1"], "--limit: -1"),
+    ],
+)
+def test_data_tools_refuse_bad_values_in_one_line(args, expected, tmp_path, capsys):
+    from dcgan_dist.cli import data
+
+    given = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    try:
+        code = data.main(given)
+    except SystemExit as exc:
+        code = exc.code
+    line = one_error_line(code, capsys.readouterr().err)
+    assert expected in line, line
+    assert list(tmp_path.iterdir()) == []

@@ -97,8 +97,8 @@ class Command:
                         f"{flag} is a setting now: write {self.moved[flag]} (see {self.parser.prog} --help)"
                     )
             config_file, overrides = split_args(rest, self.parser.prog)
-            check_overrides(overrides, self.settings, self.parser.prog)
             cfg, base = from_args([*(["--config", config_file] if config_file else []), *overrides, *self.fixed])
+            check_overrides(overrides, self.settings, self.parser.prog)  # good settings, but of another command
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
