@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from dcgan_dist.config import Config, from_dict, to_dict
 from dcgan_dist.data import normalise, resolve_data
 from dcgan_dist.distributed.env import DistEnv
 from dcgan_dist.gan.models import build_models
+from dcgan_dist.gan.precision import pick_device, resolved
 from dcgan_dist.gan.step import make_optimizers, train_step
 from dcgan_dist.storage.filesystem import RunStorage
 from dcgan_dist.training.checkpoint import to_bytes
@@ -405,3 +407,133 @@ def bench_ray(cfg: Config, steps: int, warmup: int) -> dict:
 
 def format_mfu(value: float | None) -> str:
     return f"{value * 100:.3g} %" if value is not None else "unknown"
+
+
+Row = tuple[str, float, str]  # a line of the table: what was measured, images/s, MFU as text
+
+
+def run_bench(setting: Config, say: Callable[[str], None] = print) -> tuple[dict, list[Row], str]:
+    """The bench command's measurements on this machine (the local launcher) or its Ray workers (dist.launcher=ray),
+    as the bench.* settings ask: (the JSON line's dict, the table's rows, run.dir). say: told the speed settings
+    resolved, before the measurements. Raises RunError (bad data, an object store that stopped answering) and
+    StoreError."""
+    bench = setting.bench
+    if setting.train.num_threads:
+        torch.set_num_threads(setting.train.num_threads)
+    threads = torch.get_num_threads()
+    device = pick_device(setting.train.device if setting.dist.launcher == "local" else "cpu")
+    cfg, speed = resolved(setting, device)  # for this process's device; Ray workers resolve for theirs
+    say(f"Speed: {speed.reason}")
+    m = cfg.model
+    result: dict = {
+        "launcher": cfg.dist.launcher,
+        "batch_size": cfg.train.batch_size,
+        "image_size": m.image_size,
+        "ngf": m.ngf,
+        "ndf": m.ndf,
+        "precision_setting": setting.train.precision,
+        "precision": cfg.train.precision,
+        "channels_last": cfg.train.channels_last,
+        "compile": cfg.train.compile,
+        "threads": threads,
+        "dist_workers": cfg.dist.num_workers,
+        "loader_workers": cfg.data.num_workers,
+        "steps": bench.steps,
+    }
+    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} threads)"
+    shards = resolve_data(cfg.data, cfg.model)[0]
+    env = DistEnv(device=device)
+    rows: list[Row] = []
+    if bench.measure != "step":
+        result["data_images_per_s"], per_cpu_s = measure_data(cfg, env, shards, bench.steps * 2, bench.warmup)
+        rows.append(("loader alone (shards -> normalised tensors)", result["data_images_per_s"], ""))
+        if cfg.data.num_workers == 0:  # else the loader's processes do the work, and their CPU time is not counted
+            result["data_images_per_cpu_s"] = per_cpu_s
+            rows.append(("loader alone, per CPU-second of this process", per_cpu_s, ""))
+    if bench.checkpoint:
+        result.update(measure_checkpoint(cfg, device))
+    if bench.measure == "loader":
+        pass  # the loader's figure above is all that was asked for
+    elif cfg.dist.launcher == "ray":
+        result.update(bench_ray(setting, bench.steps, bench.warmup))
+        n = cfg.dist.num_workers
+        rows += [
+            ("c: 1 worker", result["single_worker_images_per_s"], ""),
+            (f"b: {n} workers, no communication", result["independent_images_per_s"], ""),
+            (f"a-nosync: {n} workers, DDP, per-worker BN", result["ddp_without_sync_bn_images_per_s"], ""),
+            (f"a: {n} workers, DDP + synchronised BN", result["train_images_per_s"], ""),
+        ]
+    else:
+        peak, peak_source = device_peak(device, cfg.train.precision, threads)
+        result.update({"flops_per_image": step_flops_per_image(cfg), "peak_flops": peak, "peak_source": peak_source})
+        loops: dict[str, TrainLoop | MinimalLoop] = {"train": TrainLoop(cfg, env, shards)}
+        if bench.baseline:
+            loops["baseline"] = MinimalLoop(cfg, device)
+        try:
+            rates = time_side_by_side(loops, cfg.train.batch_size, device, bench.steps, bench.warmup)
+        finally:
+            for loop in loops.values():
+                loop.close()
+        result["train_images_per_s"] = rates["train"]
+        result["mfu"] = mfu(rates["train"], result["flops_per_image"], peak)
+        rows.append(
+            (
+                f"training step ({cfg.train.precision}"
+                + (", channels_last" if cfg.train.channels_last else "")
+                + (", compiled" if cfg.train.compile else "")
+                + ", real loader)",
+                rates["train"],
+                format_mfu(result["mfu"]),
+            )
+        )
+        if bench.baseline:
+            base_peak, base_source = device_peak(device, "fp32", threads)
+            result.update(
+                {
+                    "baseline_images_per_s": rates["baseline"],
+                    "vs_baseline": rates["train"] / rates["baseline"],
+                    "baseline_flops_per_image": step_flops_per_image(cfg, minimal=True),
+                    "baseline_peak_flops": base_peak,
+                    "baseline_peak_source": base_source,
+                }
+            )
+            result["baseline_mfu"] = mfu(rates["baseline"], result["baseline_flops_per_image"], base_peak)
+            rows.append(
+                ("baseline: minimal fp32 loop, random tensors", rates["baseline"], format_mfu(result["baseline_mfu"]))
+            )
+    return result, rows, cfg.run.dir
+
+
+def bench_table(result: dict, rows: list[Row], run_dir: str) -> list[str]:
+    """The bench command's table and summary lines, from run_bench()'s result."""
+    lines: list[str] = []
+    lines.append(f"\n{'':2}{'measurement':<56}{'images/s':>10}{'MFU':>10}")
+    for name, value, mfu_text in rows:
+        lines.append(f"  {name:<56}{value:>10.1f}{mfu_text:>10}")
+    if "vs_baseline" in result:
+        lines.append(f"  training step / minimal fp32 loop (side by side): {result['vs_baseline']:.3f}")
+    if "flops_per_image" in result:
+        lines.append(
+            f"  FLOPs per image and step (FlopCounterMode, G+D forward+backward): "
+            f"{result['flops_per_image'] / 1e9:.3f} G"
+            + (
+                f"; minimal loop {result['baseline_flops_per_image'] / 1e9:.3f} G"
+                if "baseline_flops_per_image" in result
+                else ""
+            )
+        )
+        lines.append(
+            f"  peak: {result['peak_flops'] / 1e12:.3f} TFLOP/s ({result['peak_source']})"
+            if result["peak_flops"]
+            else f"  peak: {result['peak_source']}"
+        )
+    if "checkpoint_write_s" in result:
+        lines.append(
+            f"  checkpoint, {result['checkpoint_mib']:.1f} MiB to {run_dir}: {result['checkpoint_write_s']:.2f} s"
+        )
+    if "speedup" in result:
+        lines.append(f"  speedup a/c: {result['speedup']:.3f}   comm_efficiency a/b: {result['comm_efficiency']:.3f}")
+        lines.append(
+            "  per step: " + ", ".join(f"{k[:-2]} {v * 1000:.1f} ms" for k, v in result["step_breakdown"].items())
+        )
+    return lines

@@ -1,0 +1,121 @@
+"""The evaluate command's work: a checkpoint's generator against real images, multi-scale SWD always, FID when
+Inception weights are on this machine (`python -m dcgan_dist.evaluate`; its arguments and printing are in
+cli/evaluate.py).
+
+    job = prepare(setting, "runs/debug", shards=None)   # the generator, its run's settings, the real images
+    result = measure(job, setting.eval)                 # the JSON line's dict
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import webdataset as wds
+from torch import nn
+
+from dcgan_dist.config import Config, DataSection, EvalSection
+from dcgan_dist.data import ensure_synthetic, expand_shards
+from dcgan_dist.gan.models import build_models, generate
+from dcgan_dist.gan.precision import pick_device
+from dcgan_dist.gan.quality import fid, swd
+from dcgan_dist.storage.filesystem import is_remote
+from dcgan_dist.training.checkpoint import CheckpointError, load_generator, plain_location, settings_of
+from dcgan_dist.training.quality_tracking import real_images
+
+
+def shards_of_checkpoint(cfg: Config, file: str, cache_dir: str) -> str:
+    """The real images of a checkpoint's run, as far as a checkpoint may choose them: its data.shards when every
+    shard is a plain path or an s3:// location (never a pipe: command or a URL webdataset would fetch); its
+    synthetic faces (at most data.synth_num=20000 of them, the schema's default) in `cache_dir`, the command
+    line's data.cache_dir, never the checkpoint's. Raises CheckpointError."""
+    spec = cfg.data.shards
+    if not spec:
+        num = min(cfg.data.synth_num, DataSection.synth_num)  # how much work a checkpoint may ask for
+        try:
+            return str(ensure_synthetic(cache_dir, num, cfg.model.image_size, cfg.model.channels))
+        except OSError as exc:
+            raise CheckpointError(
+                f"{file} trained on the synthetic faces, and data.cache_dir={cache_dir} cannot hold "
+                f"them ({exc.strerror or exc}); give another data.cache_dir"
+            ) from None
+    refuse = (
+        f"{file} names data.shards={spec}, which is not a folder, shard file or s3:// location; a checkpoint "
+        "does not choose commands or URLs to read: give the real images with --shards"
+    )
+    if not all(plain_location(part) for part in wds.shardlists.expand_urls(spec)):  # '::' and {a..b}, nothing opened
+        raise CheckpointError(refuse)
+    try:
+        urls = expand_shards(spec)
+    except OSError as exc:
+        raise CheckpointError(
+            f"{file} was trained on data.shards={spec}: {exc}; give the real images with --shards"
+        ) from None
+    if not all(plain_location(url) for url in urls):  # a folder or glob may hold files named like URLs
+        raise CheckpointError(refuse)
+    # A device or a pipe (/dev/stdin, a FIFO) would be read forever or wait for a writer: files only.
+    special = next((url for url in urls if not is_remote(url) and not os.path.isfile(os.path.expanduser(url))), None)
+    if special:
+        raise CheckpointError(
+            f"{file} names data.shards={spec}, and {special} is not a regular file; give the real images with --shards"
+        )
+    return spec
+
+
+@dataclass
+class Evaluation:
+    """What an evaluation reads: the checkpoint's generator, its run's settings, and the real images."""
+
+    checkpoint: str
+    G: nn.Module
+    step: int
+    which: str  # the weights used: ema or raw
+    cfg: Config  # the checkpoint's run's settings: of which model.* and run.seed are used, and data.* as below
+    shards: str
+    device: torch.device
+
+    @property
+    def chw(self) -> tuple[int, int, int]:
+        return (self.cfg.model.channels, self.cfg.model.image_size, self.cfg.model.image_size)
+
+
+def prepare(setting: Config, checkpoint: str, shards: str | None = None) -> Evaluation:
+    """Load the checkpoint's generator (setting: the command line's train.device, eval.weights, data.cache_dir)
+    and choose the real images: `shards`, else the checkpoint's as shards_of_checkpoint allows. Raises
+    CheckpointError, StoreError, ConfigError; RunError when an object store stops answering."""
+    device = pick_device(setting.train.device)
+    G, state, which = load_generator(checkpoint, device, setting.eval.weights)
+    cfg = settings_of(state, checkpoint)
+    chosen = shards or shards_of_checkpoint(cfg, checkpoint, setting.data.cache_dir)
+    return Evaluation(str(checkpoint), G, state["step"], which, cfg, chosen, device)
+
+
+def measure(job: Evaluation, settings: EvalSection, warn: Callable[[str], None] = lambda text: None) -> dict:
+    """The SWD (and FID, the real-vs-real baseline, the untrained generator's SWD as eval.* asks) as the JSON
+    line's dict. warn: told when the real images cannot be halved for the baseline. Raises RunError."""
+    chw, device = job.chw, job.device
+    try:
+        real_a = real_images(job.shards, settings.num, chw, settings.seed, half=0)
+        real_b = None if not settings.baseline else real_images(job.shards, settings.num, chw, settings.seed, half=1)
+    except ValueError as exc:  # a single shard cannot be halved
+        warn(f"{exc}; comparing with all shards, no real-vs-real baseline")
+        real_a, real_b = real_images(job.shards, settings.num, chw, settings.seed), None
+    fake = generate(job.G, settings.num, seed=settings.seed + 1, device=device)
+    kw = dict(nhoods_per_image=settings.nhoods_per_image, seed=settings.seed)
+    result = {"checkpoint": job.checkpoint, "step": job.step, "weights": job.which, "num": settings.num}
+    result.update(nhoods_per_image=settings.nhoods_per_image, seed=settings.seed)
+    result.update(swd(real_a, fake, **kw).as_dict())
+    result["swd_real_vs_real"] = swd(real_a, real_b, **kw).mean if real_b is not None else None
+    if settings.untrained:
+        # The generator as training starts: batch statistics (train mode). In eval mode an untrained G, whose
+        # running statistics are still the initial ones, draws one flat image for every z: a degenerate baseline.
+        G0, _ = build_models(job.cfg.model, seed=job.cfg.run.seed)
+        untrained = generate(G0.to(device).train(), settings.num, settings.seed + 1, device)
+        result["swd_untrained"] = swd(real_a, untrained, **kw).mean
+    value, reason = fid(real_a, fake, settings.inception_weights, device)
+    result["fid"] = value
+    if reason:
+        result["fid_reason"] = reason
+    return result
