@@ -369,3 +369,21 @@ def test_data_tools_refuse_bad_values_in_one_line(args, expected, tmp_path, caps
     line = one_error_line(code, capsys.readouterr().err)
     assert expected in line, line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_warns_when_it_asks_for_more_real_images_than_there_are(run2, tiny_shards):
+    """512 images in tiny_shards: 256 per half for the real-vs-real baseline; 300 reuses some (a warning line)."""
+    proc = run_cli(
+        "-m",
+        "dcgan_dist.evaluate",
+        "--checkpoint",
+        str(run2),
+        "--shards",
+        str(tiny_shards),
+        "eval.num=300",
+        "eval.nhoods_per_image=2",
+        check=True,
+    )
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "eval.num=300" in warnings[0] and "256 real images" in warnings[0], proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["num"] == 300

@@ -17,7 +17,7 @@ import webdataset as wds
 from torch import nn
 
 from dcgan_dist.config import Config, DataSection, EvalSection
-from dcgan_dist.data import ensure_synthetic, expand_shards
+from dcgan_dist.data import ensure_synthetic, expand_shards, read_info
 from dcgan_dist.gan.models import build_models, generate
 from dcgan_dist.gan.precision import pick_device
 from dcgan_dist.gan.quality import fid, swd
@@ -96,6 +96,17 @@ def measure(job: Evaluation, settings: EvalSection, warn: Callable[[str], None] 
     """The SWD (and FID, the real-vs-real baseline, the untrained generator's SWD as eval.* asks) as the JSON
     line's dict. warn: told when the real images cannot be halved for the baseline. Raises RunError."""
     chw, device = job.chw, job.device
+    try:  # dataset.json's count, where there is one: only for the warning below
+        info = read_info(job.shards)
+    except (OSError, ValueError):
+        info = None
+    per_side = info.num_samples // 2 if info and settings.baseline else info.num_samples if info else None
+    if per_side is not None and settings.num > per_side:
+        warn(
+            f"eval.num={settings.num} is more than the {per_side} real images available "
+            f"{'per half (eval.baseline=true) ' if settings.baseline else ''}in {job.shards}: some images are "
+            "drawn more than once (fewer distinct ones than eval.num says); give fewer (eval.num) or more real images"
+        )
     try:
         real_a = real_images(job.shards, settings.num, chw, settings.seed, half=0)
         real_b = None if not settings.baseline else real_images(job.shards, settings.num, chw, settings.seed, half=1)
