@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
                 return 1
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # storage.StoreError too: a bucket, keys
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # StoreError too: a bucket, keys
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except StoppedBySignal as exc:  # data synth: the drawing processes ended, the shards written removed
