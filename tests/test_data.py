@@ -440,18 +440,18 @@ def test_synth_and_convert_write_raw_shards_with_the_same_pixels(tmp_path):
         "--shard-size",
         "5",
         "--size",
-        "16",
+        "32",
         "--format",
         "raw",
         "--processes",
         "1",
         check=True,
     )
-    assert "wrote 12 synthetic faces (16x16x3) in 3 shard(s)" in proc.stdout
+    assert "wrote 12 synthetic faces (32x32x3) in 3 shard(s)" in proc.stdout
     assert read_info(str(tmp_path / "raw")).format == "raw"
     proc = run_cli("-m", "dcgan_dist.data", "inspect", str(tmp_path / "raw"), check=True)
     assert "formats:  raw: 12" in proc.stdout
-    write_synthetic_shards(tmp_path / "png", 12, 5, 16, processes=1, progress=False)
+    write_synthetic_shards(tmp_path / "png", 12, 5, 32, processes=1, progress=False)
 
     def images(folder):
         return [decode_sample(s).tobytes() for s in iter_samples(expand_shards(str(folder)))]
