@@ -387,3 +387,16 @@ def test_evaluate_warns_when_it_asks_for_more_real_images_than_there_are(run2, t
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "eval.num=300" in warnings[0] and "256 real images" in warnings[0], proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["num"] == 300
+
+
+def test_a_gpu_report_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    from dcgan_dist.perf import gpu_report
+
+    out = tmp_path / "read-only" / "report.md"
+
+    def refused(*args, **kwargs):  # the measurements done, the file refused (what write_report raises then)
+        raise gpu_report.ReportWriteError(PermissionError(13, "Permission denied", str(out)))
+
+    monkeypatch.setattr(gpu_report, "write_report", refused)
+    line = one_error_line(*run_main("bench", ["--gpu-report", str(out)], capsys)[::2])
+    assert line.startswith(f"error: cannot write --gpu-report {out} (Permission denied")
