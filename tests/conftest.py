@@ -12,6 +12,15 @@ import torch
 from dcgan_dist.data import write_synthetic_shards
 
 ROOT = Path(__file__).resolve().parent.parent
+UNIT = Path(__file__).resolve().parent / "unit"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test outside tests/unit/ is an integration test (it starts processes, a Ray cluster, SeaweedFS, ...,
+    or trains for real): `pytest -m "not integration"` runs the fast, in-process layer alone."""
+    for item in items:
+        if UNIT not in item.path.parents:
+            item.add_marker(pytest.mark.integration)
 
 # A model small enough that a training step takes milliseconds on a laptop CPU.
 TINY = [
