@@ -22,6 +22,7 @@ def pytest_collection_modifyitems(config, items):
         if UNIT not in item.path.parents:
             item.add_marker(pytest.mark.integration)
 
+
 # A model small enough that a training step takes milliseconds on a laptop CPU.
 TINY = [
     "model.image_size=32",

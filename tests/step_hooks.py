@@ -8,8 +8,10 @@ seconds longer (time to stop a job from outside). --kill-after-checkpoint STEP -
 the checkpoint of STEP is stored, once. --pause-after STEP --until FILE: rank 0 stops right after
 step STEP, creates FILE.paused and waits until FILE exists (a test does something meanwhile), unless FILE exists
 already (a resumed run passes through). --record DIR: every rank appends what it trained on at each step
-(the tags of tests.test_data.tagged_images) to DIR/rank<R>.jsonl. Under dist.launcher=ray the hooks travel to the Ray
-workers (pickled by value, being defined in this script)."""
+(the tags of tests.test_data.tagged_images) to DIR/rank<R>.jsonl. --stop-after STEP --ready FILE: rank 0 creates FILE
+right after step STEP and waits there until its run has a stop request (the test sends a signal or stops the job
+meanwhile), so that every rank stops after exactly that step; no wait if FILE exists already. Under
+dist.launcher=ray the hooks travel to the Ray workers (pickled by value, being defined in this script)."""
 
 import argparse
 import json
@@ -75,6 +77,22 @@ class PauseUntil:
             time.sleep(0.05)
 
 
+class WaitForStop:
+    def __init__(self, step: int, ready: Path):
+        self.step, self.ready = step, ready
+
+    def __call__(self, step, env, images) -> None:
+        from dcgan_dist import stopping
+
+        if step != self.step or env.rank != 0 or self.ready.exists():
+            return
+        self.ready.touch()
+        deadline = time.monotonic() + 300
+        # The request: this process's own signal handler, or under Ray the driver's, set by a watcher thread.
+        while not stopping.code() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
 class RecordTags:
     def __init__(self, folder: Path):
         self.folder = folder
@@ -95,6 +113,8 @@ if __name__ == "__main__":
     parser.add_argument("--record", type=Path)
     parser.add_argument("--pause-after", type=int, default=0)
     parser.add_argument("--until", type=Path)
+    parser.add_argument("--stop-after", type=int, default=0)
+    parser.add_argument("--ready", type=Path)
     parser.add_argument("--marker", help="the once-only marker file (default: in run.dir, when that is a folder)")
     parser.add_argument(
         "--kill-after-checkpoint",
@@ -114,6 +134,8 @@ if __name__ == "__main__":
         hooks.append(Sleep(args.sleep))
     if args.pause_after:
         hooks.append(PauseUntil(args.pause_after, args.until.absolute()))
+    if args.stop_after:
+        hooks.append(WaitForStop(args.stop_after, args.ready.absolute()))
     if args.record:
         hooks.append(RecordTags(args.record.absolute()))
     sys.exit(main(train_args, hooks=hooks))

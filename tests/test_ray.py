@@ -219,31 +219,33 @@ def test_ctrl_c_to_the_driver_stops_every_worker_with_a_checkpoint(ray_cluster, 
         "train.log_every=1",
         "run.name=interrupted",
     )
+    ready = tmp_path / "at-step-3"  # rank 0 waits there for the stop request
     driver = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "step_hooks.py"), "--sleep=1", *args],
+        [sys.executable, str(ROOT / "tests" / "step_hooks.py"), "--stop-after=3", f"--ready={ready}", *args],
         cwd=ROOT,
         env=ray_cluster,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    wait_for_metrics(run_dir, driver)
+    wait_for_file(ready, driver)
     driver.send_signal(signal.SIGINT)
     stdout, stderr = driver.communicate(timeout=300)
     assert driver.returncode == 130, (stdout + stderr)[-4000:]
     step = assert_stopped_with_a_checkpoint(stderr, "SIGINT", run_dir)
+    assert step == 3
     proc = run_with_env([sys.executable, "-m", "dcgan_dist.train", *args], ray_cluster)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout)))
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13)) and step < 12
 
 
-def wait_for_metrics(run_dir: Path, process=None, timeout: float = 240) -> None:
-    """Until the run has logged a step (its workers are training)."""
+def wait_for_file(path: Path, process=None, timeout: float = 240) -> None:
+    """Until `path` exists (tests/step_hooks.py --ready: the run is waiting for its stop request)."""
     deadline = time.time() + timeout
-    while not ((run_dir / "metrics.jsonl").is_file() and read_metrics(run_dir / "metrics.jsonl")):
-        assert time.time() < deadline and (process is None or process.poll() is None), "the run did not start"
-        time.sleep(0.5)
+    while not path.exists():
+        assert time.time() < deadline and (process is None or process.poll() is None), "the run did not get there"
+        time.sleep(0.1)
 
 
 def assert_stopped_with_a_checkpoint(log: str, signal_name: str, run_dir: Path) -> int:
@@ -260,7 +262,7 @@ def test_ray_job_stop_checkpoints_and_the_job_resumes(ray_cluster, tiny_shards, 
     """`ray job stop` (SIGTERM to the driver): the workers finish their step, checkpoint it and the job ends with
     the stop line; resubmitting the job ends bit-identical to an uninterrupted run."""
     env = {**ray_cluster, "RAY_ADDRESS": ray_cluster["RAY_JOB_ADDRESS"]}
-    run_dir = tmp_path / "stopped"
+    run_dir, ready = tmp_path / "stopped", tmp_path / "at-step-3"
     args = ray_train_args(
         tiny_shards, run_dir, "train.max_steps=12", "train.checkpoint_every=5", "train.log_every=1", "run.name=stopped"
     )
@@ -275,16 +277,18 @@ def test_ray_job_stop_checkpoints_and_the_job_resumes(ray_cluster, tiny_shards, 
             "--",
             "python",
             "tests/step_hooks.py",
-            "--sleep=1",
+            "--stop-after=3",
+            f"--ready={ready}",
             *args,
         ],
         env,
     )
     assert submit.returncode == 0, submit.stdout + submit.stderr
     job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
-    wait_for_metrics(run_dir)
+    wait_for_file(ready)
     assert run_with_env(["ray", "job", "stop", job_id], env).returncode == 0
-    assert_stopped_with_a_checkpoint(run_with_env(["ray", "job", "logs", job_id], env).stdout, "SIGTERM", run_dir)
+    log = run_with_env(["ray", "job", "logs", job_id], env).stdout
+    assert assert_stopped_with_a_checkpoint(log, "SIGTERM", run_dir) == 3
     proc = run_with_env(
         ["ray", "job", "submit", "--working-dir", ".", "--", "python", "-m", "dcgan_dist.train", *args], env
     )
