@@ -1,17 +1,18 @@
-"""`python tests/step_hooks.py [--signal NAME --after STEP --rank R] [--sleep S] [train arguments]`:
+"""`python tests/step_hooks.py [--signal NAME --after STEP --rank R] [train arguments]`:
 `python -m dcgan_dist.train` with faults injected through the Trainer's step hooks.
 
 --signal: rank R sends itself SIGKILL, SIGTERM or SIGINT (NAME: KILL, TERM, INT) right after step STEP, once per
 run directory (a marker file there), so that the resumed or restarted run passes that step. INT goes to the
-whole process group, as Ctrl-C in a terminal does (run it in a session of its own). --sleep: every step takes S
-seconds longer (time to stop a job from outside). --kill-after-checkpoint STEP --marker FILE: SIGKILL right after
-the checkpoint of STEP is stored, once. --pause-after STEP --until FILE: rank 0 stops right after
-step STEP, creates FILE.paused and waits until FILE exists (a test does something meanwhile), unless FILE exists
-already (a resumed run passes through). --record DIR: every rank appends what it trained on at each step
-(the tags of tests.test_data.tagged_images) to DIR/rank<R>.jsonl. --stop-after STEP --ready FILE: rank 0 creates FILE
-right after step STEP and waits there until its run has a stop request (the test sends a signal or stops the job
-meanwhile), so that every rank stops after exactly that step; no wait if FILE exists already. Under
-dist.launcher=ray the hooks travel to the Ray workers (pickled by value, being defined in this script)."""
+whole process group, as Ctrl-C in a terminal does (run it in a session of its own).
+--kill-after-checkpoint STEP --marker FILE: SIGKILL right after the checkpoint of STEP is stored, once.
+--pause-after STEP --until FILE: rank 0 stops right after step STEP, creates FILE.paused and waits until FILE
+exists (a test does something meanwhile), unless FILE exists already (a resumed run passes through).
+--stop-after STEP --ready FILE: rank 0 creates FILE right after step STEP and waits there until its run has a stop
+request (the test sends a signal or stops the job meanwhile), so that every rank stops after exactly that step; no
+wait if FILE exists already.
+--record DIR: every rank appends what it trained on at each step (the tags of tests.test_data.tagged_images) to
+DIR/rank<R>.jsonl.
+Under dist.launcher=ray the hooks travel to the Ray workers (pickled by value, being defined in this script)."""
 
 import argparse
 import json
@@ -55,14 +56,6 @@ def kill_after_checkpoint(step: int, marker: Path) -> None:
         return where
 
     CheckpointManager.save = save_then_die
-
-
-class Sleep:
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-
-    def __call__(self, step, env, images) -> None:
-        time.sleep(self.seconds)
 
 
 class PauseUntil:
@@ -109,7 +102,6 @@ if __name__ == "__main__":
     parser.add_argument("--signal", choices=("KILL", "TERM", "INT"))
     parser.add_argument("--after", type=int, default=0)
     parser.add_argument("--rank", type=int, default=0)
-    parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--record", type=Path)
     parser.add_argument("--pause-after", type=int, default=0)
     parser.add_argument("--until", type=Path)
@@ -130,8 +122,6 @@ if __name__ == "__main__":
         run_dir = next(a.split("=", 1)[1] for a in train_args if a.startswith("run.dir="))
         marker = Path(args.marker or f"{run_dir}/.signalled_after_step_{args.after}")
         hooks.append(SignalAfterStep(signal.Signals[f"SIG{args.signal}"], args.after, args.rank, marker))
-    if args.sleep:
-        hooks.append(Sleep(args.sleep))
     if args.pause_after:
         hooks.append(PauseUntil(args.pause_after, args.until.absolute()))
     if args.stop_after:
