@@ -206,10 +206,13 @@ def test_a_preempted_worker_checkpoints_and_ray_restarts_from_there(ray_cluster,
     assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout)))
 
 
-def test_ctrl_c_to_the_driver_stops_every_worker_with_a_checkpoint(ray_cluster, tiny_shards, tmp_path, uninterrupted):
+def test_ctrl_c_and_ray_job_stop_stop_every_worker_with_a_checkpoint_and_the_rerun_resumes_exactly(
+    ray_cluster, tiny_shards, tmp_path, uninterrupted
+):
     """Ctrl-C to the driver (which runs fit() off its main thread, so that Ray Train's own SIGINT handler does not
-    abort the run): the workers stop after the same step with a checkpoint, the driver exits 130 with the stop
-    line, and the rerun ends bit-identical to an uninterrupted run."""
+    abort the run), then, resumed as a job, `ray job stop` (SIGTERM to the driver): each time the workers stop after
+    the same step (the one rank 0 waits at for the request) with a checkpoint, the driver ends with the stop line
+    (exit 130 for Ctrl-C), and the rerun ends bit-identical to an uninterrupted run, every step logged once."""
     run_dir = tmp_path / "interrupted"
     args = ray_train_args(
         tiny_shards,
@@ -232,12 +235,25 @@ def test_ctrl_c_to_the_driver_stops_every_worker_with_a_checkpoint(ray_cluster, 
     driver.send_signal(signal.SIGINT)
     stdout, stderr = driver.communicate(timeout=300)
     assert driver.returncode == 130, (stdout + stderr)[-4000:]
-    step = assert_stopped_with_a_checkpoint(stderr, "SIGINT", run_dir)
-    assert step == 3
+    assert assert_stopped_with_a_checkpoint(stderr, "SIGINT", run_dir) == 3
+
+    # The same run resumed as a job, stopped with `ray job stop` after step 6.
+    env = {**ray_cluster, "RAY_ADDRESS": ray_cluster["RAY_JOB_ADDRESS"]}
+    ready = tmp_path / "at-step-6"
+    hooks = ["python", "tests/step_hooks.py", "--stop-after=6", f"--ready={ready}"]
+    submit = run_with_env(["ray", "job", "submit", "--no-wait", "--working-dir", ".", "--", *hooks, *args], env)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
+    wait_for_file(ready)
+    assert run_with_env(["ray", "job", "stop", job_id], env).returncode == 0
+    log = run_with_env(["ray", "job", "logs", job_id], env).stdout
+    assert "Resuming from" in log and "(step 3)" in log, log[-3000:]
+    assert assert_stopped_with_a_checkpoint(log, "SIGTERM", run_dir) == 6
+
     proc = run_with_env([sys.executable, "-m", "dcgan_dist.train", *args], ray_cluster)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout)))
-    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13)) and step < 12
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13))
 
 
 def wait_for_file(path: Path, process=None, timeout: float = 240) -> None:
@@ -256,45 +272,6 @@ def assert_stopped_with_a_checkpoint(log: str, signal_name: str, run_dir: Path) 
     assert 1 <= step < 12 and ckpt.load(stopped.group(2))["step"] == step
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, step + 1))
     return step
-
-
-def test_ray_job_stop_checkpoints_and_the_job_resumes(ray_cluster, tiny_shards, tmp_path, uninterrupted):
-    """`ray job stop` (SIGTERM to the driver): the workers finish their step, checkpoint it and the job ends with
-    the stop line; resubmitting the job ends bit-identical to an uninterrupted run."""
-    env = {**ray_cluster, "RAY_ADDRESS": ray_cluster["RAY_JOB_ADDRESS"]}
-    run_dir, ready = tmp_path / "stopped", tmp_path / "at-step-3"
-    args = ray_train_args(
-        tiny_shards, run_dir, "train.max_steps=12", "train.checkpoint_every=5", "train.log_every=1", "run.name=stopped"
-    )
-    submit = run_with_env(
-        [
-            "ray",
-            "job",
-            "submit",
-            "--no-wait",
-            "--working-dir",
-            ".",
-            "--",
-            "python",
-            "tests/step_hooks.py",
-            "--stop-after=3",
-            f"--ready={ready}",
-            *args,
-        ],
-        env,
-    )
-    assert submit.returncode == 0, submit.stdout + submit.stderr
-    job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
-    wait_for_file(ready)
-    assert run_with_env(["ray", "job", "stop", job_id], env).returncode == 0
-    log = run_with_env(["ray", "job", "logs", job_id], env).stdout
-    assert assert_stopped_with_a_checkpoint(log, "SIGTERM", run_dir) == 3
-    proc = run_with_env(
-        ["ray", "job", "submit", "--working-dir", ".", "--", "python", "-m", "dcgan_dist.train", *args], env
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout + proc.stderr)))
-    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13))
 
 
 def test_rerun_with_the_same_name_resumes(ray_cluster, tiny_shards, uninterrupted):
