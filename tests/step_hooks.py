@@ -2,7 +2,8 @@
 `python -m dcgan_dist.train` with faults injected through the Trainer's step hooks.
 
 --signal: rank R sends itself SIGKILL, SIGTERM or SIGINT (NAME: KILL, TERM, INT) right after step STEP, once per
-run directory (a marker file there), so that the resumed or restarted run passes that step. INT goes to the
+run directory (a marker file there), so that the resumed or restarted run passes that step; repeated, one
+signal after each STEP (the i-th --signal with the i-th --after and --rank; --rank defaults to 0). INT goes to the
 whole process group, as Ctrl-C in a terminal does (run it in a session of its own).
 --kill-after-checkpoint STEP --marker FILE: SIGKILL right after the checkpoint of STEP is stored, once.
 --pause-after STEP --until FILE: rank 0 stops right after step STEP, creates FILE.paused and waits until FILE
@@ -99,9 +100,9 @@ class RecordTags:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--signal", choices=("KILL", "TERM", "INT"))
-    parser.add_argument("--after", type=int, default=0)
-    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--signal", choices=("KILL", "TERM", "INT"), action="append", default=[])
+    parser.add_argument("--after", type=int, action="append", default=[])
+    parser.add_argument("--rank", type=int, action="append", default=[])
     parser.add_argument("--record", type=Path)
     parser.add_argument("--pause-after", type=int, default=0)
     parser.add_argument("--until", type=Path)
@@ -118,12 +119,13 @@ if __name__ == "__main__":
     if args.kill_after_checkpoint:
         kill_after_checkpoint(args.kill_after_checkpoint, Path(args.marker))
     hooks = []
-    if args.signal:
+    for i, name in enumerate(args.signal):
         run_dir = next(a.split("=", 1)[1] for a in train_args if a.startswith("run.dir="))
-        marker = Path(args.marker or f"{run_dir}/.signalled_after_step_{args.after}")
-        hooks.append(SignalAfterStep(signal.Signals[f"SIG{args.signal}"], args.after, args.rank, marker))
-    if args.pause_after:
-        hooks.append(PauseUntil(args.pause_after, args.until.absolute()))
+        after, rank = args.after[i], args.rank[i] if i < len(args.rank) else 0
+        marker = Path(
+            args.marker if args.marker and len(args.signal) == 1 else f"{run_dir}/.signalled_after_step_{after}"
+        )
+        hooks.append(SignalAfterStep(signal.Signals[f"SIG{name}"], after, rank, marker))
     if args.stop_after:
         hooks.append(WaitForStop(args.stop_after, args.ready.absolute()))
     if args.record:
