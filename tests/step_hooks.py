@@ -126,6 +126,8 @@ if __name__ == "__main__":
             args.marker if args.marker and len(args.signal) == 1 else f"{run_dir}/.signalled_after_step_{after}"
         )
         hooks.append(SignalAfterStep(signal.Signals[f"SIG{name}"], after, rank, marker))
+    if args.pause_after:
+        hooks.append(PauseUntil(args.pause_after, args.until.absolute()))
     if args.stop_after:
         hooks.append(WaitForStop(args.stop_after, args.ready.absolute()))
     if args.record:

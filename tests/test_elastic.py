@@ -14,7 +14,7 @@ import pytest
 from dcgan_dist.training import checkpoint as ckpt
 from dcgan_dist.training.metrics import read_metrics
 
-from .conftest import ROOT, TINY, extra_ray_node, run_with_env
+from .conftest import ROOT, TINY, cluster_cpus, extra_ray_node, run_with_env
 from .test_data import tagged_images, write
 
 pytest.importorskip("ray")
@@ -143,7 +143,12 @@ def test_an_elastic_run_that_loses_a_node_goes_on_with_fewer_workers(ray_cluster
         assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[0][-4000:]
         time.sleep(0.1)
     third_node()
-    go.touch()  # the restarted group passes step 4
+    # Rank 0 goes on only once the head has seen the node gone: released earlier, the group could finish the run
+    # before its worker there noticed that its raylet was killed. The restarted group passes step 4.
+    while cluster_cpus(ray_cluster) > 2:
+        assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[0][-4000:]
+        time.sleep(0.5)
+    go.touch()
     out = driver.communicate(timeout=400)[0]
     (run_dir / "driver.log").write_text(out)
     assert driver.returncode == 0, out[-4000:]
