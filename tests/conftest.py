@@ -12,6 +12,16 @@ import torch
 from dcgan_dist.data import write_synthetic_shards
 
 ROOT = Path(__file__).resolve().parent.parent
+UNIT = Path(__file__).resolve().parent / "unit"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test outside tests/unit/ is an integration test (it starts processes, a Ray cluster, SeaweedFS, ...,
+    or trains for real): `pytest -m "not integration"` runs the fast, in-process layer alone."""
+    for item in items:
+        if UNIT not in item.path.parents:
+            item.add_marker(pytest.mark.integration)
+
 
 # A model small enough that a training step takes milliseconds on a laptop CPU.
 TINY = [
@@ -112,7 +122,7 @@ def extra_ray_node(env: dict, num_cpus: int):
     deadline = time.monotonic() + 120
     while cluster_cpus(env) < before + num_cpus:
         assert node.poll() is None and time.monotonic() < deadline, "the extra Ray node did not join"
-        time.sleep(2)
+        time.sleep(0.5)
 
     def lose() -> None:
         try:
@@ -123,10 +133,18 @@ def extra_ray_node(env: dict, num_cpus: int):
     try:
         yield lose
     finally:
+        # A node still there leaves gracefully: SIGTERM to its processes (not to `ray start --block`, whose death
+        # would take them along at once), so that its raylet tells the head it is going and the head need not wait
+        # for missed health checks; once the head sees it gone, whatever is left of it is killed.
+        group = subprocess.run(["pgrep", "-g", str(node.pid)], capture_output=True, text=True).stdout.split()
+        for pid in (int(p) for p in group if int(p) != node.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 120
+        while cluster_cpus(env) > before and time.monotonic() < deadline:  # until Ray sees it gone
+            time.sleep(1)
         lose()
         node.wait(timeout=30)
-        while cluster_cpus(env) > before and time.monotonic() < deadline + 120:  # until Ray sees it gone
-            time.sleep(2)
 
 
 def assert_sample_and_evaluate_read(source: Path, step: int, tmp_path: Path) -> None:

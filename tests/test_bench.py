@@ -103,9 +103,41 @@ def test_device_peaks():
     # Names are matched most specific first: "H100 PCIe" before "H100", "A10G" before "A10".
     names = [name for name, _ in bench.GPU_PEAK_TFLOPS]
     assert names.index("H100 PCIe") < names.index("H100") and names.index("A10G") < names.index("A10")
-    peak, source = bench.device_peak(torch.device("cpu"), "fp32", threads=2)
-    assert (peak is None and source.startswith("unknown")) or (peak > 0 and source.startswith("estimate"))
+    assert bench.device_peak(torch.device("cpu"), "fp32", threads=2) == bench.cpu_peak(2, "fp32")
     assert bench.mfu(100.0, 1e9, 1e12) == pytest.approx(0.1) and bench.mfu(100.0, 1e9, None) is None
+
+
+AVX512_BF16 = "processor\t: 0\ncpu MHz\t\t: 2000.000\nflags\t\t: fpu sse avx2 fma avx512f avx512_bf16\n"
+AVX2 = "processor\t: 0\ncpu MHz\t\t: 3000.000\nflags\t\t: fpu sse avx2 fma\n"
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, threads, precision, peak, unit",
+    [
+        (AVX512_BF16, 2, "fp32", 2 * 2.0e9 * 64, "64 fp32 FLOPs/cycle (AVX-512 2x16-lane FMA)"),
+        (AVX512_BF16, 1, "bf16", 1 * 2.0e9 * 128, "128 bf16 FLOPs/cycle (AVX512-BF16 dot products, 2 units)"),
+        (AVX2, 4, "fp32", 4 * 3.0e9 * 32, "32 fp32 FLOPs/cycle (AVX2 2x8-lane FMA)"),
+        (AVX2, 4, "bf16", 4 * 3.0e9 * 32, "32 bf16 FLOPs/cycle (AVX2 2x8-lane FMA)"),  # no bf16 unit
+        (AVX2.replace("cpu MHz\t\t: 3000.000\n", ""), 4, "fp32", None, "unknown (no clock or flags in /proc/cpuinfo)"),
+        (None, 4, "fp32", None, "unknown (no clock or flags in /proc/cpuinfo)"),  # no /proc/cpuinfo at all
+    ],
+)
+def test_cpu_peak_from_the_cpuinfo(monkeypatch, tmp_path, cpuinfo, threads, precision, peak, unit):
+    """The CPU estimate from a given /proc/cpuinfo: threads x clock x FLOPs per cycle of its widest unit."""
+    import pathlib
+
+    from dcgan_dist.gan import precision as precision_lib
+
+    fake = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        fake.write_text(cpuinfo)
+    for module in (bench, precision_lib):  # both read /proc/cpuinfo
+        monkeypatch.setattr(
+            module, "Path", lambda p, *rest: pathlib.Path(fake if str(p) == "/proc/cpuinfo" else p, *rest)
+        )
+    got, source = bench.cpu_peak(threads, precision)
+    assert got == pytest.approx(peak) if peak is not None else got is None
+    assert source.endswith(unit) if peak is not None else source == unit
 
 
 def test_bench_can_time_the_loader_alone(tiny_shards):

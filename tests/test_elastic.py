@@ -14,7 +14,7 @@ import pytest
 from dcgan_dist.training import checkpoint as ckpt
 from dcgan_dist.training.metrics import read_metrics
 
-from .conftest import ROOT, TINY, extra_ray_node, run_with_env
+from .conftest import ROOT, TINY, cluster_cpus, extra_ray_node, run_with_env
 from .test_data import tagged_images, write
 
 pytest.importorskip("ray")
@@ -113,14 +113,15 @@ def test_an_elastic_run_that_loses_a_node_goes_on_with_fewer_workers(ray_cluster
     """dist.num_workers=3 dist.min_workers=2 on three one-CPU nodes: three workers start; the third node is lost
     after the step-3 checkpoint; Ray Train restarts the group with the two workers there is room for, from that
     checkpoint, and the run finishes, each sample of the pass still trained exactly once."""
-    run_dir = tmp_path / "shrunk"
+    run_dir, go = tmp_path / "shrunk", tmp_path / "go"
     driver = subprocess.Popen(
         [
             sys.executable,
             *train_args(
                 tagged_shards,
                 run_dir,
-                "--sleep=0.5",
+                "--pause-after=4",  # rank 0 waits after step 4 (step-3 checkpoint stored) until `go` exists
+                f"--until={go}",
                 "dist.num_workers=3",
                 "dist.min_workers=2",
                 "train.max_steps=16",
@@ -138,10 +139,16 @@ def test_an_elastic_run_that_loses_a_node_goes_on_with_fewer_workers(ray_cluster
     )
     deadline = time.monotonic() + 240
     metrics = run_dir / "metrics.jsonl"
-    while not (metrics.is_file() and any(r["step"] >= 4 for r in read_metrics(metrics))):
+    while not Path(f"{go}.paused").exists():
         assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[0][-4000:]
-        time.sleep(0.2)
+        time.sleep(0.1)
     third_node()
+    # Rank 0 goes on only once the head has seen the node gone: released earlier, the group could finish the run
+    # before its worker there noticed that its raylet was killed. The restarted group passes step 4.
+    while cluster_cpus(ray_cluster) > 2:
+        assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[0][-4000:]
+        time.sleep(0.5)
+    go.touch()
     out = driver.communicate(timeout=400)[0]
     (run_dir / "driver.log").write_text(out)
     assert driver.returncode == 0, out[-4000:]

@@ -218,29 +218,30 @@ def test_worker_pods_stop_training_gracefully(rendered):
         assert int(head_env["RAY_JOB_STOP_WAIT_TIME_S"]) >= 60
 
 
-def test_the_prestop_hook_stops_the_training_workers_and_waits_for_them():
-    """The hook's shell, run for real against stand-ins for Ray Train workers that take 2 s to stop after SIGTERM:
-    it signals them, waits until they are gone, and does not match itself. (The process name is made unique for
-    the test, so that no real Ray worker on this machine is touched.)"""
+def test_the_prestop_hook_stops_the_training_workers_and_waits_for_them(tmp_path):
+    """The hook's shell, run for real against stand-ins for Ray Train workers that take 2 s to stop after SIGTERM
+    and write a file as their last act: it signals them, waits until they are gone (their files are there when it
+    returns), and does not match itself. (The process name is made unique for the test, so that no real Ray worker
+    on this machine is touched.)"""
     objects = render(ROOT / "k8s" / "overlays" / "cpu-smoke")
     job = next(o for o in objects if o["kind"] == "RayJob")
     container = cluster_spec(job)["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     name = f"ray::RayTrainWorker-test{os.getpid()}"
     command = [part.replace("ray::RayTrainWorker", name) for part in command]
-    workers = [
-        subprocess.Popen(
-            ["bash", "-c", f"exec -a {name} bash -c 'trap \"sleep 2; exit 0\" TERM; while :; do sleep 0.1; done'"]
-        )
-        for _ in range(2)
-    ]
-    time.sleep(0.5)
-    started = time.monotonic()
+    worker = tmp_path / "worker.sh"  # $1: its files' prefix
+    worker.write_text(
+        'trap \'sleep 2; touch "$1.stopped"; exit 0\' TERM\ntouch "$1.ready"\nwhile :; do sleep 0.1; done\n'
+    )
+    workers = [subprocess.Popen(["bash", "-c", f"exec -a {name} bash {worker} {tmp_path / str(i)}"]) for i in range(2)]
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / f"{i}.ready").exists() for i in range(2)):  # their SIGTERM trap is set
+        assert time.monotonic() < deadline and all(w.poll() is None for w in workers), "the stand-ins did not start"
+        time.sleep(0.02)
     hook = subprocess.run(command, timeout=60)
-    waited = time.monotonic() - started
     assert hook.returncode == 0
-    assert all(w.poll() == 0 for w in workers)  # stopped by the SIGTERM, cleanly, before the hook returned
-    assert waited >= 1.5
+    assert all((tmp_path / f"{i}.stopped").exists() for i in range(2))  # the hook waited for their last act
+    assert all(w.poll() == 0 for w in workers)  # stopped by the SIGTERM, cleanly
 
 
 def test_no_claims_and_the_image_named_in_one_place(rendered):

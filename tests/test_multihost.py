@@ -241,22 +241,26 @@ def test_a_job_across_hosts_survives_losing_its_worker_host(testbed, monkeypatch
     nodes = dict(re.findall(r"^worker rank (\d+) ran on node (\w+)", logs, re.M))
     assert len(nodes) == 2 and nodes["0"] != nodes["1"], logs[-3000:]
 
-    # The same job, slowed down; the worker host is lost after step 5 (checkpoint at step 4) and replaced.
-    submitted = submit(testbed, "python", "tests/step_hooks.py", "--sleep=1", *job_args("lost"), wait=False)
+    # The same job, with rank 0 waiting after step 5 (checkpoint at step 4) until the file `go` exists; meanwhile
+    # the worker host is lost (every process on it gone when `kill` returns) and replaced.
+    go = testbed.root / "go"
+    submitted = submit(
+        testbed, "python", "tests/step_hooks.py", "--pause-after=5", f"--until={go}", *job_args("lost"), wait=False
+    )
     job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
     deadline = time.time() + 300
-    while not [s for s in steps_in_bucket("lost") if s >= 5]:
+    while not Path(f"{go}.paused").exists():
         assert time.time() < deadline, testbed.on(
             "head", "ray", "job", "logs", f"--address=http://{HEAD}:8265", job_id
         ).stdout[-3000:]
-        time.sleep(0.3)
+        time.sleep(0.2)
     subprocess.run(["bash", str(TESTBED), "kill", "worker", testbed.prefix], check=True)
-    time.sleep(2)
+    go.touch()  # the restarted workers pass step 5
     testbed.start_ray_worker("ray-replacement")
     ended = None
     while ended is None:
         assert time.time() < deadline + 300, "the job did not end"
-        time.sleep(2)
+        time.sleep(1)  # polling the job's status
         status = testbed.on("head", "ray", "job", "status", f"--address=http://{HEAD}:8265", job_id, check=False).stdout
         ended = re.search(rf"Job '{job_id}' (succeeded|failed|was stopped)", status)
     logs = testbed.on("head", "ray", "job", "logs", f"--address=http://{HEAD}:8265", job_id).stdout

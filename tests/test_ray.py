@@ -139,77 +139,50 @@ def uninterrupted(ray_cluster, tiny_shards, tmp_path_factory):
     return run_dir, final_checkpoint(proc.stdout)
 
 
-def test_worker_crash_recovers_from_the_latest_checkpoint(ray_cluster, tiny_shards, tmp_path, uninterrupted):
-    """Rank 1 is SIGKILLed after step 7; Ray restarts both workers from the step-5 checkpoint; the run ends at
-    step 12 with the same weights as a run that never crashed."""
-    run_dir = tmp_path / "crash"
+def test_a_preempted_and_a_crashed_worker_restart_from_their_checkpoints_and_the_run_ends_as_if_uninterrupted(
+    ray_cluster, tiny_shards, tmp_path, uninterrupted
+):
+    """SIGTERM to rank 1's worker process after step 3 (a preempted pod): both ranks agree to stop after the same
+    step and checkpoint it, and Ray restarts the workers from that checkpoint. (Python runs the handler in the
+    worker's main thread, which Ray wakes every few ms: the training thread may finish a step more before it sees
+    the request.) Then rank 1 is SIGKILLed after step 7: Ray restarts both workers from the step-5 checkpoint. The
+    run ends at step 12, each step logged once, with the same weights as a run that was never disturbed."""
+    run_dir = tmp_path / "disturbed"
     proc = run_with_env(
         [
             sys.executable,
             str(ROOT / "tests" / "step_hooks.py"),
-            "--signal=KILL",
-            "--after=7",
-            "--rank=1",
+            *("--signal=TERM", "--after=3", "--rank=1"),
+            *("--signal=KILL", "--after=7", "--rank=1"),
             *ray_train_args(
                 tiny_shards,
                 run_dir,
                 "train.max_steps=12",
                 "train.checkpoint_every=5",
                 "train.log_every=1",
-                "run.name=crash",
-                "dist.max_failures=2",
+                "run.name=disturbed",
+                "dist.max_failures=3",
             ),
         ],
         ray_cluster,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert (run_dir / ".signalled_after_step_7").is_file()  # rank 1 did kill itself
+    assert (run_dir / ".signalled_after_step_3").is_file() and (run_dir / ".signalled_after_step_7").is_file()
+    resumed = sorted({int(s) for s in re.findall(r"Resuming from \S+ \(step (\d+)\)", out)})  # (Ray may echo lines)
+    assert len(resumed) == 2 and resumed[0] in (3, 4) and resumed[1] == 5, out[-4000:]
     # Steps 6-7 were trained again (less than checkpoint_every lost); metrics.jsonl holds each step once.
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13))
     assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout)))
 
 
-def test_a_preempted_worker_checkpoints_and_ray_restarts_from_there(ray_cluster, tiny_shards, tmp_path, uninterrupted):
-    """SIGTERM to rank 1's worker process after step 7 (a preempted pod): both ranks agree to stop after the same
-    step and checkpoint it; Ray restarts the workers from that checkpoint (no step lost, none logged twice) and
-    the run ends bit-identical to an uninterrupted one. (Python runs the handler in the worker's main thread,
-    which Ray wakes every few ms: the training thread may finish a step more before it sees the request.)"""
-    run_dir = tmp_path / "preempted"
-    proc = run_with_env(
-        [
-            sys.executable,
-            str(ROOT / "tests" / "step_hooks.py"),
-            "--signal=TERM",
-            "--after=7",
-            "--rank=1",
-            *ray_train_args(
-                tiny_shards,
-                run_dir,
-                "train.max_steps=12",
-                "train.checkpoint_every=5",
-                "train.log_every=1",
-                "run.name=preempted",
-            ),
-        ],
-        ray_cluster,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert (run_dir / ".signalled_after_step_7").is_file()
-    kept = sorted(p.name for p in (run_dir / "ray" / "preempted").glob("step_*"))  # the newest 3 of 5, 7|8|9, 10, 12
-    assert (
-        len(kept) == 3
-        and kept[0] in ("step_0000007", "step_0000008", "step_0000009")
-        and kept[1:] == ["step_0000010", "step_0000012"]
-    ), kept
-    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13))
-    assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout)))
-
-
-def test_ctrl_c_to_the_driver_stops_every_worker_with_a_checkpoint(ray_cluster, tiny_shards, tmp_path, uninterrupted):
+def test_ctrl_c_and_ray_job_stop_stop_every_worker_with_a_checkpoint_and_the_rerun_resumes_exactly(
+    ray_cluster, tiny_shards, tmp_path, uninterrupted
+):
     """Ctrl-C to the driver (which runs fit() off its main thread, so that Ray Train's own SIGINT handler does not
-    abort the run): the workers stop after the same step with a checkpoint, the driver exits 130 with the stop
-    line, and the rerun ends bit-identical to an uninterrupted run."""
+    abort the run), then, resumed as a job, `ray job stop` (SIGTERM to the driver): each time the workers stop after
+    the same step (the one rank 0 waits at for the request) with a checkpoint, the driver ends with the stop line
+    (exit 130 for Ctrl-C), and the rerun ends bit-identical to an uninterrupted run, every step logged once."""
     run_dir = tmp_path / "interrupted"
     args = ray_train_args(
         tiny_shards,
@@ -219,31 +192,46 @@ def test_ctrl_c_to_the_driver_stops_every_worker_with_a_checkpoint(ray_cluster, 
         "train.log_every=1",
         "run.name=interrupted",
     )
+    ready = tmp_path / "at-step-3"  # rank 0 waits there for the stop request
     driver = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "step_hooks.py"), "--sleep=1", *args],
+        [sys.executable, str(ROOT / "tests" / "step_hooks.py"), "--stop-after=3", f"--ready={ready}", *args],
         cwd=ROOT,
         env=ray_cluster,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    wait_for_metrics(run_dir, driver)
+    wait_for_file(ready, driver)
     driver.send_signal(signal.SIGINT)
     stdout, stderr = driver.communicate(timeout=300)
     assert driver.returncode == 130, (stdout + stderr)[-4000:]
-    step = assert_stopped_with_a_checkpoint(stderr, "SIGINT", run_dir)
+    assert assert_stopped_with_a_checkpoint(stderr, "SIGINT", run_dir) == 3
+
+    # The same run resumed as a job, stopped with `ray job stop` after step 6.
+    env = {**ray_cluster, "RAY_ADDRESS": ray_cluster["RAY_JOB_ADDRESS"]}
+    ready = tmp_path / "at-step-6"
+    hooks = ["python", "tests/step_hooks.py", "--stop-after=6", f"--ready={ready}"]
+    submit = run_with_env(["ray", "job", "submit", "--no-wait", "--working-dir", ".", "--", *hooks, *args], env)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
+    wait_for_file(ready)
+    assert run_with_env(["ray", "job", "stop", job_id], env).returncode == 0
+    log = run_with_env(["ray", "job", "logs", job_id], env).stdout
+    assert "Resuming from" in log and "(step 3)" in log, log[-3000:]
+    assert assert_stopped_with_a_checkpoint(log, "SIGTERM", run_dir) == 6
+
     proc = run_with_env([sys.executable, "-m", "dcgan_dist.train", *args], ray_cluster)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout)))
-    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13)) and step < 12
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13))
 
 
-def wait_for_metrics(run_dir: Path, process=None, timeout: float = 240) -> None:
-    """Until the run has logged a step (its workers are training)."""
+def wait_for_file(path: Path, process=None, timeout: float = 240) -> None:
+    """Until `path` exists (tests/step_hooks.py --ready: the run is waiting for its stop request)."""
     deadline = time.time() + timeout
-    while not ((run_dir / "metrics.jsonl").is_file() and read_metrics(run_dir / "metrics.jsonl")):
-        assert time.time() < deadline and (process is None or process.poll() is None), "the run did not start"
-        time.sleep(0.5)
+    while not path.exists():
+        assert time.time() < deadline and (process is None or process.poll() is None), "the run did not get there"
+        time.sleep(0.1)
 
 
 def assert_stopped_with_a_checkpoint(log: str, signal_name: str, run_dir: Path) -> int:
@@ -254,43 +242,6 @@ def assert_stopped_with_a_checkpoint(log: str, signal_name: str, run_dir: Path) 
     assert 1 <= step < 12 and ckpt.load(stopped.group(2))["step"] == step
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, step + 1))
     return step
-
-
-def test_ray_job_stop_checkpoints_and_the_job_resumes(ray_cluster, tiny_shards, tmp_path, uninterrupted):
-    """`ray job stop` (SIGTERM to the driver): the workers finish their step, checkpoint it and the job ends with
-    the stop line; resubmitting the job ends bit-identical to an uninterrupted run."""
-    env = {**ray_cluster, "RAY_ADDRESS": ray_cluster["RAY_JOB_ADDRESS"]}
-    run_dir = tmp_path / "stopped"
-    args = ray_train_args(
-        tiny_shards, run_dir, "train.max_steps=12", "train.checkpoint_every=5", "train.log_every=1", "run.name=stopped"
-    )
-    submit = run_with_env(
-        [
-            "ray",
-            "job",
-            "submit",
-            "--no-wait",
-            "--working-dir",
-            ".",
-            "--",
-            "python",
-            "tests/step_hooks.py",
-            "--sleep=1",
-            *args,
-        ],
-        env,
-    )
-    assert submit.returncode == 0, submit.stdout + submit.stderr
-    job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
-    wait_for_metrics(run_dir)
-    assert run_with_env(["ray", "job", "stop", job_id], env).returncode == 0
-    assert_stopped_with_a_checkpoint(run_with_env(["ray", "job", "logs", job_id], env).stdout, "SIGTERM", run_dir)
-    proc = run_with_env(
-        ["ray", "job", "submit", "--working-dir", ".", "--", "python", "-m", "dcgan_dist.train", *args], env
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout + proc.stderr)))
-    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13))
 
 
 def test_rerun_with_the_same_name_resumes(ray_cluster, tiny_shards, uninterrupted):

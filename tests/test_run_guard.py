@@ -156,9 +156,11 @@ def test_a_second_run_is_refused_while_the_first_runs_and_a_killed_runs_lock_is_
         "data.num_workers=1",
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-    # The first run takes a second per step: it is still training when the second starts, and is killed then.
+    # The first run waits after step 3 (its step-2 checkpoint stored) for a file that never comes: it is still
+    # running when the second starts, and is killed then.
+    go = tmp_path / "never"
     first = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "step_hooks.py"), "--sleep", "1", *args],
+        [sys.executable, str(ROOT / "tests" / "step_hooks.py"), "--pause-after", "3", "--until", str(go), *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -166,7 +168,8 @@ def test_a_second_run_is_refused_while_the_first_runs_and_a_killed_runs_lock_is_
         text=True,
     )
     try:
-        wait_for(lambda: (run_dir / "checkpoints" / "step_0000002.pt").exists(), first)
+        wait_for(lambda: Path(f"{go}.paused").exists(), first)
+        assert (run_dir / "checkpoints" / "step_0000002.pt").exists()
         second = run_cli("-m", "dcgan_dist.train", *args)
         assert first.poll() is None  # the refusal happened while the first run held the directory
         line = one_error_line(second, 2)

@@ -52,16 +52,16 @@ def table(out: str) -> list[dict]:
 
 
 def test_an_asha_sweep_stops_trials_early_and_its_best_checkpoint_samples(ray_cluster, tiny_shards, tmp_path):
-    """4 trials x 2 workers, one after the other (deterministic decisions): ASHA compares them at step 4 and stops
-    the worse; the table's best SWD is the lowest any trial's own metrics.jsonl records; the best checkpoint
-    samples."""
+    """2 trials x 2 workers, one after the other (deterministic decisions): ASHA compares them at step 4 and stops
+    the worse (lr 0.002: SWD ~260 at step 4 against ~254 for lr 0.0002 here); the table's best SWD is the lowest any
+    trial's own metrics.jsonl records; the best checkpoint samples."""
     run_dir = tmp_path / "asha"
     proc = run_with_env(
         sweep_args(
             tiny_shards,
             run_dir,
             "--search",
-            "optim.lr=grid(0.0002,0.002,0.00005,0.001)",
+            "optim.lr=grid(0.0002,0.002)",
             "tune.trials=1",
             "tune.scheduler=asha",
             "tune.concurrent=1",
@@ -72,9 +72,10 @@ def test_an_asha_sweep_stops_trials_early_and_its_best_checkpoint_samples(ray_cl
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     rows = table(out)
-    assert len(rows) == 4 and {r["optim.lr"] for r in rows} == {"0.0002", "0.002", "5e-05", "0.001"}
+    assert len(rows) == 2 and {r["optim.lr"] for r in rows} == {"0.0002", "0.002"}
     steps = {r["trial"]: int(r["steps"]) for r in rows}
-    assert sorted(steps.values())[0] < 8 and max(steps.values()) == 8  # stopped early / trained to the end
+    by_lr = {r["optim.lr"]: int(r["steps"]) for r in rows}
+    assert by_lr["0.0002"] == 8 and by_lr["0.002"] < 8, by_lr  # trained to the end / stopped early
     # Each trial's own record (its run in <run.dir>/trials/<trial>), up to the step Tune last heard of.
     lowest = min(
         r["swd"]
