@@ -38,7 +38,8 @@ def namespaces_work() -> str | None:
     return None if made.returncode == 0 else f"cannot make a network namespace: {made.stderr.decode().strip()}"
 
 
-pytestmark = pytest.mark.skipif(namespaces_work() is not None, reason=namespaces_work() or "")
+# slow: ~100 s (three network-namespace hosts, a Ray cluster across them, a host lost and replaced).
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(namespaces_work() is not None, reason=namespaces_work() or "")]
 
 
 class Hosts:

@@ -244,6 +244,7 @@ def assert_stopped_with_a_checkpoint(log: str, signal_name: str, run_dir: Path) 
     return step
 
 
+@pytest.mark.slow  # the Ctrl-C / ray job stop test reruns and resumes bit-exactly in the default run
 def test_rerun_with_the_same_name_resumes(ray_cluster, tiny_shards, uninterrupted):
     run_dir, _ = uninterrupted
     proc = run_with_env(
@@ -285,6 +286,7 @@ def test_rerun_with_the_same_name_resumes(ray_cluster, tiny_shards, uninterrupte
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == steps  # nothing was trained
 
 
+@pytest.mark.slow  # four timed phases of N Ray workers; bench itself runs locally in the default run
 def test_bench_on_ray_reports_scaling(ray_cluster, tiny_shards, tmp_path):
     proc = run_with_env(
         [

@@ -12,6 +12,9 @@ from dcgan_dist.training.metrics import read_metrics
 
 from .conftest import TINY, extra_ray_node, run_cli, run_with_env
 
+# slow: each sweep is several multi-worker Ray Train runs (~1.5-2 min each on 2 cores).
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("ray")
 
 
