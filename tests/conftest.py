@@ -270,11 +270,12 @@ def s3_server(tmp_path_factory):
         wait_until_writable(env)
         yield env
     finally:
-        server.terminate()
+        server.terminate()  # the session's data is thrown away: no need to wait for a graceful stop
         try:
-            server.wait(timeout=30)
+            server.wait(timeout=3)
         except subprocess.TimeoutExpired:
             server.kill()
+            server.wait()
         log.close()
 
 

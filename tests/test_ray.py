@@ -176,6 +176,7 @@ def test_a_preempted_and_a_crashed_worker_restart_from_their_checkpoints_and_the
     assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout)))
 
 
+@pytest.mark.slow  # 70 s; locally test_train stops on SIGTERM/Ctrl-C after the same step and resumes exactly
 def test_ctrl_c_and_ray_job_stop_stop_every_worker_with_a_checkpoint_and_the_rerun_resumes_exactly(
     ray_cluster, tiny_shards, tmp_path, uninterrupted
 ):
@@ -244,7 +245,7 @@ def assert_stopped_with_a_checkpoint(log: str, signal_name: str, run_dir: Path) 
     return step
 
 
-@pytest.mark.slow  # the Ctrl-C / ray job stop test reruns and resumes bit-exactly in the default run
+@pytest.mark.slow  # in the default run the preempted/crashed workers restart from checkpoints, bit-identical end
 def test_rerun_with_the_same_name_resumes(ray_cluster, tiny_shards, uninterrupted):
     run_dir, _ = uninterrupted
     proc = run_with_env(
