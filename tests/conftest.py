@@ -279,6 +279,19 @@ def s3_server(tmp_path_factory):
         log.close()
 
 
+def bucket_client(env: dict):
+    """An independent S3 client (boto3, not the pyarrow filesystem the code uses) for the store in `env`."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_REGION"],
+    )
+
+
 def wait_until_writable(env: dict, timeout: float = 60) -> None:
     """Until a multipart-sized object can be put in the tests' bucket, dcgan-test (a fresh SeaweedFS takes a few
     seconds more for that)."""

@@ -8,20 +8,10 @@ from dcgan_dist.data import ImageBatches, ShardWriter, read_info
 from dcgan_dist.training import checkpoint as ckpt
 from dcgan_dist.training.metrics import parse_metrics
 
-from .conftest import ROOT, TINY, assert_same_training_state, run_cli
+from .conftest import ROOT, TINY, assert_same_training_state, bucket_client, run_cli
 from .test_data import tag, tagged_images
 
 boto3 = pytest.importorskip("boto3")
-
-
-def bucket_client(env: dict):
-    return boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_REGION"],
-    )
 
 
 def keys(env: dict, bucket: str, prefix: str) -> list[str]:

@@ -27,34 +27,32 @@ import torch
 from dcgan_dist.training import checkpoint as ckpt
 from dcgan_dist.training.metrics import parse_metrics
 
-from .conftest import ROOT, S3_KEYS, TINY, assert_same_training_state, free_port_pair, wait_until_writable
+from .conftest import (
+    ROOT,
+    S3_KEYS,
+    TINY,
+    assert_same_training_state,
+    bucket_client,
+    free_port_pair,
+    wait_until_writable,
+)
 
 boto3 = pytest.importorskip("boto3")
 
 WRONG_SECRET = "not-the-secret-4f1c"
 
 
-def client(env: dict):
-    return boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_REGION"],
-    )
-
-
 def buckets(env: dict) -> set[str]:
-    return {b["Name"] for b in client(env).list_buckets()["Buckets"]}
+    return {b["Name"] for b in bucket_client(env).list_buckets()["Buckets"]}
 
 
 def keys(env: dict, bucket: str, prefix: str) -> list[str]:
-    listing = client(env).list_objects_v2(Bucket=bucket, Prefix=prefix)
+    listing = bucket_client(env).list_objects_v2(Bucket=bucket, Prefix=prefix)
     return sorted(o["Key"][len(prefix) :] for o in listing.get("Contents", []))
 
 
 def read_object(env: dict, bucket: str, key: str) -> bytes:
-    return client(env).get_object(Bucket=bucket, Key=key)["Body"].read()
+    return bucket_client(env).get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 def checkpoint_in(env: dict, bucket: str, key: str) -> dict:
@@ -255,13 +253,13 @@ def test_a_bad_store_setting_is_one_line_and_exit_2_with_nothing_written(
     if case == "missing bucket" and name in ("synth", "convert"):  # the one way to make a bucket, and it says so
         assert proc.returncode == 0 and f"created bucket '{bucket}'" in proc.stdout, proc.stderr
         assert "dataset.json" in keys(store.env, bucket, f"failures/{name}/")
-        client(store.env).delete_objects(
+        bucket_client(store.env).delete_objects(
             Bucket=bucket,
             Delete={
                 "Objects": [{"Key": f"failures/{name}/{key}"} for key in keys(store.env, bucket, f"failures/{name}/")]
             },
         )
-        client(store.env).delete_bucket(Bucket=bucket)
+        bucket_client(store.env).delete_bucket(Bucket=bucket)
         return
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
