@@ -27,7 +27,7 @@ def real_images(shards: str, num: int, expect_chw, seed: int, half: int | None =
         shards, batch, rank=rank, world_size=world, seed=seed, shuffle_buffer=1000, expect_chw=expect_chw
     )
     try:
-        return torch.cat([next(stream) for _ in range(math.ceil(num / batch))])[:num]
+        return torch.cat([next(stream)[0] for _ in range(math.ceil(num / batch))])[:num]
     finally:
         stream.close()
 
