@@ -16,6 +16,7 @@ Shapes come from running G and D on the "meta" device: the real modules, no memo
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -62,7 +63,7 @@ def training_bytes(cfg: Config, precision: str) -> list[tuple[int, str, str]]:
     m = cfg.model
     try:
         with torch.device("meta"):
-            G, D = build_models(m)
+            G, D = build_models(replace(m, conditional=False))  # a conditional model's label inputs: negligible
             g_params = sum(p.numel() for p in G.parameters())
             d_params = sum(p.numel() for p in D.parameters())
             g_act = _kept_activations(G, torch.empty(1, m.nz, 1, 1))
