@@ -233,7 +233,7 @@ def convert(
     if limit:
         items = items[:limit]
     size, channels = size or 64, channels or 3
-    decoded = _decode_items(items, size, channels, crop)
+    decoded: Iterator[tuple] = _decode_items(items, size, channels, crop)
     try:
         if names is not None and labels is not None:
             print(
