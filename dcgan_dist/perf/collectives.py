@@ -1,0 +1,351 @@
+"""What one training step sends between ranks, per dist.sync_bn mode: collectives counted, bytes summed, and
+(on a test bed) timed.
+
+    python -m dcgan_dist.perf.collectives count [--world-size 4] [--ranks-per-node 2] [--modes global,node,off]
+                                                [--image-size 64] [--width 64] [--batch 4]
+
+runs real gloo workers on this machine through a few train_step calls (the DCGAN of model.image_size with
+ngf = ndf = --width) and prints, per mode, the collectives of one step (after two warm-up steps, when DDP
+has rebuilt its buckets) with their payload bytes per rank, as JSON lines and a markdown table.
+
+torch.distributed has no hook API for collectives: `CollectiveCounter` replaces the module's functions
+(all_reduce, all_gather, all_gather_into_tensor, broadcast, ...) for the block, which is what the project's
+CrossProcessBatchNorm and torch's SyncBatchNorm call, and counts DDP's gradient all-reduce with a comm hook
+(one call per bucket; DDP itself calls the C++ process group directly). The payload is the tensor each rank
+contributes: an all-reduce's whole tensor, an all-gather's own part.
+
+`worker` (used by perf/netns_check.py) times collectives and steps between processes on other hosts:
+latency (a one-number all-reduce), bandwidth (a large all-reduce), the replay of a counted step's
+collectives, and real training steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dcgan_dist.config import ModelSection, OptimSection
+from dcgan_dist.distributed.ddp import wrap_models
+from dcgan_dist.distributed.env import DistEnv
+from dcgan_dist.gan.models import build_models
+from dcgan_dist.gan.step import make_optimizers, train_step
+
+WRAPPED = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "barrier")
+
+
+def _nbytes(t) -> int:
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size()
+    return 0
+
+
+@dataclass
+class Call:
+    kind: str  # all_reduce, all_gather, ..., or ddp_bucket (DDP's gradient all-reduce of one bucket)
+    numel: int  # elements each rank contributes
+    nbytes: int
+    group_size: int
+
+
+class CollectiveCounter:
+    """Records every collective called through torch.distributed inside `with counter.counting():`, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.active = False
+        self._lock = threading.Lock()  # DDP's hook runs on autograd's thread
+
+    def record(self, kind: str, tensor, group) -> None:
+        if not self.active:
+            return
+        size = dist.get_world_size(group) if group is not None else dist.get_world_size()
+        with self._lock:
+            self.calls.append(
+                Call(kind, tensor.numel() if isinstance(tensor, torch.Tensor) else 0, _nbytes(tensor), size)
+            )
+
+    @contextmanager
+    def counting(self):
+        originals = {name: getattr(dist, name) for name in WRAPPED}
+
+        def wrap(name, fn):
+            def counted(*args, **kwargs):
+                tensor = kwargs.get("tensor", kwargs.get("input_tensor"))
+                if tensor is None and args:
+                    # all_gather(tensor_list, tensor, group), all_gather_into_tensor(out, in, group), others (t, ...)
+                    tensor = args[1] if name in ("all_gather", "all_gather_into_tensor") else args[0]
+                    if name == "barrier":
+                        tensor = None
+                group = kwargs.get("group")
+                pos = 0 if name == "barrier" else 2  # (tensor[s], op/src/tensor, group, ...) or barrier(group)
+                if group is None and len(args) > pos:
+                    group = args[pos]
+                self.record(name, tensor, group)
+                return fn(*args, **kwargs)
+
+            return counted
+
+        for name, fn in originals.items():
+            setattr(dist, name, wrap(name, fn))
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active = False
+            for name, fn in originals.items():
+                setattr(dist, name, fn)
+
+    def ddp_hook(self, all_reduce):
+        """A DDP comm hook that does what DDP does by default (average the bucket) and records it."""
+
+        def hook(process_group, bucket):
+            tensor = bucket.buffer()
+            if self.active:
+                size = dist.get_world_size(process_group)
+                with self._lock:
+                    self.calls.append(Call("ddp_bucket", tensor.numel(), _nbytes(tensor), size))
+            tensor.div_(dist.get_world_size(process_group))
+            return all_reduce(tensor, group=process_group, async_op=True).get_future().then(lambda f: f.value()[0])
+
+        return hook
+
+
+def summarise(calls: list[Call], steps: int) -> dict:
+    """Per step: calls and payload bytes by kind, and in all."""
+    kinds: dict[str, dict] = {}
+    for c in calls:
+        k = kinds.setdefault(c.kind, {"calls": 0, "bytes": 0, "group_sizes": set()})
+        k["calls"] += 1
+        k["bytes"] += c.nbytes
+        k["group_sizes"].add(c.group_size)
+    per_step = {
+        kind: {
+            "calls": v["calls"] / steps,
+            "bytes": v["bytes"] / steps,
+            "group_sizes": sorted(v["group_sizes"]),
+        }
+        for kind, v in sorted(kinds.items())
+    }
+    return {
+        "per_step": per_step,
+        "calls": sum(v["calls"] for v in per_step.values()),
+        "bytes": sum(v["bytes"] for v in per_step.values()),
+        "bn_calls": sum(v["calls"] for k, v in per_step.items() if k != "ddp_bucket"),
+        "bn_bytes": sum(v["bytes"] for k, v in per_step.items() if k != "ddp_bucket"),
+    }
+
+
+@dataclass
+class StepSpec:
+    mode: str = "global"
+    world_size: int = 4
+    ranks_per_node: int = 2
+    image_size: int = 64
+    width: int = 64
+    nz: int = 100
+    batch: int = 4
+    warmup: int = 2
+    steps: int = 2
+
+
+def _setup(spec: StepSpec, rank: int):
+    model = ModelSection(spec.image_size, 3, spec.nz, spec.width, spec.width)  # type: ignore[arg-type]
+    G, D = build_models(model, seed=0)
+    opt_g, opt_d = make_optimizers(G, D, OptimSection())
+    node = f"node{rank // spec.ranks_per_node}" if spec.ranks_per_node else ""
+    env = DistEnv(rank=rank, world_size=dist.get_world_size(), node_id=node)
+    G, D = wrap_models(G, D, env, sync_bn=spec.mode)
+    gen = torch.Generator().manual_seed(rank)
+    real = torch.rand(spec.batch, 3, spec.image_size, spec.image_size, generator=gen) * 2 - 1
+    z = torch.randn(spec.batch, spec.nz, 1, 1, generator=gen)
+    return G, D, opt_g, opt_d, real, z
+
+
+def count_step(spec: StepSpec, rank: int) -> dict:
+    """This rank's collectives of one train_step (inside an initialised process group)."""
+    counter = CollectiveCounter()
+    original_all_reduce = dist.all_reduce
+    G, D, opt_g, opt_d, real, z = _setup(spec, rank)
+    for net in (G, D):
+        if hasattr(net, "register_comm_hook"):
+            net.register_comm_hook(None, counter.ddp_hook(original_all_reduce))
+    for _ in range(spec.warmup):
+        train_step(G, D, opt_g, opt_d, real, z)
+    with counter.counting():
+        for _ in range(spec.steps):
+            train_step(G, D, opt_g, opt_d, real, z)
+    return {"summary": summarise(counter.calls, spec.steps), "sequence": [c.__dict__ for c in counter.calls]}
+
+
+def _count_worker(rank: int, spec: StepSpec, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=spec.world_size)
+    try:
+        result = count_step(spec, rank)
+        Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # see perf/equivalence.py's _worker
+
+
+def count(spec: StepSpec) -> dict:
+    """Rank 0's per-step collectives for spec.mode, with real gloo workers on this machine."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(
+            _count_worker, args=(spec, os.path.join(tmp, "init"), tmp), nprocs=spec.world_size, start_method="spawn"
+        )
+        return json.loads(Path(tmp, "0.json").read_text())
+
+
+def table(results: dict[str, dict], spec: StepSpec) -> list[str]:
+    lines = [
+        f"Collectives of one training step, {spec.world_size} workers ({spec.ranks_per_node or 'all'} per node), "
+        f"DCGAN-{spec.image_size} ngf=ndf={spec.width}; payload per rank",
+        "",
+        "| dist.sync_bn | BN group | BN collectives | BN bytes | DDP buckets | DDP bytes | collectives | bytes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, r in results.items():
+        s = r["summary"]
+        ddp = s["per_step"].get("ddp_bucket", {"calls": 0, "bytes": 0})
+        bn_groups = sorted({g for k, v in s["per_step"].items() if k != "ddp_bucket" for g in v["group_sizes"]})
+        group = "/".join(map(str, bn_groups)) or "-"
+        lines.append(
+            f"| {mode} | {group} | {s['bn_calls']:g} | {s['bn_bytes'] / 1e3:.1f} kB | {ddp['calls']:g} | "
+            f"{ddp['bytes'] / 1e6:.2f} MB | {s['calls']:g} | {s['bytes'] / 1e6:.2f} MB |"
+        )
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- timing worker
+
+
+def _time(fn, reps: int) -> float:
+    fn()
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps
+
+
+def replay(sequence: list[dict]):
+    """The counted collectives of a step, one after another (blocking), over the whole group: what the
+    step sends, without its compute."""
+    tensors = [torch.zeros(max(c["numel"], 1)) for c in sequence]
+    world = dist.get_world_size()
+
+    def run():
+        for c, t in zip(sequence, tensors):
+            if c["kind"] == "all_gather" or c["kind"] == "all_gather_into_tensor":
+                dist.all_gather([torch.empty_like(t) for _ in range(world)], t)
+            else:
+                dist.all_reduce(t)
+
+    return run
+
+
+def _timed_task(task: str, args) -> dict:
+    if task == "latency":
+        one = torch.zeros(1)
+        small = torch.zeros(1 + 2 * 256)  # a BN layer's all-gather row of 256 channels
+        outs = [torch.empty_like(small) for _ in range(args.world_size)]
+        return {
+            "latency_all_reduce_s": _time(lambda: dist.all_reduce(one), 200),
+            "latency_bn_all_gather_s": _time(lambda: dist.all_gather(outs, small), 200),
+        }
+    if task == "bandwidth":
+        big = torch.zeros(args.bandwidth_mb * 1_000_000 // 4)
+        return {"bandwidth_all_reduce_s": _time(lambda: dist.all_reduce(big), 3), "bandwidth_bytes": big.numel() * 4}
+    if task.startswith("replay:"):
+        name, path = task.split(":", 1)[1].split("=", 1)
+        sequence = json.loads(Path(path).read_text())["sequence"]
+        return {f"replay_{name}_s": _time(replay(sequence), args.reps)}
+    if task.startswith("step:"):
+        mode = task.split(":", 1)[1]
+        spec = StepSpec(mode=mode, world_size=args.world_size, ranks_per_node=args.ranks_per_node)
+        spec.image_size, spec.width, spec.batch = args.image_size, args.width, args.batch
+        G, D, opt_g, opt_d, real, z = _setup(spec, args.rank)
+        for _ in range(2):  # DDP rebuilds its buckets after the first step
+            train_step(G, D, opt_g, opt_d, real, z)
+        return {f"step_{mode}_s": _time(lambda: train_step(G, D, opt_g, opt_d, real, z), args.reps)}
+    raise ValueError(f"unknown task {task!r}")
+
+
+def worker_main(args) -> int:
+    """One rank of a timing run: `--tasks` among latency, bandwidth, replay:FILE, step:MODE; JSON to --out."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://{args.addr}:{args.port}", rank=args.rank, world_size=args.world_size
+    )
+    out: dict = {}
+    try:
+        for task in args.tasks.split(","):
+            out.update(_timed_task(task, args))
+        if args.rank == 0:
+            Path(args.out).write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.perf.collectives", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("count", help="count one step's collectives per mode")
+    c.add_argument("--world-size", type=int, default=4)
+    c.add_argument("--ranks-per-node", type=int, default=2, help="node mode on one machine: pretended nodes")
+    c.add_argument("--modes", default="global,node,off")
+    c.add_argument("--image-size", type=int, default=64)
+    c.add_argument("--width", type=int, default=64)
+    c.add_argument("--batch", type=int, default=4)
+    c.add_argument("--save", default="", help="folder: one JSON per mode with the step's sequence (for replays)")
+    w = sub.add_parser("worker", help="one rank of a timing run (perf/netns_check.py starts them)")
+    w.add_argument("--rank", type=int, required=True)
+    w.add_argument("--world-size", type=int, required=True)
+    w.add_argument("--ranks-per-node", type=int, default=1)
+    w.add_argument("--addr", required=True)
+    w.add_argument("--port", type=int, default=29531)
+    w.add_argument("--tasks", required=True)
+    w.add_argument("--reps", type=int, default=3)
+    w.add_argument("--bandwidth-mb", type=int, default=16)
+    w.add_argument("--image-size", type=int, default=64)
+    w.add_argument("--width", type=int, default=32)
+    w.add_argument("--batch", type=int, default=8)
+    w.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if args.command == "worker":
+        return worker_main(args)
+    spec = StepSpec(
+        world_size=args.world_size,
+        ranks_per_node=args.ranks_per_node,
+        image_size=args.image_size,
+        width=args.width,
+        batch=args.batch,
+    )
+    results = {}
+    for mode in args.modes.split(","):
+        spec.mode = mode
+        results[mode] = count(spec)
+        print(json.dumps({"mode": mode, "spec": spec.__dict__, **results[mode]["summary"]}))
+        if args.save:
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            Path(args.save, f"{mode}.json").write_text(json.dumps(results[mode]))
+    print("\n".join(table(results, spec)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
