@@ -158,19 +158,27 @@ class StepSpec:
     batch: int = 4
     warmup: int = 2
     steps: int = 2
+    device: str = "cpu"  # cuda: one GPU per rank, NCCL, torch.nn.SyncBatchNorm
 
 
 def _setup(spec: StepSpec, rank: int):
+    device = torch.device("cuda", rank) if spec.device == "cuda" else torch.device("cpu")
     model = ModelSection(spec.image_size, 3, spec.nz, spec.width, spec.width)  # type: ignore[arg-type]
     G, D = build_models(model, seed=0)
+    G, D = G.to(device), D.to(device)
     opt_g, opt_d = make_optimizers(G, D, OptimSection())
     node = f"node{rank // spec.ranks_per_node}" if spec.ranks_per_node else ""
-    env = DistEnv(rank=rank, world_size=dist.get_world_size(), node_id=node)
+    env = DistEnv(rank=rank, world_size=dist.get_world_size(), node_id=node, device=device)
     G, D = wrap_models(G, D, env, sync_bn=spec.mode)
     gen = torch.Generator().manual_seed(rank)
     real = torch.rand(spec.batch, 3, spec.image_size, spec.image_size, generator=gen) * 2 - 1
     z = torch.randn(spec.batch, spec.nz, 1, 1, generator=gen)
-    return G, D, opt_g, opt_d, real, z
+    return G, D, opt_g, opt_d, real.to(device), z.to(device)
+
+
+def _sync(spec: StepSpec) -> None:
+    if spec.device == "cuda":
+        torch.cuda.synchronize()
 
 
 def count_step(spec: StepSpec, rank: int) -> dict:
@@ -227,6 +235,99 @@ def table(results: dict[str, dict], spec: StepSpec) -> list[str]:
             f"{ddp['bytes'] / 1e6:.2f} MB | {s['calls']:g} | {s['bytes'] / 1e6:.2f} MB |"
         )
     return lines
+
+
+def hops(kind: str) -> int:
+    """One-way link latencies a collective between two nodes waits for: an all-gather's parts cross once,
+    an all-reduce (ring: reduce-scatter, then all-gather) twice."""
+    return 1 if kind in ("all_gather", "all_gather_into_tensor", "broadcast") else 2
+
+
+def step_model(summary: dict, latency_s: float, bits_per_s: float, compute_s: float, cross_node_bn: bool) -> dict:
+    """The step-time model for two nodes: compute + sum over the collectives that cross between the nodes of
+    (hops x one-way latency + wire bytes / bandwidth), nothing overlapped. cross_node_bn: the BN collectives
+    cross (global) or stay inside a node (node). Wire bytes: an all-reduce's ring sends its payload
+    2(n-1)/n = 1 times across at n = 2, an all-gather the other node's part."""
+    latency = bandwidth = 0.0
+    for kind, k in summary["per_step"].items():
+        if kind != "ddp_bucket" and not cross_node_bn:
+            continue
+        latency += k["calls"] * hops(kind) * latency_s
+        bandwidth += k["bytes"] * 8 / bits_per_s
+    return {"latency_s": latency, "bandwidth_s": bandwidth, "step_s": compute_s + latency + bandwidth}
+
+
+def model_table(summary: dict, compute_s: float = 1e-3) -> list[str]:
+    """The model's step time for dist.sync_bn global, node and off across two nodes, for one-way latencies of
+    0.05, 0.2 and 1 ms and links of 10 and 100 Gb/s (summary: a global count's)."""
+    ddp = summary["per_step"]["ddp_bucket"]
+    lines = [
+        f"Step-time model, two nodes, compute {compute_s * 1e3:g} ms, nothing overlapped; per step: "
+        f"{summary['bn_calls']:g} BN collectives ({summary['bn_bytes'] / 1e3:.1f} kB), "
+        f"{ddp['calls']:g} DDP buckets ({ddp['bytes'] / 1e6:.2f} MB)",
+        "",
+        "| one-way latency | link | global: latency + bytes = step | node (and off): latency + bytes = step | "
+        "global / node |",
+        "|---|---|---|---|---|",
+    ]
+    for latency in (0.05e-3, 0.2e-3, 1e-3):
+        for gbit in (10, 100):
+            g = step_model(summary, latency, gbit * 1e9, compute_s, True)
+            n = step_model(summary, latency, gbit * 1e9, compute_s, False)
+
+            def cell(m: dict) -> str:
+                return f"{m['latency_s'] * 1e3:.2f} + {m['bandwidth_s'] * 1e3:.2f} = {m['step_s'] * 1e3:.2f} ms"
+
+            lines.append(
+                f"| {latency * 1e3:g} ms | {gbit} Gb/s | {cell(g)} | {cell(n)} | {g['step_s'] / n['step_s']:.2f} |"
+            )
+    return lines
+
+
+def _time_modes_worker(rank: int, spec: StepSpec, modes: list[str], rounds: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    backend = "nccl" if spec.device == "cuda" else "gloo"
+    if spec.device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=spec.world_size)
+    try:
+        loops = {}
+        for mode in modes:
+            spec.mode = mode
+            G, D, opt_g, opt_d, real, z = _setup(spec, rank)
+            loops[mode] = (G, D, opt_g, opt_d, real, z)
+            for _ in range(spec.warmup):
+                train_step(*loops[mode])
+        seconds: dict[str, list[float]] = {m: [] for m in modes}
+        for r in range(rounds):  # side by side, the order rotated: every mode sees the same load
+            for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
+                _sync(spec)
+                dist.barrier()
+                started = time.perf_counter()
+                for _ in range(spec.steps):
+                    train_step(*loops[mode])
+                _sync(spec)
+                seconds[mode].append((time.perf_counter() - started) / spec.steps)
+        Path(out_dir, f"{rank}.json").write_text(json.dumps(seconds))
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+def time_modes(spec: StepSpec, modes: list[str], rounds: int = 5) -> dict[str, float]:
+    """Median seconds per train_step for each dist.sync_bn mode, gloo workers on this machine, timed side by
+    side (rank 0's clock)."""
+    import statistics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(
+            _time_modes_worker,
+            args=(spec, modes, rounds, os.path.join(tmp, "init"), tmp),
+            nprocs=spec.world_size,
+            start_method="spawn",
+        )
+        seconds = json.loads(Path(tmp, "0.json").read_text())
+    return {mode: statistics.median(v) for mode, v in seconds.items()}
 
 
 # ---------------------------------------------------------------------------------------------- timing worker
@@ -312,6 +413,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--width", type=int, default=64)
     c.add_argument("--batch", type=int, default=4)
     c.add_argument("--save", default="", help="folder: one JSON per mode with the step's sequence (for replays)")
+    t = sub.add_parser("time", help="time train_step per mode with gloo workers on this machine, side by side")
+    t.add_argument("--world-sizes", default="2,4")
+    t.add_argument("--ranks-per-node", type=int, default=2, help="node mode on one machine: pretended nodes")
+    t.add_argument("--modes", default="global,node,off")
+    t.add_argument("--image-size", type=int, default=64)
+    t.add_argument("--width", type=int, default=32)
+    t.add_argument("--batch", type=int, default=16)
+    t.add_argument("--steps", type=int, default=3, help="per round")
+    t.add_argument("--rounds", type=int, default=5)
     w = sub.add_parser("worker", help="one rank of a timing run (perf/netns_check.py starts them)")
     w.add_argument("--rank", type=int, required=True)
     w.add_argument("--world-size", type=int, required=True)
@@ -328,6 +438,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "worker":
         return worker_main(args)
+    if args.command == "time":
+        lines = [
+            f"train_step per dist.sync_bn mode, gloo on this machine, DCGAN-{args.image_size} ngf=ndf={args.width}, "
+            f"batch {args.batch} per worker, {args.ranks_per_node} workers per (pretended) node; median of "
+            f"{args.rounds} rounds",
+            "",
+            "| workers | " + " | ".join(f"{m} (ms)" for m in args.modes.split(",")) + " | global - off |",
+            "|---|" + "---|" * (len(args.modes.split(",")) + 1),
+        ]
+        for world in (int(w) for w in args.world_sizes.split(",")):
+            spec = StepSpec(
+                world_size=world,
+                ranks_per_node=args.ranks_per_node,
+                image_size=args.image_size,
+                width=args.width,
+                batch=args.batch,
+                steps=args.steps,
+            )
+            step_s = time_modes(spec, args.modes.split(","), args.rounds)
+            print(json.dumps({"workers": world, "spec": spec.__dict__, "step_s": step_s}), flush=True)
+            cells = " | ".join(f"{v * 1e3:.1f}" for v in step_s.values())
+            extra = step_s.get("global", 0) - step_s.get("off", 0)
+            lines.append(f"| {world} | {cells} | {extra * 1e3:+.1f} ms ({extra / step_s.get('off', 1) * 100:+.0f} %) |")
+        print("\n".join(lines))
+        return 0
     spec = StepSpec(
         world_size=args.world_size,
         ranks_per_node=args.ranks_per_node,
@@ -344,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.save).mkdir(parents=True, exist_ok=True)
             Path(args.save, f"{mode}.json").write_text(json.dumps(results[mode]))
     print("\n".join(table(results, spec)))
+    if "global" in results:
+        print()
+        print("\n".join(model_table(results["global"]["summary"])))
     return 0
 
 
