@@ -194,7 +194,9 @@ def count_step(spec: StepSpec, rank: int) -> dict:
     with counter.counting():
         for _ in range(spec.steps):
             train_step(G, D, opt_g, opt_d, real, z)
-    return {"summary": summarise(counter.calls, spec.steps), "sequence": [c.__dict__ for c in counter.calls]}
+    calls = counter.calls
+    last = calls[len(calls) - len(calls) // spec.steps :]  # the last step's (every step makes the same calls)
+    return {"summary": summarise(calls, spec.steps), "sequence": [c.__dict__ for c in last]}
 
 
 def _count_worker(rank: int, spec: StepSpec, init_file: str, out_dir: str) -> None:
@@ -343,8 +345,8 @@ def _time(fn, reps: int) -> float:
 
 
 def replay(sequence: list[dict]):
-    """The counted collectives of a step, one after another (blocking), over the whole group: what the
-    step sends, without its compute."""
+    """The counted collectives of one step, one after another (blocking), over the whole group: what the
+    step sends, without its compute and without DDP's overlap of its buckets with the backward pass."""
     tensors = [torch.zeros(max(c["numel"], 1)) for c in sequence]
     world = dist.get_world_size()
 

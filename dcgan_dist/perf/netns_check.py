@@ -6,8 +6,8 @@ brings up cluster/netns-testbed.sh's hosts (head 198.18.0.3, worker 198.18.0.4, 
 bridge), limits each host's link with `tc qdisc ... tbf` (rate limiting: this kernel has no netem delay) and
 runs plain torch.distributed gloo processes in them (no Ray), for each rate:
 
-  latency     a one-number all-reduce, and a BN-sized all-gather, between the two hosts (one rank each)
-  bandwidth   a 16 MB all-reduce (ring: each rank sends 2(n-1)/n of it, n = 2: all of it)
+  latency     a one-number all-reduce, and a BN-sized all-gather, between the two hosts (2 and 4 ranks)
+  bandwidth   a 16 MB all-reduce (2 and 4 ranks; a ring of 2 sends all of it each way)
   replay      the collectives one training step makes (counted by perf/collectives.py, DCGAN-64 at
               ngf = ndf = --width) for dist.sync_bn global, node and off, 4 ranks, 2 per host, one after another
   step        real train_step calls with 2 ranks (one per host), global and off
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 two = run_ranks(prefix, 2, 1, "latency,bandwidth,step:global,step:off", Path(tmp, "2.json"), args, port)
                 port += 1
                 replays = ",".join(f"replay:{m}={Path(tmp, m + '.json')}" for m in counts)
-                four = run_ranks(prefix, 4, 2, replays, Path(tmp, "4.json"), args, port)
+                four = run_ranks(prefix, 4, 2, "latency,bandwidth," + replays, Path(tmp, "4.json"), args, port)
+                four = {(k if k.startswith("replay") else f"four_{k}"): v for k, v in four.items()}
                 result["rates"][rate] = {**two, **four}
                 print(json.dumps({"rate": rate, **two, **four}), flush=True)
         finally:
@@ -154,38 +155,50 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def model_check(result: dict, two_rank_global: dict) -> dict:
-    """Per rate: predicted and measured times (s) of each replay and of the step's difference global - off at
-    2 ranks, from the latency measured on the unlimited link and the nominal tbf rate."""
+    """Per rate, predicted and measured seconds:
+    - bandwidth: a 16 MB all-reduce between 2 ranks (one per host) = latency + 16 MB / the nominal tbf rate
+      (a ring of two sends all of it each way);
+    - replay_<mode>: the step's collectives over 4 ranks (2 per host) = each collective x its kind's 4-rank
+      latency + the DDP bytes x the 4-rank 16 MB all-reduce's seconds per byte (gloo's
+      algorithm decides how many times a byte crosses: this calibrates it once per rate, and the check is that
+      a step's differently sized collectives add up to it);
+    - step_global: 2 ranks = the unlimited link's step + the step's wire bytes / the nominal rate."""
     rates = result["rates"]
     base = rates.get("none") or next(iter(rates.values()))
-    alpha = base["latency_all_reduce_s"]
     out = {}
     for rate, r in rates.items():
         bits = rate_bits(rate)
-        row = {"latency_all_reduce_s": r["latency_all_reduce_s"]}
-        for mode, summary in result["counts"].items():
-            wire = wire_bytes(summary, 4, 2)
-            cross = summary["calls"] - (summary["bn_calls"] if mode == "node" else 0)
-            row[f"replay_{mode}_predicted_s"] = cross * alpha + wire * 8 / bits
-            row[f"replay_{mode}_measured_s"] = r[f"replay_{mode}_s"]
-            row[f"replay_{mode}_wire_bytes"] = wire
-        # The bandwidth term alone: a 16 MB all-reduce over 2 ranks sends all of it each way.
-        row["bandwidth_predicted_s"] = alpha + r["bandwidth_bytes"] * 8 / bits
+        row = {
+            "latency_all_reduce_s": r["latency_all_reduce_s"],
+            "four_latency_all_reduce_s": r["four_latency_all_reduce_s"],
+        }
+        row["bandwidth_predicted_s"] = r["latency_all_reduce_s"] + r["bandwidth_bytes"] * 8 / bits
         row["bandwidth_measured_s"] = r["bandwidth_all_reduce_s"]
         row["bandwidth_measured_bits_per_s"] = r["bandwidth_bytes"] * 8 / r["bandwidth_all_reduce_s"]
-        # A real step, 2 ranks: the unlimited link's step plus the extra time its wire bytes take at this rate.
+        per_byte = r["four_bandwidth_all_reduce_s"] / r["four_bandwidth_bytes"]
+        row["four_crossings_per_byte"] = per_byte * bits / 8 if bits != float("inf") else None
+        for mode, summary in result["counts"].items():
+            # Each collective at its kind's measured latency; the BN collectives too in node mode, inside a host:
+            # on the test bed a host's loopback is no faster than the veth link (no netem delay on either).
+            kinds = summary["per_step"]
+            latency = sum(
+                k["calls"] * r[f"four_latency_{'bn_all_gather' if kind == 'all_gather' else 'all_reduce'}_s"]
+                for kind, k in kinds.items()
+            )
+            row[f"replay_{mode}_predicted_s"] = latency + kinds["ddp_bucket"]["bytes"] * per_byte
+            row[f"replay_{mode}_measured_s"] = r[f"replay_{mode}_s"]
         wire2 = wire_bytes(two_rank_global, 2, 1)
         for mode in ("global", "off"):
             row[f"step_{mode}_measured_s"] = r[f"step_{mode}_s"]
-        row["step_global_predicted_s"] = base["step_global_s"] + wire2 * 8 / bits - wire2 * 8 / rate_bits("none")
+        row["step_global_predicted_s"] = base["step_global_s"] + wire2 * 8 / bits
         out[rate] = row
     return out
 
 
 def check_table(result: dict) -> list[str]:
     lines = [
-        "| link | all-reduce latency | 16 MB all-reduce: model / measured | replay global: model / measured | "
-        "replay node | replay off | step global (2 ranks): model / measured |",
+        "| link | all-reduce latency, 2 / 4 ranks | 16 MB all-reduce, 2 ranks: model / measured | replay global, 4 "
+        "ranks: model / measured | replay node | replay off | step global, 2 ranks: model / measured |",
         "|---|---|---|---|---|---|---|",
     ]
 
@@ -197,8 +210,8 @@ def check_table(result: dict) -> list[str]:
             f"{ms(r[f'replay_{m}_predicted_s'])} / {ms(r[f'replay_{m}_measured_s'])}" for m in ("global", "node", "off")
         ]
         lines.append(
-            f"| {rate} | {r['latency_all_reduce_s'] * 1e6:.0f} us | {ms(r['bandwidth_predicted_s'])} / "
-            f"{ms(r['bandwidth_measured_s'])} | {' | '.join(replays)} | "
+            f"| {rate} | {r['latency_all_reduce_s'] * 1e6:.0f} / {r['four_latency_all_reduce_s'] * 1e6:.0f} us | "
+            f"{ms(r['bandwidth_predicted_s'])} / {ms(r['bandwidth_measured_s'])} | {' | '.join(replays)} | "
             f"{ms(r['step_global_predicted_s'])} / {ms(r['step_global_measured_s'])} |"
         )
     return lines
