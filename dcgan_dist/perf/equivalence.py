@@ -5,10 +5,13 @@ forward outputs, gradients, batch-norm running statistics and parameters after s
 G and D. With synchronisation off they must differ (so the check can fail).
 
     python -m dcgan_dist.perf.equivalence [--world-size 2] [--device cpu|cuda] [--dtype float64] [--no-sync]
+    python -m dcgan_dist.perf.equivalence --world-size 4 --groups 2     # or --groups node --ranks-per-node 2
 
-prints the largest absolute difference of each kind as JSON. On CUDA the workers use torch.nn.SyncBatchNorm,
-over NCCL with one GPU per rank when there are enough GPUs, else over gloo with CUDA tensors, all ranks on
-GPU 0 (NCCL refuses two ranks on one device); --backend insists on one. On CPU, CrossProcessBatchNorm over gloo.
+prints the largest absolute difference of each kind as JSON. With --groups, BN is synchronised within groups
+(dist.sync_bn node or a group size) and each group must match one process with the group's concatenated batch.
+On CUDA the workers use torch.nn.SyncBatchNorm, over NCCL with one GPU per rank when there are enough GPUs, else
+over gloo with CUDA tensors, all ranks on GPU 0 (NCCL refuses two ranks on one device); --backend insists on
+one. On CPU, CrossProcessBatchNorm over gloo.
 """
 
 from __future__ import annotations
@@ -260,6 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=4)
     parser.add_argument("--no-sync", action="store_true", help="plain per-rank batch norm (expected to differ)")
     parser.add_argument(
+        "--groups",
+        default="",
+        help="node or a group size: BN synchronised within groups, checked against one process per group with "
+        "the group's concatenated batch (one forward and backward), and against the global batch (must differ)",
+    )
+    parser.add_argument("--ranks-per-node", type=int, default=0, help="--groups node: pretended nodes of this many")
+    parser.add_argument(
         "--backend",
         default="",
         choices=("", "gloo", "nccl"),
@@ -277,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         sync_bn=not args.no_sync,
         backend=args.backend,
     )
+    if args.groups:
+        spec.sync_bn, spec.ranks_per_node = args.groups, args.ranks_per_node
+        print(json.dumps({"spec": spec.__dict__, **run_groups(spec)}))
+        return 0
     print(json.dumps({"spec": spec.__dict__, **run(spec)}))
     return 0
 
