@@ -13,14 +13,14 @@ from dcgan_dist.perf.netns_check import available
 
 
 def _params(width: int) -> int:
-    G, D = build_models(ModelSection(32, 3, 8, width, width))
+    G, D = build_models(ModelSection(64, 3, 8, width, width))
     return sum(p.numel() for net in (G, D) for p in net.parameters())
 
 
 def test_global_sync_bn_is_26_collectives_a_step_and_node_groups_of_one_none():
-    """G has 4 BN layers (forward + backward), D 3 called three times (real, fake, G's step) forward and
-    backward: 8 + 18 = 26. DDP all-reduces every parameter's gradient once per step (float32)."""
-    spec = StepSpec(mode="global", world_size=2, ranks_per_node=1, image_size=32, width=4, nz=8, batch=2)
+    """DCGAN-64: G has 4 BN layers (forward + backward), D 3 called three times (real, fake, G's step) forward
+    and backward: 8 + 18 = 26. DDP all-reduces every parameter's gradient once per step (float32)."""
+    spec = StepSpec(mode="global", world_size=2, ranks_per_node=1, image_size=64, width=4, nz=8, batch=2)
     glob = count(spec)["summary"]
     assert glob["bn_calls"] == 26, glob
     assert glob["per_step"]["all_gather"]["calls"] == 13 and glob["per_step"]["all_reduce"]["calls"] == 13, glob
