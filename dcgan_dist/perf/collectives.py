@@ -164,6 +164,8 @@ class StepSpec:
 def _setup(spec: StepSpec, rank: int):
     device = torch.device("cuda", rank) if spec.device == "cuda" else torch.device("cpu")
     model = ModelSection(spec.image_size, 3, spec.nz, spec.width, spec.width)  # type: ignore[arg-type]
+    G: torch.nn.Module  # the plain networks, then DDP-wrapped ones
+    D: torch.nn.Module
     G, D = build_models(model, seed=0)
     G, D = G.to(device), D.to(device)
     opt_g, opt_d = make_optimizers(G, D, OptimSection())

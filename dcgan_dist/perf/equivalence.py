@@ -23,7 +23,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -191,14 +191,16 @@ def _group_forward(spec: Spec, env: DistEnv, rows, mean_over: int = 0) -> dict:
     weights = [
         torch.randn(total, *shape, generator=gen) for shape in ((spec.channels, spec.image_size, spec.image_size), ())
     ]
-    out = {"groups": groups.ranks}
+    out: dict[str, Any] = {"groups": groups.ranks}
     for name, net, x, w in (("G", G, zs[0], weights[0]), ("D", D, reals[0], weights[1])):
         y = net(x[rows].to(env.device, dtype))
         # Each process's loss is a mean over its own samples, as in training; DDP averages the gradients.
         (y.reshape(w[rows].shape) * w[rows].to(env.device, dtype)).sum().div(mean_over or spec.batch).backward()
         out[f"{name}(x)"] = y.detach().cpu().reshape(len(w[rows]), -1)
         out[f"{name}_running"] = {k: v.detach().cpu() for k, v in unwrap(net).state_dict().items() if "running" in k}
-        out[f"{name}_grads"] = {k: p.grad.detach().cpu() for k, p in unwrap(net).named_parameters()}
+        out[f"{name}_grads"] = {
+            k: p.grad.detach().cpu() for k, p in unwrap(net).named_parameters() if p.grad is not None
+        }
     return out
 
 
