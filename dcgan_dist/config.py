@@ -279,7 +279,12 @@ class DistSection:
         at_least=0,
     )
     resize_check_s: float = setting(60.0, "ray, elastic: how often a running group checks for room to grow", above=0.0)
-    sync_bn: bool = setting(True, "batch norm statistics over the global batch (all workers), for G and D")
+    sync_bn: str = setting(
+        "global",
+        "synchronised batch norm of G and D: global (statistics over all workers' batches), node (over the workers "
+        "on the same node), a group size N (over groups of N consecutive ranks; N divides dist.num_workers), off "
+        "(each worker's own batch); true/false: global/off",
+    )
     cpus_per_worker: int = setting(
         1, "ray: CPUs reserved per worker (loader processes and torch threads use them)", at_least=1
     )
@@ -482,11 +487,32 @@ def validate(cfg: Config) -> None:
             f"config key 'dist.min_workers' is {cfg.dist.min_workers}, more than dist.num_workers "
             f"({cfg.dist.num_workers}); elastic training runs between the two"
         )
+    cfg.dist.sync_bn = sync_bn_mode(cfg.dist.sync_bn)
+    if cfg.dist.sync_bn.isdigit() and cfg.dist.num_workers % int(cfg.dist.sync_bn):
+        raise ConfigError(
+            f"config key 'dist.sync_bn' is a group size of {cfg.dist.sync_bn} ranks, which does not divide "
+            f"dist.num_workers ({cfg.dist.num_workers}); give a divisor of it, node, global or off"
+        )
     if cfg.dist.launcher == "local" and cfg.dist.num_workers != 1:
         raise ConfigError(
             f"config key 'dist.num_workers' is {cfg.dist.num_workers} but dist.launcher=local runs one process; "
             "use dist.launcher=ray for several workers"
         )
+
+
+def sync_bn_mode(value: Any) -> str:
+    """dist.sync_bn in its one spelling: 'global', 'node', 'off' or a group size ('2'); true/false (older
+    configs) are global/off. ConfigError for anything else."""
+    text = str(value).strip().lower()
+    text = {"true": "global", "false": "off", "yes": "global", "no": "off"}.get(text, text)
+    if text in ("global", "node", "off"):
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return str(int(text))
+    raise ConfigError(
+        f"config key 'dist.sync_bn' is {value!r}; it expects global, node, off or a group size of at least 1 "
+        "(true/false: global/off)"
+    )
 
 
 # run.name is one path component (run.dir defaults to runs/<run.name>; Ray keeps checkpoints in

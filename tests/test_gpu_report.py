@@ -41,6 +41,7 @@ def test_gpu_report_on_cpu(tmp_path, tiny_shards):
         "## Training step",
         "## Loader",
         "## Synchronised batch norm",
+        "## Synchronised batch norm: cost of global, node and off",
         "## Quality",
         "## Skipped or failed",
     ):
@@ -65,6 +66,10 @@ def test_gpu_report_on_cpu(tmp_path, tiny_shards):
     assert "backend" in result["sync_bn"], result["sync_bn"]  # else the check raised: its note says what
     assert result["sync_bn"]["backend"] == "gloo" and result["sync_bn"]["passed"] is True
     assert result["sync_bn"]["largest_difference"] < 1e-9 and "**passed**" in text
+    cost = result["sync_bn_cost"]
+    assert "step_ms" in cost, cost  # else its note says why
+    assert list(cost["step_ms"]) == ["global", "node", "off"] and all(v > 0 for v in cost["step_ms"].values())
+    assert re.search(r"\| node \| [0-9.]+ \| [0-9.]+ \|", text)
     assert result["swd"]["fp32"] > 0 and result["swd"]["bf16"] > 0 and result["swd"]["steps"] == 4
     assert re.search(r"\| fp32 \| [0-9.]+ \| [0-9.]+ s \|", text) and re.search(
         r"\| bf16 \| [0-9.]+ \| [0-9.]+ s \|", text

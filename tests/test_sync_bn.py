@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from dcgan_dist.distributed import CrossProcessBatchNorm, convert_sync_batchnorm
-from dcgan_dist.perf.equivalence import Spec, run
+from dcgan_dist.perf.equivalence import Spec, run, run_groups
 
 # float64: what remains is summation-order rounding; measured ~1e-15 on CPU. Tolerance stated here:
 FLOAT64_TOLERANCE = 1e-12
@@ -29,6 +29,30 @@ def test_without_sync_the_runs_differ():
     diffs = run(Spec(world_size=2, batch=4, steps=3, dtype="float64", sync_bn=False))["max_abs_diff"]
     assert diffs["G_forward"] > 1e-3 and diffs["D_forward"] > 1e-3, diffs
     assert diffs["G_running_stats"] > 1e-4 and diffs["D_grads"] > 1e-3, diffs
+
+
+KINDS = ("forward", "running_stats", "grads")
+
+
+def test_four_workers_in_two_groups_equal_each_groups_concatenated_batch():
+    """dist.sync_bn=2: ranks 0,1 and 2,3 each normalise over their pair's samples. Outputs and running
+    statistics equal one process's with the pair's concatenated batch; gradients, which DDP still averages over
+    all four, equal the mean of the two pairs' gradients. Negative control: they are not the global batch's."""
+    result = run_groups(Spec(world_size=4, batch=3, dtype="float64", sync_bn="2"))
+    assert result["groups"] == [[0, 1], [2, 3]]
+    for net in ("G", "D"):
+        for kind in KINDS:
+            assert result["max_abs_diff"][f"{net}_{kind}"] < FLOAT64_TOLERANCE, result
+        assert result["global_diff"][f"{net}_forward"] > 1e-3, result
+        assert result["global_diff"][f"{net}_running_stats"] > 1e-5 and result["global_diff"][f"{net}_grads"] > 1e-3
+
+
+def test_node_groups_follow_the_nodes():
+    """dist.sync_bn=node with two ranks per (pretended) node: the groups are the nodes; the same equality."""
+    result = run_groups(Spec(world_size=4, batch=3, dtype="float64", sync_bn="node", ranks_per_node=2))
+    assert result["groups"] == [[0, 1], [2, 3]]
+    assert max(result["max_abs_diff"].values()) < FLOAT64_TOLERANCE, result
+    assert result["global_diff"]["G_forward"] > 1e-3 and result["global_diff"]["D_forward"] > 1e-3, result
 
 
 @pytest.mark.slow

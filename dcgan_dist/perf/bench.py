@@ -367,7 +367,7 @@ def _ray_bench_worker(config: dict) -> dict:
     # One after the other; the barriers keep every worker's run b (and a) side by side.
     out["c"] = measure_train(cfg, alone, shards, steps, warmup, data_env=env) if env.is_main else None
     env.barrier()
-    out["a_nosync"] = measure_train(replace(cfg, dist=replace(cfg.dist, sync_bn=False)), env, shards, steps, warmup)
+    out["a_nosync"] = measure_train(replace(cfg, dist=replace(cfg.dist, sync_bn="off")), env, shards, steps, warmup)
     out["b"] = measure_train(cfg, alone, shards, steps, warmup, data_env=env)
     env.barrier()
     out["a"] = measure_train(cfg, env, shards, steps, warmup)

@@ -5,10 +5,13 @@ forward outputs, gradients, batch-norm running statistics and parameters after s
 G and D. With synchronisation off they must differ (so the check can fail).
 
     python -m dcgan_dist.perf.equivalence [--world-size 2] [--device cpu|cuda] [--dtype float64] [--no-sync]
+    python -m dcgan_dist.perf.equivalence --world-size 4 --groups 2     # or --groups node --ranks-per-node 2
 
-prints the largest absolute difference of each kind as JSON. On CUDA the workers use torch.nn.SyncBatchNorm,
-over NCCL with one GPU per rank when there are enough GPUs, else over gloo with CUDA tensors, all ranks on
-GPU 0 (NCCL refuses two ranks on one device); --backend insists on one. On CPU, CrossProcessBatchNorm over gloo.
+prints the largest absolute difference of each kind as JSON. With --groups, BN is synchronised within groups
+(dist.sync_bn node or a group size) and each group must match one process with the group's concatenated batch.
+On CUDA the workers use torch.nn.SyncBatchNorm, over NCCL with one GPU per rank when there are enough GPUs, else
+over gloo with CUDA tensors, all ranks on GPU 0 (NCCL refuses two ranks on one device); --backend insists on
+one. On CPU, CrossProcessBatchNorm over gloo.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -29,6 +32,7 @@ import torch.multiprocessing as mp
 from dcgan_dist.config import ModelSection, OptimSection
 from dcgan_dist.distributed.ddp import wrap_models
 from dcgan_dist.distributed.env import DistEnv
+from dcgan_dist.distributed.groups import bn_groups
 from dcgan_dist.gan.models import build_models, unwrap
 from dcgan_dist.gan.objectives import OBJECTIVES, objective
 from dcgan_dist.gan.step import make_optimizers, train_step
@@ -45,8 +49,9 @@ class Spec:
     width: int = 4
     dtype: str = "float64"
     device: str = "cpu"
-    sync_bn: bool = True
+    sync_bn: bool | str = True  # dist.sync_bn: global, node, a group size ("2"), off; True/False: global/off
     seed: int = 0
+    ranks_per_node: int = 0  # node mode on one machine: ranks r // ranks_per_node share a node (0: the host name)
     backend: str = ""  # "": nccl on CUDA with a GPU per rank, else gloo
     num_classes: int = 0  # > 0: the class-conditional models, random labels
     loss: str = "bce"  # gan.loss
@@ -112,16 +117,18 @@ def _train(spec: Spec, env: DistEnv, rows: slice) -> dict:
     return result
 
 
-def _worker(rank: int, spec: Spec, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, spec: Spec, init_file: str, out_dir: str, groups_check: bool = False) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(backend_of(spec), init_method=f"file://{init_file}", rank=rank, world_size=spec.world_size)
     try:
         device = _device(spec, rank)
         if spec.device == "cuda":
             torch.cuda.set_device(device)
-        env = DistEnv(rank=rank, world_size=spec.world_size, device=device)
+        node = f"node{rank // spec.ranks_per_node}" if spec.ranks_per_node else ""
+        env = DistEnv(rank=rank, world_size=spec.world_size, device=device, node_id=node)
         rows = slice(rank * spec.batch, (rank + 1) * spec.batch)
-        torch.save(_train(spec, env, rows), os.path.join(out_dir, f"rank{rank}.pt"))
+        work = _group_forward if groups_check else _train
+        torch.save(work(spec, env, rows), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
     # Results saved: leave without interpreter finalization. A gloo worker thread may still be releasing the last
@@ -173,6 +180,88 @@ def run(spec: Spec) -> dict:
     return {"backend": backend, "max_abs_diff": out}
 
 
+def _group_forward(spec: Spec, env: DistEnv, rows, mean_over: int = 0) -> dict:
+    """One training-mode forward and backward of G and D (DDP-wrapped, BN synchronised per spec.sync_bn when
+    env is distributed): outputs, BN running statistics and (DDP-averaged) gradients. `rows`: this process's
+    samples of the global batch (a slice or a list of indices); the loss is a mean over `mean_over` samples
+    (0: spec.batch)."""
+    dtype = getattr(torch, spec.dtype)
+    model = ModelSection(spec.image_size, spec.channels, spec.nz, spec.width, spec.width)
+    G: torch.nn.Module
+    D: torch.nn.Module
+    G, D = build_models(model, seed=spec.seed)
+    G, D = G.to(env.device, dtype), D.to(env.device, dtype)
+    groups = bn_groups(env, spec.sync_bn)
+    G, D = wrap_models(G, D, env, sync_bn=spec.sync_bn, groups=groups)
+    reals, zs = _inputs(spec)
+    gen = torch.Generator().manual_seed(spec.seed + 2)
+    total = spec.world_size * spec.batch
+    weights = [
+        torch.randn(total, *shape, generator=gen) for shape in ((spec.channels, spec.image_size, spec.image_size), ())
+    ]
+    out: dict[str, Any] = {"groups": groups.ranks}
+    for name, net, x, w in (("G", G, zs[0], weights[0]), ("D", D, reals[0], weights[1])):
+        y = net(x[rows].to(env.device, dtype))
+        # Each process's loss is a mean over its own samples, as in training; DDP averages the gradients.
+        (y.reshape(w[rows].shape) * w[rows].to(env.device, dtype)).sum().div(mean_over or spec.batch).backward()
+        out[f"{name}(x)"] = y.detach().cpu().reshape(len(w[rows]), -1)
+        out[f"{name}_running"] = {k: v.detach().cpu() for k, v in unwrap(net).state_dict().items() if "running" in k}
+        out[f"{name}_grads"] = {
+            k: p.grad.detach().cpu() for k, p in unwrap(net).named_parameters() if p.grad is not None
+        }
+    return out
+
+
+def run_groups(spec: Spec) -> dict:
+    """Synchronised BN within groups (spec.sync_bn: node or a group size) against one process per group with
+    the group's concatenated batch: {"groups": the ranks of each group, "max_abs_diff": {kind: largest
+    difference}, "global_diff": {kind: the same against one process with the whole global batch}} for the
+    kinds G_forward, D_forward (outputs), G_running_stats, D_running_stats and G_grads, D_grads (DDP's average
+    over all ranks against the group-size-weighted mean of the groups' gradients)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(
+            _worker,
+            args=(spec, os.path.join(tmp, "init"), tmp, True),
+            nprocs=spec.world_size,
+            start_method="spawn",
+            join=True,
+        )
+        ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(spec.world_size)]
+    groups: list[list[int]] = ranks[0]["groups"] or [[r] for r in range(spec.world_size)]
+
+    def one_process(members: list[int]) -> dict:
+        rows = [i for r in members for i in range(r * spec.batch, (r + 1) * spec.batch)]
+        return _group_forward(spec, DistEnv(), rows, mean_over=len(rows))  # the mean over the group's samples
+
+    def diffs(refs: list[tuple[list[int], dict]]) -> dict:
+        out: dict[str, float] = {}
+        for net in ("G", "D"):
+            out[f"{net}_forward"] = max(
+                (ref[f"{net}(x)"][i * spec.batch : (i + 1) * spec.batch] - ranks[r][f"{net}(x)"]).abs().max().item()
+                for members, ref in refs
+                for i, r in enumerate(members)
+            )
+            out[f"{net}_running_stats"] = max(
+                (ref[f"{net}_running"][k].double() - ranks[r][f"{net}_running"][k].double()).abs().max().item()
+                for members, ref in refs
+                for r in members
+                for k in ref[f"{net}_running"]
+            )
+            grads = ranks[0][f"{net}_grads"]
+            expected = {k: sum(len(m) / spec.world_size * ref[f"{net}_grads"][k] for m, ref in refs) for k in grads}
+            out[f"{net}_grads"] = max(
+                (expected[k] - rank[f"{net}_grads"][k]).abs().max().item() for rank in ranks for k in grads
+            )
+        return out
+
+    everyone = list(range(spec.world_size))
+    return {
+        "groups": groups,
+        "max_abs_diff": diffs([(g, one_process(g)) for g in groups]),
+        "global_diff": diffs([(everyone, one_process(everyone))]),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcgan_dist.perf.equivalence", description=__doc__.split("\n\n")[0])
     parser.add_argument("--world-size", type=int, default=2)
@@ -185,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-sync", action="store_true", help="plain per-rank batch norm (expected to differ)")
     parser.add_argument("--num-classes", type=int, default=0, help="> 0: the class-conditional models")
     parser.add_argument("--loss", default="bce", choices=tuple(OBJECTIVES), help="the GAN objective (gan.loss)")
+    parser.add_argument(
+        "--groups",
+        default="",
+        help="node or a group size: BN synchronised within groups, checked against one process per group with "
+        "the group's concatenated batch (one forward and backward), and against the global batch (must differ)",
+    )
+    parser.add_argument("--ranks-per-node", type=int, default=0, help="--groups node: pretended nodes of this many")
     parser.add_argument(
         "--backend",
         default="",
@@ -205,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         num_classes=args.num_classes,
         loss=args.loss,
     )
+    if args.groups:
+        spec.sync_bn, spec.ranks_per_node = args.groups, args.ranks_per_node
+        print(json.dumps({"spec": spec.__dict__, **run_groups(spec)}))
+        return 0
     print(json.dumps({"spec": spec.__dict__, **run(spec)}))
     return 0
 

@@ -13,7 +13,9 @@ Sized to finish in under 10 minutes on one GPU with the default preset (compilat
 3. the synchronised batch-norm equivalence (2 ranks x B against 1 rank x 2B, float64, G and D): on CUDA with
    torch.nn.SyncBatchNorm, over NCCL with two GPUs, else over gloo with CUDA tensors on GPU 0 (NCCL refuses
    two ranks on one device); on CPU with CrossProcessBatchNorm over gloo;
-4. the SWD after a short run of the same model in fp32 and in bf16 (the real Trainer, same steps and seed).
+4. the cost of dist.sync_bn global, node and off: ms per step with a GPU per rank (NCCL; one GPU: skipped,
+   saying why), or 2 gloo ranks on a CPU;
+5. the SWD after a short run of the same model in fp32 and in bf16 (the real Trainer, same steps and seed).
 
 On a CPU it does what applies and says, row by row, what it skipped and why: CUDA graphs need CUDA, and
 compilation (minutes on a small CPU) runs only with bench.report_compile=true. A row that fails records its error
@@ -37,6 +39,7 @@ from dcgan_dist.data import resolve_data
 from dcgan_dist.distributed.env import DistEnv
 from dcgan_dist.gan.precision import native_bf16, pick_device, resolved
 from dcgan_dist.perf import bench, equivalence
+from dcgan_dist.perf.collectives import StepSpec, time_modes
 from dcgan_dist.training.trainer import Trainer
 
 SYNC_BN_TOLERANCE = 1e-9  # float64: differences are rounding (~1e-15 measured on CPU); a real mismatch is >1e-3
@@ -62,6 +65,7 @@ class Report:
     steps: list[Row] = field(default_factory=list)
     loader: dict = field(default_factory=dict)
     sync_bn: dict = field(default_factory=dict)
+    sync_bn_cost: dict = field(default_factory=dict)
     swd: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -71,6 +75,7 @@ class Report:
             "steps": [r.__dict__ for r in self.steps],
             "loader": self.loader,
             "sync_bn": self.sync_bn,
+            "sync_bn_cost": self.sync_bn_cost,
             "swd": self.swd,
         }
 
@@ -282,6 +287,50 @@ def sync_bn_check(device: torch.device) -> dict:
     }
 
 
+def sync_bn_cost(cfg: Config, device: torch.device, rounds: int = 3) -> dict:
+    """ms per training step with dist.sync_bn global, node and off (and groups of half the ranks with 4 or more),
+    every rank on its own GPU (NCCL, torch.nn.SyncBatchNorm), or 2 gloo ranks on a CPU; timed side by side.
+    One GPU: nothing to synchronise across, the rows say why they did not run."""
+    modes = ["global", "node", "off"]
+    if device.type == "cuda":
+        world = min(torch.cuda.device_count(), 8)
+        if world < 2:
+            return {
+                "note": "skipped: one GPU. Synchronised BN across ranks needs a GPU per rank (NCCL refuses two ranks "
+                "on one device), so global, node and off cannot be compared here; on one GPU they are the same "
+                "step. perf/collectives.py count and docs/performance.md give the collectives and the model.",
+                "modes": modes,
+            }
+        how = f"{world} ranks, one GPU each, NCCL, torch.nn.SyncBatchNorm; all on this node, so node = global"
+    else:
+        world = 2
+        how = "2 ranks on this CPU, gloo, CrossProcessBatchNorm; one machine, so node = global"
+    if world >= 4:
+        modes.insert(2, str(world // 2))
+    m = cfg.model
+    spec = StepSpec(
+        world_size=world,
+        ranks_per_node=0,  # the host name: every rank here is on one node
+        image_size=m.image_size,
+        width=m.ngf,
+        nz=m.nz,
+        batch=cfg.train.batch_size,
+        warmup=2,
+        steps=2 if device.type == "cpu" else 20,
+        device=device.type,
+    )
+    try:
+        step_s = time_modes(spec, modes, rounds)
+    except Exception as exc:  # noqa: BLE001
+        return {"note": f"failed: {_error(exc)}", "modes": modes}
+    return {
+        "how": how,
+        "world_size": world,
+        "batch_per_rank": spec.batch,
+        "step_ms": {k: v * 1e3 for k, v in step_s.items()},
+    }
+
+
 def swd_after_training(cfg: Config, shards: str, steps: int) -> dict:
     """The SWD of the same model after `steps` steps in fp32 and in bf16 (the real Trainer, same seed and data)."""
     out: dict = {"steps": steps, "eval_num": cfg.eval.num}
@@ -378,6 +427,23 @@ def to_markdown(report: Report) -> str:
         ]
     else:
         lines.append(sb["note"])
+    sc = report.sync_bn_cost
+    lines += ["", "## Synchronised batch norm: cost of global, node and off", ""]
+    if "step_ms" in sc:
+        off = sc["step_ms"].get("off")
+        lines += [
+            f"{sc['how']}; batch {sc['batch_per_rank']} per rank, ms per training step (median of side-by-side "
+            "rounds). Across nodes, node keeps the BN collectives inside each node (docs/performance.md).",
+            "",
+            "| dist.sync_bn | ms per step | vs off |",
+            "|---|---|---|",
+            *(
+                f"| {k} | {v:.2f} | {v / off:.2f} |" if off else f"| {k} | {v:.2f} | - |"
+                for k, v in sc["step_ms"].items()
+            ),
+        ]
+    else:
+        lines.append(sc["note"])
     sw = report.swd
     lines += [
         "",
@@ -452,6 +518,7 @@ def write_report(
     say(f"  training step rows: {time.perf_counter() - started:.0f} s")
     report.loader = loader_rate(cfg, device, shards, steps * 2, warmup)
     report.sync_bn = sync_bn_check(device)
+    report.sync_bn_cost = sync_bn_cost(cfg, device)
     say(f"  loader and sync-BN check: {time.perf_counter() - started:.0f} s")
     report.swd = swd_after_training(cfg, shards, swd_steps)
     say(f"  SWD runs: {time.perf_counter() - started:.0f} s")
