@@ -193,7 +193,7 @@ def _group_forward(spec: Spec, env: DistEnv, rows, mean_over: int = 0) -> dict:
     G, D = G.to(env.device, dtype), D.to(env.device, dtype)
     groups = bn_groups(env, spec.sync_bn)
     G, D = wrap_models(G, D, env, sync_bn=spec.sync_bn, groups=groups)
-    reals, zs = _inputs(spec)
+    reals, zs, _ = _inputs(spec)
     gen = torch.Generator().manual_seed(spec.seed + 2)
     total = spec.world_size * spec.batch
     weights = [
