@@ -259,6 +259,22 @@ class WandbSection:
     group: str = setting("", "W&B group (a sweep puts its trials in one, named after the sweep's run.name)")
 
 
+# The sinks a run's metrics go to (training/sinks/: one file each), in this order.
+DEFAULT_SINKS = ("console", "jsonl", "wandb", "tensorboard")
+
+
+@dataclass
+class LogSection:
+    sinks: list[str] = field(
+        default_factory=lambda: list(DEFAULT_SINKS),
+        metadata={
+            "doc": "where metrics go, a list of: console (progress lines), jsonl (metrics.jsonl), wandb (as wandb.mode "
+            "says), tensorboard (<run.dir>/tensorboard), mlflow (MLFLOW_TRACKING_URI; pip install -e '.[mlflow]')",
+            "limits": {},
+        },
+    )
+
+
 @dataclass
 class Config:
     run: RunSection = section(RunSection, "the run: its name, folder and seed")
@@ -272,6 +288,7 @@ class Config:
     tune: TuneSection = section(TuneSection, "the tune command's sweep (its spaces: --search KEY=SPACE)")
     dist: DistSection = section(DistSection, "distributed training")
     wandb: WandbSection = section(WandbSection, "Weights & Biases logging")
+    log: LogSection = section(LogSection, "where metrics go: the sinks (train.log_every: how often)")
 
 
 class ConfigError(ValueError):
@@ -323,6 +340,9 @@ def _expected(key: str) -> str:
             return "one of " + ", ".join(show(c) for c in choices)
         section, _, name = key.rpartition(".")
         hint = typing.get_type_hints(_section(section))[name]
+        if typing.get_origin(hint) is list:
+            default = _fields(_section(section))[name].default_factory()  # type: ignore[misc]
+            return f"a list, e.g. {key}=[{','.join(map(str, default))}]"
         return f"a value of type {getattr(hint, '__name__', hint)}"
     except (KeyError, TypeError):
         return "another type"

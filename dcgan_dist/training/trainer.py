@@ -33,6 +33,7 @@ from dcgan_dist.gan.models import build_models, unwrap
 from dcgan_dist.gan.precision import Precision, Speed, pick_device, resolved
 from dcgan_dist.gan.step import make_optimizers, set_hyperparameters, train_step
 from dcgan_dist.storage.filesystem import RunStorage, StoreError, StoreUnreachable, check_bucket, is_remote, set_timeout
+from dcgan_dist.training import sinks
 from dcgan_dist.training.checkpoint import CheckpointManager, CheckpointStorage, StorageCheckpoints
 from dcgan_dist.training.memory_estimate import check_memory
 from dcgan_dist.training.metrics import Metrics, NonFiniteLoss
@@ -49,13 +50,21 @@ StepHook = Callable[[int, DistEnv, torch.Tensor], None]
 
 @dataclass
 class TrainResult:
-    step: int
-    checkpoint: str | None
+    """What a training run did; `python -m dcgan_dist.train` writes it (dataclasses.asdict: every field) to
+    <run.dir>/result.json, and with --json to stdout."""
+
+    step: int  # the last step trained (the final checkpoint's)
+    checkpoint: str | None  # the final checkpoint
     run_dir: str
-    metrics: dict
-    seconds: float
+    metrics: dict  # the last logged record
+    seconds: float  # in the training loop
     stopped_by: int = 0  # the signal that stopped the run early (after a checkpoint), 0: it ran to max_steps
     preempted: bool = False  # that signal reached a training process itself (under Ray: a preempted worker)
+    max_steps: int = 0
+    start_step: int = 0  # where this command started: 0, or the step of the checkpoint it resumed from
+    resumed_from: str | None = None  # that checkpoint
+    stop_reason: str = "max_steps"  # max_steps | signal | already_trained
+    signal: str | None = None  # the stopping signal's name (SIGTERM, SIGINT)
 
 
 def check_settings(
@@ -76,6 +85,16 @@ def check_settings(
         check_batch(cfg.train.batch_size, world_size, num_samples)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    for name in cfg.log.sinks:
+        try:
+            sinks.sink_class(name)
+        except ValueError as exc:
+            raise ConfigError(f"log.sinks={cfg.log.sinks}: {exc}") from None
+        except ImportError as exc:
+            extra = f'pip install -e ".[{name}]"' if name == "mlflow" else f"pip install {name}"
+            raise ConfigError(
+                f"log.sinks has {name}, whose library is not installed ({exc.name or exc}): {extra}, or leave it out"
+            ) from None
     if device is not None:
         check_memory(cfg, device, resolved(cfg, device)[1].precision)
     if check_run_dir:
@@ -239,13 +258,16 @@ class Trainer:
             Schedule(cfg.train.checkpoint_every, last=cfg.train.max_steps, on_stop=True),
             self.say,
         )
+        self.metrics.last_checkpoint = lambda: self.checkpoints.last_saved  # for the sinks (MLflow's tag)
         self.parts: list[Part] = [self.metrics]
         if cfg.train.eval_every:
             self.parts.append(
-                QualityTracker(cfg, self.shards, self.sample_model, self.checkpoints, self.metrics, env.is_main)
+                QualityTracker(
+                    cfg, self.shards, self.sample_model, self.checkpoints, self.metrics.reporter, env.is_main
+                )
             )
         self.parts += [
-            SampleGrids(cfg, self.storage, self.sample_model, self.metrics, env.device, env.is_main),
+            SampleGrids(cfg, self.storage, self.sample_model, report, env.device, env.is_main),
             self.checkpoints,
         ]
 
@@ -257,6 +279,7 @@ class Trainer:
         """Train to train.max_steps, continuing from the newest checkpoint."""
         cfg, env = self.cfg, self.env
         step = first = self.checkpoints.restore()
+        resumed_from = self.checkpoints.last_saved if first else None
         set_hyperparameters((self.opt_g, self.opt_d), cfg.optim)  # this command line's, not the checkpoint's
         if env.is_main:  # after the restore: a refused resume leaves the run's record as it was
             self.storage.write("config.yaml", config_lib.to_yaml(cfg).encode())
@@ -265,7 +288,17 @@ class Trainer:
                 f"Already trained to step {step} (train.max_steps={cfg.train.max_steps}); nothing to do. "
                 "Raise train.max_steps to train further."
             )
-            return TrainResult(step, self.checkpoints.last_saved, self.storage.location, {}, 0.0)
+            return TrainResult(
+                step,
+                self.checkpoints.last_saved,
+                self.storage.location,
+                {},
+                0.0,
+                max_steps=cfg.train.max_steps,
+                start_step=first,
+                resumed_from=resumed_from,
+                stop_reason="already_trained",
+            )
         G, D = distribute(self.G, self.D, cfg, env)
         self.describe()
         self.metrics.start(step)
@@ -332,6 +365,11 @@ class Trainer:
             seconds,
             stopped,
             bool(stopped) and stopping.own_signal(stop),
+            max_steps=cfg.train.max_steps,
+            start_step=first,
+            resumed_from=resumed_from,
+            stop_reason="signal" if stopped else "max_steps",
+            signal=signal.Signals(stopped).name if stopped else None,
         )
 
     def check_finite(self, step: int) -> None:
