@@ -267,7 +267,7 @@ class Trainer:
                 )
             )
         self.parts += [
-            SampleGrids(cfg, self.storage, self.sample_model, report, env.device, env.is_main),
+            SampleGrids(cfg, self.storage, self.sample_model, self.metrics.reporter, env.device, env.is_main),
             self.checkpoints,
         ]
 
