@@ -536,6 +536,8 @@ def describe(key: str) -> str:
 
 def show(value: Any) -> str:
     """A value as it is written on a command line (true, not True)."""
+    if isinstance(value, list | tuple):
+        return f"[{','.join(show(v) for v in value)}]"
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 

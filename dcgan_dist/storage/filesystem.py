@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import os
 import random
 import re
@@ -527,3 +528,13 @@ class AppendLog:
 
 
 SEGMENT_FULL = 1 << 30  # a segment that takes no more lines (one written whole by a resume)
+
+
+RESULT_FILE = "result.json"
+
+
+def write_result(location: str, result: dict) -> str:
+    """<location>/result.json (a folder or s3://...): a command's outcome as JSON, for scripts and tests (what its
+    console lines say in prose); returns where it went."""
+    data = json.dumps(result, indent=1, default=str) + "\n"
+    return RunStorage(location).write(RESULT_FILE, data.encode())
