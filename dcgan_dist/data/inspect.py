@@ -22,12 +22,13 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
     the loader does), and count as unusable those that do not decode or differ in size or channels from
     dataset.json's (or, without it, from most of the images); compare each shard's count with dataset.json's;
     write a preview grid. `errors` lists every unreadable or short shard by name, `bad_by_shard` the shards
-    with unusable samples."""
+    with unusable samples, `samples_by_shard` the samples read from each shard."""
     urls = expand_shards(spec)
     info = read_info(spec)
     expected, missing = shard_counts(spec)
     arrays: dict[str, list] = {}  # url -> [(key, shape)] of its decodable samples
     formats: Counter = Counter()
+    read_by_shard: dict[str, int] = {}  # shard name -> samples read from it
     bad_by_shard: Counter = Counter()
     first: list[np.ndarray] = []
     errors: list[str] = []
@@ -53,6 +54,7 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
             if len(first) < preview_count:
                 first.append(array)
         arrays[url] = decoded
+        read_by_shard[Path(url).name] = read
         name, want = Path(url).name, expected.get(url)
         if failure:
             errors.append(f"{name}: unreadable after {read} sample(s): {str(failure[0]).splitlines()[0][:200]}")
@@ -76,6 +78,7 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
                 )
     report: dict[str, Any] = {
         "shards": len(urls),
+        "samples_by_shard": read_by_shard,
         "samples": sum(shapes.values()),
         "expected_samples": info.num_samples if info else None,
         "has_dataset_json": info is not None,
