@@ -423,6 +423,7 @@ def sweep(
         "command": "tune",
         "run_dir": root,
         "scheduler": scheduler_name,
+        "side_by_side": side_by_side,
         "seconds": seconds,
         "trials": records,
         "exploits": exploit_events,
