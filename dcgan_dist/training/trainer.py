@@ -10,6 +10,7 @@ every process; `env` says which rank this is and on which device it runs.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import signal
 import time
@@ -73,7 +74,16 @@ def check_settings(
     """What the settings point at, checked before any run file exists: the shards (they exist, enough for every
     worker, the model's image size and channels; probe: decoding the first shard's first samples), the batch (no
     larger than the data set), with `device` that the model, batch and loader fit in its free memory, and run.dir
-    (it can be made and written). Raises ConfigError: one line naming the setting."""
+    (it can be made and written), and that log.sinks names sinks whose libraries are installed. Raises ConfigError:
+    one line naming the setting."""
+    for name in cfg.log.sinks:
+        try:
+            library = sinks.sink_class(name).library
+        except ValueError as exc:
+            raise ConfigError(f"log.sinks={config_lib.show(cfg.log.sinks)}: {exc}") from None
+        if library and importlib.util.find_spec(library) is None:
+            extra = f'pip install -e ".[{name}]"' if name == "mlflow" else "pip install -e ."
+            raise ConfigError(f"log.sinks has {name}, but {library} is not installed: {extra}, or leave {name} out")
     chw = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     if cfg.data.shards:
         try:
@@ -85,16 +95,6 @@ def check_settings(
         check_batch(cfg.train.batch_size, world_size, num_samples)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    for name in cfg.log.sinks:
-        try:
-            sinks.sink_class(name)
-        except ValueError as exc:
-            raise ConfigError(f"log.sinks={cfg.log.sinks}: {exc}") from None
-        except ImportError as exc:
-            extra = f'pip install -e ".[{name}]"' if name == "mlflow" else f"pip install {name}"
-            raise ConfigError(
-                f"log.sinks has {name}, whose library is not installed ({exc.name or exc}): {extra}, or leave it out"
-            ) from None
     if device is not None:
         check_memory(cfg, device, resolved(cfg, device)[1].precision)
     if check_run_dir:

@@ -20,8 +20,8 @@ def available() -> list[str]:
 
 
 def sink_class(name: str) -> type[Sink]:
-    """The class of sink `name`; ValueError for a name no module here has. Importing it may raise ImportError
-    (a library of an optional extra that is not installed)."""
+    """The class of sink `name`; ValueError for a name no module here has. The modules import their libraries
+    only when a sink starts: `SINK.library` names the one it needs (checked before a run)."""
     if name not in available():
         raise ValueError(f"'{name}' is no sink; the sinks: {', '.join(available())}")
     return importlib.import_module(f"{__name__}.{name}").SINK

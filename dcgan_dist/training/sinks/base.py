@@ -43,6 +43,8 @@ class SinkContext:
 
 
 class Sink:
+    library: str | None = None  # the module it needs, checked before a run starts (an optional extra)
+
     def __init__(self, ctx: SinkContext):
         self.ctx = ctx
 

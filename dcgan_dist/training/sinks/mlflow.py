@@ -22,6 +22,7 @@ EXPERIMENT = "dcgan_dist"
 
 
 class MlflowSink(Sink):
+    library = "mlflow"
     client: Any = None
     run_id: str | None = None
 

@@ -23,6 +23,7 @@ FOLDER = "tensorboard"
 
 
 class TensorBoardSink(Sink):
+    library = "tensorboard"
     writer = None
 
     def start(self, step: int) -> None:
