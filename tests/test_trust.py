@@ -198,7 +198,7 @@ def bad_optimizer_shape(state):
 
 
 def odd_wandb_id(state):
-    state["metrics"]["wandb_run_id"] = "../../elsewhere"
+    state["metrics"]["sinks"]["wandb"]["run_id"] = "../../elsewhere"  # the W&B sink's state
 
 
 MISFITS = {
