@@ -234,8 +234,9 @@ def test_a_job_across_hosts_survives_losing_its_worker_host(testbed, monkeypatch
     # Uninterrupted: the reference weights, and the workers on the two hosts.
     reference = submit(testbed, "python", "-m", "dcgan_dist.train", *job_args("whole"))
     logs = reference.stdout + reference.stderr
-    nodes = dict(re.findall(r"^worker rank (\d+) ran on node (\w+)", logs, re.M))
-    assert len(nodes) == 2 and nodes["0"] != nodes["1"], logs[-3000:]
+    workers = json.loads(RunStorage("s3://dcgan/runs/whole").read("result.json"))["workers"]
+    nodes = {w["rank"]: w["node_id"] for w in workers}
+    assert len(nodes) == 2 and nodes[0] != nodes[1], logs[-3000:]
 
     # The same job, with rank 0 waiting after step 5 (checkpoint at step 4) until the file `go` exists; meanwhile
     # the worker host is lost (every process on it gone when `kill` returns) and replaced.

@@ -52,8 +52,9 @@ def final_checkpoint(run_dir: Path) -> Path:
     return Path(result["checkpoint"])
 
 
-def worker_nodes(stdout: str) -> dict[int, str]:
-    return {int(r): node for r, node in re.findall(r"^worker rank (\d+) ran on node (\w+)", stdout, re.M)}
+def worker_nodes(run_dir: Path) -> dict[int, str]:
+    """Each worker's Ray node, from the run's result.json."""
+    return {w["rank"]: w["node_id"] for w in read_result(run_dir)["workers"]}
 
 
 def test_job_submit_on_two_nodes(ray_cluster, tiny_shards, tmp_path):
@@ -88,7 +89,7 @@ def test_job_submit_on_two_nodes(ray_cluster, tiny_shards, tmp_path):
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    nodes = worker_nodes(out)
+    nodes = worker_nodes(run_dir)
     assert set(nodes) == {0, 1} and nodes[0] != nodes[1], nodes  # the two workers ran on different Ray nodes
     path = final_checkpoint(run_dir)
     assert path.is_file() and ckpt.load(path)["step"] == 6
