@@ -198,3 +198,33 @@ def test_metrics_in_an_object_store_cost_the_same_per_log_step_and_read_back_as_
     records = read_metrics("s3://dcgan-test/segments/long")
     assert [r["step"] for r in records] == list(range(1, 151))
     assert all(r.get("resumed") for r in records if r["step"] > 137)
+
+
+def test_tensorboard_events_of_a_run_in_an_object_store_are_uploaded_into_its_tensorboard_folder(s3_env, tmp_path):
+    """With run.dir=s3://... the events are written on this machine and uploaded at the end; a resumed session's
+    file purges the steps it logs again, as on a disk."""
+    pytest.importorskip("tensorboard", reason="tensorboard is a dependency: pip install -e .")
+    from PIL import Image
+
+    from dcgan_dist.config import build_config
+    from dcgan_dist.training.sinks.tensorboard import TensorBoardSink
+
+    cfg = build_config(None, [])
+    storage = RunStorage("s3://dcgan-test/tensorboard-run")
+    for session, (start, end) in enumerate(((0, 7), (5, 9))):  # the second resumes from step 5
+        sink = TensorBoardSink(SinkContext(cfg, storage, tmp_path / f"local{session}", print))
+        sink.start(start)
+        for step in range(start + 1, end + 1):
+            sink.scalars({"step": step, "loss_d": step + 0.5 * session})
+        sink.image("samples", Image.new("RGB", (8, 8)), end)
+        sink.close(end, None)
+        time.sleep(1.1)  # event files are named by the second they were opened in
+    names = [name for name, _ in storage.list("tensorboard")]
+    assert len(names) == 2 and all(name.startswith("events.out.tfevents.") for name in names), names
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in names:
+        (copy / name).write_bytes(storage.read(f"tensorboard/{name}"))
+    events = tensorboard_events(copy)
+    assert [(e.step, e.value) for e in events.Scalars("loss_d")] == [(s, s + 0.5 * (s > 5)) for s in range(1, 10)]
+    assert [e.step for e in events.Images("samples")] == [9]  # step 7's purged with the rest past 5
