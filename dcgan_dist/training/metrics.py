@@ -17,7 +17,7 @@ import torch
 
 from dcgan_dist.distributed.env import DistEnv
 from dcgan_dist.errors import RunError
-from dcgan_dist.storage.filesystem import AppendLog, RunStorage
+from dcgan_dist.storage.filesystem import AppendLog, RunStorage, is_remote
 from dcgan_dist.training import sinks as sink_registry
 from dcgan_dist.training.schedule import Schedule
 from dcgan_dist.training.sinks.base import Sink, SinkContext, duration, emit
@@ -54,6 +54,8 @@ def read_metrics(path: str | Path) -> list[dict]:
     """The records of a run's metrics, given its metrics.jsonl or its run dir (a folder or s3://...): on a disk
     one file, in an object store its numbered segments, read as one stream."""
     where = str(path)
+    if not is_remote(where) and Path(where).expanduser().is_file():  # a file of records on this disk, any name
+        return parse_metrics(Path(where).expanduser().read_text(errors="replace"))
     if where.endswith(METRICS_FILE):
         where = where[: -len(METRICS_FILE)].rstrip("/") or "."
     return parse_metrics(AppendLog(RunStorage(where), METRICS_FILE).read().decode(errors="replace"))
