@@ -308,6 +308,22 @@ class WandbSection:
     group: str = setting("", "W&B group (a sweep puts its trials in one, named after the sweep's run.name)")
 
 
+# The sinks a run's metrics go to (training/sinks/: one file each), in this order.
+DEFAULT_SINKS = ("console", "jsonl", "wandb", "tensorboard")
+
+
+@dataclass
+class LogSection:
+    sinks: list[str] = field(
+        default_factory=lambda: list(DEFAULT_SINKS),
+        metadata={
+            "doc": "where metrics go, a list of: console (progress lines), jsonl (metrics.jsonl), wandb (as wandb.mode "
+            "says), tensorboard (<run.dir>/tensorboard), mlflow (MLFLOW_TRACKING_URI; pip install -e '.[mlflow]')",
+            "limits": {},
+        },
+    )
+
+
 @dataclass
 class Config:
     run: RunSection = section(RunSection, "the run: its name, folder and seed")
@@ -322,6 +338,7 @@ class Config:
     tune: TuneSection = section(TuneSection, "the tune command's sweep (its spaces: --search KEY=SPACE)")
     dist: DistSection = section(DistSection, "distributed training")
     wandb: WandbSection = section(WandbSection, "Weights & Biases logging")
+    log: LogSection = section(LogSection, "where metrics go: the sinks (train.log_every: how often)")
 
 
 class ConfigError(ValueError):
@@ -373,6 +390,9 @@ def _expected(key: str) -> str:
             return "one of " + ", ".join(show(c) for c in choices)
         section, _, name = key.rpartition(".")
         hint = typing.get_type_hints(_section(section))[name]
+        if typing.get_origin(hint) is list:
+            default = _fields(_section(section))[name].default_factory()  # type: ignore[operator]
+            return f"a list, e.g. {key}=[{','.join(map(str, default))}]"
         return f"a value of type {getattr(hint, '__name__', hint)}"
     except (KeyError, TypeError):
         return "another type"
@@ -589,6 +609,8 @@ def describe(key: str) -> str:
 
 def show(value: Any) -> str:
     """A value as it is written on a command line (true, not True; null, not None)."""
+    if isinstance(value, list | tuple):
+        return f"[{','.join(show(v) for v in value)}]"
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 

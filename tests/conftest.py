@@ -47,6 +47,13 @@ def tiny_shards(tmp_path_factory) -> Path:
     return out
 
 
+def read_result(location: Path | str) -> dict:
+    """A command's result.json (in a run dir, a folder or s3://...): what it did, as data rather than console prose."""
+    from dcgan_dist.storage.filesystem import RESULT_FILE, RunStorage
+
+    return json.loads(RunStorage(str(location)).read(RESULT_FILE))
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 300, check: bool = False, **popen
 ) -> subprocess.CompletedProcess:
@@ -290,6 +297,19 @@ def bucket_client(env: dict):
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         region_name=env["AWS_REGION"],
     )
+
+
+def metrics_in_bucket(env: dict, bucket: str, run_prefix: str) -> list[dict]:
+    """A run's metrics records read with the independent client: its numbered segments
+    (<run>/metrics.jsonl.segments/000001, ...) in order, as one stream (the code reads them with AppendLog)."""
+    from dcgan_dist.training.metrics import parse_metrics
+
+    client = bucket_client(env)
+    prefix = f"{run_prefix.rstrip('/')}/metrics.jsonl.segments/"
+    listing = client.list_objects_v2(Bucket=bucket, Prefix=prefix)
+    names = sorted(o["Key"] for o in listing.get("Contents", []))
+    text = b"".join(client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in names)
+    return parse_metrics(text.decode())
 
 
 def wait_until_writable(env: dict, timeout: float = 60) -> None:

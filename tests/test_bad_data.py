@@ -233,11 +233,13 @@ def test_bad_data_in_the_first_shard_is_refused_before_work(tmp_path, case):
 
 def test_inspect_checks_what_training_checks(tmp_path):
     data = bad_later_shards(tmp_path / "data", "mixed sizes")
-    proc = run_cli("-m", "dcgan_dist.data", "inspect", str(data), "--preview", str(tmp_path / "p.png"))
+    proc = run_cli("-m", "dcgan_dist.data", "inspect", str(data), "--preview", str(tmp_path / "p.png"), "--json")
     assert proc.returncode == 1, proc.stderr
-    assert "shard-000001.tar: 16" in proc.stdout and "shard-000003.tar: 16" in proc.stdout
-    stderr = proc.stderr.strip().splitlines()
-    assert len(stderr) == 6 and stderr[-1] == "0 bad shard(s), 32 unusable sample(s) (the first 5 above)", proc.stderr
+    report = json.loads(proc.stdout)  # --json: the result alone on stdout
+    assert report["bad_by_shard"] == {"shard-000001.tar": 16, "shard-000003.tar": 16} and report["bad_samples"] == 32
+    assert report["errors"] == [] and len(report["first_bad"]) == 5
+    # On the console the first 5 are named, one line each (the rest counted).
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("warning: ")]) == 5, proc.stderr
 
 
 def test_a_batch_larger_than_the_data_set_is_refused_before_work(tmp_path, tiny_shards):

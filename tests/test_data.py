@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import json
 import struct
 import tarfile
 import zipfile
@@ -431,8 +432,10 @@ def test_synth_and_inspect_cli(tmp_path):
         check=True,
     )
     assert "wrote 30 synthetic faces (28x28x1) in 3 shard(s)" in proc.stdout
-    proc = run_cli("-m", "dcgan_dist.data", "inspect", str(out), check=True)
-    assert "shards:   3" in proc.stdout and "samples:  30" in proc.stdout and "28x28, 1 channel(s): 30" in proc.stdout
+    proc = run_cli("-m", "dcgan_dist.data", "inspect", str(out), "--json", check=True)
+    report = json.loads(proc.stdout)  # --json: stdout holds the result alone
+    assert report["shards"] == 3 and report["samples"] == 30 and report["image_shapes"] == {"28x28x1": 30}
+    assert report["samples_by_shard"] == {f"shard-{i:06d}.tar": 10 for i in range(3)}
     assert (out / "preview.png").is_file()
     # Same seed, same set; refusing to overwrite an existing set.
     again = tmp_path / "again"
@@ -466,8 +469,8 @@ def test_synth_and_convert_write_raw_shards_with_the_same_pixels(tmp_path):
     )
     assert "wrote 12 synthetic faces (32x32x3) in 3 shard(s)" in proc.stdout
     assert read_info(str(tmp_path / "raw")).format == "raw"
-    proc = run_cli("-m", "dcgan_dist.data", "inspect", str(tmp_path / "raw"), check=True)
-    assert "formats:  raw: 12" in proc.stdout
+    proc = run_cli("-m", "dcgan_dist.data", "inspect", str(tmp_path / "raw"), "--json", check=True)
+    assert json.loads(proc.stdout)["formats"] == {"raw": 12}
     write_synthetic_shards(tmp_path / "png", 12, 5, 32, processes=1, progress=False)
 
     def images(folder):

@@ -3,7 +3,6 @@ starts (and one test takes away). Tiny models on CPU/gloo; the shards are tagged
 rank trained on at every step can be counted (tests/step_hooks.py --record)."""
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 from dcgan_dist.training import checkpoint as ckpt
 from dcgan_dist.training.metrics import read_metrics
 
-from .conftest import ROOT, TINY, cluster_cpus, extra_ray_node, run_with_env
+from .conftest import ROOT, TINY, cluster_cpus, extra_ray_node, read_result, run_with_env
 from .test_data import tagged_images, write
 
 # slow: a third Ray node joins and is lost (~2 min with its teardown); tests/unit covers the resize ledger.
@@ -101,7 +100,8 @@ def test_a_checkpoint_from_2_workers_resumed_with_3_trains_each_sample_of_the_pa
     )
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
-    assert "Resuming from" in out and "(step 4)" in out
+    result = read_result(run_dir)  # the resume, as the run records it
+    assert result["start_step"] == 4 and ckpt.load(result["resumed_from"])["step"] == 4
     records = trained(run_dir)
     assert sorted((r["world"], r["step"]) for r in records if r["rank"] == 2) == [(3, s) for s in range(5, 14)]
     after = {rank: [t for r in records if r["rank"] == rank and r["step"] > 4 for t in r["tags"]] for rank in range(3)}
@@ -156,10 +156,10 @@ def test_an_elastic_run_that_loses_a_node_goes_on_with_fewer_workers(ray_cluster
     (run_dir / "driver.log").write_text(out)
     assert driver.returncode == 0, out[-4000:]
 
-    resumed = sorted(
-        set(int(s) for s in re.findall(r"Resuming from \S+ \(step (\d+)\)", out))
-    )  # (Ray may echo lines twice)
-    assert len(resumed) == 1 and resumed[0] >= 3, out[-4000:]
+    # The restarted group's start, from result.json (the last start of the workers): the checkpoint it resumed from.
+    result = read_result(run_dir)
+    resumed = [result["start_step"]]
+    assert resumed[0] >= 3 and ckpt.load(result["resumed_from"])["step"] == resumed[0], out[-4000:]
     records = trained(run_dir)
     assert {r["world"] for r in records if r["step"] <= 3} == {3}
     for rank in range(2):  # after the restart: two workers, from the step after the checkpoint to the end
@@ -173,5 +173,4 @@ def test_an_elastic_run_that_loses_a_node_goes_on_with_fewer_workers(ray_cluster
     steps = read_metrics(metrics)
     assert [r["step"] for r in steps] == list(range(1, 17))  # each step once: the lost ones were trained again
     assert steps[0]["workers"] == 3 and steps[-1]["workers"] == 2
-    final = re.search(r"Final checkpoint \(step (\d+)\): (\S+)", out)
-    assert final and int(final.group(1)) == 16 and ckpt.load(final.group(2))["step"] == 16
+    assert result["step"] == 16 and ckpt.load(result["checkpoint"])["step"] == 16

@@ -18,7 +18,7 @@ import pytest
 
 from dcgan_dist.storage.filesystem import RunStorage
 from dcgan_dist.training import checkpoint as ckpt
-from dcgan_dist.training.metrics import parse_metrics
+from dcgan_dist.training.metrics import read_metrics
 
 from .conftest import ROOT, S3_KEYS, TINY, assert_same_training_state
 
@@ -224,12 +224,7 @@ def submit(bed: Hosts, *entrypoint: str, wait: bool = True):
 
 
 def steps_in_bucket(name: str) -> list[int]:
-    storage = RunStorage(f"s3://dcgan/runs/{name}")
-    return (
-        [r["step"] for r in parse_metrics(storage.read("metrics.jsonl").decode())]
-        if storage.is_file("metrics.jsonl")
-        else []
-    )
+    return [r["step"] for r in read_metrics(f"s3://dcgan/runs/{name}")]
 
 
 def test_a_job_across_hosts_survives_losing_its_worker_host(testbed, monkeypatch):
@@ -239,8 +234,9 @@ def test_a_job_across_hosts_survives_losing_its_worker_host(testbed, monkeypatch
     # Uninterrupted: the reference weights, and the workers on the two hosts.
     reference = submit(testbed, "python", "-m", "dcgan_dist.train", *job_args("whole"))
     logs = reference.stdout + reference.stderr
-    nodes = dict(re.findall(r"^worker rank (\d+) ran on node (\w+)", logs, re.M))
-    assert len(nodes) == 2 and nodes["0"] != nodes["1"], logs[-3000:]
+    workers = json.loads(RunStorage("s3://dcgan/runs/whole").read("result.json"))["workers"]
+    nodes = {w["rank"]: w["node_id"] for w in workers}
+    assert len(nodes) == 2 and nodes[0] != nodes[1], logs[-3000:]
 
     # The same job, with rank 0 waiting after step 5 (checkpoint at step 4) until the file `go` exists; meanwhile
     # the worker host is lost (every process on it gone when `kill` returns) and replaced.
@@ -268,14 +264,16 @@ def test_a_job_across_hosts_survives_losing_its_worker_host(testbed, monkeypatch
     assert ended.group(1) == "succeeded", logs[-4000:]
     # The restarted workers resumed from the bucket's step-4 checkpoint (not from the start: that would end with
     # the same weights too, the runs being deterministic).
-    assert "Resuming from s3://dcgan/runs/lost/ray/lost/step_0000004/state.pt (step 4)" in logs, logs[-4000:]
+    result = json.loads(RunStorage("s3://dcgan/runs/lost").read("result.json"))  # the last start of the workers
+    assert result["resumed_from"] == "s3://dcgan/runs/lost/ray/lost/step_0000004/state.pt", logs[-4000:]
 
     # The same final weights, each step logged once, and everything the run wrote is in the bucket.
     final = "s3://dcgan/runs/{}/ray/{}/step_0000012/state.pt"
     assert_same_training_state(ckpt.load(final.format("whole", "whole")), ckpt.load(final.format("lost", "lost")))
     assert steps_in_bucket("lost") == list(range(1, 13))
     written = {name for name, _ in RunStorage("s3://dcgan/runs/lost").list("")}
-    assert {"config.yaml", "metrics.jsonl", "progress.gif", "samples", "ray"} <= written, written
+    expected = {"config.yaml", "metrics.jsonl.segments", "progress.gif", "samples", "ray", "result.json"}
+    assert expected <= written, written
     assert not [
         p
         for p in testbed.root.rglob("*")

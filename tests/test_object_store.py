@@ -1,14 +1,15 @@
 """Shards and runs in an object store, for real: a SeaweedFS S3 server (session fixture `s3_server`), the code
 under test talking to it through pyarrow, the checks through an independent client (boto3)."""
 
+import json
+
 import pytest
 import torch
 
 from dcgan_dist.data import ImageBatches, ShardWriter, read_info
 from dcgan_dist.training import checkpoint as ckpt
-from dcgan_dist.training.metrics import parse_metrics
 
-from .conftest import ROOT, TINY, assert_same_training_state, bucket_client, run_cli
+from .conftest import ROOT, TINY, assert_same_training_state, bucket_client, metrics_in_bucket, run_cli
 from .test_data import tag, tagged_images
 
 boto3 = pytest.importorskip("boto3")
@@ -71,9 +72,11 @@ def test_shards_round_trip_through_the_bucket(s3_env, tmp_path, fmt):
         "s3://dcgan-test/shards/synth",
         "--preview",
         str(tmp_path / "p.png"),
+        "--json",
         check=True,
     )
-    assert "samples:  40 (dataset.json says 40)" in proc.stdout and (tmp_path / "p.png").is_file()
+    report = json.loads(proc.stdout)
+    assert report["samples"] == report["expected_samples"] == 40 and (tmp_path / "p.png").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +214,7 @@ def test_a_run_in_the_bucket_resumes_exactly_after_sigkill_from_the_bucket_alone
     assert keys(s3_env, "dcgan-test", "runs/killed/checkpoints/") == ["step_0000005.pt"]
     run_cli("-m", "dcgan_dist.train", *common, "run.dir=s3://dcgan-test/runs/killed", cwd=second, check=True)  # resumes
     for run in ("whole", "killed"):  # every shard was read whole (an unreadable one is skipped, and counted)
-        records = parse_metrics(read_object(s3_env, "dcgan-test", f"runs/{run}/metrics.jsonl").decode())
+        records = metrics_in_bucket(s3_env, "dcgan-test", f"runs/{run}")
         assert not [r for r in records if "bad_shards" in r or "missing_samples" in r], run
     assert_same_training_state(
         ckpt.load("s3://dcgan-test/runs/whole/checkpoints/step_0000012.pt"),
@@ -220,14 +223,14 @@ def test_a_run_in_the_bucket_resumes_exactly_after_sigkill_from_the_bucket_alone
     written = keys(s3_env, "dcgan-test", "runs/killed/")
     assert {
         "config.yaml",
-        "metrics.jsonl",
+        "metrics.jsonl.segments/000001",
         "progress.gif",
         "samples/step_0000006.png",
         "samples/step_0000012.png",
         "checkpoints/step_0000010.pt",
         "checkpoints/step_0000012.pt",
     } <= set(written), written
-    steps = [r["step"] for r in parse_metrics(read_object(s3_env, "dcgan-test", "runs/killed/metrics.jsonl").decode())]
+    steps = [r["step"] for r in metrics_in_bucket(s3_env, "dcgan-test", "runs/killed")]
     assert steps == list(range(1, 13))
     assert not any(p for p in [*first.rglob("*"), *second.rglob("*")] if p.is_file())  # no local run files
     # sample and evaluate read the run straight from the bucket.

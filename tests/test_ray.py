@@ -16,7 +16,14 @@ import pytest
 from dcgan_dist.training import checkpoint as ckpt
 from dcgan_dist.training.metrics import read_metrics
 
-from .conftest import ROOT, TINY, assert_same_training_state, assert_sample_and_evaluate_read, run_with_env
+from .conftest import (
+    ROOT,
+    TINY,
+    assert_same_training_state,
+    assert_sample_and_evaluate_read,
+    read_result,
+    run_with_env,
+)
 from .wandb_offline import history
 
 pytest.importorskip("ray")
@@ -37,14 +44,17 @@ def ray_train_args(tiny_shards, run_dir, *extra):
     ]
 
 
-def final_checkpoint(stdout: str) -> Path:
-    match = re.search(r"Final checkpoint \(step (\d+)\): (\S+)", stdout)
-    assert match, stdout[-3000:]
-    return Path(match.group(2))
+def final_checkpoint(run_dir: Path) -> Path:
+    """The final checkpoint the run's result.json names (the driver writes it)."""
+    result = read_result(run_dir)
+    assert result["command"] == "train" and result["launcher"] == "ray" and result["stop_reason"] == "max_steps"
+    assert ckpt.load(result["checkpoint"])["step"] == result["step"]
+    return Path(result["checkpoint"])
 
 
-def worker_nodes(stdout: str) -> dict[int, str]:
-    return {int(r): node for r, node in re.findall(r"^worker rank (\d+) ran on node (\w+)", stdout, re.M)}
+def worker_nodes(run_dir: Path) -> dict[int, str]:
+    """Each worker's Ray node, from the run's result.json."""
+    return {w["rank"]: w["node_id"] for w in read_result(run_dir)["workers"]}
 
 
 def test_job_submit_on_two_nodes(ray_cluster, tiny_shards, tmp_path):
@@ -79,9 +89,9 @@ def test_job_submit_on_two_nodes(ray_cluster, tiny_shards, tmp_path):
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    nodes = worker_nodes(out)
+    nodes = worker_nodes(run_dir)
     assert set(nodes) == {0, 1} and nodes[0] != nodes[1], nodes  # the two workers ran on different Ray nodes
-    path = final_checkpoint(out)
+    path = final_checkpoint(run_dir)
     assert path.is_file() and ckpt.load(path)["step"] == 6
     # The best checkpoint goes to the run's Ray storage beside the step checkpoints, not to rank 0's disk.
     best = ckpt.load(path.parent.parent / ckpt.BEST_FILE)
@@ -136,7 +146,7 @@ def uninterrupted(ray_cluster, tiny_shards, tmp_path_factory):
         ray_cluster,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return run_dir, final_checkpoint(proc.stdout)
+    return run_dir, final_checkpoint(run_dir)
 
 
 def test_a_preempted_and_a_crashed_worker_restart_from_their_checkpoints_and_the_run_ends_as_if_uninterrupted(
@@ -173,7 +183,7 @@ def test_a_preempted_and_a_crashed_worker_restart_from_their_checkpoints_and_the
     assert len(resumed) == 2 and resumed[0] in (3, 4) and resumed[1] == 5, out[-4000:]
     # Steps 6-7 were trained again (less than checkpoint_every lost); metrics.jsonl holds each step once.
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13))
-    assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout)))
+    assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(run_dir)))
 
 
 @pytest.mark.slow  # 70 s; locally test_train stops on SIGTERM/Ctrl-C after the same step and resumes exactly
@@ -218,12 +228,12 @@ def test_ctrl_c_and_ray_job_stop_stop_every_worker_with_a_checkpoint_and_the_rer
     wait_for_file(ready)
     assert run_with_env(["ray", "job", "stop", job_id], env).returncode == 0
     log = run_with_env(["ray", "job", "logs", job_id], env).stdout
-    assert "Resuming from" in log and "(step 3)" in log, log[-3000:]
     assert assert_stopped_with_a_checkpoint(log, "SIGTERM", run_dir) == 6
+    assert read_result(run_dir)["start_step"] == 3, log[-3000:]  # the job resumed from the Ctrl-C's checkpoint
 
     proc = run_with_env([sys.executable, "-m", "dcgan_dist.train", *args], ray_cluster)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(proc.stdout)))
+    assert_same_training_state(ckpt.load(uninterrupted[1]), ckpt.load(final_checkpoint(run_dir)))
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 13))
 
 
@@ -236,11 +246,12 @@ def wait_for_file(path: Path, process=None, timeout: float = 240) -> None:
 
 
 def assert_stopped_with_a_checkpoint(log: str, signal_name: str, run_dir: Path) -> int:
-    """The stop line is there, names a checkpoint of that step, and metrics.jsonl ends at it; returns the step."""
-    stopped = re.search(rf"^stopped by {signal_name} after step (\d+); checkpoint: (\S+);", log, re.M)
-    assert stopped, log[-3000:]
-    step = int(stopped.group(1))
-    assert 1 <= step < 12 and ckpt.load(stopped.group(2))["step"] == step
+    """result.json says the run stopped on that signal with a checkpoint of its last step, and metrics.jsonl ends
+    at it; returns the step."""
+    result = read_result(run_dir)
+    assert result["stop_reason"] == "signal" and result["signal"] == signal_name, (result, log[-3000:])
+    step = result["step"]
+    assert 1 <= step < 12 and ckpt.load(result["checkpoint"])["step"] == step
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, step + 1))
     return step
 
@@ -266,7 +277,7 @@ def test_rerun_with_the_same_name_resumes(ray_cluster, tiny_shards, uninterrupte
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert ckpt.load(final_checkpoint(proc.stdout))["step"] == 15
+    assert ckpt.load(final_checkpoint(run_dir))["step"] == 15
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
     assert steps == list(range(1, 16))
     # Another model cannot resume this run: one line and exit 2, not dist.max_failures futile restarts.

@@ -203,7 +203,7 @@ def test_under_ray_the_driver_holds_the_run_dir_for_the_whole_job(tmp_path, tiny
     (no_ray / "__init__.py").write_text("raise ImportError('Ray is blocked in this test')\n")
     env = {**os.environ, "PYTHONPATH": f"{no_ray.parent}{os.pathsep}{ROOT}"}
 
-    def launch(cfg, argv, hooks):
+    def launch(cfg, argv, hooks, outcome=None):
         seen["holder"] = json.loads((run_dir / LOCK_FILE).read_text())  # reading it leaves the lock held
         seen["second"] = subprocess.run(
             [sys.executable, "-m", "dcgan_dist.train", *args],

@@ -25,7 +25,6 @@ import pytest
 import torch
 
 from dcgan_dist.training import checkpoint as ckpt
-from dcgan_dist.training.metrics import parse_metrics
 
 from .conftest import (
     ROOT,
@@ -34,6 +33,7 @@ from .conftest import (
     assert_same_training_state,
     bucket_client,
     free_port_pair,
+    metrics_in_bucket,
     wait_until_writable,
 )
 
@@ -413,7 +413,8 @@ def about_waiting(line: str) -> bool:
 
 
 def metrics_steps(env: dict, bucket: str, key: str) -> list[int]:
-    return [r["step"] for r in parse_metrics(read_object(env, bucket, key).decode())]
+    """The steps of the run's metrics (key: <run>/metrics.jsonl, stored as numbered segments)."""
+    return [r["step"] for r in metrics_in_bucket(env, bucket, key.rpartition("/")[0])]
 
 
 def test_a_store_frozen_for_less_than_the_timeout_is_waited_for_and_the_run_goes_on(
@@ -464,10 +465,9 @@ def test_a_store_down_past_the_timeout_ends_the_run_in_one_line_and_the_same_com
         store.env,
         tmp_path,
     )
-    assert (
-        resumed.returncode == 0
-        and "Resuming from s3://dcgan-test/runs/down/checkpoints/step_0000005.pt" in resumed.stdout
-    ), resumed.stderr
+    assert resumed.returncode == 0, resumed.stderr
+    result = json.loads(read_object(store.env, "dcgan-test", "runs/down/result.json"))
+    assert result["resumed_from"] == "s3://dcgan-test/runs/down/checkpoints/step_0000005.pt"
     assert metrics_steps(store.env, "dcgan-test", "runs/down/metrics.jsonl") == list(range(1, STEPS + 1))
     assert_same_training_state(
         reference, checkpoint_in(store.env, "dcgan-test", f"runs/down/checkpoints/step_{STEPS:07d}.pt")

@@ -15,7 +15,14 @@ from dcgan_dist.training import checkpoint as ckpt
 from dcgan_dist.training.metrics import read_metrics
 from dcgan_dist.training.trainer import Trainer
 
-from .conftest import ROOT, TINY, assert_same_training_state, assert_sample_and_evaluate_read, run_cli
+from .conftest import (
+    ROOT,
+    TINY,
+    assert_same_training_state,
+    assert_sample_and_evaluate_read,
+    read_result,
+    run_cli,
+)
 
 METRIC_KEYS = {"step", "loss_d", "loss_g", "d_real", "d_fake", "images_per_s"}
 
@@ -145,6 +152,9 @@ def test_a_stop_signal_checkpoints_that_step_and_the_rerun_resumes_exactly(
         and str(run_dir / "checkpoints" / "step_0000007.pt") in last
     )
     assert "Traceback" not in proc.stderr
+    result = read_result(run_dir)  # the same as data
+    assert result["stop_reason"] == "signal" and result["signal"] == f"SIG{name}" and result["step"] == 7
+    assert result["checkpoint"] == str(run_dir / "checkpoints" / "step_0000007.pt")
     assert ckpt.load(run_dir / "checkpoints" / "step_0000007.pt")["step"] == 7
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 8))  # flushed to step 7
     assert processes_mentioning(str(run_dir)) == []  # no loader process outlives the run

@@ -14,7 +14,7 @@ import torch
 from dcgan_dist.config import build_config, to_yaml
 from dcgan_dist.training import checkpoint as ckpt
 
-from .conftest import TINY, assert_same_training_state, run_cli
+from .conftest import TINY, assert_same_training_state, read_result, run_cli
 
 
 def train_args(shards: Path, run_dir: Path, max_steps: int) -> list[str]:
@@ -198,7 +198,7 @@ def bad_optimizer_shape(state):
 
 
 def odd_wandb_id(state):
-    state["metrics"]["wandb_run_id"] = "../../elsewhere"
+    state["metrics"]["sinks"]["wandb"]["run_id"] = "../../elsewhere"  # the W&B sink's state
 
 
 MISFITS = {
@@ -230,7 +230,9 @@ def test_resume_passes_over_checkpoints_that_do_not_fit(run6, tmp_path, tiny_sha
     for (case, run_dir), proc in zip(run_dirs.items(), runs[1:]):
         assert proc.returncode == 0, (case, proc.stderr[-2000:])
         assert "step_0000006.pt does not fit this run" in proc.stdout, (case, proc.stdout)
-        assert f"Resuming from {run_dir / 'checkpoints' / 'step_0000004.pt'} (step 4)" in proc.stdout, case
+        result = read_result(run_dir)
+        assert result["resumed_from"] == str(run_dir / "checkpoints" / "step_0000004.pt"), case
+        assert result["start_step"] == 4 and result["step"] == 8, case
         assert_same_training_state(ckpt.load(run_dir / "checkpoints" / "step_0000008.pt"), expected)
     assert "warning: no progress animation" in runs[2].stdout and not (run_dirs["no opt_d"] / "progress.gif").exists()
 

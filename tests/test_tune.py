@@ -1,7 +1,6 @@
 """Sweeps for real: `python -m dcgan_dist.tune` on the session's local Ray cluster, every trial a 2-worker Ray Train
 run (gloo, synchronised batch norm) of a tiny model, scored by the in-training SWD."""
 
-import re
 import sys
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 from dcgan_dist.training import checkpoint as ckpt
 from dcgan_dist.training.metrics import read_metrics
 
-from .conftest import TINY, extra_ray_node, run_cli, run_with_env
+from .conftest import TINY, extra_ray_node, read_result, run_cli, run_with_env
 
 # slow: each sweep is several multi-worker Ray Train runs (~1.5-2 min each on 2 cores).
 pytestmark = pytest.mark.slow
@@ -41,17 +40,11 @@ def sweep_args(shards, run_dir, *extra: str) -> list[str]:
     ]
 
 
-def table(out: str) -> list[dict]:
-    """The printed results table: one dict per trial."""
-    lines = out[out.index("Sweep done") :].splitlines()[1:]
-    header = re.split(r"\s{2,}", lines[0].strip())
-    rows = []
-    for line in lines[1:]:
-        cells = re.split(r"\s{2,}", line.strip())
-        if len(cells) != len(header):
-            break
-        rows.append(dict(zip(header, cells)))
-    return rows
+def trials(run_dir) -> list[dict]:
+    """The sweep's trials as its result.json records them, best SWD first."""
+    result = read_result(run_dir)
+    assert result["command"] == "tune"
+    return result["trials"]
 
 
 def test_an_asha_sweep_stops_trials_early_and_its_best_checkpoint_samples(ray_cluster, tiny_shards, tmp_path):
@@ -74,11 +67,11 @@ def test_an_asha_sweep_stops_trials_early_and_its_best_checkpoint_samples(ray_cl
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    rows = table(out)
-    assert len(rows) == 2 and {r["optim.lr"] for r in rows} == {"0.0002", "0.002"}
-    steps = {r["trial"]: int(r["steps"]) for r in rows}
-    by_lr = {r["optim.lr"]: int(r["steps"]) for r in rows}
-    assert by_lr["0.0002"] == 8 and by_lr["0.002"] < 8, by_lr  # trained to the end / stopped early
+    rows = trials(run_dir)
+    assert len(rows) == 2 and {r["params"]["optim.lr"] for r in rows} == {0.0002, 0.002}
+    steps = {r["trial"]: r["steps"] for r in rows}
+    by_lr = {r["params"]["optim.lr"]: r["steps"] for r in rows}
+    assert by_lr[0.0002] == 8 and by_lr[0.002] < 8, by_lr  # trained to the end / stopped early
     # Each trial's own record (its run in <run.dir>/trials/<trial>), up to the step Tune last heard of.
     lowest = min(
         r["swd"]
@@ -86,10 +79,10 @@ def test_an_asha_sweep_stops_trials_early_and_its_best_checkpoint_samples(ray_cl
         for r in read_metrics(run_dir / "trials" / trial / "metrics.jsonl")
         if "swd" in r and r["step"] <= last
     )
-    assert float(rows[0]["best swd"]) == pytest.approx(lowest, abs=1e-4)
-    best = re.search(r"Best checkpoint: (\S+)", out).group(1)
+    assert rows[0]["best_swd"] == pytest.approx(lowest, abs=1e-4)
+    best = read_result(run_dir)["best_checkpoint"]
     state = ckpt.load_checkpoint(best)[1]
-    assert state["config"]["optim"]["lr"] == pytest.approx(float(rows[0]["optim.lr"]), rel=1e-3)
+    assert state["config"]["optim"]["lr"] == pytest.approx(rows[0]["params"]["optim.lr"], rel=1e-3)
     sample = run_cli(
         "-m", "dcgan_dist.sample", "--checkpoint", best, "sample.num=4", "--out", str(tmp_path / "s.png"), check=True
     )
@@ -117,15 +110,12 @@ def test_a_pbt_sweep_continues_the_worse_trial_from_the_better_ones_weights(
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "2 side by side" in out
-    exploits = int(re.search(r"PBT: (\d+) exploit step", out).group(1))
-    assert exploits >= 1
-    # The exploit, as the trial itself logged it: it started from the other trial's checkpoint of step 4.
-    moves = re.findall(
-        r"trial (\w+) continues from trial (\w+)'s checkpoint \S+ \(copied to (\S+)\) with optim.lr=(\S+)", out
-    )
-    assert moves and all(to != source for to, source, _, _ in moves)
-    to, source, path, lr = moves[0]
+    assert read_result(run_dir)["side_by_side"] == 2
+    # The exploits, as result.json records them: a trial continued from the other trial's checkpoint of step 4.
+    moves = read_result(run_dir)["exploits"]
+    assert moves and all(m["trial"] != m["from_trial"] for m in moves), moves
+    to, source = moves[0]["trial"], moves[0]["from_trial"]
+    path = run_dir / "trials" / to / "start" / f"{moves[0]['train_run']}.pt"  # the copy it started from
     copied = ckpt.load(path)
     assert copied["step"] == 4
     # Tune's copy holds the source trial's weights at step 4, as its own Ray Train run saved them.
@@ -135,4 +125,4 @@ def test_a_pbt_sweep_continues_the_worse_trial_from_the_better_ones_weights(
     runs = list((run_dir / "trials" / to / "ray").glob(f"{to}-from-*/step_0000008/state.pt"))
     assert runs, sorted(str(p) for p in (run_dir / "trials" / to).rglob("state.pt"))
     final = ckpt.load(runs[-1])["config"]["optim"]["lr"]
-    assert final == pytest.approx(float(lr), rel=1e-3) and final != pytest.approx(copied["config"]["optim"]["lr"])
+    assert final != pytest.approx(copied["config"]["optim"]["lr"])

@@ -12,9 +12,11 @@ A bad argument is one line (argparse's own errors print the usage first, several
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -167,3 +169,28 @@ def write_error(option: str, path: str, exc: OSError) -> str:
         else ""
     )
     return f"error: cannot write {option} {path} ({exc.strerror or exc}{where}); choose another path"
+
+
+JSON_FLAG = "--json"
+JSON_HELP = "print the command's result as one JSON object on stdout (everything else goes to stderr)"
+
+
+def take_flag(argv: Sequence[str], flag: str) -> tuple[list[str], bool]:
+    """argv without `flag`, and whether it was there."""
+    rest = [a for a in argv if a != flag]
+    return rest, len(rest) < len(argv)
+
+
+@contextlib.contextmanager
+def json_stdout(enabled: bool) -> Iterator[None]:
+    """With --json: stdout is for the result alone, so the command's other lines go to stderr meanwhile."""
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def print_result(result: dict) -> None:
+    """The result object, one line on stdout (called outside json_stdout)."""
+    print(json.dumps(result, default=str), flush=True)

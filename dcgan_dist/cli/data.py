@@ -33,6 +33,18 @@ FORMAT_HELP = (
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv, as_json = cli.take_flag(sys.argv[1:] if argv is None else argv, "--json")
+    outcome: dict = {}
+    with cli.json_stdout(as_json):  # --json: stdout holds the result alone
+        code = run(argv, outcome)
+    if as_json and outcome:
+        cli.print_result(outcome)
+    return code
+
+
+def run(argv: list[str], outcome: dict) -> int:
+    """The command; outcome: filled with inspect's report (the counts per shard, and per class for labelled
+    shards), which --json prints."""
     parser = cli.OneLineParser(
         prog="python -m dcgan_dist.data",
         description="Write, convert and inspect face shards.",
@@ -98,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("inspect", help="count shards and samples, report image size, write a preview grid")
     p.add_argument("shards", help="directory, glob, brace pattern or URL of shards")
+    p.add_argument("--json", action="store_true", help=cli.JSON_HELP)
     p.add_argument(
         "--preview",
         default=None,
@@ -146,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 else "preview:  none (the shards are not a local folder or glob; give --preview FILE.png)"
             )
             report = inspect(args.shards, preview)
+            outcome.update(command="data inspect", **report)
             expected = report["expected_samples"]
             print(f"shards:   {report['shards']}")
             print(f"samples:  {report['samples']}" + (f" (dataset.json says {expected})" if expected else ""))

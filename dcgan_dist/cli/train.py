@@ -8,25 +8,49 @@
 `--config FILE` (a path, or a preset name from configs/; default: the debug preset) then any number of
 `key=value` overrides. Rerunning with the same run.dir resumes from its newest checkpoint.
 `[--config FILE] [key=value ...] --help` lists every setting with the value that command line would use.
+A run that trains to train.max_steps, or stops on a signal with a checkpoint, writes its outcome to
+<run.dir>/result.json (final step and checkpoint, where it resumed from, the stop reason and signal, seconds);
+`--json` prints it on stdout too, every other line going to stderr.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 
 from dcgan_dist import stopping
-from dcgan_dist.cli.args import SETTINGS_USAGE, check_overrides, settings_help
+from dcgan_dist.cli.args import (
+    JSON_FLAG,
+    SETTINGS_USAGE,
+    check_overrides,
+    json_stdout,
+    print_result,
+    settings_help,
+    take_flag,
+)
 from dcgan_dist.config import Config, ConfigError, from_args, split_args
 from dcgan_dist.errors import RunError
 from dcgan_dist.gan.precision import pick_device
-from dcgan_dist.storage.filesystem import store_refusal
+from dcgan_dist.storage.filesystem import store_refusal, write_result
 from dcgan_dist.storage.runlock import run_lock
 from dcgan_dist.training.checkpoint import SPACE_ERRORS, CheckpointError, CheckpointWriteError
 from dcgan_dist.training.trainer import StepHook, Trainer, check_settings
 
 # The settings training uses (the eval.* ones of the evaluate command and sample.*, bench.*, tune.* are not).
-SETTINGS = ["run", "data", "model", "gan", "train", "optim", "eval.num", "eval.nhoods_per_image", "dist", "wandb"]
+SETTINGS = [
+    "run",
+    "data",
+    "model",
+    "gan",
+    "train",
+    "optim",
+    "eval.num",
+    "eval.nhoods_per_image",
+    "dist",
+    "wandb",
+    "log",
+]
 
 
 PROG = "python -m dcgan_dist.train"
@@ -34,11 +58,23 @@ PROG = "python -m dcgan_dist.train"
 
 def usage(cfg: Config, base: str) -> str:
     settings = settings_help(cfg, base, SETTINGS)
-    return f"usage: {PROG} {SETTINGS_USAGE}\n\n{__doc__.strip()}\n\n{settings}"
+    return f"usage: {PROG} [{JSON_FLAG}] {SETTINGS_USAGE}\n\n{__doc__.strip()}\n\n{settings}"
 
 
 def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    argv, as_json = take_flag(argv, JSON_FLAG)
+    outcome: dict = {}
+    with json_stdout(as_json):
+        code = run(argv, hooks, outcome)
+    if as_json and outcome:
+        print_result(outcome)
+    return code
+
+
+def run(argv: list[str], hooks: Sequence[StepHook] = (), outcome: dict | None = None) -> int:
+    """The command; outcome: filled with what result.json holds, when the run ended with one."""
+    outcome = {} if outcome is None else outcome
     args = [a for a in argv if a not in ("-h", "--help")]
     try:
         cfg, base = from_args(args, PROG)
@@ -62,7 +98,7 @@ def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
             with run_lock(cfg.run.dir):
                 from dcgan_dist.launch.ray_train import launch  # imported late: Ray is optional, and slow to import
 
-                return launch(cfg, argv, hooks)
+                return launch(cfg, argv, hooks, outcome)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -74,6 +110,8 @@ def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
         check_settings(cfg, device=pick_device(cfg.train.device))
         with run_lock(cfg.run.dir) as lock:
             result = Trainer(cfg, hooks=[*hooks, lock.check]).fit()
+            outcome.update({"command": "train", **dataclasses.asdict(result)})
+            write_result(cfg.run.dir, outcome)
     except (CheckpointWriteError, RunError) as exc:  # mid-run: the run stops, its last checkpoint intact
         print(f"error: {exc}", file=sys.stderr)
         return 1

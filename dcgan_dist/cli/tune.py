@@ -17,6 +17,8 @@ concurrency) are the tune.* settings below, and every other setting is each tria
 The sweep lives in run.dir (a folder or s3://bucket/prefix): Tune's state and per-trial checkpoints in
 <run.dir>/tune, each trial's run (metrics.jsonl, samples, Ray checkpoints, best.pt) in <run.dir>/trials/<trial>.
 Rerunning the same command resumes an interrupted sweep. W&B groups the trials under run.name.
+The outcome (each trial's parameters, best SWD and steps, PBT's exploit events, the best checkpoint) is in
+<run.dir>/result.json; `--json` prints it on stdout, every other line going to stderr.
 Trials run side by side as far as the cluster has room: dist.num_workers x dist.cpus_per_worker CPUs (and a
 GPU per worker on CUDA) each.
 """
@@ -44,6 +46,7 @@ COMMAND = cli.Command(
         "eval.nhoods_per_image",
         "dist",
         "wandb",
+        "log",
     ],
     moved={
         "--trials": "tune.trials=N",
@@ -52,6 +55,7 @@ COMMAND = cli.Command(
     },
     fixed=["dist.launcher=ray"],  # every trial is a Ray Train run
 )
+COMMAND.parser.add_argument("--json", action="store_true", help=cli.JSON_HELP)
 COMMAND.parser.add_argument(
     "--search", action="append", default=[], metavar="KEY=SPACE", help="a setting and its space (repeated)"
 )
@@ -62,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(parsed, int):
         return parsed
     args, base, _ = parsed
+    outcome: dict = {}
+    with cli.json_stdout(args.json):
+        code = run(args, base, outcome)
+    if args.json and outcome:
+        cli.print_result(outcome)
+    return code
+
+
+def run(args, base, outcome: dict) -> int:
     tune = base.tune
     # Imported once the command line is known to be good: a bad one is refused without Ray, which is slow to import.
     from dcgan_dist.launch.sweep import apply, parse_search, scheduler, sweep
@@ -86,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_settings(base, base.dist.num_workers)
         with run_lock(base.run.dir):  # one sweep per run.dir; its trials' Ray workers do not lock
-            return sweep(base, searches, tune.trials, tune.scheduler, chosen, tune.concurrent)
+            return sweep(base, searches, tune.trials, tune.scheduler, chosen, tune.concurrent, outcome)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

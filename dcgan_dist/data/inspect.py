@@ -30,8 +30,9 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
     the loader does), and count as unusable those that do not decode or differ in size or channels from
     dataset.json's (or, without it, from most of the images); compare each shard's count with dataset.json's;
     write a preview grid. `errors` lists every unreadable or short shard by name, `bad_by_shard` the shards
-    with unusable samples. A labelled set (dataset.json's classes): `classes` and `class_counts` ({name: samples
-    read}, every class listed), and the samples without a usable label count as unusable; otherwise both None."""
+    with unusable samples, `samples_by_shard` the samples read from each shard. A labelled set (dataset.json's
+    classes): `classes` and `class_counts` ({name: samples read}, every class listed), and the samples without a
+    usable label count as unusable; otherwise both None."""
     urls = expand_shards(spec)
     info = read_info(spec)
     classes = read_classes(spec)
@@ -39,6 +40,7 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
     expected, missing = shard_counts(spec)
     arrays: dict[str, list] = {}  # url -> [(key, shape)] of its decodable samples
     formats: Counter = Counter()
+    read_by_shard: dict[str, int] = {}  # shard name -> samples read from it
     bad_by_shard: Counter = Counter()
     first: list[np.ndarray] = []
     errors: list[str] = []
@@ -73,6 +75,7 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
             if len(first) < preview_count:
                 first.append(array)
         arrays[url] = decoded
+        read_by_shard[Path(url).name] = read
         name, want = Path(url).name, expected.get(url)
         if failure:
             errors.append(f"{name}: unreadable after {read} sample(s): {str(failure[0]).splitlines()[0][:200]}")
@@ -96,6 +99,7 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
                 )
     report: dict[str, Any] = {
         "shards": len(urls),
+        "samples_by_shard": read_by_shard,
         "samples": sum(shapes.values()),
         "expected_samples": info.num_samples if info else None,
         "has_dataset_json": info is not None,

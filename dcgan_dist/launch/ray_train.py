@@ -15,6 +15,7 @@ Imported only for dist.launcher=ray: Ray is an optional dependency (pip install 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
@@ -47,7 +48,7 @@ else:
 from dcgan_dist import stopping
 from dcgan_dist.config import Config, ConfigError, from_dict, to_dict
 from dcgan_dist.distributed.env import DistEnv
-from dcgan_dist.storage.filesystem import S3_ENV, filesystem, is_remote
+from dcgan_dist.storage.filesystem import S3_ENV, filesystem, is_remote, write_result
 from dcgan_dist.training.checkpoint import (
     BEST_FILE,
     STATE_FILE,
@@ -61,13 +62,18 @@ from dcgan_dist.training.metrics import NonFiniteLoss, emit
 from dcgan_dist.training.trainer import StepHook, Trainer
 
 # Driver environment variables that workers need (Ray does not copy the driver's environment to workers): W&B's,
-# and the object store's endpoint and credentials (storage/filesystem.py).
+# MLflow's, and the object store's endpoint and credentials (storage/filesystem.py).
 FORWARDED_ENV = (
     "WANDB_API_KEY",
     "WANDB_PROJECT",
     "WANDB_ENTITY",
     "WANDB_MODE",
     "WANDB_BASE_URL",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_EXPERIMENT_NAME",
     "PYTHONUNBUFFERED",
     *S3_ENV,
 )
@@ -259,14 +265,7 @@ def train_worker(
             f"a worker received {signal.Signals(result.stopped_by).name}: stopped after step "
             f"{result.step} with a checkpoint; Ray restarts the workers from it"
         )
-    return {
-        "step": result.step,
-        "checkpoint": result.checkpoint,
-        "metrics": result.metrics,
-        "workers": placement,
-        "train_seconds": result.seconds,
-        "stopped_by": result.stopped_by,
-    }
+    return {**dataclasses.asdict(result), "workers": placement, "train_seconds": result.seconds}
 
 
 def connect() -> float:
@@ -316,8 +315,9 @@ def torch_trainer(
     )
 
 
-def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = ()) -> int:
-    """Run training on Ray; prints where the final checkpoint is. Returns a process exit code.
+def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = (), outcome: dict | None = None) -> int:
+    """Run training on Ray; prints where the final checkpoint is and writes <run.dir>/result.json (also into
+    `outcome`). Returns a process exit code.
 
     argv: the command line's settings (for the resume command a stopped run prints); hooks are called in every
     worker after every step (they travel to the workers pickled)."""
@@ -370,6 +370,11 @@ def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = ()) -> int:
         print("No checkpoint was written.")
         return 1
     print(f"Final checkpoint (step {info.get('step', '?')}): {info.get('checkpoint')}")
+    result = {"command": "train", **{k: v for k, v in info.items() if k not in ("train_seconds", "preempted")}}
+    result.update(launcher="ray", fit_seconds=fit_seconds)
+    if outcome is not None:
+        outcome.update(result)
+    write_result(cfg.run.dir, result)
     if info.get("stopped_by"):
         return stopping.report(info["stopped_by"], info["step"], info["checkpoint"], argv)
     return 0 if info.get("step", 0) >= cfg.train.max_steps else 1

@@ -26,7 +26,7 @@ from ray.util.queue import Queue
 
 from dcgan_dist.config import Config, ConfigError, from_dict, to_dict
 from dcgan_dist.launch import ray_train as ray_launcher
-from dcgan_dist.storage.filesystem import S3, RunStorage, filesystem, is_remote
+from dcgan_dist.storage.filesystem import S3, RunStorage, filesystem, is_remote, write_result
 from dcgan_dist.training.checkpoint import STATE_FILE, CheckpointError, one_line, parse
 
 METRIC = "swd"
@@ -312,11 +312,51 @@ def results_table(results, searches: list[Search]) -> tuple[str, Any, int]:
     return text, best, exploits
 
 
+def trial_records(results, searches: list[Search]) -> tuple[list[dict], list[dict]]:
+    """Each trial as data (its parameters, best SWD, steps, Train runs, status), best first; and PBT's exploit
+    events (a trial continued from another trial's checkpoint: which, from which, at which step)."""
+    trials: list[dict[str, Any]] = []
+    exploits: list[dict[str, Any]] = []
+    for result in results:
+        frame = result.metrics_dataframe
+        scored = frame is not None and METRIC in frame
+        trial = str((result.metrics or {}).get("trial_id", Path(result.path).name))
+        if scored and "weights_from" in frame and "train_run" in frame:
+            for run, rows in frame.groupby("train_run", sort=False):
+                source = str(rows["weights_from"].iloc[0])
+                if source != trial:
+                    exploits.append(
+                        {"trial": trial, "from_trial": source, "train_run": str(run), "step": int(rows["step"].min())}
+                    )
+        trials.append(
+            {
+                "trial": trial,
+                "params": {s.key: (result.config or {}).get(s.key) for s in searches},
+                "best_swd": float(frame[METRIC].min()) if scored else None,
+                "steps": int(frame["step"].max()) if scored else None,
+                "train_runs": int(frame["train_run"].nunique()) if scored and "train_run" in frame else 1,
+                "status": "error" if result.error else "done",
+            }
+        )
+    trials.sort(key=lambda t: math.inf if t["best_swd"] is None else t["best_swd"])
+    return trials, exploits
+
+
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def sweep(base: Config, searches: list[Search], trials: int, scheduler_name: str, chosen, limit: int = 0) -> int:
+def sweep(
+    base: Config,
+    searches: list[Search],
+    trials: int,
+    scheduler_name: str,
+    chosen,
+    limit: int = 0,
+    outcome: dict | None = None,
+) -> int:
+    """Run the sweep; prints its table and best checkpoint, and writes <run.dir>/result.json (also into
+    `outcome`): each trial's parameters, best SWD and steps, PBT's exploit events, the best checkpoint."""
     remote = is_remote(base.run.dir)
     root = base.run.dir.rstrip("/") if remote else str(Path(base.run.dir).expanduser().resolve())
     ray_launcher.connect()
@@ -382,10 +422,26 @@ def sweep(base: Config, searches: list[Search], trials: int, scheduler_name: str
     ]
     if unfinished:
         print(f"{len(unfinished)} trial(s) did not finish (interrupted?): rerun the same command to resume the sweep")
+    records, exploit_events = trial_records(results, searches)
+    checkpoint = best.get_best_checkpoint(METRIC, "min") if best is not None else None
+    result = {
+        "command": "tune",
+        "run_dir": root,
+        "scheduler": scheduler_name,
+        "side_by_side": side_by_side,
+        "seconds": seconds,
+        "trials": records,
+        "exploits": exploit_events,
+        "best": records[0] if best is not None else None,
+        "best_checkpoint": f"{'s3://' if remote else ''}{checkpoint.path}" if checkpoint else None,
+        "unfinished": len(unfinished),
+    }
+    if outcome is not None:
+        outcome.update(result)
+    write_result(root, result)
     if best is None:
         print("error: no trial reported an SWD", file=sys.stderr)
         return 1
-    checkpoint = best.get_best_checkpoint(METRIC, "min")
     where = f"{'s3://' if remote else ''}{checkpoint.path}" if checkpoint else "(none kept)"
     params = ", ".join(f"{s.key}={_short(best.config.get(s.key))}" for s in searches)
     print(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import os
 import random
 import re
@@ -461,3 +462,79 @@ class RunStorage:
             Path(self.root).mkdir(parents=True, exist_ok=True)
         self.write(probe, b"")
         self.delete(probe)
+
+
+class AppendLog:
+    """A text file that grows by lines (metrics.jsonl), at a cost per append that does not grow with the file.
+
+    On a disk: one file, appended to. In an object store (an object cannot be appended to, and rewriting it whole
+    at every append costs the square of its length over a run): numbered segments, `<name>.segments/000001`,
+    ..., each rewritten whole as lines are added until it holds SEGMENT_LINES of them, then the next one begins.
+    `read()` returns the whole stream either way (an object `<name>` written by an older run comes first)."""
+
+    SEGMENT_LINES = 10
+
+    def __init__(self, storage: RunStorage, name: str):
+        self.storage, self.name = storage, name
+        self.folder = f"{name}.segments"
+        self.segment, self.pending = 0, b""  # the current segment (0: none yet) and what it holds, lines
+        self.pending_lines = 0
+
+    def _segments(self) -> list[str]:
+        names = sorted(n for n, is_dir in self.storage.list(self.folder) if not is_dir and n.isdigit())
+        return [f"{self.folder}/{n}" for n in names]
+
+    def read(self) -> bytes:
+        parts = [self.storage.read(self.name)] if self.storage.is_file(self.name) else []
+        if self.storage.remote:
+            parts += [self.storage.read(name) for name in self._segments()]
+        return b"".join(parts)
+
+    def rewrite(self, data: bytes) -> None:
+        """Replace the whole stream by `data` (a resume dropping what comes after its checkpoint)."""
+        if not self.storage.remote:
+            self.storage.write(self.name, data)
+            return
+        old = self._segments()
+        had_legacy = self.storage.is_file(self.name)
+        # The new first segment is written before anything is deleted: an interruption leaves more, never less.
+        first = f"{self.folder}/{1:06d}"
+        self.storage.write(first, data)
+        for name in old:
+            if name != first:
+                self.storage.delete(name)
+        if had_legacy:
+            self.storage.delete(self.name)
+        self.segment, self.pending, self.pending_lines = 1, data, SEGMENT_FULL if data else 0
+
+    def append(self, data: bytes) -> None:
+        """Add whole lines (`data` ends with a newline)."""
+        if not self.storage.remote:
+            path = Path(self.storage._path(self.name))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab") as f:
+                f.write(data)
+                f.flush()
+            return
+        if not self.segment:  # the first append of this process: after the segments that are there
+            segments = self._segments()
+            self.segment = int(segments[-1].rpartition("/")[2]) + 1 if segments else 1
+            self.pending, self.pending_lines = b"", 0
+        elif self.pending_lines >= self.SEGMENT_LINES:
+            self.segment, self.pending, self.pending_lines = self.segment + 1, b"", 0
+        self.pending += data
+        self.pending_lines += data.count(b"\n")
+        self.storage.write(f"{self.folder}/{self.segment:06d}", self.pending)
+
+
+SEGMENT_FULL = 1 << 30  # a segment that takes no more lines (one written whole by a resume)
+
+
+RESULT_FILE = "result.json"
+
+
+def write_result(location: str, result: dict) -> str:
+    """<location>/result.json (a folder or s3://...): a command's outcome as JSON, for scripts and tests (what its
+    console lines say in prose); returns where it went."""
+    data = json.dumps(result, indent=1, default=str) + "\n"
+    return RunStorage(location).write(RESULT_FILE, data.encode())

@@ -1,27 +1,29 @@
-"""The metrics part: step metrics averaged over all workers, then metrics.jsonl, console progress and W&B.
+"""The metrics part: step metrics averaged over all workers (the aggregator), handed to the run's sinks.
 
-Every rank adds its step's losses; at log steps one all-reduce gives their global means. Rank 0 alone writes:
-metrics.jsonl is the local source of truth for curves, one JSON object per logged step (values averaged over
-the steps since the previous log line, plus whatever other parts added at that step, e.g. SWD). A resumed
-run drops the records past its checkpoint first, so no step appears twice.
+Every rank adds its step's losses; at log steps one all-reduce gives their global means (every rank makes the
+same calls). Rank 0 alone has sinks (training/sinks/: console, metrics.jsonl, W&B, TensorBoard, MLflow, as
+log.sinks chooses): each gets the step's record (values averaged over the steps since the previous log line,
+plus whatever other parts added at that step, e.g. SWD), the images, and the end of the run. What a sink must
+keep across a resume (a W&B or MLflow run id) is in the checkpoint, under `metrics`.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from dcgan_dist.distributed.env import DistEnv
 from dcgan_dist.errors import RunError
-from dcgan_dist.storage.filesystem import RunStorage
+from dcgan_dist.storage.filesystem import AppendLog, RunStorage, is_remote
+from dcgan_dist.training import sinks as sink_registry
 from dcgan_dist.training.schedule import Schedule
-from dcgan_dist.training.wandb_logger import WandbLogger
+from dcgan_dist.training.sinks.base import Sink, SinkContext, duration, emit
+
+__all__ = ["duration", "emit"]  # here for the callers of old
 
 METRICS_FILE = "metrics.jsonl"
 ESTIMATE_FILE = "estimate.json"
@@ -32,35 +34,32 @@ ESTIMATE_MIN_S, ESTIMATE_MIN_STEPS, ESTIMATE_MAX_S = 2.0, 3, 3.0
 LONG_ON_CPU_S = 30 * 60
 
 
-def duration(seconds: float) -> str:
-    """3h05m, 12m30s, 45s: an ETA a person reads at a glance."""
-    seconds = max(int(round(seconds)), 0)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def emit(text: str) -> None:
-    """One line to stdout. Not print(): Ray Train patches print in workers into logging, which repeats lines."""
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
 def parse_metrics(text: str) -> list[dict]:
-    """The records of a metrics.jsonl; a line that is not one (cut short by a crash or a full disk) is left out."""
-    records = []
+    """The records of a metrics.jsonl; a line that is not one (cut short by a crash or a full disk) is left out.
+    A record of a step at or before an earlier one's (a resume interrupted before it had dropped what it trains
+    again) replaces that one and everything after it: each step once, the newest."""
+    records: list[dict] = []
     for line in text.splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and "step" in record:
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            while records and records[-1]["step"] >= record["step"]:
+                records.pop()
             records.append(record)
     return records
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return parse_metrics(Path(path).read_text())
+    """The records of a run's metrics, given its metrics.jsonl or its run dir (a folder or s3://...): on a disk
+    one file, in an object store its numbered segments, read as one stream."""
+    where = str(path)
+    if not is_remote(where) and Path(where).expanduser().is_file():  # a file of records on this disk, any name
+        return parse_metrics(Path(where).expanduser().read_text(errors="replace"))
+    if where.endswith(METRICS_FILE):
+        where = where[: -len(METRICS_FILE)].rstrip("/") or "."
+    return parse_metrics(AppendLog(RunStorage(where), METRICS_FILE).read().decode(errors="replace"))
 
 
 class Meter:
@@ -93,10 +92,11 @@ class NonFiniteLoss(RunError):
         self.step, self.losses, self.what = step, losses, what
         self.checkpoint: str | None = None
         self.lr: float | None = None
+        self.lower: str | None = None  # what to lower, as the Trainer words it (optim.lr or optim.lr_g/lr_d)
 
     def __str__(self) -> str:
         values = f" ({', '.join(f'{k}={v:.4g}' for k, v in self.losses.items())})" if self.losses else ""
-        lower = f"lower optim.lr{f' (now {self.lr:g})' if self.lr is not None else ''}"
+        lower = self.lower or f"lower optim.lr{f' (now {self.lr:g})' if self.lr is not None else ''}"
         if self.checkpoint is None:
             then = f"no checkpoint was written before it: {lower} and start again"
         else:
@@ -107,38 +107,32 @@ class NonFiniteLoss(RunError):
         return f"{self.what} step {self.step}{values}: training diverged; {then}"
 
 
-class Progress:
-    """A tqdm bar on a terminal; plain log lines otherwise (CI, Ray job logs), one per logged step."""
+class Reporter:
+    """What the sampler and the evaluator may do with a run's outputs (rank 0): a line for the user, an image or
+    an animation for the sinks, and time to leave out of images/s. Their values go into the step's record."""
 
-    def __init__(self, start_step: int, max_steps: int):
-        self.interactive = sys.stderr.isatty()
-        self.bar = tqdm(
-            total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not self.interactive
-        )
-
-    def log(self, record: dict) -> None:
-        fields = {k: record[k] for k in ("loss_d", "loss_g", "d_real", "d_fake") if k in record}
-        if self.interactive:
-            self.bar.set_postfix(
-                {**{k: f"{v:.3f}" for k, v in fields.items()}, "img/s": f"{record['images_per_s']:.0f}"}
-            )
-        else:
-            text = " ".join(f"{k}={v:.3f}" for k, v in fields.items())
-            emit(
-                f"step {record['step']:>7}/{self.bar.total}  {text}  images/s={record['images_per_s']:.1f}  "
-                f"eta {duration(record['eta_s'])}"
-            )
+    def __init__(self, metrics: Metrics):
+        self._metrics = metrics
 
     def message(self, text: str) -> None:
-        tqdm.write(text) if self.interactive else emit(text)
+        self._metrics.message(text)
 
-    def close(self) -> None:
-        self.bar.close()
+    def image(self, key: str, image, step: int, caption: str = "") -> None:
+        for sink in self._metrics.sinks.values():
+            sink.image(key, image, step, caption)
+
+    def animation(self, key: str, gif: bytes, step: int) -> None:
+        for sink in self._metrics.sinks.values():
+            sink.animation(key, gif, step)
+
+    def exclude(self, seconds: float) -> None:
+        self._metrics.exclude(seconds)
 
 
 class Metrics:
-    """The metrics part. Every rank: `add` each step, `__call__` at log steps (a collective). Rank 0: `write`
-    the step's record, `message`, and W&B images; the W&B run id is its state (a resumed run continues it)."""
+    """The metrics part (the aggregator). Every rank: `add` each step, `__call__` at log steps (a collective).
+    Rank 0: `write` the step's record to the sinks, `message`; `reporter` is what the other parts get. Its state:
+    images seen, and each sink's (a W&B or MLflow run id), so that a resumed run continues them."""
 
     def __init__(
         self, cfg, env: DistEnv, storage: RunStorage, global_batch: int, num_samples: int, optimizers, batches
@@ -149,12 +143,17 @@ class Metrics:
         self.optimizers, self.batches = optimizers, batches
         self.meter, self.seconds, self.steps = Meter(), 0.0, 0
         self.window_started, self.excluded = time.perf_counter(), 0.0
-        self.wandb_run_id: str | None = None
         # Images trained on so far, over every worker: the global batch changes when an elastic run is resized.
         self.images_seen: int | None = None
-        self.progress: Progress | None = None
-        self.lines: list[str] = []  # metrics.jsonl, written whole at every log step (an object cannot be appended to)
-        self.wandb: WandbLogger | None = None
+        # Rank 0's sinks, made here (cheap) so that a restore can give them their state; opened by start().
+        self.sinks: dict[str, Sink] = {}
+        if env.is_main:
+            local = storage.local_dir() or Path(cfg.data.cache_dir).expanduser() / "runs" / cfg.run.name
+            self.sinks = sink_registry.make(list(cfg.log.sinks), SinkContext(cfg, storage, local, self.message))
+        self.started = False
+        self.reporter = Reporter(self)
+        # The newest checkpoint at the end of the run (the Trainer sets where to ask), for the sinks' close.
+        self.last_checkpoint: Callable[[], str | None] = lambda: None
         self.step = 0
         # The losses since the last finiteness check, kept rather than tested each step (a test is a device sync,
         # or extra kernels every step); checked where the host reads the device anyway: at log steps (the means'
@@ -168,42 +167,35 @@ class Metrics:
         self.estimated = env.device.type != "cpu"
 
     def state_dict(self) -> dict:
-        return {"wandb_run_id": self.wandb_run_id, "images_seen": self.images_seen}
+        return {
+            "images_seen": self.images_seen,
+            "sinks": {name: sink.state_dict() for name, sink in self.sinks.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        run_id, images_seen = state.get("wandb_run_id"), state.get("images_seen")
-        # A checkpoint is untrusted data: the id names W&B's files and run, so only an id of the kind W&B makes.
-        if run_id is not None and not (isinstance(run_id, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,128}", run_id)):
-            raise ValueError(f"W&B run id {str(run_id)[:80]!r} is not one W&B would make")
+        images_seen = state.get("images_seen")
         if images_seen is not None and not (isinstance(images_seen, int) and images_seen >= 0):
             raise ValueError(f"images seen {images_seen!r} is not a count")
-        self.wandb_run_id, self.images_seen = run_id, images_seen
+        saved = state.get("sinks")
+        if saved is None:  # a checkpoint from before the sinks: the W&B run id was the only one
+            saved = {"wandb": {"run_id": state.get("wandb_run_id")}}
+        if not isinstance(saved, dict):
+            raise ValueError("the sinks' state is not a mapping")
+        for name, sink in self.sinks.items():
+            sink_state = saved.get(name) or {}
+            if not isinstance(sink_state, dict):
+                raise ValueError(f"the {name} sink's state is not a mapping")
+            sink.load_state_dict(sink_state)
+        self.images_seen = images_seen
 
     def start(self, step: int) -> None:
-        """Rank 0 opens its outputs (after a restore, so that W&B continues the same run)."""
+        """Rank 0 opens its sinks (after a restore, so that W&B and MLflow continue the same run)."""
         self.window_started, self.step = time.perf_counter(), step
         if self.images_seen is None:  # a new run, or a checkpoint from before images were counted
             self.images_seen = step * self.global_batch
-        if not self.env.is_main:
-            return
-        self.progress = Progress(step, self.cfg.train.max_steps)
-        if self.storage.is_file(METRICS_FILE):  # records past the checkpoint resumed from are trained again: drop them
-            kept = [r for r in parse_metrics(self.storage.read(METRICS_FILE).decode()) if r["step"] <= step]
-            self.lines = [json.dumps(r) for r in kept]
-            self._flush()
-        if self.cfg.wandb.mode != "disabled":
-            # W&B's own files stay on this machine: the run directory, or beside the data cache for a run in an
-            # object store (`wandb sync` uploads them from there).
-            where = (
-                self.storage.local_dir()
-                or Path(self.cfg.data.cache_dir).expanduser() / "wandb-runs" / self.cfg.run.name
-            )
-            self.wandb = WandbLogger(self.cfg, where, run_id=self.wandb_run_id)
-            self.wandb_run_id = self.wandb.run_id
-            self.message(f"W&B ({self.cfg.wandb.mode}): run {self.wandb_run_id} in {where / 'wandb'}")
-
-    def _flush(self) -> None:
-        self.storage.write(METRICS_FILE, "".join(line + "\n" for line in self.lines).encode())
+        for sink in self.sinks.values():
+            sink.start(step)
+        self.started = True
 
     def add(self, losses: dict[str, torch.Tensor], seconds: float) -> None:
         """One step's losses (tensors, not read here: no device sync per step) and its time on the host."""
@@ -216,8 +208,9 @@ class Metrics:
         self.steps += 1
         assert self.images_seen is not None  # counted from by start()
         self.images_seen += self.global_batch
-        if self.progress:
-            self.progress.bar.update()
+        console = self.sinks.get("console")
+        if console is not None:
+            console.step_done()  # type: ignore[attr-defined]  # the console sink's bar
         if not self.estimated and self.env.is_main:
             self._estimate()
 
@@ -320,32 +313,26 @@ class Metrics:
     def write(self, record: dict) -> None:
         if not self.env.is_main:
             return
-        self.lines.append(json.dumps(record))
-        self._flush()
-        if "images_per_s" in record:
-            assert self.progress is not None  # made by start() on rank 0
-            self.progress.log(record)
-            # A run that reaches max_steps before the estimate was measured long enough: from the steps there were
-            # (here, not at close: a failing run, a store that stopped answering, is not kept waiting for it).
-            if not self.estimated and record["step"] >= self.cfg.train.max_steps and self.estimate_from is not None:
+        for sink in self.sinks.values():
+            sink.scalars(record)
+        # A run that reaches max_steps before the estimate was measured long enough: from the steps there were
+        # (here, not at close: a failing run, a store that stopped answering, is not kept waiting for it).
+        if "images_per_s" in record and not self.estimated and record["step"] >= self.cfg.train.max_steps:
+            if self.estimate_from is not None:
                 self._estimate(at_end=True)
-        if self.wandb:
-            self.wandb.log(record, record["step"])
 
     def message(self, text: str) -> None:
-        if self.env.is_main:
-            self.progress.message(text) if self.progress else emit(text)
-
-    def log_image(self, key: str, image, step: int, caption: str) -> None:
-        if self.wandb:
-            self.wandb.log_image(key, image, step, caption)
-
-    def log_animation(self, key: str, gif: bytes, step: int) -> None:
-        if self.wandb:
-            self.wandb.log_animation(key, gif, step)
+        if self.env.is_main and not any(sink.message(text) for sink in self.sinks.values()):
+            emit(text)
 
     def close(self, step: int) -> None:
-        if self.progress:
-            self.progress.close()
-        if self.wandb:
-            self.wandb.finish()
+        """Every sink closes, even when one fails (the first error is raised after)."""
+        error: BaseException | None = None
+        checkpoint = self.last_checkpoint()
+        for sink in reversed(list(self.sinks.values())):
+            try:
+                sink.close(step, checkpoint)
+            except Exception as exc:  # noqa: BLE001 - the others still close
+                error = error or exc
+        if error is not None:
+            raise error

@@ -15,7 +15,7 @@ from dcgan_dist.data import ImageBatches
 from dcgan_dist.gan.models import eval_mode, generate
 from dcgan_dist.gan.quality import swd
 from dcgan_dist.training.checkpoint import CheckpointManager
-from dcgan_dist.training.metrics import Metrics
+from dcgan_dist.training.metrics import Reporter
 from dcgan_dist.training.schedule import Schedule
 
 
@@ -41,12 +41,12 @@ class QualityTracker:
         shards: str,
         generator: Callable[[], nn.Module],
         checkpoints: CheckpointManager,
-        metrics: Metrics,
+        reporter: Reporter,
         is_main: bool,
     ):
         self.schedule = Schedule(cfg.train.eval_every, last=cfg.train.max_steps)
         self.cfg, self.shards, self.generator, self.is_main = cfg, shards, generator, is_main
-        self.checkpoints, self.metrics = checkpoints, metrics
+        self.checkpoints, self.reporter = checkpoints, reporter
         self.chw = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
         self.seed = cfg.run.seed + 1_000_003  # not the training stream's order
         self.real: torch.Tensor | None = None
@@ -62,8 +62,10 @@ class QualityTracker:
         result = swd(self.real, fake, nhoods_per_image=self.cfg.eval.nhoods_per_image, seed=self.seed).as_dict()
         record.update(result)
         path = self.checkpoints.offer_best(step, "swd", result["swd"])
-        self.metrics.message(f"step {step}: SWD {result['swd']:.2f}" + (f", the best so far -> {path}" if path else ""))
-        self.metrics.exclude(time.perf_counter() - started)
+        self.reporter.message(
+            f"step {step}: SWD {result['swd']:.2f}" + (f", the best so far -> {path}" if path else "")
+        )
+        self.reporter.exclude(time.perf_counter() - started)
 
     def close(self, step: int) -> None:
         pass

@@ -14,7 +14,7 @@ from torch import nn
 from dcgan_dist.data.images import encode, gif, grid_image
 from dcgan_dist.gan.models import eval_mode
 from dcgan_dist.storage.filesystem import RunStorage
-from dcgan_dist.training.metrics import Metrics
+from dcgan_dist.training.metrics import Reporter
 from dcgan_dist.training.schedule import Schedule
 
 NUM_FIXED_SAMPLES = 64
@@ -42,12 +42,12 @@ class SampleGrids:
         cfg,
         storage: RunStorage,
         generator: Callable[[], nn.Module],
-        metrics: Metrics,
+        reporter: Reporter,
         device: torch.device,
         is_main: bool,
     ):
         self.schedule = Schedule(cfg.train.sample_every, last=cfg.train.max_steps)
-        self.storage, self.generator, self.metrics, self.is_main = storage, generator, metrics, is_main
+        self.storage, self.generator, self.reporter, self.is_main = storage, generator, reporter, is_main
         noise = torch.Generator().manual_seed(cfg.run.seed)
         self.z = torch.randn(NUM_FIXED_SAMPLES, cfg.model.nz, 1, 1, generator=noise).to(device)
 
@@ -58,18 +58,18 @@ class SampleGrids:
         with eval_mode(self.generator()) as G:
             image = grid_image(G(self.z), nrow=8)
         where = self.storage.write(f"samples/step_{step:07d}.png", encode(image))
-        self.metrics.message(f"step {step}: samples -> {where}")
-        self.metrics.log_image("samples", image, step, caption=f"fixed noise, step {step}")
+        self.reporter.message(f"step {step}: samples -> {where}")
+        self.reporter.image("samples", image, step, caption=f"fixed noise, step {step}")
 
     def close(self, step: int) -> None:
         if self.is_main and sample_grids(self.storage):
             try:
                 data = progress_animation(self.storage)
             except (UnidentifiedImageError, DecompressionBombError) as exc:  # a file in samples/ that is no grid
-                self.metrics.message(
+                self.reporter.message(
                     f"warning: no progress animation: a file in {self.storage.where('samples')} is "
                     f"not an image ({type(exc).__name__})"
                 )
                 return
-            self.metrics.message(f"progress animation -> {self.storage.write('progress.gif', data)}")
-            self.metrics.log_animation("progress", data, step)
+            self.reporter.message(f"progress animation -> {self.storage.write('progress.gif', data)}")
+            self.reporter.animation("progress", data, step)

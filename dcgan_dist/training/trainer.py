@@ -10,6 +10,7 @@ every process; `env` says which rank this is and on which device it runs.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import signal
 import time
@@ -35,6 +36,7 @@ from dcgan_dist.gan.objectives import objective
 from dcgan_dist.gan.precision import Precision, Speed, pick_device, resolved
 from dcgan_dist.gan.step import make_optimizers, set_hyperparameters, set_learning_rates, train_step
 from dcgan_dist.storage.filesystem import RunStorage, StoreError, StoreUnreachable, check_bucket, is_remote, set_timeout
+from dcgan_dist.training import sinks
 from dcgan_dist.training.checkpoint import CheckpointManager, CheckpointStorage, StorageCheckpoints
 from dcgan_dist.training.memory_estimate import check_memory
 from dcgan_dist.training.metrics import Metrics, NonFiniteLoss
@@ -51,13 +53,21 @@ StepHook = Callable[[int, DistEnv, torch.Tensor], None]
 
 @dataclass
 class TrainResult:
-    step: int
-    checkpoint: str | None
+    """What a training run did; `python -m dcgan_dist.train` writes it (dataclasses.asdict: every field) to
+    <run.dir>/result.json, and with --json to stdout."""
+
+    step: int  # the last step trained (the final checkpoint's)
+    checkpoint: str | None  # the final checkpoint
     run_dir: str
-    metrics: dict
-    seconds: float
+    metrics: dict  # the last logged record
+    seconds: float  # in the training loop
     stopped_by: int = 0  # the signal that stopped the run early (after a checkpoint), 0: it ran to max_steps
     preempted: bool = False  # that signal reached a training process itself (under Ray: a preempted worker)
+    max_steps: int = 0
+    start_step: int = 0  # where this command started: 0, or the step of the checkpoint it resumed from
+    resumed_from: str | None = None  # that checkpoint
+    stop_reason: str = "max_steps"  # max_steps | signal | already_trained
+    signal: str | None = None  # the stopping signal's name (SIGTERM, SIGINT)
 
 
 def check_settings(
@@ -66,7 +76,16 @@ def check_settings(
     """What the settings point at, checked before any run file exists: the shards (they exist, enough for every
     worker, the model's image size and channels; probe: decoding the first shard's first samples), the batch (no
     larger than the data set), with `device` that the model, batch and loader fit in its free memory, and run.dir
-    (it can be made and written), a conditional model's labels. Raises ConfigError: one line naming the setting."""
+    (it can be made and written), a conditional model's labels, and that log.sinks names sinks whose libraries are
+    installed. Raises ConfigError: one line naming the setting."""
+    for name in cfg.log.sinks:
+        try:
+            library = sinks.sink_class(name).library
+        except ValueError as exc:
+            raise ConfigError(f"log.sinks={config_lib.show(cfg.log.sinks)}: {exc}") from None
+        if library and importlib.util.find_spec(library) is None:
+            extra = f'pip install -e ".[{name}]"' if name == "mlflow" else "pip install -e ."
+            raise ConfigError(f"log.sinks has {name}, but {library} is not installed: {extra}, or leave {name} out")
     chw = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     if cfg.data.shards:
         try:
@@ -270,13 +289,16 @@ class Trainer:
             Schedule(cfg.train.checkpoint_every, last=cfg.train.max_steps, on_stop=True),
             self.say,
         )
+        self.metrics.last_checkpoint = lambda: self.checkpoints.last_saved  # for the sinks (MLflow's tag)
         self.parts: list[Part] = [self.metrics]
         if cfg.train.eval_every:
             self.parts.append(
-                QualityTracker(cfg, self.shards, self.sample_model, self.checkpoints, self.metrics, env.is_main)
+                QualityTracker(
+                    cfg, self.shards, self.sample_model, self.checkpoints, self.metrics.reporter, env.is_main
+                )
             )
         self.parts += [
-            SampleGrids(cfg, self.storage, self.sample_model, self.metrics, env.device, env.is_main),
+            SampleGrids(cfg, self.storage, self.sample_model, self.metrics.reporter, env.device, env.is_main),
             self.checkpoints,
         ]
 
@@ -288,6 +310,7 @@ class Trainer:
         """Train to train.max_steps, continuing from the newest checkpoint."""
         cfg, env = self.cfg, self.env
         step = first = self.checkpoints.restore()
+        resumed_from = self.checkpoints.last_saved if first else None
         # This command line's rates and betas, not the checkpoint's; the rates as the schedule has them at `step`.
         set_hyperparameters(self.opt_g, self.opt_d, cfg.optim, step, cfg.train.max_steps)
         if env.is_main:  # after the restore: a refused resume leaves the run's record as it was
@@ -297,7 +320,17 @@ class Trainer:
                 f"Already trained to step {step} (train.max_steps={cfg.train.max_steps}); nothing to do. "
                 "Raise train.max_steps to train further."
             )
-            return TrainResult(step, self.checkpoints.last_saved, self.storage.location, {}, 0.0)
+            return TrainResult(
+                step,
+                self.checkpoints.last_saved,
+                self.storage.location,
+                {},
+                0.0,
+                max_steps=cfg.train.max_steps,
+                start_step=first,
+                resumed_from=resumed_from,
+                stop_reason="already_trained",
+            )
         G, D = distribute(self.G, self.D, cfg, env)
         self.describe()
         self.metrics.start(step)
@@ -368,6 +401,11 @@ class Trainer:
             seconds,
             stopped,
             bool(stopped) and stopping.own_signal(stop),
+            max_steps=cfg.train.max_steps,
+            start_step=first,
+            resumed_from=resumed_from,
+            stop_reason="signal" if stopped else "max_steps",
+            signal=signal.Signals(stopped).name if stopped else None,
         )
 
     def check_finite(self, step: int) -> None:
@@ -384,7 +422,7 @@ class Trainer:
         """An ExitStack exit callback: a divergence says which checkpoint to resume from, with which rates."""
         if isinstance(exc, NonFiniteLoss):
             exc.checkpoint, exc.lr = self.checkpoints.last_saved, self.cfg.optim.lr
-            exc.lower = lower_rates(self.cfg.optim)  # type: ignore[attr-defined]  # read by NonFiniteLoss.__str__
+            exc.lower = lower_rates(self.cfg.optim)
         return False
 
     def describe(self) -> None:
