@@ -140,6 +140,25 @@ def swd(
     return SWDResult(per_level, resolutions)
 
 
+def swd_per_class(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: Sequence[str],
+    fake_labels: torch.Tensor | None = None,
+    **kw,
+) -> dict[str, float | None]:
+    """The SWD (mean over levels, x 1e3) of each class: the real images labelled k against the generated images
+    drawn as class k (fake_labels; default: `labels`, the generated set drawn with the real set's labels), by
+    name. None for a class with no image on a side. kw: swd's (nhoods_per_image, seed, ...)."""
+    fake_labels = labels if fake_labels is None else fake_labels
+    result: dict[str, float | None] = {}
+    for k, name in enumerate(class_names):
+        real_k, fake_k = real[labels == k], fake[fake_labels == k]
+        result[str(name)] = swd(real_k, fake_k, **kw).mean if len(real_k) and len(fake_k) else None
+    return result
+
+
 # --- FID ----------------------------------------------------------------------------------------------------
 
 
