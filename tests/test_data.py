@@ -61,7 +61,7 @@ def write(out: Path, images: list[np.ndarray], shard_size: int, fmt: str = "png"
 
 
 def take(batches: ImageBatches, n: int) -> list[torch.Tensor]:
-    return [next(batches) for _ in range(n)]
+    return [next(batches)[0] for _ in range(n)]
 
 
 @pytest.mark.parametrize("fmt", ["png", "raw"])
@@ -375,7 +375,7 @@ def test_shard_specs(tiny_shards):
     # pipe: URLs go through webdataset's own opener (this is how S3/GCS shards are read).
     piped = [f"pipe:cat {p}" for p in all_shards]
     batches = ImageBatches(piped, 32, world_size=2, rank=1, shuffle_buffer=16)
-    assert next(batches).shape == (32, 3, 32, 32)
+    assert next(batches)[0].shape == (32, 3, 32, 32)
 
 
 def test_too_few_shards_for_the_world_is_a_clear_error(tmp_path):
@@ -495,7 +495,7 @@ def test_convert_folder_center_crops_resizes_and_skips_corrupt(tmp_path):
     info = convert(tmp_path / "img_align_celeba", tmp_path / "out", shard_size=2, progress=False)
     assert (info.num_samples, info.skipped, info.image_size, info.channels) == (3, 1, 64, 3)
     batches = ImageBatches(str(tmp_path / "out"), 3, shuffle_buffer=1)
-    images = next(batches).float()
+    images = next(batches)[0].float()
     # The centre crop of the first image is all red: the blue bands were cropped away.
     reds = [img for img in images if img[0].mean() > 200]
     assert len(reds) == 1 and reds[0][2].max() < 40

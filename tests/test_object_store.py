@@ -38,7 +38,7 @@ def test_shards_round_trip_through_the_bucket(s3_env, tmp_path, fmt):
     batches = ImageBatches(
         f"s3://dcgan-test/{prefix}", 8, rank=1, world_size=2, seed=3, shuffle_buffer=8, expect_chw=(3, 8, 8)
     )
-    got = {tag(img): img for img in torch.cat([next(batches) for _ in range(3)])}  # rank 1's pass: 24 images
+    got = {tag(img): img for img in torch.cat([next(batches)[0] for _ in range(3)])}  # rank 1's pass: 24 images
     assert len(got) == 24
     for i, image in got.items():
         assert torch.equal(image, torch.from_numpy(images[i]).permute(2, 0, 1))  # pixel-exact

@@ -20,7 +20,7 @@ from .conftest import TINY, run_cli
 
 @pytest.fixture(scope="module")
 def faces(tiny_shards):
-    return next(ImageBatches(str(tiny_shards), 512, seed=0))  # the whole set, uint8
+    return next(ImageBatches(str(tiny_shards), 512, seed=0))[0]  # the whole set, uint8
 
 
 def test_pyramid_reconstructs_the_image():

@@ -185,7 +185,7 @@ def test_both_networks_learn_on_synthetic_faces(tmp_path, tiny_shards):
     assert records[0]["loss_d"] > 1.0 and sum(r["loss_d"] for r in records[-10:]) / 10 < 0.8
     # G learns: the coarse colour layout of its samples moves towards the data's (seeded, 1 thread: deterministic;
     # measured 0.45 -> 0.39 here). Issue-level quality (SWD) is measured by the evaluate command.
-    real = normalise(next(ImageBatches(str(tiny_shards), 256, seed=9)), "cpu")
+    real = normalise(next(ImageBatches(str(tiny_shards), 256, seed=9))[0], "cpu")
     G, _, _ = ckpt.load_generator(result.checkpoint)
     before, after = _layout_gap(G0.eval(), real), _layout_gap(G, real)
     assert after < 0.9 * before, (before, after)

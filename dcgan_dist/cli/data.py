@@ -1,7 +1,9 @@
 """Shard tools.
 
     python -m dcgan_dist.data synth --out data/faces --num 20000 --size 64
+    python -m dcgan_dist.data synth --out data/faces-skin --num 20000 --size 32 --labels skin   # labelled
     python -m dcgan_dist.data convert --src img_align_celeba --out img_align_celeba-shards --size 64
+    python -m dcgan_dist.data convert --src fashion-mnist --out fashion-shards --classes fashion  # IDX + labels
     python -m dcgan_dist.data inspect data/faces     # exits 1 when a shard is unreadable or short
 
 `<command> --help` lists each command's options. They describe the shards written or read, not a run: these
@@ -20,7 +22,7 @@ from dcgan_dist.config import DataSection, ModelSection, allowed_values
 from dcgan_dist.data.convert import convert
 from dcgan_dist.data.inspect import SHOWN_BAD_SAMPLES, default_preview, inspect
 from dcgan_dist.data.shards import FORMATS, expand_shards
-from dcgan_dist.data.synth import write_synthetic_shards
+from dcgan_dist.data.synth import LABELS, write_synthetic_shards
 from dcgan_dist.errors import RunError
 from dcgan_dist.stopping import StoppedBySignal
 
@@ -53,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=cli.whole_number, default=0)
     p.add_argument("--format", default="png", choices=FORMATS, help=FORMAT_HELP)
     p.add_argument("--processes", type=cli.whole_number, default=0, help="drawing processes (0 = one per core)")
+    p.add_argument(
+        "--labels",
+        default=None,
+        choices=list(LABELS),
+        help="label each face with a class drawn anyway: "
+        + "; ".join(f"{name}: {', '.join(classes)} ({what})" for name, (classes, what) in LABELS.items())
+        + " (default: unlabelled; skin's classes are the most distinct)",
+    )
 
     p = sub.add_parser("convert", help="convert an image folder, a zip of images or MNIST IDX files into shards")
     p.add_argument(
@@ -78,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=cli.positive_number, default=1000)
     p.add_argument("--limit", type=cli.whole_number, default=0, help="convert only the first N images (0: all)")
     p.add_argument("--format", default="png", choices=FORMATS, help=FORMAT_HELP)
+    p.add_argument(
+        "--classes",
+        default=None,
+        help="labels: IDX files' class names when label files lie beside them: digits ('0'..'9'), fashion "
+        "(Fashion-MNIST's), or names joined by commas (default: fashion when the path names Fashion-MNIST, else "
+        "digits); a folder of class subfolders is labelled by their names; none: write no labels",
+    )
 
     p = sub.add_parser("inspect", help="count shards and samples, report image size, write a preview grid")
     p.add_argument("shards", help="directory, glob, brace pattern or URL of shards")
@@ -100,14 +117,24 @@ def main(argv: list[str] | None = None) -> int:
                 args.channels,
                 args.format,
                 processes=args.processes or None,
+                labels=args.labels,
             )
             print(
                 f"wrote {info.num_samples} synthetic faces ({info.image_size}x{info.image_size}x{info.channels}) "
                 f"in {info.num_shards} shard(s) to {args.out}"
+                + (f", labelled {', '.join(f'{k}: {v}' for k, v in info.class_counts.items())}" if info.classes else "")
             )
         elif args.command == "convert":
             convert(
-                args.src, args.out, args.size, args.channels, args.crop, args.shard_size, args.limit, fmt=args.format
+                args.src,
+                args.out,
+                args.size,
+                args.channels,
+                args.crop,
+                args.shard_size,
+                args.limit,
+                fmt=args.format,
+                classes=args.classes,
             )
         else:
             expand_shards(args.shards)  # no shards there: the one line, before anything is said about a preview
@@ -126,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
                 h, w, c = shape.split("x")
                 print(f"images:   {h}x{w}, {c} channel(s): {n}")
             print(f"formats:  {', '.join(f'{k}: {v}' for k, v in report['formats'].items())}")
+            if report["class_counts"] is not None:
+                print(f"classes:  {len(report['classes'])} (dataset.json), samples per class:")
+                for label, (name, n) in enumerate(report["class_counts"].items()):
+                    print(f"          {label:>3} {name}: {n}")
+            else:
+                print("classes:  none (unlabelled)")
             print(
                 f"unusable: {report['bad_samples']} sample(s) (undecodable, another size or channel count)"
                 + "".join(f"\n          {name}: {n}" for name, n in report["bad_by_shard"].items())

@@ -11,7 +11,15 @@ import numpy as np
 import torch
 
 from dcgan_dist.data.images import save_grid
-from dcgan_dist.data.shards import decode_sample, expand_shards, iter_samples, read_info, shard_counts
+from dcgan_dist.data.shards import (
+    decode_label,
+    decode_sample,
+    expand_shards,
+    iter_samples,
+    read_classes,
+    read_info,
+    shard_counts,
+)
 
 # Unusable samples named one by one on stderr; the rest are counted.
 SHOWN_BAD_SAMPLES = 5
@@ -22,9 +30,12 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
     the loader does), and count as unusable those that do not decode or differ in size or channels from
     dataset.json's (or, without it, from most of the images); compare each shard's count with dataset.json's;
     write a preview grid. `errors` lists every unreadable or short shard by name, `bad_by_shard` the shards
-    with unusable samples."""
+    with unusable samples. A labelled set (dataset.json's classes): `classes` and `class_counts` ({name: samples
+    read}, every class listed), and the samples without a usable label count as unusable; otherwise both None."""
     urls = expand_shards(spec)
     info = read_info(spec)
+    classes = read_classes(spec)
+    labels: Counter = Counter()
     expected, missing = shard_counts(spec)
     arrays: dict[str, list] = {}  # url -> [(key, shape)] of its decodable samples
     formats: Counter = Counter()
@@ -44,6 +55,15 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
             read += 1
             try:
                 array = decode_sample(sample)
+                if classes is not None:
+                    label = decode_label(sample)
+                    if label is None or label >= len(classes):
+                        raise ValueError(
+                            f"sample '{sample['__key__']}' in {url} has "
+                            f"{'no label' if label is None else f'label {label}'}, dataset.json has "
+                            f"{len(classes)} classes"
+                        )
+                    labels[label] += 1
             except ValueError as exc:
                 bad_by_shard[url] += 1
                 reasons.append(str(exc))
@@ -85,6 +105,8 @@ def inspect(spec: str, preview: str | None = None, preview_count: int = 64) -> d
         "bad_by_shard": {Path(url).name: n for url, n in bad_by_shard.items()},
         "first_bad": reasons[:SHOWN_BAD_SAMPLES],
         "errors": errors,
+        "classes": classes,
+        "class_counts": {name: labels[i] for i, name in enumerate(classes)} if classes is not None else None,
     }
     usable = [a for a in first if a.shape == want_shape]
     if usable and preview:

@@ -52,10 +52,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dcgan_dist.data.images import to_unit_range
 from dcgan_dist.data.shards import (
     ImagesNotShards,
+    decode_label,
     decode_sample,
     expand_shards,
     is_url,
     iter_samples,
+    read_classes,
     shard_counts,
     spec_parts,
 )
@@ -156,6 +158,23 @@ class ShardStream(IterableDataset):
     # After a resize: shard path -> (pass, trained[ordinal]) from the checkpoint's ledger, left out of that pass.
     trained_before: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
     max_bad_fraction: float = MAX_BAD_FRACTION  # unusable samples a pass may hold (data.max_bad_fraction)
+    # A labelled set's number of classes (dataset.json's classes): every sample then needs a label below it, and
+    # batches carry the labels. 0: unlabelled, any label members ignored.
+    num_classes: int = 0
+
+    def _label(self, sample: dict) -> int | str:
+        """A labelled set's sample's class index, or why it has none usable (a str)."""
+        try:
+            label = decode_label(sample)
+        except ValueError as exc:
+            return str(exc)
+        if label is None or label >= self.num_classes:
+            what = "no label" if label is None else f"label {label}"
+            return (
+                f"sample '{sample.get('__key__')}' in {sample.get('__url__')} has {what}, the set's dataset.json "
+                f"has {self.num_classes} classes"
+            )
+        return label
 
     def _unusable(self, array: np.ndarray, sample: dict) -> str | None:
         """Why a decoded image cannot be trained on (another size or channel count than the model's), or None."""
@@ -230,6 +249,7 @@ class ShardStream(IterableDataset):
         last_resized_pass = max((p for p, _ in self.trained_before.values()), default=-1)
         batch: list[np.ndarray] = []
         batch_ids: list[tuple[int, int, int]] = []  # (pass, shard id, ordinal) of each image in `batch`
+        batch_labels: list[int] = []  # a labelled set's class of each image in `batch`
         while True:
             rng = random.Random(slot_seed(self.seed, self.rank, slot, pass_index))
             order = list(urls)
@@ -248,11 +268,15 @@ class ShardStream(IterableDataset):
             for consumed, sample in enumerate(samples, 1):
                 if consumed <= skip:
                     continue  # resuming: already trained on; skipped without decoding
+                label: int | str = -1
                 try:
                     array = decode_sample(sample)
                     reason = self._unusable(array, sample)
                 except ValueError as exc:
                     reason = str(exc)
+                if reason is None and self.num_classes:
+                    label = self._label(sample)
+                    reason = label if isinstance(label, str) else None
                 if reason is not None:
                     counts["bad_samples"] += 1
                     bad.add(sample["__url__"], reason)
@@ -265,6 +289,7 @@ class ShardStream(IterableDataset):
                     continue
                 batch.append(array)
                 batch_ids.append((pass_index, self.shard_ids.get(sample["__url__"], -1), sample["__index__"]))
+                batch_labels.append(int(label))
                 if len(batch) == self.batch_size:
                     if bad.first is not None and not first_bad_reported:
                         first_bad_reported = True
@@ -278,8 +303,10 @@ class ShardStream(IterableDataset):
                     images = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
                     meta = torch.tensor([slot, pass_index, consumed, *(counts[k] for k in _COUNTERS)])
                     counts = dict.fromkeys(_COUNTERS, 0)
-                    yield images, meta, torch.tensor(batch_ids)
-                    batch, batch_ids = [], []
+                    # An unlabelled set's batches carry an empty label tensor (ImageBatches yields None).
+                    labels = torch.tensor(batch_labels if self.num_classes else [], dtype=torch.int64)
+                    yield images, meta, torch.tensor(batch_ids), labels
+                    batch, batch_ids, batch_labels = [], [], []
             if consumed == 0 and pass_index > last_resized_pass:
                 names = ", ".join(os.path.basename(u) for u in order[:3]) + (", ..." if len(order) > 3 else "")
                 yield LoaderFailure(
@@ -331,8 +358,9 @@ class LoaderCounters:
 
 
 class ImageBatches:
-    """Iterator of uint8 image batches (B x C x H x W, channels-last memory: `normalise` rearranges them on the
-    device) for one rank, with a resumable position.
+    """Iterator of (images, labels) batches for one rank, with a resumable position: images uint8 B x C x H x W
+    in channels-last memory (`normalise` rearranges them on the device), labels the samples' classes as an
+    int64 tensor of shape (B,) when the shards are labelled (dataset.json's `classes`: read_classes), else None.
 
     `state_dict()` after consuming k batches, given to `load_state_dict` of a new ImageBatches before its first
     batch, continues with batch k + 1 of the same sequence (same seed, shards, batch size, world size and
@@ -355,6 +383,7 @@ class ImageBatches:
         max_bad_fraction: float = MAX_BAD_FRACTION,
     ):
         urls = expand_shards(shards) if isinstance(shards, str) else list(shards)
+        self.classes = read_classes(shards) if isinstance(shards, str) else None
         counts, missing = shard_counts(shards) if isinstance(shards, str) else ({}, [])
         if rank == 0 and isinstance(shards, str):
             unlisted = [part for part, info in spec_parts(shards) if info is None and not is_url(part)]
@@ -407,6 +436,7 @@ class ImageBatches:
             shard_counts=counts,
             shard_ids={u: i for i, u in enumerate(urls)},
             max_bad_fraction=max_bad_fraction,
+            num_classes=len(self.classes or []),
         )
         self.layout = {
             "world_size": world_size,
@@ -441,7 +471,7 @@ class ImageBatches:
     def __iter__(self) -> ImageBatches:
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._it is None:
             self._it = self._start()
         try:
@@ -460,14 +490,14 @@ class ImageBatches:
             # shut down here, before the run ends.
             self.close()
             raise RunError(item.message)
-        images, meta, ids = item
+        images, meta, ids, labels = item
         slot, pass_index, offset, *counts = (int(v) for v in meta.tolist())
         self.positions[slot] = (pass_index, offset)
         self.counters.batches += 1
         for name, value in zip(_COUNTERS, counts):
             setattr(self.counters, name, getattr(self.counters, name) + value)
         self._mark_trained(ids.numpy())
-        return images
+        return images, (labels if self.classes else None)
 
     def _mark_trained(self, ids: np.ndarray) -> None:
         """Enter a batch's (pass, shard id, ordinal) rows in the ledger."""
@@ -637,7 +667,9 @@ def check_shards(
                 _shape_advice((info.image_size, info.image_size, info.channels), f"{part} dataset.json", expect_chw)
             )
         if probe:
-            _probe(expand_shards(part)[0], expect_chw, max_bad_fraction, info is not None)
+            _probe(
+                expand_shards(part)[0], expect_chw, max_bad_fraction, info is not None, len(info.classes) if info else 0
+            )
 
 
 def _shape_advice(shape: tuple[int, int, int], source: str, expect_chw: tuple[int, int, int]) -> str:
@@ -649,9 +681,11 @@ def _shape_advice(shape: tuple[int, int, int], source: str, expect_chw: tuple[in
     )
 
 
-def _probe(url: str, expect_chw: tuple[int, int, int], max_bad_fraction: float, has_info: bool) -> None:
-    """Decode the first PROBE_SAMPLES samples of a shard as training will; raise ValueError where the model
-    cannot train on them."""
+def _probe(
+    url: str, expect_chw: tuple[int, int, int], max_bad_fraction: float, has_info: bool, num_classes: int = 0
+) -> None:
+    """Decode the first PROBE_SAMPLES samples of a shard as training will (with a label below `num_classes`, for a
+    labelled set); raise ValueError where the model cannot train on them."""
     c, h, w = expect_chw
     shapes: Counter = Counter()
     read, first_bad, name = 0, None, os.path.basename(url)
@@ -660,6 +694,12 @@ def _probe(url: str, expect_chw: tuple[int, int, int], max_bad_fraction: float, 
             read += 1
             try:
                 array = decode_sample(sample)
+                label = decode_label(sample) if num_classes else 0
+                if label is None or label >= num_classes > 0:
+                    raise ValueError(
+                        f"sample '{sample['__key__']}' has {'no label' if label is None else f'label {label}'}, "
+                        f"dataset.json has {num_classes} classes"
+                    )
             except ValueError as exc:
                 first_bad = first_bad or str(exc)
                 continue

@@ -13,6 +13,11 @@ of samples per shard treat raw and PNG shards alike.
 
 A shard directory also holds `dataset.json` (sample count, image size, channels, format, source, samples per
 shard) so that tools can report epochs and check the model's image size without reading every shard.
+
+Labels. A labelled set's samples carry a class index: a png/jpg sample as the standard WebDataset member
+`<key>.cls` (an ASCII integer), a raw chunk as a second member beside its images, `<key>.labels.npy` (an int64
+array, one label per image of the chunk). dataset.json then records `classes` (the names, index = label) and
+`class_counts` ({name: samples}); an unlabelled set has neither, and its samples no label member.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ RAW_EXTENSION = "raw.npy"  # a raw shard's member: a chunk of images as one N x 
 # Images per raw member: enough that the tar reader's cost per member (tens of microseconds) is small per image,
 # few enough that a truncated shard loses little and a chunk of 64x64 RGB images stays ~3 MiB.
 RAW_CHUNK = 256
+LABEL_EXTENSION = "cls"  # a png/jpg sample's label: the standard WebDataset member, an ASCII integer
+RAW_LABELS_EXTENSION = "labels.npy"  # a raw chunk's labels: an int64 array, one per image of the chunk
 META_FILE = "dataset.json"
 # While `data synth`/`convert` writes a folder its dataset.json holds only this key; the real one replaces it last.
 # A folder whose dataset.json still says so holds what a stopped or killed conversion left: it is refused.
@@ -75,9 +82,20 @@ class DatasetInfo:
     # Samples written into each shard (file name -> count): the loader and `data inspect` check what they read
     # against it, so a truncated shard is reported instead of silently shrinking the data set.
     shard_counts: dict = field(default_factory=dict)
+    # A labelled set: the class names (index = label) and the samples of each class; both empty (and absent from
+    # dataset.json) when the samples carry no labels.
+    classes: list = field(default_factory=list)
+    class_counts: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """dataset.json's text: `classes` and `class_counts` only for a labelled set."""
+        data = asdict(self)
+        if not self.classes:
+            del data["classes"], data["class_counts"]
+        return json.dumps(data, indent=2) + "\n"
 
 
-# dataset.json's fields and the type each must have (int, str, dict), checked when it is read.
+# dataset.json's fields and the type each must have (int, str, dict, list), checked when it is read.
 _FIELD_TYPES = typing.get_type_hints(DatasetInfo)
 
 
@@ -104,6 +122,24 @@ def encode_raw_chunk(images: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array(buf, np.ascontiguousarray(images), allow_pickle=False)
     return buf.getvalue()
+
+
+def encode_raw_labels(labels: np.ndarray) -> bytes:
+    """N int labels -> the bytes of a raw chunk's labels member (.npy, int64)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.asarray(labels, dtype=np.int64), allow_pickle=False)
+    return buf.getvalue()
+
+
+def read_raw_labels(data: bytes, count: int) -> np.ndarray:
+    """The bytes of a raw chunk's labels member -> its `count` int64 labels; ValueError for anything else."""
+    try:
+        labels = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - numpy raises several kinds for damaged bytes
+        raise ValueError(f"labels are not a .npy array: {exc}") from None
+    if labels.dtype.kind not in "iu" or labels.shape != (count,):
+        raise ValueError(f"expected {count} integer labels, got {labels.shape} {labels.dtype}")
+    return labels.astype(np.int64)
 
 
 def read_raw_chunk(data: bytes) -> np.ndarray:
@@ -187,31 +223,61 @@ def decode_sample(sample: dict) -> np.ndarray:
         ) from None
 
 
+def decode_label(sample: dict) -> int | None:
+    """A sample's class label (its `.cls` member, or its raw chunk's labels), None when it carries none. Raises
+    ValueError for a `.cls` member that is not a whole number >= 0."""
+    label = sample.get("label")  # an image of a raw chunk (iter_samples)
+    if label is not None:
+        return int(label)
+    data = sample.get(LABEL_EXTENSION)
+    if data is None:
+        return None
+    text = data.decode("ascii", "replace").strip() if isinstance(data, bytes) else str(data).strip()
+    if not text.isdigit():
+        raise ValueError(
+            f"sample '{sample.get('__key__')}' in {sample.get('__url__')}: its label (.cls) is {text[:20]!r}, "
+            "not a class number"
+        )
+    return int(text)
+
+
 class ShardTar:
     """One shard's tar file being written: images in, members out (one per image for png/jpg; for raw one per
-    chunk of `raw_chunk` images, and the last, shorter chunk on close). Keys are the images' indices in the set."""
+    chunk of `raw_chunk` images, and the last, shorter chunk on close). Keys are the images' indices in the set.
+    A label (class index) goes with every image of a labelled set, or with none."""
 
     def __init__(self, path: str | Path, fmt: str = "png", raw_chunk: int = RAW_CHUNK):
         check_format(fmt)
         self.fmt, self.raw_chunk = fmt, raw_chunk
         self._tar = wds.TarWriter(str(path))
         self._chunk: list[np.ndarray] = []
+        self._labels: list[int] = []
         self._chunk_start = 0
 
-    def write(self, index: int, array: np.ndarray) -> None:
-        """Image number `index` of the data set (its key), H x W x C uint8."""
+    def write(self, index: int, array: np.ndarray, label: int | None = None) -> None:
+        """Image number `index` of the data set (its key), H x W x C uint8, with its class index if labelled."""
         if self.fmt != "raw":
-            self._tar.write({"__key__": f"{index:09d}", self.fmt: encode_image(array, self.fmt)})
+            sample = {"__key__": f"{index:09d}", self.fmt: encode_image(array, self.fmt)}
+            if label is not None:
+                sample[LABEL_EXTENSION] = str(int(label)).encode()
+            self._tar.write(sample)
         else:
             if not self._chunk:
                 self._chunk_start = index
+            elif (label is None) != (not self._labels):
+                raise ValueError("a raw chunk's images are all labelled or none is")
             self._chunk.append(array)
+            if label is not None:
+                self._labels.append(int(label))
             if len(self._chunk) == self.raw_chunk:
                 self._write_chunk()
 
     def _write_chunk(self) -> None:
-        self._tar.write({"__key__": f"{self._chunk_start:09d}", RAW_EXTENSION: encode_raw_chunk(np.stack(self._chunk))})
-        self._chunk = []
+        sample = {"__key__": f"{self._chunk_start:09d}", RAW_EXTENSION: encode_raw_chunk(np.stack(self._chunk))}
+        if self._labels:
+            sample[RAW_LABELS_EXTENSION] = encode_raw_labels(np.array(self._labels))
+        self._tar.write(sample)
+        self._chunk, self._labels = [], []
 
     def close(self) -> None:
         if self._chunk:
@@ -229,7 +295,8 @@ class ShardWriter:
     """Writes H x W x C uint8 images into numbered shards in `out_dir`, then `dataset.json`.
 
     Use as a context manager; `write` takes one image at a time, keys are the running sample index.
-    fmt: png, jpg or raw (see the module's docstring); raw_chunk: images per raw member.
+    fmt: png, jpg or raw (see the module's docstring); raw_chunk: images per raw member. classes: the class names
+    of a labelled set (then every `write` gives a label, 0 <= label < len(classes)); None: unlabelled.
     """
 
     def __init__(
@@ -239,6 +306,7 @@ class ShardWriter:
         fmt: str = "png",
         source: str = "",
         raw_chunk: int = RAW_CHUNK,
+        classes: list[str] | None = None,
     ):
         if shard_size < 1 or raw_chunk < 1:
             raise ValueError("shard_size and raw_chunk must be at least 1")
@@ -249,11 +317,19 @@ class ShardWriter:
         self.shape: tuple[int, ...] | None = None
         self.skipped = 0
         self.shard_counts: dict[str, int] = {}
+        self.classes = list(classes) if classes else None
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"class names must be distinct: {self.classes}")
+        self.label_counts = [0] * len(self.classes or [])
         self._tar: ShardTar | None = None
 
-    def write(self, array: np.ndarray) -> None:
+    def write(self, array: np.ndarray, label: int | None = None) -> None:
         if array.ndim != 3 or array.dtype != np.uint8:
             raise ValueError(f"expected H x W x C uint8, got {array.shape} {array.dtype}")
+        if (label is None) != (self.classes is None):
+            raise ValueError("a labelled set (classes given) takes a label with every image, an unlabelled one none")
+        if label is not None and not 0 <= label < len(self.label_counts):
+            raise ValueError(f"label {label} of image {self.count} is not one of the {len(self.label_counts)} classes")
         if self.shape is None:
             self.shape = array.shape
         elif array.shape != self.shape:
@@ -264,7 +340,9 @@ class ShardWriter:
             self._tar, self._name = ShardTar(self.out.staging / name, self.fmt, self.raw_chunk), name
             self.shard_counts[name] = 0
         assert self._tar is not None  # opened above at the first image of every shard
-        self._tar.write(self.count, array)
+        self._tar.write(self.count, array, label)
+        if label is not None:
+            self.label_counts[label] += 1
         self.shard_counts[self._name] += 1
         self.count += 1
 
@@ -287,6 +365,8 @@ class ShardWriter:
             source=self.source,
             skipped=self.skipped,
             shard_counts=dict(self.shard_counts),
+            classes=list(self.classes or []),
+            class_counts=dict(zip(self.classes or [], self.label_counts)),
         )
         self.out.close(info)
         return info
@@ -335,7 +415,7 @@ class ShardOutput:
             (self.staging / name).unlink()
 
     def close(self, info: DatasetInfo) -> None:
-        self.storage.write(META_FILE, (json.dumps(asdict(info), indent=2) + "\n").encode())
+        self.storage.write(META_FILE, info.to_json().encode())
         self._drop_staging()
 
     def discard(self, unfinished: Iterable[str] = ()) -> None:
@@ -473,18 +553,40 @@ def read_info(spec: str) -> DatasetInfo | None:
         raise ValueError(f"{where} lacks {', '.join(absent)}; fix it, or delete it (the shards load without it)")
     kept = {key: value for key, value in data.items() if key in known}
     for key, value in kept.items():
-        wanted = {int: "a whole number >= 0", str: "a string", dict: "a JSON object"}[_FIELD_TYPES[key]]
+        wanted = {int: "a whole number >= 0", str: "a string", dict: "a JSON object", list: "a list"}[_FIELD_TYPES[key]]
+        if key == "classes":
+            wanted = "a list of distinct class names"
         if (
             not isinstance(value, _FIELD_TYPES[key])
             or isinstance(value, bool)
             or (isinstance(value, int) and value < 0)
-            or (key == "shard_counts" and not all(isinstance(n, int) and n >= 0 for n in value.values()))
+            or (
+                key in ("shard_counts", "class_counts")
+                and not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value.values())
+            )
+            or (key == "classes" and (not all(isinstance(c, str) for c in value) or len(set(value)) != len(value)))
         ):
             raise ValueError(
                 f"{where}: '{key}' should be {wanted}, it is {json.dumps(value)[:80]}; fix it, or delete "
                 "it (the shards load without it)"
             )
     return DatasetInfo(**kept)
+
+
+def read_classes(shards: str) -> list[str] | None:
+    """The class names of a shard set (index = label), from its dataset.json files; None when unlabelled (or a
+    URL without one). Reads dataset.json only. Parts of a '::'-joined spec must agree: labelled parts with other
+    classes, or labelled and unlabelled parts together, raise ValueError (one line)."""
+    found = {part: (info.classes if info is not None else []) for part, info in spec_parts(shards)}
+    distinct = {tuple(classes) for classes in found.values()}
+    if len(distinct) > 1:
+        described = "; ".join(f"{part}: {', '.join(c) if c else 'unlabelled'}"[:120] for part, c in found.items())
+        raise ValueError(
+            f"the parts of data.shards={shards} have different classes ({described}): join only sets "
+            "labelled alike (or unlabelled ones)"
+        )
+    classes = next(iter(distinct))
+    return list(classes) if classes else None
 
 
 def spec_parts(spec: str) -> list[tuple[str, DatasetInfo | None]]:
@@ -536,8 +638,10 @@ def iter_samples(urls: Iterable[str], handler=wds.handlers.reraise_exception) ->
     """One sample per image from shards, in order, through webdataset's tar reader. A png/jpg sample is a dict of
     bytes keyed by extension; a raw chunk becomes one sample per image with "raw": its H x W x C uint8 array,
     keyed `<chunk key>/<i>`. Every sample has "__url__", "__key__" and "__index__", its ordinal in its shard
-    (0, 1, ... in the order the shard holds them). A raw chunk that cannot be read is one sample with "__error__"
-    (decode_sample raises it); an unreadable tar goes to `handler`, as webdataset does."""
+    (0, 1, ... in the order the shard holds them); an image of a labelled raw chunk has "label" (an int), a
+    png/jpg sample its ".cls" member as written (decode_label reads either). A raw chunk that cannot be read is
+    one sample with "__error__" (decode_sample raises it); an unreadable tar goes to `handler`, as webdataset
+    does."""
     handler = _stopping_when_store_unreachable(handler)
     for url in urls:
         index = 0
@@ -550,6 +654,8 @@ def iter_samples(urls: Iterable[str], handler=wds.handlers.reraise_exception) ->
                 continue
             try:
                 images = read_raw_chunk(chunk)
+                labels_data = sample.get(RAW_LABELS_EXTENSION)
+                labels = None if labels_data is None else read_raw_labels(labels_data, len(images))
             except ValueError as exc:
                 yield {
                     "__key__": sample["__key__"],
@@ -564,5 +670,8 @@ def iter_samples(urls: Iterable[str], handler=wds.handlers.reraise_exception) ->
                 # Each image is copied out of its chunk (12 KB at 64x64 RGB, about a microsecond): a view would keep
                 # the whole chunk alive while the shuffle buffer holds any of its images (64x64 RGB, buffer of 5,000:
                 # 172 MB more resident memory with views, 90 MB with copies; no difference in speed measured).
-                yield {"__key__": f"{key}/{i}", "__url__": url, "__index__": index + i, "raw": images[i].copy()}
+                image = {"__key__": f"{key}/{i}", "__url__": url, "__index__": index + i, "raw": images[i].copy()}
+                if labels is not None:
+                    image["label"] = int(labels[i])
+                yield image
             index += len(images)

@@ -4,6 +4,9 @@ No real face data set can be downloaded everywhere this project runs (CI, air-ga
 default data set is drawn: background, hair, face oval, skin tone, eyes with irises, brows, nose and mouth,
 with random pose (shift, tilt, scale), colours and expression. Face `i` of seed `s` is the same image
 whichever shard or process draws it, so sets are reproducible and can be generated in parallel.
+
+Labels (`data synth --labels NAME`): a class per face from an attribute the drawing already draws (LABELS), so
+a labelled set holds the very images of the unlabelled one with the same seed.
 """
 
 from __future__ import annotations
@@ -38,6 +41,25 @@ HAIR_COLOURS = [
     (170, 170, 170),
 ]
 IRIS_COLOURS = [(70, 45, 25), (40, 90, 150), (60, 120, 70), (110, 90, 60), (30, 30, 30)]
+HAIR_STYLES = ("short", "long", "none")  # hair_style 0, 1, 2 (bald-ish)
+
+# `data synth --labels NAME`: the class names and the class of a face from its drawn attributes. Both are visible
+# at 32x32: skin is the tone of the face oval (the largest area after the background; SKIN_TONES in pairs, light
+# to dark), hair the silhouette of the hair (short, long past the jaw, none). Skin gives the most distinct classes
+# (README: a nearest-class-mean check tells them apart best).
+LABELS: dict[str, tuple[tuple[str, ...], str]] = {
+    "skin": (("light", "medium", "dark"), "skin tone, SKIN_TONES 0-1, 2-3, 4-5"),
+    "hair": (HAIR_STYLES, "hair style: short, long (past the jaw), none"),
+}
+
+
+def face_label(labels: str, attributes: dict) -> int:
+    """The class of a face with these drawn attributes under labelling `labels` (a key of LABELS)."""
+    if labels == "skin":
+        return attributes["skin"] // 2
+    if labels == "hair":
+        return attributes["hair_style"]
+    raise ValueError(f"unknown labels '{labels}': one of {', '.join(LABELS)}")
 
 
 def _jitter(rng: np.random.Generator, colour: tuple[int, int, int], amount: float) -> tuple[int, int, int]:
@@ -57,6 +79,12 @@ def _ellipse(cx, cy, rx, ry, angle=0.0, n=48):
 
 def draw_face(index: int, seed: int = 0, size: int = 64) -> Image.Image:
     """Face number `index` of the set with this `seed`, as an RGB image of size x size."""
+    return draw_face_with_attributes(index, seed, size)[0]
+
+
+def draw_face_with_attributes(index: int, seed: int = 0, size: int = 64) -> tuple[Image.Image, dict]:
+    """draw_face, and the attributes it drew: skin and hair (indices into SKIN_TONES, HAIR_COLOURS), hair_style
+    (an index into HAIR_STYLES)."""
     rng = np.random.default_rng([seed, index])
     s = size * SUPERSAMPLE
     u = s / 64.0  # drawing unit: the layout below is in 64x64 coordinates
@@ -75,9 +103,12 @@ def draw_face(index: int, seed: int = 0, size: int = 64) -> Image.Image:
     k = u * rng.uniform(0.85, 1.1)
     face_rx, face_ry = rng.uniform(15, 19) * k, rng.uniform(19, 23) * k
 
-    skin = _jitter(rng, SKIN_TONES[rng.integers(len(SKIN_TONES))], 8)
-    hair = _jitter(rng, HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))], 10)
-    hair_style = rng.integers(3)  # 0 short, 1 long, 2 bald-ish
+    skin_index = int(rng.integers(len(SKIN_TONES)))
+    skin = _jitter(rng, SKIN_TONES[skin_index], 8)
+    hair_index = int(rng.integers(len(HAIR_COLOURS)))
+    hair = _jitter(rng, HAIR_COLOURS[hair_index], 10)
+    hair_style = int(rng.integers(3))  # 0 short, 1 long, 2 bald-ish
+    attributes = {"skin": skin_index, "hair": hair_index, "hair_style": hair_style}
 
     def rot(points):
         return _rotate(points, (cx, cy), tilt)
@@ -144,22 +175,32 @@ def draw_face(index: int, seed: int = 0, size: int = 64) -> Image.Image:
         draw.line(rot(pts), fill=lips, width=max(1, int(1.6 * k)))
 
     img = img.filter(ImageFilter.GaussianBlur(radius=0.6 * SUPERSAMPLE))
-    return img.resize((size, size), Image.Resampling.BOX)
+    return img.resize((size, size), Image.Resampling.BOX), attributes
 
 
 def face_array(index: int, seed: int, size: int, channels: int) -> np.ndarray:
-    image = draw_face(index, seed, size)
+    return face_array_with_attributes(index, seed, size, channels)[0]
+
+
+def face_array_with_attributes(index: int, seed: int, size: int, channels: int) -> tuple[np.ndarray, dict]:
+    image, attributes = draw_face_with_attributes(index, seed, size)
     if channels == 1:
-        return np.asarray(image.convert("L"))[:, :, None]
-    return np.asarray(image)
+        return np.asarray(image.convert("L"))[:, :, None], attributes
+    return np.asarray(image), attributes
 
 
-def _write_shard(args: tuple[str, int, int, int, int, int, str]) -> tuple[str, int]:
-    path, start, stop, seed, size, channels, fmt = args
+def _write_shard(args: tuple[str, int, int, int, int, int, str, str | None]) -> tuple[str, int, list[int]]:
+    """One shard of faces start..stop-1 -> (its file name, faces, faces per class of `labels` or [])."""
+    path, start, stop, seed, size, channels, fmt, labels = args
+    per_class = [0] * len(LABELS[labels][0]) if labels else []
     with ShardTar(path, fmt) as shard:
         for i in range(start, stop):
-            shard.write(i, face_array(i, seed, size, channels))
-    return Path(path).name, stop - start
+            array, attributes = face_array_with_attributes(i, seed, size, channels)
+            label = face_label(labels, attributes) if labels else None
+            if label is not None:
+                per_class[label] += 1
+            shard.write(i, array, label)
+    return Path(path).name, stop - start, per_class
 
 
 def _drawing_process_init() -> None:
@@ -190,16 +231,22 @@ def write_synthetic_shards(
     fmt: str = "png",
     processes: int | None = None,
     progress: bool = True,
+    labels: str | None = None,
 ) -> DatasetInfo:
     """Draw `num` faces into shards of `shard_size` in `out_dir` (a folder or s3://bucket/prefix), shards drawn in
-    parallel processes. fmt: png, jpg or raw. SIGTERM or SIGINT stops it (stopping.StoppedBySignal) with the
+    parallel processes. fmt: png, jpg or raw. labels: a key of LABELS (each face labelled with its class), or
+    None (unlabelled). SIGTERM or SIGINT stops it (stopping.StoppedBySignal) with the
     drawing processes ended and every shard it wrote removed; so does any error."""
     check_format(fmt)
+    if labels is not None and labels not in LABELS:
+        raise ValueError(f"unknown labels '{labels}': one of {', '.join(LABELS)}")
+    classes = list(LABELS[labels][0]) if labels else []
     out = ShardOutput(str(out_dir))
     jobs = [
-        (str(out.staging / (SHARD_PATTERN % j)), start, min(start + shard_size, num), seed, size, channels, fmt)
+        (str(out.staging / (SHARD_PATTERN % j)), start, min(start + shard_size, num), seed, size, channels, fmt, labels)
         for j, start in enumerate(range(0, num, shard_size))
     ]
+    per_class = [0] * len(classes)
     processes = processes or min(len(jobs), available_cpus())
     bar = tqdm(
         total=num, unit="img", desc=f"drawing faces -> {out_dir}", disable=None if progress else True
@@ -215,9 +262,12 @@ def write_synthetic_shards(
                 else nullcontext()
             )
             with pool_context as pool:  # leaving it (a stop, an error) terminates the drawing processes
-                for name, n in pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard, jobs):
+                for name, n, shard_classes in (
+                    pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard, jobs)
+                ):
                     out.finished(name)
                     counts[name] = n
+                    per_class = [a + b for a, b in zip(per_class, shard_classes)]
                     bar.update(n)
                     now = time.monotonic()
                     if lines and now - last_line >= PROGRESS_LINE_S and len(counts) < len(jobs):
@@ -236,8 +286,10 @@ def write_synthetic_shards(
         channels,
         fmt,
         len(jobs),
-        source=f"synthetic faces, seed {seed}",
+        source=f"synthetic faces, seed {seed}" + (f", labels: {labels} ({LABELS[labels][1]})" if labels else ""),
         shard_counts=dict(sorted(counts.items())),
+        classes=classes,
+        class_counts=dict(zip(classes, per_class)),
     )
     out.close(info)
     return info

@@ -152,7 +152,7 @@ def measure_data(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int
             if i == warmup:
                 sync_device(env.device)
                 started, cpu_started = time.perf_counter(), time.process_time()
-            normalise(next(batches), env.device, bool(cfg.train.channels_last))
+            normalise(next(batches)[0], env.device, bool(cfg.train.channels_last))
         sync_device(env.device)
         images = steps * cfg.train.batch_size
         return images / (time.perf_counter() - started), images / (time.process_time() - cpu_started)
@@ -228,7 +228,7 @@ class TrainLoop:
             assert self.fixed is not None  # the stand-in batch when there are no shards
             real = self.fixed
         else:
-            real = normalise(next(self.batches), self.device, bool(self.cfg.train.channels_last))
+            real = normalise(next(self.batches)[0], self.device, bool(self.cfg.train.channels_last))
         self.data_wait += time.perf_counter() - fetch
         if self.cuda_graphs:  # a new iteration: the graphs' outputs of the previous one may be overwritten
             torch.compiler.cudagraph_mark_step_begin()

@@ -282,7 +282,7 @@ class Trainer:
                 closing.push(_closer(part, lambda: step))
             while step < cfg.train.max_steps and not stop:
                 step_started = time.perf_counter()
-                images = next(self.batches)
+                images, labels = next(self.batches)
                 real = normalise(images, env.device, channels_last)
                 z = self.noise.latents(real.shape[0], cfg.model.nz)
                 losses = train_step(G, D, self.opt_g, self.opt_d, real, z, self.precision)
