@@ -36,6 +36,8 @@ def setting(
     """A setting: its default, its one-line description (shown by every command's --help), and for a number
     its bounds: at least `at_least`, strictly below `below`, strictly above `above`."""
     limits = {k: v for k, v in (("at_least", at_least), ("below", below), ("above", above)) if v is not None}
+    if isinstance(default, list):  # a mutable default: each Config its own copy
+        return field(default_factory=lambda: list(default), metadata={"doc": doc, "limits": limits})
     return field(default=default, metadata={"doc": doc, "limits": limits})
 
 
@@ -110,6 +112,27 @@ class ModelSection:
     nz: int = setting(100, "latent vector length", at_least=1)
     ngf: int = setting(64, "generator width (channels of its last hidden layer)", at_least=1)
     ndf: int = setting(64, "discriminator width (channels of its first layer)", at_least=1)
+    conditional: bool = setting(
+        False,
+        "class-conditional G and D (G: z plus the one-hot class; D: a projection discriminator); needs labelled shards",
+    )
+    num_classes: int = setting(
+        0, "conditional: the number of classes; filled in from the shards' dataset.json at the start", at_least=0
+    )
+    class_names: list[str] = setting([], "conditional: the class names; filled in from the shards' dataset.json")
+
+
+# The GAN objectives (gan/objectives.py holds one class for each; a test keeps the two lists equal).
+LOSSES = ("bce", "hinge", "ls")
+
+
+@dataclass
+class GanSection:
+    loss: Literal[LOSSES] = setting(  # type: ignore[valid-type]  # the registry's names, one list
+        "bce",
+        "the GAN objective: bce (DCGAN's non-saturating cross-entropy), hinge (SAGAN/BigGAN), ls (least squares, "
+        "LSGAN)",
+    )
 
 
 @dataclass
@@ -230,9 +253,27 @@ class TuneSection:
 
 @dataclass
 class OptimSection:
-    lr: float = setting(2e-4, "Adam's learning rate, for G and D", above=0.0)
-    beta1: float = setting(0.5, "Adam's beta1", at_least=0.0, below=1.0)
-    beta2: float = setting(0.999, "Adam's beta2", at_least=0.0, below=1.0)
+    lr: float = setting(2e-4, "Adam's learning rate, for G and D (unless lr_g / lr_d say otherwise)", above=0.0)
+    beta1: float = setting(
+        0.5, "Adam's beta1, for G and D (unless beta1_g / beta1_d say otherwise)", at_least=0.0, below=1.0
+    )
+    beta2: float = setting(
+        0.999, "Adam's beta2, for G and D (unless beta2_g / beta2_d say otherwise)", at_least=0.0, below=1.0
+    )
+    lr_g: float | None = setting(None, "G's learning rate; null: optim.lr", above=0.0)
+    lr_d: float | None = setting(None, "D's learning rate; null: optim.lr", above=0.0)
+    beta1_g: float | None = setting(None, "G's Adam beta1; null: optim.beta1", at_least=0.0, below=1.0)
+    beta1_d: float | None = setting(None, "D's Adam beta1; null: optim.beta1", at_least=0.0, below=1.0)
+    beta2_g: float | None = setting(None, "G's Adam beta2; null: optim.beta2", at_least=0.0, below=1.0)
+    beta2_d: float | None = setting(None, "D's Adam beta2; null: optim.beta2", at_least=0.0, below=1.0)
+    schedule: Literal["constant", "linear", "cosine"] = setting(
+        "constant",
+        "learning rates over the run, a function of the step alone: constant; linear: decay to zero over the last "
+        "optim.decay_steps steps; cosine: half a cosine from the rate to zero over train.max_steps",
+    )
+    decay_steps: int = setting(
+        0, "linear schedule: the last steps over which the rates decay to zero; 0: all of train.max_steps", at_least=0
+    )
 
 
 @dataclass
@@ -275,6 +316,7 @@ class Config:
     run: RunSection = section(RunSection, "the run: its name, folder and seed")
     data: DataSection = section(DataSection, "the training images and their loader")
     model: ModelSection = section(ModelSection, "the networks (a checkpoint's own are used to sample and evaluate)")
+    gan: GanSection = section(GanSection, "the GAN objective")
     train: TrainSection = section(TrainSection, "the training loop, and the device of every command")
     optim: OptimSection = section(OptimSection, "the optimiser")
     eval: EvalSection = section(EvalSection, "the SWD/FID quality metrics: in training and the evaluate command")
@@ -430,6 +472,8 @@ def validate(cfg: Config) -> None:
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(section.default_factory):  # type: ignore[arg-type]  # a section class as factory
             key, value = f"{section.name}.{f.name}", getattr(getattr(cfg, section.name), f.name)
+            if value is None:  # an optional setting left unset (optim.lr_g: null -> optim.lr)
+                continue
             # Every float setting: nan passes any bound check (comparisons with nan are false) and inf is
             # no learning rate, decay or interval either.
             if isinstance(value, float) and not math.isfinite(value):

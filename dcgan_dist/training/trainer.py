@@ -25,13 +25,16 @@ from dcgan_dist import config as config_lib
 from dcgan_dist import stopping
 from dcgan_dist.config import Config, ConfigError
 from dcgan_dist.data import ImageBatches, check_shards, normalise, resolve_data
+from dcgan_dist.data import shards as shard_sets
 from dcgan_dist.data.loader import check_batch, dataset_size, loader_death_as_run_error, slot_seed
 from dcgan_dist.distributed.ddp import wrap_models
 from dcgan_dist.distributed.env import DistEnv
+from dcgan_dist.errors import RunError
 from dcgan_dist.gan.ema import EMA
 from dcgan_dist.gan.models import build_models, unwrap
+from dcgan_dist.gan.objectives import objective
 from dcgan_dist.gan.precision import Precision, Speed, pick_device, resolved
-from dcgan_dist.gan.step import make_optimizers, set_hyperparameters, train_step
+from dcgan_dist.gan.step import make_optimizers, set_hyperparameters, set_learning_rates, train_step
 from dcgan_dist.storage.filesystem import RunStorage, StoreError, StoreUnreachable, check_bucket, is_remote, set_timeout
 from dcgan_dist.training.checkpoint import CheckpointManager, CheckpointStorage, StorageCheckpoints
 from dcgan_dist.training.memory_estimate import check_memory
@@ -64,13 +67,14 @@ def check_settings(
     """What the settings point at, checked before any run file exists: the shards (they exist, enough for every
     worker, the model's image size and channels; probe: decoding the first shard's first samples), the batch (no
     larger than the data set), with `device` that the model, batch and loader fit in its free memory, and run.dir
-    (it can be made and written). Raises ConfigError: one line naming the setting."""
+    (it can be made and written), a conditional model's labels. Raises ConfigError: one line naming the setting."""
     chw = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     if cfg.data.shards:
         try:
             check_shards(cfg.data.shards, chw, world_size, probe, cfg.data.max_bad_fraction)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"data.shards={cfg.data.shards}: {exc}") from None
+        cfg = with_classes(cfg, cfg.data.shards)  # the embedded synthetic set: once it is made (Trainer)
     try:
         num_samples = cfg.data.num_samples or (dataset_size(cfg.data.shards) if cfg.data.shards else cfg.data.synth_num)
         check_batch(cfg.train.batch_size, world_size, num_samples)
@@ -90,6 +94,32 @@ def check_settings(
         except OSError as exc:
             reason = exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise ConfigError(f"run.dir={cfg.run.dir}: cannot write there ({reason}); choose another run.dir") from None
+
+
+def with_classes(cfg: Config, shards: str) -> Config:
+    """cfg with model.num_classes and model.class_names of the shards (their dataset.json) when model.conditional;
+    ConfigError (one line) when the shards carry no labels. cfg as it is for an unconditional model."""
+    if not cfg.model.conditional:
+        return cfg
+    try:
+        classes = shard_sets.read_classes(shards)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"data.shards={shards}: {exc}") from None
+    if not classes:
+        raise ConfigError(
+            f"model.conditional=true but the shards ({shards}) carry no class labels (no classes in their "
+            "dataset.json): give labelled shards (data convert/synth with labels) or model.conditional=false"
+        )
+    return replace(cfg, model=replace(cfg.model, num_classes=len(classes), class_names=list(classes)))
+
+
+def images_and_labels(batch, cfg: Config) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A loader batch as (uint8 images, int64 labels or None). Shim until the loader yields (images, labels)
+    (issue 26 contract): then `images, labels = next(batches)` and this goes."""
+    images, labels = batch if isinstance(batch, tuple) else (batch, None)
+    if cfg.model.conditional and labels is None:  # check_settings saw labelled shards: a sample lost its label
+        raise RunError("a batch came without class labels, for a conditional model: are all shards labelled?")
+    return images, labels
 
 
 def resolve_speed(cfg: Config, env: DistEnv) -> tuple[Config, Speed]:
@@ -208,6 +238,8 @@ class Trainer:
         check_settings(cfg, env.world_size, check_run_dir=env.is_main, probe=not env.distributed, device=env.device)
         self.storage = RunStorage(cfg.run.dir)  # a local folder or s3://bucket/prefix: every file the run writes
         self.shards, self.num_samples = resolve_data(cfg.data, cfg.model)
+        self.cfg = cfg = with_classes(cfg, self.shards)  # before any run file: config.yaml and checkpoints carry them
+        self.objective = objective(cfg.gan.loss)
         self.G, self.D, self.opt_g, self.opt_d, self.precision = build_networks(cfg, env.device)
         self.ema = EMA(self.G, cfg.train.ema_decay) if cfg.train.ema_decay > 0 and env.is_main else None
         self.noise = NoiseRNG(env.device, slot_seed(cfg.run.seed, env.rank, 7))
@@ -257,7 +289,8 @@ class Trainer:
         """Train to train.max_steps, continuing from the newest checkpoint."""
         cfg, env = self.cfg, self.env
         step = first = self.checkpoints.restore()
-        set_hyperparameters((self.opt_g, self.opt_d), cfg.optim)  # this command line's, not the checkpoint's
+        # This command line's rates and betas, not the checkpoint's; the rates as the schedule has them at `step`.
+        set_hyperparameters(self.opt_g, self.opt_d, cfg.optim, step, cfg.train.max_steps)
         if env.is_main:  # after the restore: a refused resume leaves the run's record as it was
             self.storage.write("config.yaml", config_lib.to_yaml(cfg).encode())
         if step >= cfg.train.max_steps:
@@ -282,10 +315,12 @@ class Trainer:
                 closing.push(_closer(part, lambda: step))
             while step < cfg.train.max_steps and not stop:
                 step_started = time.perf_counter()
-                images, labels = next(self.batches)
+                images, labels = images_and_labels(next(self.batches), cfg)
                 real = normalise(images, env.device, channels_last)
                 z = self.noise.latents(real.shape[0], cfg.model.nz)
-                losses = train_step(G, D, self.opt_g, self.opt_d, real, z, self.precision)
+                labels = labels.to(env.device, non_blocking=True) if cfg.model.conditional else None
+                set_learning_rates(self.opt_g, self.opt_d, cfg.optim, step, cfg.train.max_steps)
+                losses = train_step(G, D, self.opt_g, self.opt_d, real, z, self.precision, self.objective, labels)
                 if self.ema is not None:
                     self.ema.update(G)
                 step += 1
