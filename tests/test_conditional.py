@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dcgan_dist.cli.sample import main as sample_main
 from dcgan_dist.data import ShardWriter
 from dcgan_dist.data.images import to_uint8
 from dcgan_dist.gan.latent import draw, latents, slerp, slerp_walk
@@ -120,6 +121,7 @@ def test_a_conditional_model_draws_the_class_asked_for_and_an_unconditional_one_
     assert "conditional: true" in config and "- red" in config  # the classes are recorded with the run
     images, labels = class_samples(conditional_run)
     conditional = nearest_class_accuracy(images, labels, means)
+    print(f"nearest-class-mean accuracy: conditional {conditional:.2f}")
     assert conditional >= 0.9, f"only {conditional:.0%} of the conditional samples look like their class"
 
     control_dir = tmp_path / "control"
@@ -141,7 +143,7 @@ def read_cells(path: Path, rows: int, cols: int) -> torch.Tensor:
     return torch.from_numpy(np.array(cells)).permute(0, 1, 4, 2, 3)
 
 
-def test_sample_draws_a_class_a_row_per_class_and_latent_walks(conditional_run, tmp_path):
+def test_sample_draws_a_class_a_row_per_class_and_latent_walks(conditional_run, tmp_path, capsys):
     G, _, _ = load_generator(str(conditional_run), "cpu", "auto")
     ckpt = ["-m", "dcgan_dist.sample", "--checkpoint", str(conditional_run)]
 
@@ -172,14 +174,31 @@ def test_sample_draws_a_class_a_row_per_class_and_latent_walks(conditional_run, 
         assert (cells[k].int() - middle.int()).abs().max() <= 1
     assert not torch.equal(cells[0, 2], cells[0, 3])  # it moves
 
-    # Unknown classes and labels on an unconditional model: one line, exit 2, no file.
-    bad = run_cli(*ckpt, "sample.label=purple", "--out", str(tmp_path / "no.png"))
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
-    assert "red" in bad.stderr and "blue" in bad.stderr and not (tmp_path / "no.png").exists()
-    assert run_cli(*ckpt, "sample.label=3", "--out", str(tmp_path / "no.png")).returncode == 2
-    assert run_cli(*ckpt, "sample.interpolate=3", "--out", str(tmp_path / "no.png")).returncode == 2
-    moved = run_cli(*ckpt, "--label", "7")
-    assert moved.returncode == 2 and "sample.label=" in moved.stderr
+    # Unknown classes, bad walks and former flags: one line, exit 2, no file (in-process: the same main).
+    for bad in (["sample.label=purple"], ["sample.label=3"], ["sample.interpolate=3"], ["--label", "7"]):
+        capsys.readouterr()
+        assert sample_main([*ckpt[2:], *bad, "--out", str(tmp_path / "no.png")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "no.png").exists(), err
+        assert "0 red, 1 green, 2 blue" in err if bad[0].startswith("sample.label") else "sample." in err
+
+
+def test_sample_label_on_an_unconditional_model_is_refused(tiny_shards, tmp_path, capsys):
+    run_dir = tmp_path / "plain"
+    run_cli(
+        "-m", "dcgan_dist.train", "--config", "debug", *TINY, "train.max_steps=1", f"data.shards={tiny_shards}",
+        f"run.dir={run_dir}", check=True,
+    )  # fmt: skip
+    assert sample_main(["--checkpoint", str(run_dir), "sample.label=1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "unconditional" in err and "sample.label" in err
+    assert not list((run_dir / "samples").glob("grid_*"))
+    # Its walk: one row, its ends the plain samples of the two seeds.
+    assert sample_main(["--checkpoint", str(run_dir), "sample.interpolate=5,6", "sample.steps=3"]) == 0
+    walk = read_cells(run_dir / "samples" / "walk_step1_seed5-6.png", 1, 3)[0].int()
+    G, _, _ = load_generator(str(run_dir), "cpu", "auto")
+    assert (walk[0] - to_uint8(generate(G, 1, seed=5))[0].int()).abs().max() <= 1
+    assert (walk[2] - to_uint8(generate(G, 1, seed=6))[0].int()).abs().max() <= 1
 
 
 def test_slerp_keeps_the_ends_and_the_norm():
