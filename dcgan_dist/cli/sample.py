@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import cast
 
 import torch
 from PIL import Image
@@ -35,7 +36,7 @@ from dcgan_dist.data.images import save_grid
 from dcgan_dist.errors import RunError
 from dcgan_dist.files import atomic_write
 from dcgan_dist.gan.latent import draw, latents, slerp_walk
-from dcgan_dist.gan.models import generate, unwrap
+from dcgan_dist.gan.models import Generator, generate, unwrap
 from dcgan_dist.gan.precision import pick_device
 from dcgan_dist.storage.filesystem import RunStorage, StoreError, check_bucket, is_remote
 from dcgan_dist.training.checkpoint import CheckpointError, load_generator, one_line, settings_of
@@ -84,20 +85,25 @@ def file_part(text: str) -> str:
 
 def images_to_draw(G, model, settings: SampleSection, label: int | None, device) -> tuple:
     """(images in [-1, 1], images per row) for the sample settings, on a model of `model` (its settings)."""
-    classes = [label] if label is not None else list(range(model.num_classes)) if model.conditional else [None]
+    classes = [label] if label is not None else list(range(model.num_classes)) if model.conditional else []
+
+    def as_class(k: int, num: int) -> torch.Tensor:
+        return torch.full((num,), k, dtype=torch.int64)
+
     seeds = walk_seeds(settings.interpolate)
     if seeds is not None:
-        nz = unwrap(G).nz
+        nz = cast(Generator, unwrap(G)).nz
         z = slerp_walk(latents(nz, 1, seeds[0])[0], latents(nz, 1, seeds[1])[0], settings.steps)
-        rows = [draw(G, z, None if k is None else torch.full((len(z),), k, dtype=torch.int64), device) for k in classes]
+        rows = [draw(G, z, as_class(k, len(z)), device) for k in classes] if classes else [draw(G, z, None, device)]
         return torch.cat(rows), settings.steps
-    if classes == [None]:
+    if not classes:
         return generate(G, settings.num, settings.seed, device), settings.nrow or None
     if label is not None:
-        labels = torch.full((settings.num,), label, dtype=torch.int64)
-        return generate(G, settings.num, settings.seed, device, labels=labels), settings.nrow or None
+        return generate(
+            G, settings.num, settings.seed, device, labels=as_class(label, settings.num)
+        ), settings.nrow or None
     columns = settings.nrow or CONDITIONAL_COLUMNS  # every row: the same latent vectors, as class k
-    rows = [generate(G, columns, settings.seed, device, labels=torch.full((columns,), k)) for k in classes]
+    rows = [generate(G, columns, settings.seed, device, labels=as_class(k, columns)) for k in classes]
     return torch.cat(rows), columns
 
 

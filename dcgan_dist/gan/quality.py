@@ -141,21 +141,15 @@ def swd(
 
 
 def swd_per_class(
-    real: torch.Tensor,
-    fake: torch.Tensor,
-    labels: torch.Tensor,
-    class_names: Sequence[str],
-    fake_labels: torch.Tensor | None = None,
-    **kw,
+    real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], **kw
 ) -> dict[str, float | None]:
-    """The SWD (mean over levels, x 1e3) of each class: the real images labelled k against the generated images
-    drawn as class k (fake_labels; default: `labels`, the generated set drawn with the real set's labels), by
-    name. None for a class with no image on a side. kw: swd's (nhoods_per_image, seed, ...)."""
-    fake_labels = labels if fake_labels is None else fake_labels
+    """The SWD (mean over levels, x 1e3) of each class, by name: the real images labelled k against the generated
+    images drawn as class k, `labels` being both sets' (the generated set drawn with the real set's labels). None
+    for a class with no image. kw: swd's (nhoods_per_image, seed, ...)."""
     result: dict[str, float | None] = {}
     for k, name in enumerate(class_names):
-        real_k, fake_k = real[labels == k], fake[fake_labels == k]
-        result[str(name)] = swd(real_k, fake_k, **kw).mean if len(real_k) and len(fake_k) else None
+        real_k, fake_k = real[labels == k], fake[labels == k]
+        result[str(name)] = swd(real_k, fake_k, **kw).mean if len(real_k) else None
     return result
 
 

@@ -152,8 +152,10 @@ def measure(job: Evaluation, settings: EvalSection, warn: Callable[[str], None] 
     result.update(nhoods_per_image=settings.nhoods_per_image, seed=settings.seed)
     result.update(swd(real_a, fake, **kw).as_dict())
     if job.cfg.model.conditional:
-        per_class = names is not None and labels_a is not None
-        result["swd_per_class"] = swd_per_class(real_a, fake, labels_a, names, **kw) if per_class else None
+        per_class = None
+        if names is not None and labels_a is not None:
+            per_class = swd_per_class(real_a, fake, labels_a, names, **kw)
+        result["swd_per_class"] = per_class
     result["swd_real_vs_real"] = swd(real_a, real_b, **kw).mean if real_b is not None else None
     if settings.untrained:
         # The generator as training starts: batch statistics (train mode). In eval mode an untrained G, whose

@@ -35,8 +35,8 @@ def real_images(
     finally:
         stream.close()
     images = torch.cat([images for images, _ in batches])[:num]
-    labelled = all(labels is not None for _, labels in batches)
-    return images, torch.cat([labels for _, labels in batches])[:num] if labelled else None
+    labels = [labels for _, labels in batches if labels is not None]
+    return images, torch.cat(labels)[:num] if len(labels) == len(batches) else None
 
 
 class QualityTracker:
