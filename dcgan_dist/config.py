@@ -570,8 +570,8 @@ def describe(key: str) -> str:
 
 
 def show(value: Any) -> str:
-    """A value as it is written on a command line (true, not True)."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    """A value as it is written on a command line (true, not True; null, not None)."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def limits_text(key: str) -> str:

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 COMMAND = cli.Command(
     "python -m dcgan_dist.bench",
     __doc__,
-    settings=["bench", "run", "data", "model", "train", "optim", "eval.num", "eval.nhoods_per_image", "dist"],
+    settings=["bench", "run", "data", "model", "gan", "train", "optim", "eval.num", "eval.nhoods_per_image", "dist"],
     moved={
         "--steps": "bench.steps=N",
         "--warmup": "bench.warmup=N",

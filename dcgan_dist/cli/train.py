@@ -26,7 +26,7 @@ from dcgan_dist.training.checkpoint import SPACE_ERRORS, CheckpointError, Checkp
 from dcgan_dist.training.trainer import StepHook, Trainer, check_settings
 
 # The settings training uses (the eval.* ones of the evaluate command and sample.*, bench.*, tune.* are not).
-SETTINGS = ["run", "data", "model", "train", "optim", "eval.num", "eval.nhoods_per_image", "dist", "wandb"]
+SETTINGS = ["run", "data", "model", "gan", "train", "optim", "eval.num", "eval.nhoods_per_image", "dist", "wandb"]
 
 
 PROG = "python -m dcgan_dist.train"

@@ -32,7 +32,19 @@ from dcgan_dist.errors import RunError
 COMMAND = cli.Command(
     "python -m dcgan_dist.tune",
     __doc__,
-    settings=["tune", "run", "data", "model", "train", "optim", "eval.num", "eval.nhoods_per_image", "dist", "wandb"],
+    settings=[
+        "tune",
+        "run",
+        "data",
+        "model",
+        "gan",
+        "train",
+        "optim",
+        "eval.num",
+        "eval.nhoods_per_image",
+        "dist",
+        "wandb",
+    ],
     moved={
         "--trials": "tune.trials=N",
         "--scheduler": "tune.scheduler=asha|pbt|fifo",

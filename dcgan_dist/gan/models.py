@@ -41,10 +41,16 @@ def _layout(image_size: int) -> tuple[int, int]:
     return base, int(math.log2(image_size // base))
 
 
-def _labels_for(module: nn.Module, labels: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+def _labels_for(
+    module: nn.Module, labels: torch.Tensor | None, batch: int, default: torch.device | None = None
+) -> torch.Tensor | None:
+    """The labels a conditional module uses (None: unconditional). Without labels: classes 0, 1, 2, ... in turn
+    on the `default` device (G: a grid of every class), or an error (D: no score without the class)."""
     num_classes = getattr(module, "num_classes", 0)
     if not num_classes:
         return None
+    if labels is None and default is not None:
+        return torch.arange(batch, device=default) % num_classes
     if labels is None:
         raise ValueError(f"{type(module).__name__} is class-conditional ({num_classes} classes): pass labels")
     if labels.shape != (batch,):
@@ -76,7 +82,7 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if z.dim() == 2:
             z = z[:, :, None, None]
-        labels = _labels_for(self, labels, z.shape[0])
+        labels = _labels_for(self, labels, z.shape[0], default=z.device)  # None: classes in turn
         if labels is not None:
             onehot = nn.functional.one_hot(labels, self.num_classes).to(z.dtype)[:, :, None, None]
             z = torch.cat([z, onehot.expand(-1, -1, *z.shape[2:])], dim=1)

@@ -221,11 +221,15 @@ def scheduler(name: str, cfg: Config, searches: list[Search]):
         # A trial is judged against the others at 2, 4, 8... evaluations; the worse half stops there.
         return ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps, grace_period=2 * interval, reduction_factor=2)
     if name == "pbt":
+        # The searched optim.* keys: optim.lr_g and optim.lr_d each network's rate (Ray's DCGAN example), optim.lr both
+        # at once. The rates are a function of the step and the settings alone: a perturbed trial needs no scheduler
+        # state, its Trainer sets the new rates at the start.
         mutations = {s.key: s.mutation() for s in searches if s.key.startswith("optim.")}
         if not mutations:
             raise ConfigError(
                 "tune.scheduler=pbt perturbs learning rates: search at least one optim.* key "
-                "(e.g. --search 'optim.lr=loguniform(1e-4,1e-3)')"
+                "(e.g. --search 'optim.lr_g=loguniform(1e-4,1e-3)' --search 'optim.lr_d=loguniform(1e-4,1e-3)', "
+                "or optim.lr for both)"
             )
         # Every second evaluation the trials wait for each other (synch: the same decisions whatever the timing),
         # and the lower half continues from a trial of the upper half's checkpoint with its optim.* perturbed.

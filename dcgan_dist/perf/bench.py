@@ -19,11 +19,19 @@ from dcgan_dist.config import Config, from_dict, to_dict
 from dcgan_dist.data import normalise, resolve_data
 from dcgan_dist.distributed.env import DistEnv
 from dcgan_dist.gan.models import build_models
+from dcgan_dist.gan.objectives import objective
 from dcgan_dist.gan.precision import pick_device, resolved
 from dcgan_dist.gan.step import make_optimizers, train_step
 from dcgan_dist.storage.filesystem import RunStorage
 from dcgan_dist.training.checkpoint import to_bytes
-from dcgan_dist.training.trainer import NoiseRNG, build_networks, distribute, make_loader, resolve_speed
+from dcgan_dist.training.trainer import (
+    NoiseRNG,
+    build_networks,
+    distribute,
+    images_and_labels,
+    make_loader,
+    resolve_speed,
+)
 
 
 def sync_device(device: torch.device) -> None:
@@ -152,7 +160,7 @@ def measure_data(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int
             if i == warmup:
                 sync_device(env.device)
                 started, cpu_started = time.perf_counter(), time.process_time()
-            normalise(next(batches)[0], env.device, bool(cfg.train.channels_last))
+            normalise(images_and_labels(next(batches), cfg)[0], env.device, bool(cfg.train.channels_last))
         sync_device(env.device)
         images = steps * cfg.train.batch_size
         return images / (time.perf_counter() - started), images / (time.process_time() - cpu_started)
@@ -166,7 +174,8 @@ def measure_checkpoint(cfg: Config, device: torch.device) -> dict:
     G, D, opt_g, opt_d, precision = build_networks(cfg, device)
     m = cfg.model
     real = torch.rand(cfg.train.batch_size, m.channels, m.image_size, m.image_size, device=device) * 2 - 1
-    train_step(G, D, opt_g, opt_d, real, torch.randn(real.shape[0], m.nz, 1, 1, device=device), precision)
+    z, labels = torch.randn(real.shape[0], m.nz, 1, 1, device=device), any_labels(cfg, real.shape[0], device)
+    train_step(G, D, opt_g, opt_d, real, z, precision, objective(cfg.gan.loss), labels)
     state = {"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()}
     storage = RunStorage(cfg.run.dir)
     started = time.perf_counter()
@@ -175,6 +184,11 @@ def measure_checkpoint(cfg: Config, device: torch.device) -> dict:
     seconds = time.perf_counter() - started
     storage.delete(".bench-checkpoint.pt")
     return {"checkpoint_mib": len(data) / 2**20, "checkpoint_write_s": seconds}
+
+
+def any_labels(cfg: Config, batch: int, device: torch.device) -> torch.Tensor | None:
+    """Stand-in labels (classes in turn) for a conditional model's step without a loader; None: unconditional."""
+    return torch.arange(batch, device=device) % cfg.model.num_classes if cfg.model.conditional else None
 
 
 class TrainLoop:
@@ -220,15 +234,18 @@ class TrainLoop:
             )
         )
         self.noise = NoiseRNG(env.device, cfg.run.seed + (data_env or env).rank)
+        self.objective, self.labels = objective(cfg.gan.loss), any_labels(cfg, cfg.train.batch_size, env.device)
         self.data_wait = 0.0
 
     def step(self) -> None:
         fetch = time.perf_counter()
         if self.batches is None:
             assert self.fixed is not None  # the stand-in batch when there are no shards
-            real = self.fixed
+            real, labels = self.fixed, self.labels
         else:
-            real = normalise(next(self.batches)[0], self.device, bool(self.cfg.train.channels_last))
+            images, labels = images_and_labels(next(self.batches), self.cfg)
+            real = normalise(images, self.device, bool(self.cfg.train.channels_last))
+            labels = labels.to(self.device) if self.labels is not None and labels is not None else None
         self.data_wait += time.perf_counter() - fetch
         if self.cuda_graphs:  # a new iteration: the graphs' outputs of the previous one may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
@@ -240,6 +257,8 @@ class TrainLoop:
             real,
             self.noise.latents(real.shape[0], self.cfg.model.nz),
             self.precision,
+            self.objective,
+            labels,
         )
 
     def close(self) -> None:
@@ -254,7 +273,7 @@ class MinimalLoop:
 
     def __init__(self, cfg: Config, device: torch.device):
         m = cfg.model
-        G, D = build_models(m, seed=0)
+        G, D = build_models(replace(m, conditional=False), seed=0)  # the tutorial's: unconditional
         self.G, self.D, self.device, self.nz = G.to(device), D.to(device), device, m.nz
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=2e-4, betas=(0.5, 0.999))
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=2e-4, betas=(0.5, 0.999))

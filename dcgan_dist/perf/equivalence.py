@@ -30,6 +30,7 @@ from dcgan_dist.config import ModelSection, OptimSection
 from dcgan_dist.distributed.ddp import wrap_models
 from dcgan_dist.distributed.env import DistEnv
 from dcgan_dist.gan.models import build_models, unwrap
+from dcgan_dist.gan.objectives import OBJECTIVES, objective
 from dcgan_dist.gan.step import make_optimizers, train_step
 
 
@@ -47,6 +48,8 @@ class Spec:
     sync_bn: bool = True
     seed: int = 0
     backend: str = ""  # "": nccl on CUDA with a GPU per rank, else gloo
+    num_classes: int = 0  # > 0: the class-conditional models, random labels
+    loss: str = "bce"  # gan.loss
 
 
 def backend_of(spec: Spec) -> str:
@@ -64,8 +67,9 @@ def _device(spec: Spec, rank: int) -> torch.device:
     return torch.device("cuda", rank if backend_of(spec) == "nccl" else 0)
 
 
-def _inputs(spec: Spec) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Global batches (N*B) of images and latents for every step, plus one more for the forward check."""
+def _inputs(spec: Spec) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]:
+    """Global batches (N*B) of images, latents and labels (None: unconditional) for every step, plus one more for
+    the forward check."""
     gen = torch.Generator().manual_seed(spec.seed + 1)
     total = spec.world_size * spec.batch
     # A non-zero mean and a wide spread exercise the numerics of combining per-rank statistics.
@@ -74,21 +78,26 @@ def _inputs(spec: Spec) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         for _ in range(spec.steps + 1)
     ]
     zs = [torch.randn(total, spec.nz, 1, 1, generator=gen) * 2 for _ in range(spec.steps + 1)]
-    return reals, zs
+    labels = [torch.randint(spec.num_classes, (total,), generator=gen) if spec.num_classes else None for _ in zs]
+    return reals, zs, labels
 
 
 def _train(spec: Spec, env: DistEnv, rows: slice) -> dict:
     dtype = getattr(torch, spec.dtype)
-    model = ModelSection(spec.image_size, spec.channels, spec.nz, spec.width, spec.width)
+    model = ModelSection(
+        spec.image_size, spec.channels, spec.nz, spec.width, spec.width, spec.num_classes > 0, spec.num_classes
+    )
     G: torch.nn.Module  # the plain networks, then DDP-wrapped ones
     D: torch.nn.Module
     G, D = build_models(model, seed=spec.seed)
     G, D = G.to(env.device, dtype), D.to(env.device, dtype)
     opt_g, opt_d = make_optimizers(G, D, OptimSection())
     G, D = wrap_models(G, D, env, sync_bn=spec.sync_bn)
-    reals, zs = _inputs(spec)
-    for real, z in zip(reals[:-1], zs[:-1]):
-        train_step(G, D, opt_g, opt_d, real[rows].to(env.device, dtype), z[rows].to(env.device, dtype))
+    reals, zs, labels = _inputs(spec)
+    ys = [None if y is None else y[rows].to(env.device) for y in labels]
+    for real, z, y in zip(reals[:-1], zs[:-1], ys[:-1]):
+        real, z = real[rows].to(env.device, dtype), z[rows].to(env.device, dtype)
+        train_step(G, D, opt_g, opt_d, real, z, objective=objective(spec.loss), labels=y)
     result = {
         name: {k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()} for name, net in (("G", G), ("D", D))
     }
@@ -99,8 +108,8 @@ def _train(spec: Spec, env: DistEnv, rows: slice) -> dict:
         if p.grad is not None
     }
     with torch.no_grad():  # forward outputs in training mode (batch statistics): every rank takes part
-        result["G(z)"] = G(zs[-1][rows].to(env.device, dtype)).cpu()
-        result["D(x)"] = D(reals[-1][rows].to(env.device, dtype)).cpu()
+        result["G(z)"] = G(zs[-1][rows].to(env.device, dtype), ys[-1]).cpu()
+        result["D(x)"] = D(reals[-1][rows].to(env.device, dtype), ys[-1]).cpu()
     return result
 
 
@@ -175,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--width", type=int, default=4)
     parser.add_argument("--no-sync", action="store_true", help="plain per-rank batch norm (expected to differ)")
+    parser.add_argument("--num-classes", type=int, default=0, help="> 0: the class-conditional models")
+    parser.add_argument("--loss", default="bce", choices=tuple(OBJECTIVES), help="the GAN objective (gan.loss)")
     parser.add_argument(
         "--backend",
         default="",
@@ -192,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         width=args.width,
         sync_bn=not args.no_sync,
         backend=args.backend,
+        num_classes=args.num_classes,
+        loss=args.loss,
     )
     print(json.dumps({"spec": spec.__dict__, **run(spec)}))
     return 0

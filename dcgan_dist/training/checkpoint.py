@@ -39,7 +39,7 @@ import torch
 from dcgan_dist import config as config_lib
 from dcgan_dist.distributed.env import DistEnv
 from dcgan_dist.errors import RunError
-from dcgan_dist.gan.models import Generator, num_classes
+from dcgan_dist.gan.models import Generator, build_models
 from dcgan_dist.storage.filesystem import RunStorage, check_bucket, is_remote
 from dcgan_dist.training.schedule import Schedule
 
@@ -277,8 +277,11 @@ def load_generator(
         m = cfg.model
         # The shapes are compared on the meta device first: the settings alone must not decide how much memory
         # is allocated (model.ngf=10**6 in a crafted file), only weights that are really there.
-        with torch.device("meta"):
-            expected = Generator(m.nz, m.ngf, m.channels, m.image_size, num_classes=num_classes(m)).state_dict()
+        try:
+            with torch.device("meta"):
+                expected = build_models(m)[0].state_dict()
+        except ValueError as exc:  # settings no model is built from (a conditional model without its classes)
+            raise CheckpointError(f"{file}: {exc}") from None
         if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
             raise CheckpointError(
                 f"{file} does not fit its model settings (its {which} weights are not a dict of tensors)"
@@ -297,7 +300,7 @@ def load_generator(
                 f"{m.image_size}x{m.image_size} nz={m.nz} ngf={m.ngf} needs {want}; "
                 f"{len(misfits)} tensor(s) differ)"
             )
-        G = Generator(m.nz, m.ngf, m.channels, m.image_size, num_classes=num_classes(m)).to(device)
+        G = build_models(m)[0].to(device)
         try:
             G.load_state_dict(tensors)
         except (RuntimeError, TypeError, ValueError) as exc:

@@ -16,6 +16,7 @@ Shapes come from running G and D on the "meta" device: the real modules, no memo
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ def _count(n: int) -> str:
     return f"{n / 1e6:,.2f}M" if n < 1e9 else f"{n:.3g}"
 
 
-def _kept_activations(module: nn.Module, example: torch.Tensor, **kw) -> int:
+def _kept_activations(module: nn.Module, example: torch.Tensor) -> int:
     """Elements per image of the outputs of `module`'s layers on `example` (a batch of one, on the meta device);
     in-place activations reuse their input's memory and are not counted."""
     total = 0
@@ -49,7 +50,7 @@ def _kept_activations(module: nn.Module, example: torch.Tensor, **kw) -> int:
     handles = [m.register_forward_hook(count) for m in module.modules() if not list(m.children())]
     try:
         with torch.no_grad():
-            module(example, **kw)
+            module(example)
     finally:
         for handle in handles:
             handle.remove()
@@ -62,12 +63,11 @@ def training_bytes(cfg: Config, precision: str) -> list[tuple[int, str, str]]:
     m = cfg.model
     try:
         with torch.device("meta"):
-            G, D = build_models(m)
+            G, D = build_models(replace(m, conditional=False))  # a conditional model's label inputs: negligible
             g_params = sum(p.numel() for p in G.parameters())
             d_params = sum(p.numel() for p in D.parameters())
-            label = torch.zeros(1, dtype=torch.int64) if m.num_classes else None  # a conditional model's one
-            g_act = _kept_activations(G, torch.empty(1, m.nz, 1, 1), labels=label)
-            d_act = _kept_activations(D, torch.empty(1, m.channels, m.image_size, m.image_size), labels=label)
+            g_act = _kept_activations(G, torch.empty(1, m.nz, 1, 1))
+            d_act = _kept_activations(D, torch.empty(1, m.channels, m.image_size, m.image_size))
     except (RuntimeError, OverflowError) as exc:  # sizes past what torch can describe
         raise ConfigError(
             f"model.ngf={m.ngf}, model.ndf={m.ndf}, model.nz={m.nz}: a model of that size cannot be "

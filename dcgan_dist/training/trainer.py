@@ -113,6 +113,15 @@ def with_classes(cfg: Config, shards: str) -> Config:
     return replace(cfg, model=replace(cfg.model, num_classes=len(classes), class_names=list(classes)))
 
 
+def lower_rates(optim_cfg) -> str:
+    """What a diverged run's message tells the user to lower: the keys that set the rates, with their values."""
+    o = optim_cfg
+    if o.lr_g is None and o.lr_d is None:
+        return f"lower optim.lr (now {o.lr:g})"
+    g, d = (o.lr if v is None else v for v in (o.lr_g, o.lr_d))
+    return f"lower optim.lr_g and optim.lr_d (now {g:g} and {d:g})"
+
+
 def images_and_labels(batch, cfg: Config) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A loader batch as (uint8 images, int64 labels or None). Shim until the loader yields (images, labels)
     (issue 26 contract): then `images, labels = next(batches)` and this goes."""
@@ -380,9 +389,10 @@ class Trainer:
             raise NonFiniteLoss(step, {}, "the weights became non-finite in")
 
     def _name_last_checkpoint(self, exc_type, exc, tb) -> bool:
-        """An ExitStack exit callback: a divergence says which checkpoint to resume from, with which optim.lr."""
+        """An ExitStack exit callback: a divergence says which checkpoint to resume from, with which rates."""
         if isinstance(exc, NonFiniteLoss):
             exc.checkpoint, exc.lr = self.checkpoints.last_saved, self.cfg.optim.lr
+            exc.lower = lower_rates(self.cfg.optim)  # type: ignore[attr-defined]  # read by NonFiniteLoss.__str__
         return False
 
     def describe(self) -> None:
