@@ -86,7 +86,10 @@ class DataSection:
         "empty: the embedded synthetic faces, generated once into data.cache_dir",
     )
     num_workers: int = setting(
-        2, "DataLoader worker processes per training process (0: load in the process itself)", at_least=0
+        2,
+        "DataLoader worker processes per training process (0: load in the process itself); never more than the "
+        "CPUs the process may use (lowered, with one line)",
+        at_least=0,
     )
     shuffle_buffer: int = setting(2000, "samples held in each loader worker's shuffle buffer", at_least=1)
     max_bad_fraction: float = setting(

@@ -50,12 +50,18 @@ def tag(image: torch.Tensor) -> int:  # C x H x W uint8
     return int(image[0, 0, 0]) + 256 * int(image[0, 0, 1])
 
 
-def write(out: Path, images: list[np.ndarray], shard_size: int, fmt: str = "png", raw_chunk: int = 4) -> Path:
+LABEL_CLASSES = ["c0", "c1", "c2", "c3", "c4"]  # labelled sets here: image i (its tag) has label i % 5
+
+
+def write(
+    out: Path, images: list[np.ndarray], shard_size: int, fmt: str = "png", raw_chunk: int = 4, labelled: bool = False
+) -> Path:
     """Shards of `images`; raw ones in chunks of `raw_chunk` images, so that a shard holds several chunks and a
-    shorter last one."""
-    with ShardWriter(out, shard_size=shard_size, fmt=fmt, raw_chunk=raw_chunk) as writer:
-        for a in images:
-            writer.write(a)
+    shorter last one. labelled: image i has label i % 5 (of LABEL_CLASSES)."""
+    classes = LABEL_CLASSES if labelled else None
+    with ShardWriter(out, shard_size=shard_size, fmt=fmt, raw_chunk=raw_chunk, classes=classes) as writer:
+        for i, a in enumerate(images):
+            writer.write(a, i % len(LABEL_CLASSES) if labelled else None)
         writer.close()
     return out
 
@@ -216,21 +222,32 @@ def test_resume_continues_the_same_sequence(tmp_path, num_workers, consumed, fmt
         assert torch.equal(want, got)
 
 
+def labelled_tags(batches: ImageBatches, n: int) -> list[int]:
+    """The tags of n batches of a set written with labelled=True; each image's label checked (tag % 5)."""
+    tags = []
+    for _ in range(n):
+        images, labels = next(batches)
+        assert labels is not None and labels.tolist() == [tag(i) % len(LABEL_CLASSES) for i in images]
+        tags += [tag(i) for i in images]
+    return tags
+
+
 def one_pass_after_resize(tmp_path, before: dict, after: dict, steps_before: int, steps_after: int):
     """Every rank of layout `before` takes `steps_before` batches; their states go to every rank of layout
-    `after`, which take `steps_after` batches each. Returns (tags trained before, {new rank: its tags})."""
+    `after`, which take `steps_after` batches each. Returns (tags trained before, {new rank: its tags}). The set
+    is labelled: every (image, label) pair is checked on the way."""
     spec = str(tmp_path / "s")
     states, trained = {}, []
     for rank in range(before["world_size"]):
         batches = ImageBatches(spec, rank=rank, seed=3, shuffle_buffer=10, **before)
-        trained += [tag(i) for b in take(batches, steps_before) for i in b]
+        trained += labelled_tags(batches, steps_before)
         states[rank] = batches.state_dict()
         batches.close()
     resumed = {}
     for rank in range(after["world_size"]):
         batches = ImageBatches(spec, rank=rank, seed=3, shuffle_buffer=10, **after)
         batches.load_rank_states(states)
-        resumed[rank] = [tag(i) for b in take(batches, steps_after) for i in b]
+        resumed[rank] = labelled_tags(batches, steps_after)
         batches.close()
     return trained, resumed
 
@@ -246,7 +263,7 @@ def test_a_resized_stream_finishes_each_pass_without_loss_or_repeat(tmp_path, be
     """Checkpoint with N workers, resume with M: the pass in progress ends with every sample trained exactly
     once, the next pass starts afresh, and no rank reads another's shards."""
     n, shard_size = 144, 12  # shard k holds tags 12k .. 12k+11
-    write(tmp_path / "s", tagged_images(n), shard_size)
+    write(tmp_path / "s", tagged_images(n), shard_size, labelled=True)
     # Two batches more than a new rank's shards hold: the rest of pass 0, then part of pass 1 (not all of it).
     steps_after = n // after["world_size"] // after["batch_size"] + 2
     trained, resumed = one_pass_after_resize(tmp_path, before, after, steps_before=5, steps_after=steps_after)

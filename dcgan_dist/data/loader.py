@@ -661,6 +661,7 @@ def check_shards(
         split_for_rank(expand_shards(spec), 0, world_size)
     except ImagesNotShards as exc:  # the convert command it prints makes images of the model's size
         raise exc.for_size(h) from None
+    read_classes(spec)  # '::'-joined parts labelled differently: refused here, in one line
     for part, info in spec_parts(spec):
         if info is not None and (info.image_size, info.image_size, info.channels) != (h, w, c):
             raise ValueError(

@@ -582,7 +582,7 @@ def read_classes(shards: str) -> list[str] | None:
     if len(distinct) > 1:
         described = "; ".join(f"{part}: {', '.join(c) if c else 'unlabelled'}"[:120] for part, c in found.items())
         raise ValueError(
-            f"the parts of data.shards={shards} have different classes ({described}): join only sets "
+            f"the '::'-joined parts have different classes ({described}): join only sets "
             "labelled alike (or unlabelled ones)"
         )
     classes = next(iter(distinct))

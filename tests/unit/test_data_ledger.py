@@ -1,12 +1,13 @@
-"""The loader's bookkeeping, in-process on 16 tiny images in 4 shards (no loader processes): the per-rank slice,
-slot seeds, the per-shard counts of dataset.json, positions for an exact resume and the ledger for a resize."""
+"""The loader's bookkeeping, in-process on 16 tiny labelled images in 4 shards (no loader processes): the per-rank
+slice, slot seeds, the per-shard counts of dataset.json, positions for an exact resume and the ledger for a resize.
+Samples are counted as (image, label) pairs: a label that left its image would show."""
 
 import pytest
 import torch
 
 from dcgan_dist.data import ImageBatches, write_synthetic_shards
 from dcgan_dist.data.loader import slot_seed, split_for_rank
-from dcgan_dist.data.shards import shard_counts
+from dcgan_dist.data.shards import decode_label, decode_sample, expand_shards, iter_samples, shard_counts
 
 NUM, PER_SHARD, BATCH = 16, 4, 4
 
@@ -14,8 +15,17 @@ NUM, PER_SHARD, BATCH = 16, 4, 4
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("ledger") / "faces"
-    write_synthetic_shards(out, NUM, shard_size=PER_SHARD, size=32, seed=5, processes=1, progress=False)
+    write_synthetic_shards(out, NUM, shard_size=PER_SHARD, size=32, seed=5, processes=1, progress=False, labels="skin")
     return out
+
+
+@pytest.fixture(scope="module")
+def truth(shards) -> dict[bytes, int]:
+    """Each image of the set (its bytes, channels last) -> its label, as the shards hold them."""
+    samples = list(iter_samples(expand_shards(str(shards))))
+    pairs = {decode_sample(s).tobytes(): decode_label(s) for s in samples}
+    assert len(pairs) == NUM and len(set(pairs.values())) > 1  # distinct images, more than one class
+    return pairs
 
 
 def batches(shards, rank=0, world_size=1, state=None, states=None) -> ImageBatches:
@@ -29,12 +39,27 @@ def batches(shards, rank=0, world_size=1, state=None, states=None) -> ImageBatch
     return loader
 
 
-def take(loader: ImageBatches, n: int) -> list[torch.Tensor]:
-    return [next(loader).clone() for _ in range(n)]
+def take(loader: ImageBatches, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """n batches of (images, labels)."""
+    got = []
+    for _ in range(n):
+        images, labels = next(loader)
+        assert labels is not None and labels.dtype == torch.int64 and labels.shape == (images.shape[0],)
+        got.append((images.clone(), labels.clone()))
+    return got
 
 
-def image_keys(images: list[torch.Tensor]) -> list[bytes]:
-    return [img.numpy().tobytes() for batch in images for img in batch]
+def image_keys(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[bytes, int]]:
+    """(image bytes, label) of every sample, in order; the images' bytes channels last, as the shards hold them."""
+    return [
+        (img.permute(1, 2, 0).contiguous().numpy().tobytes(), int(label))
+        for images, labels in batches
+        for img, label in zip(images, labels)
+    ]
+
+
+def assert_true_labels(pairs: list[tuple[bytes, int]], truth: dict[bytes, int]) -> None:
+    assert all(truth[image] == label for image, label in pairs)
 
 
 def test_slot_seed_is_stable_and_distinct():
@@ -73,13 +98,14 @@ def test_shard_counts_from_dataset_json(shards):
         moved.rename(first)
 
 
-def test_a_pass_trains_each_sample_of_the_rank_once(shards):
+def test_a_pass_trains_each_sample_of_the_rank_once(shards, truth):
     urls = sorted(str(p) for p in shards.glob("*.tar"))
     for rank in range(2):
         loader = batches(shards, rank=rank, world_size=2)
         assert loader.rank_urls == urls[rank::2]
         first_pass = take(loader, 2)  # 2 shards x 4 samples = one pass of this rank
         assert len(set(image_keys(first_pass))) == 8
+        assert_true_labels(image_keys(first_pass), truth)
         mine = {urls.index(u) for u in urls[rank::2]}
         assert set(loader.ledger) == mine
         assert all(p == 0 and t.tolist() == [True] * PER_SHARD for p, t in loader.ledger.values())
@@ -91,7 +117,7 @@ def test_a_pass_trains_each_sample_of_the_rank_once(shards):
         loader.close()
 
 
-def test_a_resume_with_the_same_layout_continues_exactly(shards):
+def test_a_resume_with_the_same_layout_continues_exactly(shards, truth):
     whole = batches(shards)
     expected = take(whole, 7)  # across a pass boundary (4 batches a pass)
     first = batches(shards)
@@ -99,14 +125,15 @@ def test_a_resume_with_the_same_layout_continues_exactly(shards):
     state = first.state_dict()
     resumed = batches(shards, state=state)
     got = take(resumed, 4)
-    assert all(torch.equal(a, b) for a, b in zip(got, expected[3:]))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, expected[3:]))
+    assert_true_labels(image_keys(got), truth)
     for loader in (whole, first, resumed):
         loader.close()
 
 
-def test_a_resize_finishes_the_pass_without_the_samples_the_ledger_has(shards):
+def test_a_resize_finishes_the_pass_without_the_samples_the_ledger_has(shards, truth):
     """Two ranks train one batch each (8 of 16 samples), then one rank resumes from both their states: the rest
-    of the pass is the 8 samples not trained yet, each once; then a new pass of all 16."""
+    of the pass is the 8 samples not trained yet, each once, with its label; then a new pass of all 16."""
     ranks = [batches(shards, rank=r, world_size=2) for r in range(2)]
     trained = image_keys([b for loader in ranks for b in take(loader, 1)])
     states = {r: loader.state_dict() for r, loader in enumerate(ranks)}
@@ -116,6 +143,7 @@ def test_a_resize_finishes_the_pass_without_the_samples_the_ledger_has(shards):
     assert len(set(rest)) == 8 and not set(rest) & set(trained)
     assert all(t.all() for p, t in single.ledger.values() if p == 0) and len(single.ledger) == 4
     next_pass = image_keys(take(single, 4))
-    assert sorted(next_pass) == sorted(trained + rest)
+    assert sorted(next_pass) == sorted(trained + rest) == sorted(truth.items())
+    assert_true_labels(trained + rest + next_pass, truth)
     for loader in (*ranks, single):
         loader.close()
