@@ -252,3 +252,7 @@ def test_a_conditional_model_refuses_unlabelled_shards_before_any_run_file(tiny_
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and "label" in proc.stderr
     assert not run_dir.exists() or not any(run_dir.iterdir())
+    # The embedded synthetic faces (data.shards empty) are unlabelled: refused before they are drawn.
+    proc = run_cli("-m", "dcgan_dist.train", "--config", "mnist", "train.max_steps=1", f"run.dir={run_dir}")
+    assert proc.returncode == 2 and "label" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not run_dir.exists() or not any(run_dir.iterdir())
