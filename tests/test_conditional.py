@@ -156,14 +156,14 @@ def test_sample_draws_a_class_a_row_per_class_and_latent_walks(conditional_run, 
 
     # No label: one row per class, the same latent vectors in every row; a row is generate(..., labels=k).
     grid = tmp_path / "classes.png"
-    run_cli(*ckpt, "sample.nrow=5", "sample.seed=2", "--out", str(grid), check=True)
+    assert sample_main([*ckpt[2:], "sample.nrow=5", "sample.seed=2", "--out", str(grid)]) == 0  # in-process
     cells = read_cells(grid, len(CLASSES), 5)
     for k in range(len(CLASSES)):
         assert torch.equal(cells[k], to_uint8(generate(G, 5, seed=2, labels=torch.full((5,), k))))
 
     # A walk from seed 3 to seed 9, one row per class: its ends are the plain samples of seeds 3 and 9.
     walk = tmp_path / "walk.png"
-    run_cli(*ckpt, "sample.interpolate=3,9", "sample.steps=6", "--out", str(walk), check=True)
+    assert sample_main([*ckpt[2:], "sample.interpolate=3,9", "sample.steps=6", "--out", str(walk)]) == 0
     cells = read_cells(walk, len(CLASSES), 6).int()
     for k in range(len(CLASSES)):
         label = torch.full((1,), k)
