@@ -84,9 +84,8 @@ def _inputs(spec: Spec) -> tuple[list[torch.Tensor], list[torch.Tensor], list[to
 
 def _train(spec: Spec, env: DistEnv, rows: slice) -> dict:
     dtype = getattr(torch, spec.dtype)
-    model = ModelSection(
-        spec.image_size, spec.channels, spec.nz, spec.width, spec.width, spec.num_classes > 0, spec.num_classes
-    )
+    model = ModelSection(spec.image_size, spec.channels, spec.nz, spec.width, spec.width)
+    model.conditional, model.num_classes = spec.num_classes > 0, spec.num_classes
     G: torch.nn.Module  # the plain networks, then DDP-wrapped ones
     D: torch.nn.Module
     G, D = build_models(model, seed=spec.seed)
