@@ -209,6 +209,17 @@ class SampleSection:
     weights: Literal["auto", "ema", "raw"] = setting(
         "auto", "the generator's weights; auto: the EMA weights when the checkpoint has them"
     )
+    label: str = setting(
+        "",
+        "a class-conditional model: draw this class only (its number or name, from the checkpoint's "
+        "model.class_names); empty: one row per class, the same noise in every row",
+    )
+    interpolate: str = setting(
+        "",
+        "A,B: a latent walk from seed A's latent vector to seed B's (slerp), sample.steps images in a row (a "
+        "conditional model: a row per class, or sample.label's); empty: no walk, sample.num images",
+    )
+    steps: int = setting(8, "images in a latent walk (sample.interpolate), both ends included", at_least=2, below=1025)
 
 
 @dataclass

@@ -8,7 +8,9 @@
 Prints one JSON line: swd (x1e3, mean over pyramid levels) and swd_levels, swd_real_vs_real (the same
 metric between two disjoint halves of the real data: the floor a perfect generator would reach at this
 sample size), fid (or null with fid_reason), and with eval.untrained=true the SWD of the freshly initialised
-generator for scale. The generated set uses the EMA weights when the checkpoint has them.
+generator for scale. The generated set uses the EMA weights when the checkpoint has them. A class-conditional
+model's images are drawn with the real images' labels, and swd_per_class gives the SWD of each class by name
+(null when the real images are unlabelled: then the classes are drawn evenly).
 How many images, the seed, the SWD's neighbourhoods, the weights: the eval.* settings listed below, the same
 ones the in-training SWD uses (eval.num, eval.nhoods_per_image).
 
@@ -29,7 +31,7 @@ from dcgan_dist.data import check_shards
 from dcgan_dist.errors import RunError
 from dcgan_dist.storage.filesystem import StoreError
 from dcgan_dist.training.checkpoint import CheckpointError
-from dcgan_dist.training.evaluation import measure, prepare
+from dcgan_dist.training.evaluation import class_labels, measure, prepare
 
 COMMAND = cli.Command(
     "python -m dcgan_dist.evaluate",
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:  # the command line's shards (or the run's): there, and of the model's size, before any work
         check_shards(job.shards, job.chw)
+        class_labels(job)  # a conditional model: labelled real images are labelled with its classes
     except (OSError, ValueError) as exc:  # StoreError too: a missing bucket, refused keys
         where = f"--shards={job.shards}" if args.shards else f"data.shards={job.shards} (the run's; give --shards)"
         print(f"error: {where}: {exc}", file=sys.stderr)

@@ -140,6 +140,19 @@ def swd(
     return SWDResult(per_level, resolutions)
 
 
+def swd_per_class(
+    real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], **kw
+) -> dict[str, float | None]:
+    """The SWD (mean over levels, x 1e3) of each class, by name: the real images labelled k against the generated
+    images drawn as class k, `labels` being both sets' (the generated set drawn with the real set's labels). None
+    for a class with no image. kw: swd's (nhoods_per_image, seed, ...)."""
+    result: dict[str, float | None] = {}
+    for k, name in enumerate(class_names):
+        real_k, fake_k = real[labels == k], fake[labels == k]
+        result[str(name)] = swd(real_k, fake_k, **kw).mean if len(real_k) else None
+    return result
+
+
 # --- FID ----------------------------------------------------------------------------------------------------
 
 

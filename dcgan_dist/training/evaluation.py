@@ -4,6 +4,11 @@ cli/evaluate.py).
 
     job = prepare(setting, "runs/debug", shards=None)   # the generator, its run's settings, the real images
     result = measure(job, setting.eval)                 # the JSON line's dict
+
+A class-conditional model draws its images with the real images' labels (the same classes in the same
+proportions) and reports the SWD of each class too ("swd_per_class": {name: value}) when the real images are
+labelled with the model's classes (class_labels); on unlabelled real images its classes are drawn evenly and
+"swd_per_class" is null.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from torch import nn
 
 from dcgan_dist.config import Config, DataSection, EvalSection
 from dcgan_dist.data import ensure_synthetic, expand_shards, read_info
+from dcgan_dist.data.shards import read_classes
 from dcgan_dist.gan.models import build_models, generate
 from dcgan_dist.gan.precision import pick_device
-from dcgan_dist.gan.quality import fid, swd
+from dcgan_dist.gan.quality import fid, swd, swd_per_class
 from dcgan_dist.storage.filesystem import is_remote
 from dcgan_dist.training.checkpoint import CheckpointError, load_generator, plain_location, settings_of
 from dcgan_dist.training.quality_tracking import real_images
@@ -81,6 +87,27 @@ class Evaluation:
         return (self.cfg.model.channels, self.cfg.model.image_size, self.cfg.model.image_size)
 
 
+def class_labels(job: Evaluation) -> list[str] | None:
+    """The class names the per-class SWD uses: the model's, when the model is conditional and the real images are
+    labelled; None otherwise. Raises ValueError (one line) when the real images' classes are not the model's."""
+    if not job.cfg.model.conditional:
+        return None
+    model = list(job.cfg.model.class_names)
+    try:
+        classes = read_classes(job.shards)
+    except (OSError, ValueError):  # no readable dataset.json: unlabelled as far as can be told
+        return None
+    if classes is None:
+        return None
+    if list(classes) != model:
+        raise ValueError(
+            f"its classes ({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}) are not the model's "
+            f"({', '.join(model[:12])}{', ...' if len(model) > 12 else ''}); give real images labelled as the "
+            "model was trained"
+        )
+    return model
+
+
 def prepare(setting: Config, checkpoint: str, shards: str | None = None) -> Evaluation:
     """Load the checkpoint's generator (setting: the command line's train.device, eval.weights, data.cache_dir)
     and choose the real images: `shards`, else the checkpoint's as shards_of_checkpoint allows. Raises
@@ -108,22 +135,33 @@ def measure(job: Evaluation, settings: EvalSection, warn: Callable[[str], None] 
             "drawn more than once (fewer distinct ones than eval.num says); give fewer (eval.num) or more real images"
         )
     try:
-        real_a = real_images(job.shards, settings.num, chw, settings.seed, half=0)
-        real_b = None if not settings.baseline else real_images(job.shards, settings.num, chw, settings.seed, half=1)
+        real_a, labels_a = real_images(job.shards, settings.num, chw, settings.seed, half=0)
+        real_b = None if not settings.baseline else real_images(job.shards, settings.num, chw, settings.seed, half=1)[0]
     except ValueError as exc:  # a single shard cannot be halved
         warn(f"{exc}; comparing with all shards, no real-vs-real baseline")
-        real_a, real_b = real_images(job.shards, settings.num, chw, settings.seed), None
-    fake = generate(job.G, settings.num, seed=settings.seed + 1, device=device)
+        (real_a, labels_a), real_b = real_images(job.shards, settings.num, chw, settings.seed), None
+    names = class_labels(job)
+    labels = None
+    if job.cfg.model.conditional:  # the real images' labels; unlabelled ones: every class alike
+        drawn = torch.Generator().manual_seed(settings.seed + 2)
+        evenly = torch.randint(0, job.cfg.model.num_classes, (settings.num,), generator=drawn)
+        labels = labels_a if names is not None and labels_a is not None else evenly
+    fake = generate(job.G, settings.num, seed=settings.seed + 1, device=device, labels=labels)
     kw = dict(nhoods_per_image=settings.nhoods_per_image, seed=settings.seed)
     result = {"checkpoint": job.checkpoint, "step": job.step, "weights": job.which, "num": settings.num}
     result.update(nhoods_per_image=settings.nhoods_per_image, seed=settings.seed)
     result.update(swd(real_a, fake, **kw).as_dict())
+    if job.cfg.model.conditional:
+        per_class = None
+        if names is not None and labels_a is not None:
+            per_class = swd_per_class(real_a, fake, labels_a, names, **kw)
+        result["swd_per_class"] = per_class
     result["swd_real_vs_real"] = swd(real_a, real_b, **kw).mean if real_b is not None else None
     if settings.untrained:
         # The generator as training starts: batch statistics (train mode). In eval mode an untrained G, whose
         # running statistics are still the initial ones, draws one flat image for every z: a degenerate baseline.
         G0, _ = build_models(job.cfg.model, seed=job.cfg.run.seed)
-        untrained = generate(G0.to(device).train(), settings.num, settings.seed + 1, device)
+        untrained = generate(G0.to(device).train(), settings.num, settings.seed + 1, device, labels=labels)
         result["swd_untrained"] = swd(real_a, untrained, **kw).mean
     value, reason = fid(real_a, fake, settings.inception_weights, device)
     result["fid"] = value

@@ -93,6 +93,11 @@ def check_settings(
         except (OSError, ValueError) as exc:
             raise ConfigError(f"data.shards={cfg.data.shards}: {exc}") from None
         cfg = with_classes(cfg, cfg.data.shards)  # the embedded synthetic set: once it is made (Trainer)
+    elif cfg.model.conditional:  # the embedded synthetic faces carry no labels: refused before they are drawn
+        raise ConfigError(
+            "model.conditional=true needs labelled shards, and data.shards is empty (the embedded "
+            "synthetic faces, unlabelled): give data.shards (data convert/synth with labels)"
+        )
     try:
         num_samples = cfg.data.num_samples or (dataset_size(cfg.data.shards) if cfg.data.shards else cfg.data.synth_num)
         check_batch(cfg.train.batch_size, world_size, num_samples)
