@@ -20,6 +20,7 @@ from dcgan_dist.cli.args import SETTINGS_USAGE, check_overrides, settings_help
 from dcgan_dist.config import Config, ConfigError, from_args, split_args
 from dcgan_dist.errors import RunError
 from dcgan_dist.gan.precision import pick_device
+from dcgan_dist.launch.ray_address import cluster_address
 from dcgan_dist.storage.filesystem import store_refusal
 from dcgan_dist.storage.runlock import run_lock
 from dcgan_dist.training.checkpoint import SPACE_ERRORS, CheckpointError, CheckpointWriteError
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
     if cfg.dist.launcher == "ray":
         try:
             check_settings(cfg, cfg.dist.num_workers)  # here first: an error in seconds, not after Ray starts
+            cluster_address()  # a named Ray cluster that does not answer: one line in seconds, no run file
             # The driver holds run.dir for the whole job: Ray Train's restarts of the workers are never refused.
             with run_lock(cfg.run.dir):
                 from dcgan_dist.launch.ray_train import launch  # imported late: Ray is optional, and slow to import

@@ -68,11 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from dcgan_dist.launch.ray_address import cluster_address
     from dcgan_dist.storage.runlock import run_lock
     from dcgan_dist.training.trainer import check_settings
 
     try:
         check_settings(base, base.dist.num_workers)
+        cluster_address()  # a named Ray cluster that does not answer: one line in seconds, no sweep file
         with run_lock(base.run.dir):  # one sweep per run.dir; its trials' Ray workers do not lock
             return sweep(base, searches, tune.trials, tune.scheduler, chosen, tune.concurrent)
     except ConfigError as exc:
