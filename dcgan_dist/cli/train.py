@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
         )
     if cfg.dist.launcher == "ray":
         try:
-            check_settings(cfg, cfg.dist.num_workers)  # here first: an error in seconds, not after Ray starts
             cluster_address()  # a named Ray cluster that does not answer: one line in seconds, no run file
+            check_settings(cfg, cfg.dist.num_workers)  # here first: an error in seconds, not after Ray starts
             # The driver holds run.dir for the whole job: Ray Train's restarts of the workers are never refused.
             with run_lock(cfg.run.dir):
                 from dcgan_dist.launch.ray_train import launch  # imported late: Ray is optional, and slow to import

@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from dcgan_dist.training.trainer import check_settings
 
     try:
-        check_settings(base, base.dist.num_workers)
         cluster_address()  # a named Ray cluster that does not answer: one line in seconds, no sweep file
+        check_settings(base, base.dist.num_workers)
         with run_lock(base.run.dir):  # one sweep per run.dir; its trials' Ray workers do not lock
             return sweep(base, searches, tune.trials, tune.scheduler, chosen, tune.concurrent)
     except ConfigError as exc:

@@ -267,6 +267,7 @@ def train_worker(
         "workers": placement,
         "train_seconds": result.seconds,
         "stopped_by": result.stopped_by,
+        "warnings": result.warnings,
     }
 
 
