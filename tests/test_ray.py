@@ -3,6 +3,7 @@
 All tests share one two-node cluster (session fixture); each training job runs two tiny workers on CPU/gloo.
 """
 
+import collections
 import json
 import re
 import signal
@@ -47,6 +48,26 @@ def worker_nodes(stdout: str) -> dict[int, str]:
     return {int(r): node for r, node in re.findall(r"^worker rank (\d+) ran on node (\w+)", stdout, re.M)}
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# A log record at error level: Ray's C++ format ("[2026-12-07 11:16:27,063 E 913 952] core_worker.cc:...") or
+# Python logging's ("2026-12-07 11:16:27,063\tERROR file.py:...").
+ERROR_LEVEL = re.compile(r"\d{4}-\d\d-\d\d [\d:,.]+\s+(E \d+ \d+\]|ERROR\b)")
+
+
+def assert_clean_job_log(log: str) -> None:
+    """A successful job's log (`ray job submit`'s output): each line of the Ray processes once (not forwarded twice,
+    not collapsed by Ray's '[repeated Nx across cluster]'), no error-level line, and our driver's final checkpoint
+    line after the last line Ray forwarded."""
+    lines = [ANSI.sub("", line) for line in log.splitlines()]
+    forwarded = [i for i, line in enumerate(lines) if re.match(r"\((RayTrainWorker|TrainController) pid=\d+\)", line)]
+    counts = collections.Counter(lines[i] for i in forwarded)
+    assert forwarded and max(counts.values()) == 1, [line for line, n in counts.items() if n > 1]
+    assert not [line for line in lines if "repeated" in line and "across cluster" in line]
+    assert not [line for line in lines if ERROR_LEVEL.search(line)]
+    final = [i for i, line in enumerate(lines) if line.startswith("Final checkpoint (step ")]
+    assert final and final[-1] > forwarded[-1]
+
+
 def test_job_submit_on_two_nodes(ray_cluster, tiny_shards, tmp_path):
     """The README's command: `ray job submit --working-dir . -- python -m dcgan_dist.train ...`."""
     env = {**ray_cluster, "RAY_ADDRESS": ray_cluster["RAY_JOB_ADDRESS"]}
@@ -79,6 +100,7 @@ def test_job_submit_on_two_nodes(ray_cluster, tiny_shards, tmp_path):
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
+    assert_clean_job_log(proc.stdout)
     nodes = worker_nodes(out)
     assert set(nodes) == {0, 1} and nodes[0] != nodes[1], nodes  # the two workers ran on different Ray nodes
     path = final_checkpoint(out)
