@@ -375,3 +375,26 @@ def test_a_ray_address_that_does_not_answer_ends_in_one_line_within_30_s(tmp_pat
         else:
             assert env["RAY_ADDRESS"] in line
         assert not run_dir.exists()
+
+
+def test_evaluate_shows_a_line_per_stage(tiny_run, tiny_shards):
+    """evaluate's stages (real images, generation, SWD, the baseline, FID) each a line on stderr as it finishes,
+    numbered k/N; stdout stays the JSON line alone."""
+    _, run_dir, work = tiny_run
+    proc = run_cli(
+        "-m",
+        "dcgan_dist.evaluate",
+        "--checkpoint",
+        str(run_dir),
+        "--shards",
+        str(tiny_shards),
+        "eval.num=32",
+        "eval.nhoods_per_image=4",
+        cwd=work,
+        timeout=180,
+        check=True,
+    )
+    stages = [tuple(map(int, m)) for m in re.findall(r"^\[(\d+)/(\d+)\] ", proc.stderr, re.M)]
+    total = stages[-1][1]
+    assert stages == [(k, total) for k in range(1, total + 1)] and total >= 4, proc.stderr
+    assert json.loads(proc.stdout)["num"] == 32

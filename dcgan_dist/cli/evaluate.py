@@ -87,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         f"evaluating step {job.step} ({job.which} weights) on {settings.num} images from {job.shards}", file=sys.stderr
     )
     try:
-        result = measure(job, settings, warn=lambda text: print(f"warning: {text}", file=sys.stderr))
+        result = measure(
+            job,
+            settings,
+            warn=lambda text: print(f"warning: {text}", file=sys.stderr),
+            say=lambda text: print(text, file=sys.stderr, flush=True),  # a line per stage; stdout: the JSON alone
+        )
     except RunError as exc:  # the object store stopped answering, or more bad data than data.max_bad_fraction
         print(f"error: {exc}", file=sys.stderr)
         return 1
