@@ -343,8 +343,9 @@ def test_a_ray_address_that_does_not_answer_ends_in_one_line_within_30_s(tmp_pat
     ray_tmp = tmp_path / "raytmp"  # Ray's temp dir for this command alone: its ray_current_cluster, not the machine's
     (ray_tmp / "ray").mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(ROOT), RAY_TMPDIR=str(ray_tmp))
-    named = {"host:port": f"127.0.0.1:{port}", "job server": f"http://127.0.0.2:{port}"}
+    # RAY_GCS_PORT: where a job server's cluster would have its GCS (the default 6379 may be a test cluster's).
+    env.update(PYTHONPATH=str(ROOT), RAY_TMPDIR=str(ray_tmp), RAY_GCS_PORT=str(port))
+    named = {"host:port": f"127.0.0.1:{port}", "job server": f"http://127.0.0.1:{free_local_port()}"}
     if case in named:
         env["RAY_ADDRESS"] = named[case]
     else:  # `ray start` recorded it; the cluster was killed (not `ray stop`ped)

@@ -343,3 +343,18 @@ def test_bench_on_ray_reports_scaling(ray_cluster, tiny_shards, tmp_path):
     breakdown = result["step_breakdown"]
     assert set(breakdown) == {"compute_s", "data_wait_s", "grad_allreduce_s", "bn_sync_s", "step_s"}
     assert 0 < breakdown["compute_s"] < breakdown["step_s"]
+
+
+def test_a_driver_the_cluster_does_not_let_in_ends_in_one_line(ray_cluster, tiny_shards, tmp_path):
+    """A live cluster with token authentication and a driver with another token: one line (what to export), exit
+    2, in seconds, no run file; ray.init would retry for many minutes, logging every try."""
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text("0" * 64)
+    env = {**ray_cluster, "RAY_ADDRESS": "127.0.0.1:6379", "RAY_AUTH_TOKEN_PATH": str(wrong)}
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    proc = run_with_env([sys.executable, "-m", "dcgan_dist.train", *ray_train_args(tiny_shards, run_dir)], env, 120)
+    assert proc.returncode == 2 and time.monotonic() - started < 30, proc.stdout + proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("error: ") and "127.0.0.1:6379" in line and "RAY_AUTH_MODE=token" in line
+    assert not run_dir.exists()

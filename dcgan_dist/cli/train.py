@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
         )
     if cfg.dist.launcher == "ray":
         try:
-            cluster_address()  # a named Ray cluster that does not answer: one line in seconds, no run file
+            cluster_address(probe=True)  # a named Ray cluster that does not answer: one line in seconds, no run file
             check_settings(cfg, cfg.dist.num_workers)  # here first: an error in seconds, not after Ray starts
             # The driver holds run.dir for the whole job: Ray Train's restarts of the workers are never refused.
             with run_lock(cfg.run.dir):

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from dcgan_dist.training.trainer import check_settings
 
     try:
-        cluster_address()  # a named Ray cluster that does not answer: one line in seconds, no sweep file
+        cluster_address(probe=True)  # a named Ray cluster that does not answer: one line in seconds, no sweep file
         check_settings(base, base.dist.num_workers)
         with run_lock(base.run.dir):  # one sweep per run.dir; its trials' Ray workers do not lock
             return sweep(base, searches, tune.trials, tune.scheduler, chosen, tune.concurrent)

@@ -13,13 +13,26 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from dcgan_dist.config import ConfigError
 
-GCS_PORT = 6379  # Ray's default head port (`ray start --head --port`), where a job server's cluster usually is
+# Where a job server's cluster's GCS is on its host: Ray's default head port (`ray start --head --port`), or the
+# cluster script's RAY_GCS_PORT.
+GCS_PORT = 6379
 ANSWER_TIMEOUT_S = 3.0
+GCS_TIMEOUT_S = 15.0
+# Ray's own GCS client, in a process of its own (it retries for minutes, logging each try): does it get in?
+GCS_PROBE = """
+import sys
+from ray._raylet import GcsClient
+GcsClient(address=sys.argv[1]).internal_kv_get(b"dcgan-probe", None, timeout=5)
+print("ok")
+"""
 START_HINT = "start it (cluster/ray-cluster.sh local, or ray start --head)"
 
 
@@ -66,10 +79,57 @@ def from_file() -> str | None:
     return text or None
 
 
-def cluster_address(env: str | None = None) -> str | None:
+def gcs_refusal(address: str, timeout: float = GCS_TIMEOUT_S) -> str:
+    """'' when Ray's GCS client gets an answer from address with this process's authentication settings
+    (RAY_AUTH_MODE, the token) within timeout, else why not (ray.init would retry for many minutes)."""
+    probe = subprocess.Popen(
+        [sys.executable, "-c", GCS_PROBE, address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a Ctrl-C meant for the command is the command's to handle
+    )
+    watchdog = threading.Timer(timeout, probe.kill)
+    watchdog.start()
+    refused = False
+    try:
+        assert probe.stderr is not None and probe.stdout is not None
+        for line in probe.stderr:  # Ray's client logs every failed try: a refused token is known at the first
+            if "InvalidAuthToken" in line or "Unauthenticated" in line:
+                refused = True
+                probe.kill()
+                break
+        answered = probe.stdout.read().strip() == "ok"
+        probe.wait()
+    finally:
+        watchdog.cancel()
+        if probe.poll() is None:
+            probe.kill()
+            probe.wait()
+    if answered and probe.returncode == 0:
+        return ""
+    if refused:
+        mode = os.environ.get("RAY_AUTH_MODE", "unset")
+        return (
+            f"it refuses this client's authentication (RAY_AUTH_MODE={mode}): export the RAY_AUTH_MODE and token "
+            "the cluster uses (cluster/ray-cluster.sh env prints them; the head's token file copied here)"
+        )
+    return f"something answers there, but not a Ray GCS that this client can reach in {timeout:g} s"
+
+
+def cluster_address(env: str | None = None, probe: bool = False) -> str | None:
     """The GCS address to pass to ray.init (checked: it answers), or None to start a private local instance.
-    env: RAY_ADDRESS (default: this process's). ConfigError when no cluster answers where one is named."""
-    env = (os.environ.get("RAY_ADDRESS", "") if env is None else env).strip()
+    env: RAY_ADDRESS (default: this process's); probe: also check with Ray's own client that the GCS lets this
+    process in (a few seconds). ConfigError when no cluster answers where one is named."""
+    found = _cluster_address((os.environ.get("RAY_ADDRESS", "") if env is None else env).strip())
+    if probe and found and "://" not in found:
+        why = gcs_refusal(found)
+        if why:
+            raise ConfigError(f"the Ray cluster at {found} does not let this driver in: {why}")
+    return found
+
+
+def _cluster_address(env: str) -> str | None:
     if env == "local":
         return None
     if env and env != "auto":
@@ -116,7 +176,7 @@ def _from_job_server(url: str) -> str:
     candidates = []
     if recorded and recorded.rpartition(":")[0] in (host, "127.0.0.1" if host == "localhost" else host):
         candidates.append(recorded)
-    candidates.append(f"{host}:{GCS_PORT}")
+    candidates.append(f"{host}:{os.environ.get('RAY_GCS_PORT') or GCS_PORT}")
     reasons = []
     for candidate in dict.fromkeys(candidates):
         why = answers(candidate)
