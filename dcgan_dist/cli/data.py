@@ -30,6 +30,7 @@ FORMAT_HELP = (
 )
 
 
+@cli.one_line_errors  # what the except clauses below leave: one line, its exit code (cli/args.py)
 def main(argv: list[str] | None = None) -> int:
     parser = cli.OneLineParser(
         prog="python -m dcgan_dist.data",

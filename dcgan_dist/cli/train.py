@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from dcgan_dist import stopping
-from dcgan_dist.cli.args import SETTINGS_USAGE, check_overrides, settings_help
+from dcgan_dist.cli.args import SETTINGS_USAGE, check_overrides, one_line_errors, settings_help
 from dcgan_dist.config import Config, ConfigError, from_args, split_args
 from dcgan_dist.errors import RunError
 from dcgan_dist.gan.precision import pick_device
@@ -38,6 +38,7 @@ def usage(cfg: Config, base: str) -> str:
     return f"usage: {PROG} {SETTINGS_USAGE}\n\n{__doc__.strip()}\n\n{settings}"
 
 
+@one_line_errors  # what the except clauses below leave: one line, its exit code (cli/args.py)
 def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = [a for a in argv if a not in ("-h", "--help")]
