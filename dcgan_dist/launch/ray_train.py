@@ -275,7 +275,10 @@ def connect() -> float:
     """Join the Ray cluster (RAY_ADDRESS in any of the forms users have, one started here with `ray start`, or a
     new private local one); seconds taken. A named cluster that does not answer is a ConfigError, in seconds."""
     started = time.perf_counter()
+    given = os.environ.get("RAY_ADDRESS", "")
     address = cluster_address()
+    if address and address != given:  # say which cluster the address given (or none) led to
+        print(f"Ray: joining the cluster at {address} (RAY_ADDRESS={given or 'unset'})", flush=True)
     # Ray reads RAY_ADDRESS again (Ray Train, Tune): the address found, never the job server's URL.
     if address:
         os.environ["RAY_ADDRESS"] = address
