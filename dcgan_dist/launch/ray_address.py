@@ -91,10 +91,11 @@ def gcs_refusal(address: str, timeout: float = GCS_TIMEOUT_S) -> str:
     )
     watchdog = threading.Timer(timeout, probe.kill)
     watchdog.start()
-    refused = False
+    refused, missing = False, False
     try:
         assert probe.stderr is not None and probe.stdout is not None
         for line in probe.stderr:  # Ray's client logs every failed try: a refused token is known at the first
+            missing = missing or "No module named 'ray" in line
             if "InvalidAuthToken" in line or "Unauthenticated" in line:
                 refused = True
                 probe.kill()
@@ -108,6 +109,8 @@ def gcs_refusal(address: str, timeout: float = GCS_TIMEOUT_S) -> str:
             probe.wait()
     if answered and probe.returncode == 0:
         return ""
+    if missing:
+        return 'Ray is not installed for this Python: pip install -e ".[ray]"'
     if refused:
         mode = os.environ.get("RAY_AUTH_MODE", "unset")
         return (
