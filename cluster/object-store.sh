@@ -4,7 +4,7 @@
 #
 #   cluster/object-store.sh start     # then: eval "$(cluster/object-store.sh env)"
 #   cluster/object-store.sh env       # the AWS_* exports a client needs (dcgan_dist, boto3, the AWS CLI)
-#   cluster/object-store.sh stop
+#   cluster/object-store.sh stop      # returns once the server has exited (~25 s; DCGAN_S3_STOP_TIMEOUT_S, then SIGKILL)
 #
 # Then e.g.:
 #   python -m dcgan_dist.data synth --out s3://dcgan/faces64 --num 20000 --size 64
@@ -41,9 +41,18 @@ JSON
   env)
     echo "export AWS_ENDPOINT_URL=http://127.0.0.1:$port AWS_ACCESS_KEY_ID=$key AWS_SECRET_ACCESS_KEY=$secret AWS_REGION=us-east-1"
     ;;
-  stop)
-    [ -f "$dir/weed.pid" ] && kill "$(cat "$dir/weed.pid")" 2>/dev/null || true
-    rm -f "$dir/weed.pid"
+  stop)  # SIGTERM, then wait until the server has exited (its graceful stop takes ~25 s; SIGKILL after the timeout)
+    if [ -f "$dir/weed.pid" ]; then
+      pid="$(cat "$dir/weed.pid")"
+      timeout_s=${DCGAN_S3_STOP_TIMEOUT_S:-60}
+      if kill "$pid" 2>/dev/null; then
+        for _ in $(seq $((timeout_s * 2))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+        kill -0 "$pid" 2>/dev/null && { echo "SeaweedFS (pid $pid) still runs after $timeout_s s: SIGKILL" >&2; kill -KILL "$pid"; }
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+        echo "SeaweedFS stopped"
+      fi
+      rm -f "$dir/weed.pid"
+    fi
     ;;
   *)
     sed -n '2,12p' "$0"

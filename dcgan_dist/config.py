@@ -169,6 +169,11 @@ class TrainSection:
         "auto", "NHWC memory layout; auto: on where convolutions are faster so (tensor-core GPUs, CPUs with oneDNN)"
     )
     compile: bool = setting(False, "torch.compile G and D (minutes of compilation first)")
+    meant_for: Literal["any", "gpu"] = setting(
+        "any",
+        "what the settings are sized for; gpu: started on a CPU, the run says within its first seconds how long "
+        "train.max_steps would take there and what to use instead (a warning in its result)",
+    )
 
 
 @dataclass

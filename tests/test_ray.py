@@ -3,6 +3,7 @@
 All tests share one two-node cluster (session fixture); each training job runs two tiny workers on CPU/gloo.
 """
 
+import collections
 import json
 import re
 import signal
@@ -57,6 +58,26 @@ def worker_nodes(run_dir: Path) -> dict[int, str]:
     return {w["rank"]: w["node_id"] for w in read_result(run_dir)["workers"]}
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# A log record at error level: Ray's C++ format ("[2026-12-07 11:16:27,063 E 913 952] core_worker.cc:...") or
+# Python logging's ("2026-12-07 11:16:27,063\tERROR file.py:...").
+ERROR_LEVEL = re.compile(r"\d{4}-\d\d-\d\d [\d:,.]+\s+(E \d+ \d+\]|ERROR\b)")
+
+
+def assert_clean_job_log(log: str) -> None:
+    """A successful job's log (`ray job submit`'s output): each line of the Ray processes once (not forwarded twice,
+    not collapsed by Ray's '[repeated Nx across cluster]'), no error-level line, and our driver's final checkpoint
+    line after the last line Ray forwarded."""
+    lines = [ANSI.sub("", line) for line in log.splitlines()]
+    forwarded = [i for i, line in enumerate(lines) if re.match(r"\((RayTrainWorker|TrainController) pid=\d+\)", line)]
+    counts = collections.Counter(lines[i] for i in forwarded)
+    assert forwarded and max(counts.values()) == 1, [line for line, n in counts.items() if n > 1]
+    assert not [line for line in lines if "repeated" in line and "across cluster" in line]
+    assert not [line for line in lines if ERROR_LEVEL.search(line)]
+    final = [i for i, line in enumerate(lines) if line.startswith("Final checkpoint (step ")]
+    assert final and final[-1] > forwarded[-1]
+
+
 def test_job_submit_on_two_nodes(ray_cluster, tiny_shards, tmp_path):
     """The README's command: `ray job submit --working-dir . -- python -m dcgan_dist.train ...`."""
     env = {**ray_cluster, "RAY_ADDRESS": ray_cluster["RAY_JOB_ADDRESS"]}
@@ -89,6 +110,7 @@ def test_job_submit_on_two_nodes(ray_cluster, tiny_shards, tmp_path):
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
+    assert_clean_job_log(proc.stdout)
     nodes = worker_nodes(run_dir)
     assert set(nodes) == {0, 1} and nodes[0] != nodes[1], nodes  # the two workers ran on different Ray nodes
     path = final_checkpoint(run_dir)
@@ -332,3 +354,18 @@ def test_bench_on_ray_reports_scaling(ray_cluster, tiny_shards, tmp_path):
     breakdown = result["step_breakdown"]
     assert set(breakdown) == {"compute_s", "data_wait_s", "grad_allreduce_s", "bn_sync_s", "step_s"}
     assert 0 < breakdown["compute_s"] < breakdown["step_s"]
+
+
+def test_a_driver_the_cluster_does_not_let_in_ends_in_one_line(ray_cluster, tiny_shards, tmp_path):
+    """A live cluster with token authentication and a driver with another token: one line (what to export), exit
+    2, in seconds, no run file; ray.init would retry for many minutes, logging every try."""
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text("0" * 64)
+    env = {**ray_cluster, "RAY_ADDRESS": "127.0.0.1:6379", "RAY_AUTH_TOKEN_PATH": str(wrong)}
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    proc = run_with_env([sys.executable, "-m", "dcgan_dist.train", *ray_train_args(tiny_shards, run_dir)], env, 120)
+    assert proc.returncode == 2 and time.monotonic() - started < 30, proc.stdout + proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("error: ") and "127.0.0.1:6379" in line and "RAY_AUTH_MODE=token" in line
+    assert not run_dir.exists()

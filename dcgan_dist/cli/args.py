@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -61,6 +62,39 @@ def check_overrides(overrides: Sequence[str], settings: Sequence[str] | None, pr
                 f"{key} is not a setting of {command}: the checkpoint decides the model (see {prog} --help)"
             )
         raise ConfigError(f"{key} is not a setting of {command}; its settings: see {prog} --help")
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code of an error a command ends with (errors.py): a failure of the run -> 1 (RunError, a checkpoint
+    that could not be written); bad input, found before work changed anything -> 2 (ConfigError, StoreError,
+    CheckpointError); None: none of them (a bug: its traceback is shown)."""
+    from dcgan_dist.errors import RunError  # here: the command's own imports decide how long --help takes
+    from dcgan_dist.storage.filesystem import StoreError
+    from dcgan_dist.training.checkpoint import CheckpointError, CheckpointWriteError
+
+    if isinstance(exc, RunError | CheckpointWriteError):
+        return 1
+    if isinstance(exc, ConfigError | StoreError | CheckpointError):
+        return 2
+    return None
+
+
+def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
+    """A command's main whose errors (exit_code) end it as one line on stderr with their exit code: the mapping
+    once, for every command, rather than an except clause per error in each."""
+
+    @functools.wraps(main)
+    def command(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except Exception as exc:
+            code = exit_code(exc)
+            if code is None:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            return code
+
+    return command
 
 
 class Command:

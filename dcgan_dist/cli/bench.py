@@ -39,6 +39,7 @@ from dcgan_dist.perf.bench import bench_table, run_bench
 from dcgan_dist.storage.filesystem import StoreError
 
 
+@cli.one_line_errors  # what the except clauses below leave: one line, its exit code (cli/args.py)
 def main(argv: list[str] | None = None) -> int:
     """The command; its failures end in one line like training's: bad data or an object store that stopped
     answering (RunError, exit 1), a bucket or keys that do not work (StoreError, exit 2)."""

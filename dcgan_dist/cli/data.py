@@ -32,6 +32,7 @@ FORMAT_HELP = (
 )
 
 
+@cli.one_line_errors  # what the except clauses below leave: one line, its exit code (cli/args.py)
 def main(argv: list[str] | None = None) -> int:
     argv, as_json = cli.take_flag(sys.argv[1:] if argv is None else argv, "--json")
     outcome: dict = {}

@@ -59,6 +59,7 @@ parser.add_argument(
 )
 
 
+@cli.one_line_errors  # what the except clauses below leave: one line, its exit code (cli/args.py)
 def main(argv: list[str] | None = None) -> int:
     parsed = COMMAND.parse(argv)
     if isinstance(parsed, int):
@@ -90,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         f"evaluating step {job.step} ({job.which} weights) on {settings.num} images from {job.shards}", file=sys.stderr
     )
     try:
-        result = measure(job, settings, warn=lambda text: print(f"warning: {text}", file=sys.stderr))
+        result = measure(
+            job,
+            settings,
+            warn=lambda text: print(f"warning: {text}", file=sys.stderr),
+            say=lambda text: print(text, file=sys.stderr, flush=True),  # a line per stage; stdout: the JSON alone
+        )
     except RunError as exc:  # the object store stopped answering, or more bad data than data.max_bad_fraction
         print(f"error: {exc}", file=sys.stderr)
         return 1

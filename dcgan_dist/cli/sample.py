@@ -136,6 +136,7 @@ parser.add_argument(
 )
 
 
+@cli.one_line_errors  # what the except clauses below leave: one line, its exit code (cli/args.py)
 def main(argv: list[str] | None = None) -> int:
     parsed = COMMAND.parse(argv)
     if isinstance(parsed, int):

@@ -25,6 +25,7 @@ from dcgan_dist.cli.args import (
     SETTINGS_USAGE,
     check_overrides,
     json_stdout,
+    one_line_errors,
     print_result,
     settings_help,
     take_flag,
@@ -32,6 +33,7 @@ from dcgan_dist.cli.args import (
 from dcgan_dist.config import Config, ConfigError, from_args, split_args
 from dcgan_dist.errors import RunError
 from dcgan_dist.gan.precision import pick_device
+from dcgan_dist.launch.ray_address import cluster_address
 from dcgan_dist.storage.filesystem import store_refusal, write_result
 from dcgan_dist.storage.runlock import run_lock
 from dcgan_dist.training.checkpoint import SPACE_ERRORS, CheckpointError, CheckpointWriteError
@@ -61,6 +63,7 @@ def usage(cfg: Config, base: str) -> str:
     return f"usage: {PROG} [{JSON_FLAG}] {SETTINGS_USAGE}\n\n{__doc__.strip()}\n\n{settings}"
 
 
+@one_line_errors  # what the except clauses below leave: one line, its exit code (cli/args.py)
 def main(argv: list[str] | None = None, hooks: Sequence[StepHook] = ()) -> int:
     argv = sys.argv[1:] if argv is None else argv
     argv, as_json = take_flag(argv, JSON_FLAG)
@@ -93,6 +96,7 @@ def run(argv: list[str], hooks: Sequence[StepHook] = (), outcome: dict | None = 
         )
     if cfg.dist.launcher == "ray":
         try:
+            cluster_address(probe=True)  # a named Ray cluster that does not answer: one line in seconds, no run file
             check_settings(cfg, cfg.dist.num_workers)  # here first: an error in seconds, not after Ray starts
             # The driver holds run.dir for the whole job: Ray Train's restarts of the workers are never refused.
             with run_lock(cfg.run.dir):

@@ -29,7 +29,6 @@ import sys
 
 from dcgan_dist.cli import args as cli
 from dcgan_dist.config import ConfigError
-from dcgan_dist.errors import RunError
 
 COMMAND = cli.Command(
     "python -m dcgan_dist.tune",
@@ -61,6 +60,7 @@ COMMAND.parser.add_argument(
 )
 
 
+@cli.one_line_errors  # ConfigError -> 2, RunError (the sweep's lease could not be taken) -> 1
 def main(argv: list[str] | None = None) -> int:
     parsed = COMMAND.parse(argv)
     if isinstance(parsed, int):
@@ -79,33 +79,22 @@ def run(args, base, outcome: dict) -> int:
     # Imported once the command line is known to be good: a bad one is refused without Ray, which is slow to import.
     from dcgan_dist.launch.sweep import apply, parse_search, scheduler, sweep
 
-    try:
-        if not base.train.eval_every:
-            raise ConfigError("a sweep scores trials by the in-training SWD: set train.eval_every (e.g. 100)")
-        # Every evaluation is reported to Tune with a checkpoint, so that PBT and a resumed sweep continue there.
-        base = apply(base, {"train.checkpoint_every": base.train.eval_every})
-        searches = [parse_search(item, base) for item in args.search]
-        if not searches:
-            raise ConfigError(
-                "nothing to search: give --search KEY=SPACE (e.g. --search 'optim.lr=loguniform(1e-4,1e-3)')"
-            )
-        chosen = scheduler(tune.scheduler, base, searches)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if not base.train.eval_every:
+        raise ConfigError("a sweep scores trials by the in-training SWD: set train.eval_every (e.g. 100)")
+    # Every evaluation is reported to Tune with a checkpoint, so that PBT and a resumed sweep continue there.
+    base = apply(base, {"train.checkpoint_every": base.train.eval_every})
+    searches = [parse_search(item, base) for item in args.search]
+    if not searches:
+        raise ConfigError("nothing to search: give --search KEY=SPACE (e.g. --search 'optim.lr=loguniform(1e-4,1e-3)')")
+    chosen = scheduler(tune.scheduler, base, searches)
+    from dcgan_dist.launch.ray_address import cluster_address
     from dcgan_dist.storage.runlock import run_lock
     from dcgan_dist.training.trainer import check_settings
 
-    try:
-        check_settings(base, base.dist.num_workers)
-        with run_lock(base.run.dir):  # one sweep per run.dir; its trials' Ray workers do not lock
-            return sweep(base, searches, tune.trials, tune.scheduler, chosen, tune.concurrent, outcome)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RunError as exc:  # the sweep's lease could not be taken
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    cluster_address(probe=True)  # a named Ray cluster that does not answer: one line in seconds, no sweep file
+    check_settings(base, base.dist.num_workers)
+    with run_lock(base.run.dir):  # one sweep per run.dir; its trials' Ray workers do not lock
+        return sweep(base, searches, tune.trials, tune.scheduler, chosen, tune.concurrent, outcome)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ else:
 from dcgan_dist import stopping
 from dcgan_dist.config import Config, ConfigError, from_dict, to_dict
 from dcgan_dist.distributed.env import DistEnv
+from dcgan_dist.launch.ray_address import cluster_address
 from dcgan_dist.storage.filesystem import S3_ENV, filesystem, is_remote, write_result
 from dcgan_dist.training.checkpoint import (
     BEST_FILE,
@@ -269,10 +270,27 @@ def train_worker(
 
 
 def connect() -> float:
-    """Join the Ray cluster (RAY_ADDRESS, one started here with `ray start`, or a new local one); seconds taken."""
+    """Join the Ray cluster (RAY_ADDRESS in any of the forms users have, one started here with `ray start`, or a
+    new private local one); seconds taken. A named cluster that does not answer is a ConfigError, in seconds."""
     started = time.perf_counter()
-    ray.init(log_to_driver=True)
+    given = os.environ.get("RAY_ADDRESS", "")
+    address = cluster_address()
+    if address and address != given:  # say which cluster the address given (or none) led to
+        print(f"Ray: joining the cluster at {address} (RAY_ADDRESS={given or 'unset'})", flush=True)
+    # Ray reads RAY_ADDRESS again (Ray Train, Tune): the address found, never the job server's URL.
+    if address:
+        os.environ["RAY_ADDRESS"] = address
+    else:
+        os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address=address or "local", log_to_driver=True)
     return time.perf_counter() - started
+
+
+def settle(grace_s: float = 1.0) -> None:
+    """Let the workers' last lines reach this driver's output, then leave the cluster, so that the summary printed
+    after this is the last thing in the log (Ray forwards worker output asynchronously)."""
+    time.sleep(grace_s)
+    ray.shutdown()
 
 
 def worker_config(cfg: Config) -> Config:
@@ -298,6 +316,11 @@ def torch_trainer(
 
     def worker(config: dict) -> dict:
         return train_worker(config, stop, hooks, start_from)
+
+    # Ray Train's drain watcher only stores a notice that this training function does not read (a preempted
+    # worker gets SIGTERM and checkpoints: stopping.py); its actor logs an error-level line in every successful
+    # job (max_restarts > 0 with arguments in the object store). Propagated by Ray to its controller.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
     return TorchTrainer(
         worker,
@@ -355,6 +378,7 @@ def launch(cfg: Config, argv: list[str], hooks: Sequence[StepHook] = (), outcome
         print(f"error: training failed: {type(exc).__name__}: {exc}", flush=True)
         return 1
     fit_seconds = time.perf_counter() - fit_started
+    settle()
     info = result.return_value or {}
     if "error" in info:
         print(f"error: {info['error']}", file=sys.stderr, flush=True)

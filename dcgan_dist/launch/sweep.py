@@ -401,6 +401,7 @@ def sweep(
     grid = tuner.fit()
     results = [grid[i] for i in range(len(grid))]  # a ResultGrid is a sequence (__len__, __getitem__)
     seconds = time.perf_counter() - started
+    ray_launcher.settle()  # the summary below comes after the last line Ray forwards
     table, best, exploits = results_table(results, searches)
     print(f"\nSweep done in {seconds:.0f} s:\n{table}", flush=True)
     steps = [int(r.metrics.get("step", 0)) for r in results if r.metrics]

@@ -14,6 +14,7 @@ labelled with the model's classes (class_labels); on unlabelled real images its 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -119,10 +120,25 @@ def prepare(setting: Config, checkpoint: str, shards: str | None = None) -> Eval
     return Evaluation(str(checkpoint), G, state["step"], which, cfg, chosen, device)
 
 
-def measure(job: Evaluation, settings: EvalSection, warn: Callable[[str], None] = lambda text: None) -> dict:
+def measure(
+    job: Evaluation,
+    settings: EvalSection,
+    warn: Callable[[str], None] = lambda text: None,
+    say: Callable[[str], None] = lambda text: None,
+) -> dict:
     """The SWD (and FID, the real-vs-real baseline, the untrained generator's SWD as eval.* asks) as the JSON
-    line's dict. warn: told when the real images cannot be halved for the baseline. Raises RunError."""
+    line's dict. warn: told when the real images cannot be halved for the baseline; say: a line per stage done
+    (what, how long). Raises RunError."""
     chw, device = job.chw, job.device
+    stages = 4 + bool(settings.baseline) + bool(settings.untrained)
+    clock = [time.perf_counter(), 0]
+
+    def done(what: str) -> None:
+        now = time.perf_counter()
+        clock[1] += 1
+        say(f"[{clock[1]}/{stages}] {what} ({now - clock[0]:.1f} s)")
+        clock[0] = now
+
     try:  # dataset.json's count, where there is one: only for the warning below
         info = read_info(job.shards)
     except (OSError, ValueError):
@@ -140,6 +156,8 @@ def measure(job: Evaluation, settings: EvalSection, warn: Callable[[str], None] 
     except ValueError as exc:  # a single shard cannot be halved
         warn(f"{exc}; comparing with all shards, no real-vs-real baseline")
         (real_a, labels_a), real_b = real_images(job.shards, settings.num, chw, settings.seed), None
+        stages -= 1
+    done(f"{settings.num} real images read{' per half' if real_b is not None else ''}")
     names = class_labels(job)
     labels = None
     if job.cfg.model.conditional:  # the real images' labels; unlabelled ones: every class alike
@@ -147,23 +165,30 @@ def measure(job: Evaluation, settings: EvalSection, warn: Callable[[str], None] 
         evenly = torch.randint(0, job.cfg.model.num_classes, (settings.num,), generator=drawn)
         labels = labels_a if names is not None and labels_a is not None else evenly
     fake = generate(job.G, settings.num, seed=settings.seed + 1, device=device, labels=labels)
+    done(f"{settings.num} images generated")
     kw = dict(nhoods_per_image=settings.nhoods_per_image, seed=settings.seed)
     result = {"checkpoint": job.checkpoint, "step": job.step, "weights": job.which, "num": settings.num}
     result.update(nhoods_per_image=settings.nhoods_per_image, seed=settings.seed)
     result.update(swd(real_a, fake, **kw).as_dict())
+    done(f"SWD {result['swd']:.3f}")
     if job.cfg.model.conditional:
         per_class = None
         if names is not None and labels_a is not None:
             per_class = swd_per_class(real_a, fake, labels_a, names, **kw)
+            done("SWD per class")
         result["swd_per_class"] = per_class
     result["swd_real_vs_real"] = swd(real_a, real_b, **kw).mean if real_b is not None else None
+    if real_b is not None:
+        done(f"real-vs-real SWD {result['swd_real_vs_real']:.3f} (the floor)")
     if settings.untrained:
         # The generator as training starts: batch statistics (train mode). In eval mode an untrained G, whose
         # running statistics are still the initial ones, draws one flat image for every z: a degenerate baseline.
         G0, _ = build_models(job.cfg.model, seed=job.cfg.run.seed)
         untrained = generate(G0.to(device).train(), settings.num, settings.seed + 1, device, labels=labels)
         result["swd_untrained"] = swd(real_a, untrained, **kw).mean
+        done(f"untrained generator's SWD {result['swd_untrained']:.3f}")
     value, reason = fid(real_a, fake, settings.inception_weights, device)
+    done(f"FID {value:.2f}" if value is not None else f"FID: not computed ({reason})")
     result["fid"] = value
     if reason:
         result["fid_reason"] = reason

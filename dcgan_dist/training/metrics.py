@@ -26,12 +26,6 @@ from dcgan_dist.training.sinks.base import Sink, SinkContext, duration, emit
 __all__ = ["duration", "emit"]  # here for the callers of old
 
 METRICS_FILE = "metrics.jsonl"
-ESTIMATE_FILE = "estimate.json"
-# The CPU estimate: measured over the steps after the first (which pays for warm-up), for at least this long and
-# this many steps, and written well within a run's first 30 s even at seconds per step.
-ESTIMATE_MIN_S, ESTIMATE_MIN_STEPS, ESTIMATE_MAX_S = 2.0, 3, 3.0
-# An estimate longer than this on a CPU is said in a line, with the way to something faster.
-LONG_ON_CPU_S = 30 * 60
 
 
 def parse_metrics(text: str) -> list[dict]:
@@ -162,9 +156,6 @@ class Metrics:
         # however far apart the checks are.
         self.unchecked: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.unchecked_blocks: list[tuple[int, torch.Tensor]] = []
-        # The early estimate on a CPU (rank 0): (wall clock at the end of the first step, steps since) until made.
-        self.estimate_from: tuple[float, int] | None = None
-        self.estimated = env.device.type != "cpu"
 
     def state_dict(self) -> dict:
         return {
@@ -211,51 +202,6 @@ class Metrics:
         console = self.sinks.get("console")
         if console is not None:
             console.step_done()  # type: ignore[attr-defined]  # the console sink's bar
-        if not self.estimated and self.env.is_main:
-            self._estimate()
-
-    def _estimate(self, at_end: bool = False) -> None:
-        """On a CPU, once: the time train.max_steps will take at the rate of the first steps, written to
-        estimate.json and, when it is long, said with what to do instead (a preset meant for a GPU). at_end: the
-        run ends before the measurement was long enough: from the steps there were."""
-        now = time.perf_counter()
-        if self.estimate_from is None:  # the first step pays for warm-up: the clock starts after it
-            self.estimate_from = (now, 0)
-            return
-        started, steps = self.estimate_from
-        if not at_end:
-            steps += 1
-            self.estimate_from = (started, steps)
-        elapsed = now - started
-        if at_end and not steps:
-            return
-        if not at_end and (steps < ESTIMATE_MIN_STEPS and elapsed < ESTIMATE_MAX_S or elapsed < ESTIMATE_MIN_S):
-            return
-        self.estimated = True
-        rate = steps * self.global_batch / elapsed
-        max_steps = self.cfg.train.max_steps
-        remaining_s = (max_steps - self.step) * self.global_batch / rate
-        total_s = max_steps * self.global_batch / rate
-        long = total_s > LONG_ON_CPU_S
-        estimate = {
-            "device": "cpu",
-            "images_per_s": rate,
-            "measured_steps": steps,
-            "measured_s": elapsed,
-            "global_batch": self.global_batch,
-            "step": self.step,
-            "max_steps": max_steps,
-            "estimated_total_s": total_s,
-            "estimated_remaining_s": remaining_s,
-            "long": long,
-        }
-        self.storage.write(ESTIMATE_FILE, (json.dumps(estimate) + "\n").encode())
-        if long:
-            self.message(
-                f"warning: at {rate:.0f} images/s on this CPU, train.max_steps={max_steps} would take "
-                f"~{duration(total_s)} ({duration(remaining_s)} from here); for a CPU try --config debug, "
-                "or a GPU"
-            )
 
     def exclude(self, seconds: float) -> None:
         """Leave time spent on something else than training (an evaluation) out of images_per_s."""
@@ -315,11 +261,6 @@ class Metrics:
             return
         for sink in self.sinks.values():
             sink.scalars(record)
-        # A run that reaches max_steps before the estimate was measured long enough: from the steps there were
-        # (here, not at close: a failing run, a store that stopped answering, is not kept waiting for it).
-        if "images_per_s" in record and not self.estimated and record["step"] >= self.cfg.train.max_steps:
-            if self.estimate_from is not None:
-                self._estimate(at_end=True)
 
     def message(self, text: str) -> None:
         if self.env.is_main and not any(sink.message(text) for sink in self.sinks.values()):

@@ -16,7 +16,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import torch
@@ -38,6 +38,7 @@ from dcgan_dist.gan.step import make_optimizers, set_hyperparameters, set_learni
 from dcgan_dist.storage.filesystem import RunStorage, StoreError, StoreUnreachable, check_bucket, is_remote, set_timeout
 from dcgan_dist.training import sinks
 from dcgan_dist.training.checkpoint import CheckpointManager, CheckpointStorage, StorageCheckpoints
+from dcgan_dist.training.cpu_estimate import CpuEstimate
 from dcgan_dist.training.memory_estimate import check_memory
 from dcgan_dist.training.metrics import Metrics, NonFiniteLoss
 from dcgan_dist.training.quality_tracking import QualityTracker
@@ -68,6 +69,8 @@ class TrainResult:
     resumed_from: str | None = None  # that checkpoint
     stop_reason: str = "max_steps"  # max_steps | signal | already_trained
     signal: str | None = None  # the stopping signal's name (SIGTERM, SIGINT)
+    # What the run warned about, as data: {"kind": "cpu_estimate", ...} (training/cpu_estimate.py)
+    warnings: list[dict] = field(default_factory=list)
 
 
 def check_settings(
@@ -273,6 +276,9 @@ class Trainer:
             cfg, env, self.storage, self.global_batch, self.num_samples, (self.opt_g, self.opt_d), self.batches
         )
         self.say = self.metrics.message  # rank 0 only
+        self.estimate = CpuEstimate(
+            cfg, self.global_batch, self.storage, self.say, env.is_main and env.device.type == "cpu"
+        )
         states = {
             "G": self.G,
             "D": self.D,
@@ -364,6 +370,7 @@ class Trainer:
                     self.ema.update(G)
                 step += 1
                 self.metrics.add(losses, time.perf_counter() - step_started)
+                self.estimate.step(step)
                 for hook in self.hooks:
                     hook(step, env, images)
                 stop = env.agree_max(stopping.code())  # a graceful stop: after this step, on every rank
@@ -389,6 +396,8 @@ class Trainer:
                     self.checkpoints(step, record)
 
         seconds = time.perf_counter() - started
+        if step >= cfg.train.max_steps:  # reached before the estimate was measured long enough: from what there was
+            self.estimate.at_end(step)
         rate = (step - first) * self.global_batch / max(seconds, 1e-9)
         stopped = stopping.signal_of(stop) if step < cfg.train.max_steps else 0  # at the last step: finished
         self.say(f"{'Stopped' if stopped else 'Done'}: step {step} in {seconds:.1f} s ({rate:.1f} images/s)")
@@ -411,6 +420,7 @@ class Trainer:
             resumed_from=resumed_from,
             stop_reason="signal" if stopped else "max_steps",
             signal=signal.Signals(stopped).name if stopped else None,
+            warnings=self.estimate.warnings,
         )
 
     def check_finite(self, step: int) -> None:
