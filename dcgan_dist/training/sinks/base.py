@@ -7,6 +7,7 @@ is in `state_dict`, which travels in every checkpoint. Any method may be left as
 
 from __future__ import annotations
 
+import numbers
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,21 @@ def emit(text: str) -> None:
     """One line to stdout. Not print(): Ray Train patches print in workers into logging, which repeats lines."""
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def scalar_items(record: dict, prefix: str = "") -> list[tuple[str, float]]:
+    """A step record's numbers as (name, value) for a sink that takes scalars only (TensorBoard, MLflow): "step"
+    and what is not a number (bools, text) left out; a nested dict (swd_per_class: {class: value}) flattened to
+    swd_per_class/<class>."""
+    items: list[tuple[str, float]] = []
+    for key, value in record.items():
+        if not prefix and key == "step":
+            continue
+        if isinstance(value, dict):
+            items += scalar_items(value, f"{prefix}{key}/")
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            items.append((f"{prefix}{key}", float(value)))
+    return items
 
 
 @dataclass
