@@ -60,6 +60,7 @@ class SinkContext:
 
 class Sink:
     library: str | None = None  # the module it needs, checked before a run starts (an optional extra)
+    extra: str | None = None  # the pip extra that installs it (pyproject.toml); None: a dependency of the package
 
     def __init__(self, ctx: SinkContext):
         self.ctx = ctx

@@ -23,6 +23,7 @@ EXPERIMENT = "dcgan_dist"
 
 class MlflowSink(Sink):
     library = "mlflow"
+    extra = "mlflow"
     client: Any = None
     run_id: str | None = None
 
