@@ -159,7 +159,8 @@ def test_an_elastic_run_that_loses_a_node_goes_on_with_fewer_workers(ray_cluster
     # The restarted group's start, from result.json (the last start of the workers): the checkpoint it resumed from.
     result = read_result(run_dir)
     resumed = [result["start_step"]]
-    assert resumed[0] >= 3 and ckpt.load(result["resumed_from"])["step"] == resumed[0], out[-4000:]
+    # (that checkpoint itself is gone by the end: train.keep_checkpoints keeps the newest three)
+    assert resumed[0] >= 3 and Path(result["resumed_from"]).parent.name == f"step_{resumed[0]:07d}", out[-4000:]
     records = trained(run_dir)
     assert {r["world"] for r in records if r["step"] <= 3} == {3}
     for rank in range(2):  # after the restart: two workers, from the step after the checkpoint to the end

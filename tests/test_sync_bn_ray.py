@@ -30,8 +30,8 @@ def test_node_groups_on_two_ray_nodes_train_like_off(ray_cluster, tiny_shards, t
             ray_cluster,
         )
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-        nodes[mode] = worker_nodes(proc.stdout)
-        states[mode] = ckpt.load(final_checkpoint(proc.stdout))
+        nodes[mode] = worker_nodes(tmp_path / mode)
+        states[mode] = ckpt.load(final_checkpoint(tmp_path / mode))
     assert nodes["node"][0] != nodes["node"][1], nodes  # one worker per Ray node
     assert_same_training_state(states["node"], states["off"])
     assert not all(torch.equal(v, states["global"]["D"][k]) for k, v in states["off"]["D"].items())
