@@ -11,8 +11,8 @@ exists (a test does something meanwhile), unless FILE exists already (a resumed 
 --stop-after STEP --ready FILE: rank 0 creates FILE right after step STEP and waits there until its run has a stop
 request (the test sends a signal or stops the job meanwhile), so that every rank stops after exactly that step; no
 wait if FILE exists already.
---record DIR: every rank appends what it trained on at each step (the tags of tests.test_data.tagged_images) to
-DIR/rank<R>.jsonl.
+--record DIR: every rank appends what it trained on at each step (the tags of tests.test_data.tagged_images, and
+their labels when the shards are labelled) to DIR/rank<R>.jsonl.
 Under dist.launcher=ray the hooks travel to the Ray workers (pickled by value, being defined in this script)."""
 
 import argparse
@@ -30,7 +30,7 @@ class SignalAfterStep:
     def __init__(self, signum: int, step: int, rank: int, marker: Path):
         self.signum, self.step, self.rank, self.marker = signum, step, rank, marker
 
-    def __call__(self, step, env, images) -> None:
+    def __call__(self, step, env, images, labels=None) -> None:
         if step != self.step or env.rank != self.rank or self.marker.exists():
             return
         self.marker.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ class PauseUntil:
     def __init__(self, step: int, go: Path):
         self.step, self.go = step, go
 
-    def __call__(self, step, env, images) -> None:
+    def __call__(self, step, env, images, labels=None) -> None:
         if step != self.step or env.rank != 0 or self.go.exists():
             return
         Path(f"{self.go}.paused").touch()
@@ -75,7 +75,7 @@ class WaitForStop:
     def __init__(self, step: int, ready: Path):
         self.step, self.ready = step, ready
 
-    def __call__(self, step, env, images) -> None:
+    def __call__(self, step, env, images, labels=None) -> None:
         from dcgan_dist import stopping
 
         if step != self.step or env.rank != 0 or self.ready.exists():
@@ -91,11 +91,14 @@ class RecordTags:
     def __init__(self, folder: Path):
         self.folder = folder
 
-    def __call__(self, step, env, images) -> None:
+    def __call__(self, step, env, images, labels=None) -> None:
         tags = (images[:, 0, 0, 0].long() + 256 * images[:, 0, 0, 1].long()).tolist()  # as tests.test_data.tag
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / f"rank{env.rank}.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "world": env.world_size, "tags": tags}) + "\n")
+            record = {"step": step, "world": env.world_size, "tags": tags}
+            if labels is not None:
+                record["labels"] = labels.tolist()
+            f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

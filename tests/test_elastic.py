@@ -14,7 +14,7 @@ from dcgan_dist.training import checkpoint as ckpt
 from dcgan_dist.training.metrics import read_metrics
 
 from .conftest import ROOT, TINY, cluster_cpus, extra_ray_node, read_result, run_with_env
-from .test_data import tagged_images, write
+from .test_data import LABEL_CLASSES, tagged_images, write
 
 # slow: a third Ray node joins and is lost (~2 min with its teardown); tests/unit covers the resize ledger.
 pytestmark = pytest.mark.slow
@@ -27,7 +27,10 @@ BATCH = 4
 
 @pytest.fixture(scope="module")
 def tagged_shards(tmp_path_factory) -> Path:
-    return write(tmp_path_factory.mktemp("tagged") / "shards", tagged_images(NUM_SAMPLES, size=32), SHARD_SIZE)
+    # Labelled (image i: label i % 5): a resize deals (image, label) pairs, and each record is checked.
+    return write(
+        tmp_path_factory.mktemp("tagged") / "shards", tagged_images(NUM_SAMPLES, size=32), SHARD_SIZE, labelled=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +106,8 @@ def test_a_checkpoint_from_2_workers_resumed_with_3_trains_each_sample_of_the_pa
     result = read_result(run_dir)  # the resume, as the run records it
     assert result["start_step"] == 4 and ckpt.load(result["resumed_from"])["step"] == 4
     records = trained(run_dir)
+    # Every sample came with its own label, before the resize and after it.
+    assert all(r["labels"] == [t % len(LABEL_CLASSES) for t in r["tags"]] for r in records)
     assert sorted((r["world"], r["step"]) for r in records if r["rank"] == 2) == [(3, s) for s in range(5, 14)]
     after = {rank: [t for r in records if r["rank"] == rank and r["step"] > 4 for t in r["tags"]] for rank in range(3)}
     assert_each_sample_once_per_pass(before, after, world=3)

@@ -300,7 +300,7 @@ def test_weights_that_became_non_finite_are_never_checkpointed(tmp_path, tiny_sh
     threads = torch.get_num_threads()
     trainer = Trainer(cfg)
 
-    def poison(step, env, images):
+    def poison(step, env, images, labels=None):
         if step == 4:
             with torch.no_grad():
                 next(trainer.G.parameters()).fill_(float("inf"))

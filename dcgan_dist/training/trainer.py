@@ -50,7 +50,7 @@ log = logging.getLogger("dcgan_dist")
 
 # Called right after every training step (before the parts act) with the step number, this process's DistEnv and
 # the step's uint8 images (as the loader gave them); tests inject faults and record what was trained here.
-StepHook = Callable[[int, DistEnv, torch.Tensor], None]
+StepHook = Callable[[int, DistEnv, torch.Tensor, torch.Tensor | None], None]  # (step, env, images, labels)
 
 
 @dataclass
@@ -368,18 +368,18 @@ class Trainer:
                 images, labels = next(self.batches)
                 real = normalise(images, env.device, channels_last)
                 z = self.noise.latents(real.shape[0], cfg.model.nz)
-                labels = (
+                conditions = (
                     labels.to(env.device, non_blocking=True) if labels is not None and cfg.model.conditional else None
                 )
                 set_learning_rates(self.opt_g, self.opt_d, cfg.optim, step, cfg.train.max_steps)
-                losses = train_step(G, D, self.opt_g, self.opt_d, real, z, self.precision, self.objective, labels)
+                losses = train_step(G, D, self.opt_g, self.opt_d, real, z, self.precision, self.objective, conditions)
                 if self.ema is not None:
                     self.ema.update(G)
                 step += 1
                 self.metrics.add(losses, time.perf_counter() - step_started)
                 self.estimate.step(step)
                 for hook in self.hooks:
-                    hook(step, env, images)
+                    hook(step, env, images, labels)  # the batch as the loader gave it
                 stop = env.agree_max(stopping.code())  # a graceful stop: after this step, on every rank
                 if stop:
                     self.say(

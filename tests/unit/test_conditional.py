@@ -167,7 +167,7 @@ def test_a_conditional_run_resumes_bit_exactly(tmp_path, labelled):
     more = ["train.checkpoint_every=3", "train.max_steps=6", "optim.schedule=cosine", "optim.lr_d=4e-4"]
     trainer_lib.Trainer(settings(labelled, straight, *more)).fit()
 
-    def crash(step, env, images):
+    def crash(step, env, images, labels=None):
         if step == 5:  # after the checkpoint of step 3: steps 4 and 5 are trained again
             raise RuntimeError("crash")
 

@@ -59,7 +59,7 @@ def train_default_recipe(tmp: Path, overrides: tuple[str, ...] = ()) -> dict:
     cfg = build_config("debug", [*SETTINGS, f"data.shards={shards}", f"run.dir={tmp / 'run'}", *overrides])
     data = hashlib.sha256()
 
-    def record(step, env, images) -> None:
+    def record(step, env, images, labels=None) -> None:
         data.update(images.contiguous().numpy().tobytes())
 
     trainer = Trainer(cfg, hooks=[record])
