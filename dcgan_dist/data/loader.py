@@ -52,10 +52,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dcgan_dist.data.images import to_unit_range
 from dcgan_dist.data.shards import (
     ImagesNotShards,
+    RawChunk,
     decode_label,
     decode_sample,
     expand_shards,
     is_url,
+    iter_raw_chunks,
     iter_samples,
     read_classes,
     shard_counts,
@@ -105,8 +107,8 @@ class _BadSamples:
         self.shards: list[str] = []
         self.first: str | None = None
 
-    def add(self, url: str, reason: str) -> None:
-        self.count += 1
+    def add(self, url: str, reason: str, count: int = 1) -> None:
+        self.count += count
         self.first = self.first or reason.splitlines()[0][:300]
         name = os.path.basename(url)
         if name not in self.shards:
@@ -122,6 +124,70 @@ class _BadSamples:
             f"data.max_bad_fraction={max_fraction:g}: in {shards}; the first: {self.first}; fix or remove those "
             "shards (`python -m dcgan_dist.data inspect` lists them), or raise data.max_bad_fraction"
         )
+
+
+class _SlotReport:
+    """The raw path's counts and warning lines of one loader slot (as _batches keeps them): counted only while
+    `counting` (a resumed pass does not count again what it met before its position); warnings wait for the next
+    batch, at most SHOWN_WARNINGS lines per slot and run."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.counts = dict.fromkeys(_COUNTERS, 0)
+        self.counting = True
+        self.warned: set[str] = set()
+        self.shard_errors: list[str] = []
+        self.pending: list[str] = []
+        self.shown = 0
+        self.bad_reported = False
+
+    def on_shard_error(self, exc: Exception) -> bool:
+        reason = shard_error_text(exc)
+        if len(self.shard_errors) < 3:
+            self.shard_errors.append(reason)
+        if self.counting:
+            self.counts["bad_shards"] += 1
+            if reason not in self.warned:
+                self.warned.add(reason)
+                self.pending.append(
+                    f"skipping unreadable shard data ({self.where}), counted in metrics.jsonl's bad_shards: {reason}"
+                )
+        return True  # keep going with the next shard
+
+    def bad(self, count: int) -> None:
+        if self.counting:
+            self.counts["bad_samples"] += count
+
+    def first_bad(self, first: str | None) -> None:
+        if first is not None and not self.bad_reported and self.counts["bad_samples"]:
+            self.bad_reported = True
+            self.pending.append(
+                f"skipping unusable samples ({self.where}), each counted in metrics.jsonl's bad_samples; the "
+                f"first: {first}"
+            )
+
+    def shortfall(self, url: str, got: int, want: int) -> None:
+        if got < want:
+            self.counts["missing_samples"] += want - got
+            if url not in self.warned:
+                self.warned.add(url)
+                self.pending.append(
+                    f"shard {url} gave {got} of its {want} samples (dataset.json); check it with "
+                    "`python -m dcgan_dist.data inspect`"
+                )
+
+    def flush(self) -> None:
+        for message in self.pending:
+            self.shown += 1
+            if self.shown <= SHOWN_WARNINGS:
+                log.warning("%s", message)
+            elif self.shown == SHOWN_WARNINGS + 1:
+                log.warning(
+                    "more unreadable shards or unusable samples (%s) are skipped and counted in metrics.jsonl, "
+                    "without a line each",
+                    self.where,
+                )
+        self.pending.clear()
 
 
 def slot_seed(*parts: int) -> int:
@@ -161,6 +227,8 @@ class ShardStream(IterableDataset):
     # A labelled set's number of classes (dataset.json's classes): every sample then needs a label below it, and
     # batches carry the labels. 0: unlabelled, any label members ignored.
     num_classes: int = 0
+    # A raw set (every part's dataset.json says format raw): batches are cut from whole chunks (_chunk_batches).
+    raw_chunks: bool = False
 
     def _label(self, sample: dict) -> int | str:
         """A labelled set's sample's class index, or why it has none usable (a str)."""
@@ -196,7 +264,7 @@ class ShardStream(IterableDataset):
         # Whatever stops this slot reaches the training process as one line, in the stream (an exception would
         # arrive there as a worker's traceback); it shuts the loader down and ends the run (RunError).
         try:
-            yield from self._batches(slot, where)
+            yield from (self._chunk_batches if self.raw_chunks else self._batches)(slot, where)
         except MemoryError:
             yield LoaderFailure(
                 f"out of memory in the data loader ({where}): lower train.batch_size, "
@@ -332,6 +400,199 @@ class ShardStream(IterableDataset):
                         )
             pass_index, skip = pass_index + 1, 0
 
+    def _chunk_batches(self, slot: int, where: str) -> Iterator[tuple[torch.Tensor, ...] | LoaderFailure]:
+        """The raw path (raw_chunks): whole chunks in, batches cut out by indexing, no per-image Python.
+
+        A pass reads its shards' chunks (shard order shuffled as in _batches) into a pool of the images of whole
+        chunks, views of the mapped shards, never copied; each chunk added, the pool is permuted by the pass's
+        seeded generator and what it holds beyond `shuffle_buffer` images is emitted, so each image leaves at a
+        uniformly random place among those held; the pass's last pool is permuted and emitted whole. Batches are
+        cut from the emitted order (the last one of a pass finishes with the next pass's first images), and each
+        is gathered from its chunks with one copy, grouped by chunk within the batch. A batch's position is
+        (pass, images of the pass emitted up to its end); a resumed pass reads its chunks again and leaves its
+        first `skip` emitted images out, uncopied. The ledger, unusable samples (a damaged chunk is one), unreadable
+        shards and shortfalls as in _batches; what a resumed pass meets before its position is not counted again.
+        """
+        urls = self.rank_urls[slot :: self.num_slots]
+        pass_index, skip = self.positions.get(slot, (0, 0))
+        report = _SlotReport(where)
+        last_resized_pass = max((p for p, _ in self.trained_before.values()), default=-1)
+        # chunk id -> (images N x H x W x C, labels or None, ordinal of row 0, shard id)
+        chunks: dict[int, tuple[np.ndarray, np.ndarray | None, int, int]] = {}
+        next_chunk = 0
+        empty = np.zeros(0, np.int64)
+        # Emitted and not yet batched: chunk id, row and pass of each image (a pass's leftover first).
+        ready_chunk, ready_row, ready_pass = empty, empty, empty
+        while True:
+            rng = random.Random(slot_seed(self.seed, self.rank, slot, pass_index))
+            order = list(urls)
+            rng.shuffle(order)
+            order = [u for u in order if self.trained_before.get(u, (pass_index,))[0] <= pass_index]
+            generator = np.random.default_rng(rng.getrandbits(63))
+            known = all(u in self.shard_counts for u in order)
+            pass_total = sum(self.shard_counts[u] for u in order) if known else None
+            per_shard = dict.fromkeys(order, 0)
+            bad = _BadSamples()
+            pool_chunk, pool_row = empty, empty
+            emitted = 0  # images of this pass emitted, the first `skip` of them left out (trained before)
+            read = 0  # images of this pass read (a damaged chunk: one), less what the ledger left out
+            report.counting = skip == 0
+            for chunk in iter_raw_chunks(order, handler=report.on_shard_error):
+                per_shard[chunk.url] = per_shard.get(chunk.url, 0) + chunk.count
+                rows, unusable, reason = self._usable_rows(chunk, pass_index)
+                read += len(rows) + unusable
+                if unusable:
+                    bad.add(chunk.url, reason or "", unusable)
+                    report.bad(unusable)
+                    if pass_total is not None and bad.too_many(max(pass_total, read), self.max_bad_fraction):
+                        yield LoaderFailure(
+                            bad.message(pass_index, where, max(pass_total, read), self.max_bad_fraction)
+                        )
+                        return
+                if len(rows):
+                    chunks[next_chunk] = (chunk.images, chunk.labels, chunk.first, self.shard_ids.get(chunk.url, -1))
+                    pool_chunk = np.concatenate([pool_chunk, np.full(len(rows), next_chunk)])
+                    pool_row = np.concatenate([pool_row, rows])
+                    next_chunk += 1
+                out = len(pool_chunk) - self.shuffle_buffer
+                if out <= 0:
+                    continue
+                mixed = generator.permutation(len(pool_chunk))
+                pool_chunk, pool_row = pool_chunk[mixed], pool_row[mixed]
+                c, r = pool_chunk[:out], pool_row[:out]
+                pool_chunk, pool_row = pool_chunk[out:], pool_row[out:]
+                drop = min(out, max(0, skip - emitted))
+                emitted += out
+                report.counting = emitted >= skip
+                ready_chunk = np.concatenate([ready_chunk, c[drop:]])
+                ready_row = np.concatenate([ready_row, r[drop:]])
+                ready_pass = np.concatenate([ready_pass, np.full(out - drop, pass_index)])
+                while len(ready_chunk) >= self.batch_size:
+                    batch = self._cut(chunks, ready_chunk, ready_row, ready_pass)
+                    ready_chunk, ready_row, ready_pass = (
+                        a[self.batch_size :] for a in (ready_chunk, ready_row, ready_pass)
+                    )
+                    offset = emitted - int(np.count_nonzero(ready_pass == pass_index))
+                    yield self._with_meta(batch, report, bad, slot, pass_index, offset)
+                live = np.unique(np.concatenate([pool_chunk, ready_chunk]))
+                for cid in [cid for cid in chunks if cid not in set(live.tolist())]:
+                    del chunks[cid]
+            # The pass's last images, in a random order.
+            mixed = generator.permutation(len(pool_chunk))
+            c, r = pool_chunk[mixed], pool_row[mixed]
+            drop = min(len(c), max(0, skip - emitted))
+            emitted += len(c)
+            report.counting = True
+            ready_chunk = np.concatenate([ready_chunk, c[drop:]])
+            ready_row = np.concatenate([ready_row, r[drop:]])
+            ready_pass = np.concatenate([ready_pass, np.full(len(c) - drop, pass_index)])
+            while len(ready_chunk) >= self.batch_size:
+                batch = self._cut(chunks, ready_chunk, ready_row, ready_pass)
+                ready_chunk, ready_row, ready_pass = (
+                    a[self.batch_size :] for a in (ready_chunk, ready_row, ready_pass)
+                )
+                offset = emitted - int(np.count_nonzero(ready_pass == pass_index))
+                yield self._with_meta(batch, report, bad, slot, pass_index, offset)
+            live = set(ready_chunk.tolist())
+            for cid in [cid for cid in chunks if cid not in live]:
+                del chunks[cid]
+            if read == 0 and pass_index > last_resized_pass:
+                names = ", ".join(os.path.basename(u) for u in order[:3]) + (", ..." if len(order) > 3 else "")
+                yield LoaderFailure(
+                    f"no readable samples in the {len(order)} shard(s) of {where} ({names}): "
+                    f"{report.shard_errors[0] if report.shard_errors else 'they hold no samples'}; check them with "
+                    "`python -m dcgan_dist.data inspect`"
+                )
+                return
+            pass_size = max(read, pass_total or 0)
+            if bad.too_many(pass_size, self.max_bad_fraction):
+                yield LoaderFailure(bad.message(pass_index, where, pass_size, self.max_bad_fraction))
+                return
+            for url, got in per_shard.items():  # a shard that ended early (truncated at a member boundary)
+                report.shortfall(url, got, self.shard_counts.get(url, got))
+            pass_index, skip = pass_index + 1, 0
+
+    def _usable_rows(self, chunk: RawChunk, pass_index: int) -> tuple[np.ndarray, int, str | None]:
+        """(rows of a chunk to train on, how many more are unusable, why) less those the ledger of a resized run
+        says were trained in this pass."""
+        rows = np.arange(chunk.count)
+        before = self.trained_before.get(chunk.url)
+        if before is not None and before[0] == pass_index and len(before[1]):
+            ordinals = chunk.first + rows
+            trained = before[1][np.minimum(ordinals, len(before[1]) - 1)] & (ordinals < len(before[1]))
+            rows = rows[~trained]
+        if not len(rows):
+            return rows, 0, None
+        if chunk.images is None:
+            return rows[:0], len(rows), chunk.error
+        n, h, w, c = chunk.images.shape
+        if self.expect_chw is not None and (h, w, c) != tuple(self.expect_chw[1:]) + (self.expect_chw[0],):
+            ec, eh, ew = self.expect_chw
+            return (
+                rows[:0],
+                len(rows),
+                (
+                    f"sample '{chunk.key}' in {chunk.url}: {h}x{w} with {c} channel(s), the model expects {eh}x{ew} "
+                    f"with {ec}"
+                ),
+            )
+        if self.num_classes:
+            if chunk.labels is None:
+                return (
+                    rows[:0],
+                    len(rows),
+                    chunk.label_error
+                    or (
+                        f"sample '{chunk.key}' in {chunk.url} has no label, the set's dataset.json has "
+                        f"{self.num_classes} classes"
+                    ),
+                )
+            labels = chunk.labels[rows]
+            ok = (labels >= 0) & (labels < self.num_classes)
+            if not ok.all():
+                first = int(np.flatnonzero(~ok)[0])
+                return (
+                    rows[ok],
+                    int(np.count_nonzero(~ok)),
+                    (
+                        f"sample '{chunk.key}/{rows[first]}' in {chunk.url} has label {labels[first]}, the set's "
+                        f"dataset.json has {self.num_classes} classes"
+                    ),
+                )
+        return rows, 0, None
+
+    def _cut(
+        self, chunks: dict, chunk_ids: np.ndarray, rows: np.ndarray, passes: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The next batch_size emitted images gathered from their chunks (one copy, grouped by chunk): (images
+        B x H x W x C, ids B x (pass, shard id, ordinal), labels or None)."""
+        size = self.batch_size
+        order = np.argsort(chunk_ids[:size], kind="stable")
+        chunk_ids, rows, passes = chunk_ids[:size][order], rows[:size][order], passes[:size][order]
+        bounds = [0, *(np.flatnonzero(np.diff(chunk_ids)) + 1).tolist(), size]
+        images = np.empty((size, *chunks[int(chunk_ids[0])][0].shape[1:]), np.uint8)
+        ids = np.empty((size, 3), np.int64)
+        ids[:, 0] = passes
+        labels = np.empty(size, np.int64) if self.num_classes else None
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            chunk_images, chunk_labels, first, shard = chunks[int(chunk_ids[start])]
+            np.take(chunk_images, rows[start:end], axis=0, out=images[start:end])
+            ids[start:end, 1] = shard
+            ids[start:end, 2] = rows[start:end] + first
+            if labels is not None:
+                labels[start:end] = chunk_labels[rows[start:end]]
+        return images, ids, labels
+
+    def _with_meta(self, batch, report: _SlotReport, bad: _BadSamples, slot: int, pass_index: int, offset: int):
+        """A cut batch as the stream yields it, with its position and the counts since the last one."""
+        images, ids, labels = batch
+        report.first_bad(bad.first)
+        report.flush()
+        meta = torch.tensor([slot, pass_index, offset, *(report.counts[k] for k in _COUNTERS)])
+        report.counts = dict.fromkeys(_COUNTERS, 0)
+        labels = torch.from_numpy(labels) if labels is not None else torch.zeros(0, dtype=torch.int64)
+        return torch.from_numpy(images).permute(0, 3, 1, 2), meta, torch.from_numpy(ids), labels
+
     def _untrained(self, samples: Iterator[dict], pass_index: int, per_shard: dict[str, int]) -> Iterator[dict]:
         """Count what each shard gives, and leave out what the ledger of a resized run says was trained in this
         pass already (by each sample's ordinal in its shard, `__index__`)."""
@@ -437,6 +698,7 @@ class ImageBatches:
             shard_ids={u: i for i, u in enumerate(urls)},
             max_bad_fraction=max_bad_fraction,
             num_classes=len(self.classes or []),
+            raw_chunks=isinstance(shards, str) and all(info and info.format == "raw" for _, info in spec_parts(shards)),
         )
         self.layout = {
             "world_size": world_size,
@@ -500,19 +762,21 @@ class ImageBatches:
         return images, (labels if self.classes else None)
 
     def _mark_trained(self, ids: np.ndarray) -> None:
-        """Enter a batch's (pass, shard id, ordinal) rows in the ledger."""
-        for shard in np.unique(ids[:, 1]):
-            rows = ids[ids[:, 1] == shard]
-            for pass_index in np.unique(rows[:, 0]):  # a batch that spans the end of a pass holds two
-                ordinals = rows[rows[:, 0] == pass_index, 2]
-                entry = self.ledger.get(int(shard))
-                if entry is None or entry[0] < pass_index:  # the shard's first sample of a new pass
-                    entry = (int(pass_index), np.zeros(0, dtype=bool))
-                trained = entry[1]
-                if ordinals.max() >= len(trained):
-                    trained = np.concatenate([trained, np.zeros(int(ordinals.max()) + 1 - len(trained), dtype=bool)])
-                trained[ordinals] = True
-                self.ledger[int(shard)] = (entry[0], trained)
+        """Enter a batch's (pass, shard id, ordinal) rows in the ledger: one group per (shard, pass) in the batch
+        (a batch that spans the end of a pass holds two passes)."""
+        groups, which = np.unique(ids[:, 1] * (1 << 32) + ids[:, 0], return_inverse=True)
+        for group, key in enumerate(groups.tolist()):
+            shard, pass_index = key >> 32, key & 0xFFFFFFFF
+            ordinals = ids[which == group, 2] if len(groups) > 1 else ids[:, 2]
+            entry = self.ledger.get(shard)
+            if entry is None or entry[0] < pass_index:  # the shard's first sample of a new pass
+                entry = (pass_index, np.zeros(0, dtype=bool))
+            trained = entry[1]
+            top = int(ordinals.max())
+            if top >= len(trained):
+                trained = np.concatenate([trained, np.zeros(top + 1 - len(trained), dtype=bool)])
+            trained[ordinals] = True
+            self.ledger[shard] = (entry[0], trained)
 
     def state_dict(self) -> dict:
         return {
