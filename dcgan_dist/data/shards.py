@@ -741,7 +741,16 @@ def _local_members(path: str) -> Iterator[tuple[str, memoryview]]:
 def _grouped(members: Iterable[tuple[str, bytes | memoryview]]) -> Iterator[dict]:
     """Consecutive members with the same key -> one sample dict {"__key__": key, extension: data}."""
     sample: dict | None = None
-    for name, data in members:
+    members = iter(members)
+    while True:
+        try:
+            name, data = next(members)
+        except StopIteration:
+            break
+        except Exception:  # a damaged shard: what it held before the damage is given first
+            if sample is not None:
+                yield sample
+            raise
         match = _MEMBER.match(name)
         if match is None:
             continue

@@ -12,10 +12,12 @@ from dcgan_dist.data.shards import decode_label, decode_sample, expand_shards, i
 NUM, PER_SHARD, BATCH = 16, 4, 4
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+@pytest.fixture(scope="module", params=["png", "raw"])  # raw: the chunk path (loader._chunk_batches)
+def shards(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("ledger") / "faces"
-    write_synthetic_shards(out, NUM, shard_size=PER_SHARD, size=32, seed=5, processes=1, progress=False, labels="skin")
+    write_synthetic_shards(
+        out, NUM, shard_size=PER_SHARD, size=32, seed=5, processes=1, progress=False, labels="skin", fmt=request.param
+    )
     return out
 
 
