@@ -104,6 +104,12 @@ class DataSection:
         "samples in the data set, for epoch accounting; 0: read from the shards' dataset.json when there is one",
         at_least=0,
     )
+    cache: Literal["off", "device"] = setting(
+        "off",
+        "device: keep the rank's decoded uint8 images (and labels) on the training device after the first pass "
+        "(host memory on a CPU) and draw later passes there, in a seeded order per pass; taken only where they fit "
+        "in half the free memory (the decision is printed); off: stream from the shards every pass",
+    )
     synth_num: int = setting(20000, "size of the embedded synthetic face set", at_least=1)
     cache_dir: str = setting("~/.cache/dcgan_dist", "where the synthetic faces are generated (train, bench, evaluate)")
 

@@ -610,6 +610,128 @@ class ShardStream(IterableDataset):
             yield sample
 
 
+# data.cache=device: the slice is cached where it fits in this fraction of the free memory of the device.
+CACHE_FRACTION = 0.5
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for a cache on `device`: torch.cuda.mem_get_info on CUDA, MemAvailable of the host otherwise."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+class DeviceCache:
+    """data.cache=device: the rank's decoded uint8 images (and labels) on the training device, in the order of
+    their (shard id, ordinal), and the passes drawn from them.
+
+    The first pass streams as data.cache=off does, and its images are kept as they go by. Once every loader slot
+    is past the pass it started in, batches come from the cache: pass p is a permutation of the cached samples
+    drawn from (seed, rank, p) (numpy, so the same on every device), the passes one after the other (a batch
+    may finish one and start the next, as streamed ones do); the first cached pass leaves out the samples the
+    stream already gave in it. `drawn` (cached batches so far), the first cached pass and those samples are the
+    whole state: a resume rebuilds the cache by reading the rank's shards once (not trained on) and continues
+    with the next batch of the same sequence. Every cached batch is entered in the ledger like a streamed one, so
+    a resize re-deals the shards as always: the cache is dropped and rebuilt from the new slice, and its passes
+    go on without what the ledger says was trained."""
+
+    def __init__(self, seed: int, rank: int, batch_size: int, device: torch.device):
+        self.seed, self.rank, self.batch_size, self.device = seed, rank, batch_size, torch.device(device)
+        self.filled = False  # the cache holds the whole slice
+        self.active = False  # batches come from the cache
+        self.first_pass: dict[int, int] = {}  # slot -> the pass of its first streamed batch
+        self.seen: list[tuple[int, int]] = []  # (pass, key) of samples streamed after a slot's first pass
+        self.start_pass = 0  # the first cached pass
+        self.drawn = 0
+        self._parts: list[tuple[torch.Tensor, np.ndarray, torch.Tensor | None]] = []
+        self._perms: dict[int, np.ndarray] = {}
+
+    @staticmethod
+    def keys(ids: np.ndarray) -> np.ndarray:
+        return ids[:, 1] * (1 << 32) + ids[:, 2]
+
+    def keep(self, images: torch.Tensor, ids: np.ndarray, labels: torch.Tensor | None, first: bool) -> None:
+        """A streamed batch: its samples of their slot's first pass (`first`: of pass 0 ... as the ids say)."""
+        take = ids[:, 0] == first
+        if not take.any():
+            return
+        index = torch.from_numpy(np.flatnonzero(take))
+        hwc = images.permute(0, 2, 3, 1)[index].to(self.device)  # N x H x W x C, as the shards hold them
+        self._parts.append((hwc, self.keys(ids[take]), labels[index].to(self.device) if labels is not None else None))
+
+    def finish(self) -> None:
+        """The whole slice kept: into one tensor, in key order (so the order does not depend on the stream's)."""
+        keys = np.concatenate([k for _, k, _ in self._parts])
+        keys, unique = np.unique(keys, return_index=True)  # a sample kept twice (a shard read twice) once
+        order = torch.from_numpy(unique).to(self.device)
+        self.images = torch.cat([i for i, _, _ in self._parts])[order]
+        has_labels = self._parts[0][2] is not None
+        self.labels = torch.cat([lab for _, _, lab in self._parts])[order] if has_labels else None
+        self.sample_keys = keys
+        self._parts, self.filled = [], True
+
+    def start(self, start_pass: int) -> None:
+        self.start_pass, self.active = start_pass, True
+
+    def _perm(self, pass_index: int) -> np.ndarray:
+        """The cached samples (indices) of a pass in its order; the first cached pass without what was seen."""
+        perm = self._perms.get(pass_index)
+        if perm is None:
+            perm = np.random.default_rng(slot_seed(self.seed, self.rank, 1 << 20, pass_index)).permutation(
+                len(self.sample_keys)
+            )
+            if pass_index == self.start_pass and self.seen:
+                seen = np.array([k for p, k in self.seen if p == pass_index], dtype=np.int64)
+                perm = perm[~np.isin(self.sample_keys[perm], seen)]
+            self._perms = {p: v for p, v in self._perms.items() if p >= pass_index - 1}
+            self._perms[pass_index] = perm
+        return perm
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
+        """(images B x C x H x W over channels-last memory, labels or None, ids B x (pass, shard, ordinal))."""
+        position, pass_index = self.drawn * self.batch_size, self.start_pass
+        while position >= len(self._perm(pass_index)):
+            position -= len(self._perm(pass_index))
+            pass_index += 1
+        picked, passes = [], []
+        need = self.batch_size
+        while need:
+            part = self._perm(pass_index)[position : position + need]
+            picked.append(part)
+            passes.append(np.full(len(part), pass_index))
+            need -= len(part)
+            position, pass_index = 0, pass_index + 1
+        index_np = np.concatenate(picked)
+        index = torch.from_numpy(index_np).to(self.device)
+        keys = self.sample_keys[index_np]
+        ids = np.stack([np.concatenate(passes), keys >> 32, keys & 0xFFFFFFFF], axis=1)
+        self.drawn += 1
+        images = self.images[index].permute(0, 3, 1, 2)
+        return images, (self.labels[index] if self.labels is not None else None), ids
+
+    def state_dict(self) -> dict:
+        return {
+            "active": self.active,
+            "first_pass": {str(k): v for k, v in self.first_pass.items()},
+            "seen": [list(s) for s in self.seen],
+            "start_pass": self.start_pass,
+            "drawn": self.drawn,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.active = bool(state["active"])
+        self.first_pass = {int(k): int(v) for k, v in state["first_pass"].items()}
+        self.seen = [(int(p), int(k)) for p, k in state["seen"]]
+        self.start_pass, self.drawn = int(state["start_pass"]), int(state["drawn"])
+
+
 @dataclass
 class LoaderCounters:
     batches: int = 0
@@ -642,7 +764,21 @@ class ImageBatches:
         expect_chw: tuple[int, int, int] | None = None,
         pin_memory: bool = False,
         max_bad_fraction: float = MAX_BAD_FRACTION,
+        cache: str = "off",
+        device: torch.device | str = "cpu",
     ):
+        # What a cache's filling pass needs to read the same slice again (DeviceCache).
+        self._args = dict(
+            shards=shards,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            num_workers=num_workers,
+            shuffle_buffer=shuffle_buffer,
+            expect_chw=expect_chw,
+            max_bad_fraction=max_bad_fraction,
+        )
         urls = expand_shards(shards) if isinstance(shards, str) else list(shards)
         self.classes = read_classes(shards) if isinstance(shards, str) else None
         counts, missing = shard_counts(shards) if isinstance(shards, str) else ({}, [])
@@ -711,6 +847,30 @@ class ImageBatches:
         self.positions: dict[int, tuple[int, int]] = {}
         self.ledger: dict[int, tuple[int, np.ndarray]] = {}  # shard id -> (pass, trained[ordinal]) of this rank
         self._it: Iterator | None = None
+        self.last_slot, self.last_ids = 0, np.zeros((0, 3), np.int64)  # the latest streamed batch's
+        self.cache = self._cache_decision(counts, expect_chw, batch_size, seed, device) if cache == "device" else None
+        self._needs_fill = False  # a resumed cache is filled by a pass of its own first
+
+    def _cache_decision(self, counts, expect_chw, batch_size: int, seed: int, device) -> DeviceCache | None:
+        """data.cache=device: a DeviceCache if the rank's slice fits in CACHE_FRACTION of the device's free memory;
+        the decision printed either way."""
+        device = torch.device(device)
+        known = expect_chw is not None and all(u in counts for u in self.rank_urls)
+        what = f"data.cache=device (rank {self.rank})"
+        if not known:
+            print(f"{what}: not cached, the slice's size is unknown (no dataset.json): streamed every pass", flush=True)
+            return None
+        c, h, w = expect_chw
+        samples = sum(counts[u] for u in self.rank_urls)
+        need = samples * (c * h * w + 8)
+        free = free_memory(device)
+        fits = need <= CACHE_FRACTION * free
+        print(
+            f"{what}: {samples} images need {need / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB free on {device}: "
+            + ("cached after the first pass" if fits else f"not cached (more than {CACHE_FRACTION:g} of it)"),
+            flush=True,
+        )
+        return DeviceCache(seed, self.rank, batch_size, device) if fits else None
 
     def _start(self) -> Iterator:
         # Rotating the slots' roles on resume keeps the DataLoader's round-robin order that of the interrupted run.
@@ -734,6 +894,15 @@ class ImageBatches:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = self.cache
+        if cache is not None and self._needs_fill:
+            self._needs_fill = False
+            self._fill()
+        if cache is not None and cache.active:
+            images, labels, ids = cache.next_batch()
+            self.counters.batches += 1
+            self._mark_trained(ids)
+            return images, (labels if self.classes else None)
         if self._it is None:
             self._it = self._start()
         try:
@@ -758,8 +927,44 @@ class ImageBatches:
         self.counters.batches += 1
         for name, value in zip(_COUNTERS, counts):
             setattr(self.counters, name, getattr(self.counters, name) + value)
-        self._mark_trained(ids.numpy())
+        self.last_slot, self.last_ids = slot, ids.numpy()
+        self._mark_trained(self.last_ids)
+        if cache is not None:
+            self._cache_streamed(images, labels if self.classes else None)
         return images, (labels if self.classes else None)
+
+    def _cache_streamed(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """A streamed batch seen by the cache: kept while it fills, and the switch to cached batches once every
+        slot is past the pass it started in."""
+        cache, ids, slot = self.cache, self.last_ids, self.last_slot
+        first = cache.first_pass.setdefault(slot, int(ids[:, 0].min()))
+        if not cache.filled:
+            cache.keep(images, ids, labels, first)
+        later = ids[:, 0] > first
+        cache.seen += list(zip(ids[later, 0].tolist(), DeviceCache.keys(ids[later]).tolist()))
+        done = len(cache.first_pass) == self.num_slots and all(
+            self.positions[s][0] > p for s, p in cache.first_pass.items()
+        )
+        if done:
+            if not cache.filled:
+                cache.finish()
+            cache.start(min(self.positions[s][0] for s in cache.first_pass))
+            self.close()  # the stream's loader processes are not needed any more
+
+    def _fill(self) -> None:
+        """A resumed cache: the rank's slice read once (a pass of a loader of its own, not trained on)."""
+        reader = ImageBatches(**self._args)
+        firsts: dict[int, int] = {}
+        try:
+            while True:
+                images, labels = next(reader)
+                first = firsts.setdefault(reader.last_slot, int(reader.last_ids[:, 0].min()))
+                self.cache.keep(images, reader.last_ids, labels, first)
+                if len(firsts) == reader.num_slots and all(reader.positions[s][0] > p for s, p in firsts.items()):
+                    break
+        finally:
+            reader.close()
+        self.cache.finish()
 
     def _mark_trained(self, ids: np.ndarray) -> None:
         """Enter a batch's (pass, shard id, ordinal) rows in the ledger: one group per (shard, pass) in the batch
@@ -786,6 +991,7 @@ class ImageBatches:
             "ledger": _ledger_to_state({self.urls[i]: entry for i, entry in self.ledger.items()}),
             # What this layout's streams started without (a resized run); an exact resume needs it again.
             "trained_before": _ledger_to_state(self.stream.trained_before),
+            **({"cache": self.cache.state_dict()} if self.cache is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -798,6 +1004,9 @@ class ImageBatches:
             raise RuntimeError("load_state_dict must come before the first batch")
         mine = states.get(self.rank)
         ids = {u: i for i, u in enumerate(self.urls)}
+        self._needs_fill = self.cache is not None  # whatever the state, a resumed cache is read anew
+        if self.cache is not None and mine is not None and mine.get("layout") == self.layout and "cache" in mine:
+            self.cache.load_state_dict(mine["cache"])
         if mine is not None and mine.get("layout") == self.layout:
             self.positions = {int(k): (int(v[0]), int(v[1])) for k, v in mine["positions"].items()}
             self.counters.batches = int(mine["batches"])
