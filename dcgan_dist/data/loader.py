@@ -662,18 +662,24 @@ class DeviceCache:
         take = ids[:, 0] == first
         if not take.any():
             return
-        index = torch.from_numpy(np.flatnonzero(take))
-        hwc = images.permute(0, 2, 3, 1)[index].to(self.device)  # N x H x W x C, as the shards hold them
-        self._parts.append((hwc, self.keys(ids[take]), labels[index].to(self.device) if labels is not None else None))
+        hwc = images.permute(0, 2, 3, 1).numpy()  # N x H x W x C, as the shards hold them (the batch's memory)
+        kept = torch.from_numpy(hwc[take] if not take.all() else hwc.copy()).to(self.device)
+        kept_labels = torch.from_numpy(labels.numpy()[take]).to(self.device) if labels is not None else None
+        self._parts.append((kept, self.keys(ids[take]), kept_labels))
 
     def finish(self) -> None:
         """The whole slice kept: into one tensor, in key order (so the order does not depend on the stream's)."""
         keys = np.concatenate([k for _, k, _ in self._parts])
         keys, unique = np.unique(keys, return_index=True)  # a sample kept twice (a shard read twice) once
-        order = torch.from_numpy(unique).to(self.device)
-        self.images = torch.cat([i for i, _, _ in self._parts])[order]
         has_labels = self._parts[0][2] is not None
-        self.labels = torch.cat([lab for _, _, lab in self._parts])[order] if has_labels else None
+        if self.device.type == "cpu":  # numpy: torch's cat and indexing of uint8 rows are slow here
+            self.images = torch.from_numpy(np.take(np.concatenate([i.numpy() for i, _, _ in self._parts]), unique, 0))
+            labels = np.concatenate([lab.numpy() for _, _, lab in self._parts])[unique] if has_labels else None
+            self.labels = torch.from_numpy(labels) if labels is not None else None
+        else:
+            order = torch.from_numpy(unique).to(self.device)
+            self.images = torch.cat([i for i, _, _ in self._parts])[order]
+            self.labels = torch.cat([lab for _, _, lab in self._parts])[order] if has_labels else None
         self.sample_keys = keys
         self._parts, self.filled = [], True
 
@@ -709,12 +715,16 @@ class DeviceCache:
             need -= len(part)
             position, pass_index = 0, pass_index + 1
         index_np = np.concatenate(picked)
-        index = torch.from_numpy(index_np).to(self.device)
         keys = self.sample_keys[index_np]
         ids = np.stack([np.concatenate(passes), keys >> 32, keys & 0xFFFFFFFF], axis=1)
         self.drawn += 1
-        images = self.images[index].permute(0, 3, 1, 2)
-        return images, (self.labels[index] if self.labels is not None else None), ids
+        if self.device.type == "cpu":  # numpy's gather copies whole rows; torch's indexing goes byte by byte
+            images = torch.from_numpy(np.take(self.images.numpy(), index_np, axis=0))
+            labels = torch.from_numpy(self.labels.numpy()[index_np]) if self.labels is not None else None
+        else:
+            index = torch.from_numpy(index_np).to(self.device)
+            images, labels = self.images[index], (self.labels[index] if self.labels is not None else None)
+        return images.permute(0, 3, 1, 2), labels, ids
 
     def state_dict(self) -> dict:
         return {

@@ -153,8 +153,10 @@ def measure_data(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int
     """The real loader, timed twice: data_images_per_s and data_images_per_cpu_s (images per CPU-second of this
     process), its uint8 batches as it hands them over (host memory), what a loader must keep up with; then
     data_normalised_images_per_s, those batches to normalised tensors on the device (on a CPU the float
-    conversion, ~4x the bytes, costs more than raw shards' loading). The CPU-second figure is the loader's cost
-    per core when it runs in this process (data.num_workers=0), whatever else the machine is doing."""
+    conversion, ~4x the bytes, costs more than raw shards' loading); with data.cache=device also
+    data_cached_images_per_s, normalised batches of the passes drawn from the cache. The CPU-second figure is
+    the loader's cost per core when it runs in this process (data.num_workers=0), whatever else the machine is
+    doing."""
     batches = make_loader(cfg, env, shards)
     result: dict[str, float] = {}
     try:
@@ -173,6 +175,16 @@ def measure_data(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int
             else:
                 result["data_images_per_s"] = images_done / (time.perf_counter() - started)
                 result["data_images_per_cpu_s"] = images_done / (time.process_time() - cpu_started)
+        if batches.cache is not None:  # data.cache=device: then the later passes, drawn from the cache
+            while not batches.cache.active:
+                next(batches)
+            for i in range(warmup + steps):
+                if i == warmup:
+                    sync_device(env.device)
+                    started = time.perf_counter()
+                normalise(next(batches)[0], env.device, bool(cfg.train.channels_last))
+            sync_device(env.device)
+            result["data_cached_images_per_s"] = steps * cfg.train.batch_size / (time.perf_counter() - started)
         return result
     finally:
         batches.close()
@@ -484,6 +496,9 @@ def run_bench(setting: Config, say: Callable[[str], None] = print) -> tuple[dict
         rows.append(
             ("loader + normalise (shards -> float tensors on the device)", data["data_normalised_images_per_s"], "")
         )
+        if "data_cached_images_per_s" in data:
+            result["data_cached_images_per_s"] = data["data_cached_images_per_s"]
+            rows.append(("data.cache=device, later passes (-> float tensors)", data["data_cached_images_per_s"], ""))
     if bench.checkpoint:
         result.update(measure_checkpoint(cfg, device))
     if bench.measure == "loader":
