@@ -852,6 +852,9 @@ class ImageBatches:
             "slots": self.num_slots,
             "batch_size": batch_size,
             "seed": seed,
+            # Raw sets are batched from whole chunks, where a position counts other things: a checkpoint of the
+            # per-image reader resumes through the ledger, like a resize.
+            **({"reader": "chunks"} if self.stream.raw_chunks else {}),
         }
         self.counters = LoaderCounters()
         self.positions: dict[int, tuple[int, int]] = {}
