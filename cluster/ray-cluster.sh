@@ -128,7 +128,7 @@ stop_node() {  # $1 = node name: SIGTERM to its `ray start --block` (which stops
     done
     echo "stopped Ray node '$name'"
   fi
-  rm -f "$pid_file"
+  rm -f "$pid_file" "$STATE/$name/ray_current_cluster"  # no longer a cluster to join (launch/ray_address.py)
 }
 
 stop_nodes() {  # every node this script started here (workers first: a stopping node tells the head), then wait

@@ -152,7 +152,7 @@ class TrainSection:
     max_steps: int = setting(10000, "training steps in all (a resumed run continues to this step)", at_least=1)
     checkpoint_every: int = setting(500, "steps between checkpoints; 0: only at the end", at_least=0)
     sample_every: int = setting(500, "steps between sample grids (run.dir/samples); 0: only at the end", at_least=0)
-    log_every: int = setting(50, "steps between metrics lines (console, metrics.jsonl, W&B)", at_least=1)
+    log_every: int = setting(50, "steps between metrics records, to the sinks (log.sinks)", at_least=1)
     keep_checkpoints: int = setting(3, "newest step checkpoints kept", at_least=1)
     device: Literal["auto", "cpu", "cuda"] = setting(
         "auto",
@@ -336,13 +336,10 @@ DEFAULT_SINKS = ("console", "jsonl", "wandb", "tensorboard")
 
 @dataclass
 class LogSection:
-    sinks: list[str] = field(
-        default_factory=lambda: list(DEFAULT_SINKS),
-        metadata={
-            "doc": "where metrics go, a list of: console (progress lines), jsonl (metrics.jsonl), wandb (as wandb.mode "
-            "says), tensorboard (<run.dir>/tensorboard), mlflow (MLFLOW_TRACKING_URI; pip install -e '.[mlflow]')",
-            "limits": {},
-        },
+    sinks: list[str] = setting(
+        list(DEFAULT_SINKS),
+        "where metrics go, a list of: console (progress lines), jsonl (metrics.jsonl), wandb (as wandb.mode "
+        "says), tensorboard (<run.dir>/tensorboard), mlflow (MLFLOW_TRACKING_URI; pip install -e '.[mlflow]')",
     )
 
 

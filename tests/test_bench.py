@@ -157,3 +157,18 @@ def test_bench_can_time_the_loader_alone(tiny_shards):
     assert result["data_images_per_s"] > 0 and result["data_images_per_cpu_s"] > 0
     assert result["data_normalised_images_per_s"] > 0
     assert "train_images_per_s" not in result
+
+
+def test_bench_of_a_conditional_model(tmp_path):
+    """A conditional model's classes come from the shards, as in training; without labelled shards: one line, exit 2."""
+    from .test_conditional import coloured_images, write_labelled
+
+    images, labels = coloured_images(6)
+    shards = write_labelled(tmp_path / "colours", images, labels)
+    common = ["-m", "dcgan_dist.bench", "--config", "debug", *(a for a in TINY if not a.startswith("wandb."))]
+    steps = ["bench.steps=2", "bench.warmup=1", "train.batch_size=6", f"run.dir={tmp_path / 'bench'}"]
+    proc = run_cli(*common, "model.conditional=true", f"data.shards={shards}", *steps, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["train_images_per_s"] > 0 and result["flops_per_image"] > 0
+    proc = run_cli("-m", "dcgan_dist.bench", "--config", "mnist", *steps)  # data.shards="": the unlabelled faces
+    assert proc.returncode == 2 and "label" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -147,8 +147,9 @@ def test_a_damaged_raw_shard_is_counted_not_fatal(tmp_path):
     assert batches.counters.bad_samples == 2  # the damaged chunk, once per pass (its images cannot be counted)
     assert batches.counters.bad_shards >= 1
     assert batches.counters.missing_samples >= 6  # the truncated shard's lost images, against dataset.json
-    proc = run_cli("-m", "dcgan_dist.data", "inspect", str(out), "--preview", str(tmp_path / "p.png"))
-    assert proc.returncode == 1 and "formats:  raw: 30" in proc.stdout and "not a .npy array" in proc.stderr
+    proc = run_cli("-m", "dcgan_dist.data", "inspect", str(out), "--preview", str(tmp_path / "p.png"), "--json")
+    assert proc.returncode == 1 and json.loads(proc.stdout)["formats"] == {"raw": 30}
+    assert "not a .npy array" in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: shard ")]
     assert errors[0] == "error: shard shard-000001.tar: 7 samples, dataset.json says 10 (truncated?)"
     assert errors[1].startswith("error: shard shard-000002.tar: unreadable after 4 sample(s)") and len(errors) == 2
@@ -429,9 +430,12 @@ def test_synth_and_inspect_cli(tmp_path):
         "1",
         "--processes",
         "1",
+        "--json",
         check=True,
     )
-    assert "wrote 30 synthetic faces (28x28x1) in 3 shard(s)" in proc.stdout
+    wrote = json.loads(proc.stdout)  # --json: stdout holds the result alone
+    assert (wrote["command"], wrote["out"], wrote["shards"], wrote["samples"]) == ("data synth", str(out), 3, 30)
+    assert (wrote["image_size"], wrote["channels"], wrote["classes"], wrote["class_counts"]) == (28, 1, None, None)
     proc = run_cli("-m", "dcgan_dist.data", "inspect", str(out), "--json", check=True)
     report = json.loads(proc.stdout)  # --json: stdout holds the result alone
     assert report["shards"] == 3 and report["samples"] == 30 and report["image_shapes"] == {"28x28x1": 30}
@@ -465,9 +469,17 @@ def test_synth_and_convert_write_raw_shards_with_the_same_pixels(tmp_path):
         "raw",
         "--processes",
         "1",
+        "--json",
         check=True,
     )
-    assert "wrote 12 synthetic faces (32x32x3) in 3 shard(s)" in proc.stdout
+    wrote = json.loads(proc.stdout)
+    assert (wrote["shards"], wrote["samples"], wrote["image_size"], wrote["channels"], wrote["format"]) == (
+        3,
+        12,
+        32,
+        3,
+        "raw",
+    )
     assert read_info(str(tmp_path / "raw")).format == "raw"
     proc = run_cli("-m", "dcgan_dist.data", "inspect", str(tmp_path / "raw"), "--json", check=True)
     assert json.loads(proc.stdout)["formats"] == {"raw": 12}
@@ -479,7 +491,7 @@ def test_synth_and_convert_write_raw_shards_with_the_same_pixels(tmp_path):
     assert images(tmp_path / "raw") == images(tmp_path / "png")
     digits = np.random.default_rng(1).integers(0, 256, (7, 28, 28), dtype=np.uint8)
     write_idx(tmp_path / "train-images-idx3-ubyte", digits)
-    run_cli(
+    proc = run_cli(
         "-m",
         "dcgan_dist.data",
         "convert",
@@ -491,8 +503,18 @@ def test_synth_and_convert_write_raw_shards_with_the_same_pixels(tmp_path):
         "3",
         "--format",
         "raw",
+        "--json",
         check=True,
     )
+    wrote = json.loads(proc.stdout)  # no label file beside the images: unlabelled
+    assert (wrote["command"], wrote["shards"], wrote["samples"], wrote["image_size"], wrote["channels"]) == (
+        "data convert",
+        3,
+        7,
+        28,
+        1,
+    )
+    assert wrote["class_counts"] is None
     assert images(tmp_path / "idx") == [d[:, :, None].tobytes() for d in digits]
 
 

@@ -27,7 +27,9 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
 
 def test_readme_config_keys_exist():
     text = (ROOT / "README.md").read_text()
-    for key in set(re.findall(r"`((?:run|data|model|train|optim|dist|wandb)\.[a-z_]+)`", text)):
+    # Every setting the README names in code, alone (`gan.loss`) or with a value (`log.sinks=[console,jsonl]`).
+    sections = "run|data|model|train|optim|dist|wandb|gan|log|sample|eval|tune|bench"
+    for key in set(re.findall(rf"`((?:{sections})\.[a-z_]+)(?:=[^`\s]*)?`", text)):
         section, name = key.split(".")
         assert hasattr(getattr(build_config(None, []), section), name), key
 

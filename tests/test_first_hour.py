@@ -294,8 +294,9 @@ def test_a_gpu_preset_on_a_cpu_estimates_its_time_within_30_s(tmp_path):
     estimate = json.loads(estimate_file.read_text())
     assert estimate["long"] is True and estimate["max_steps"] == 10000 and estimate["global_batch"] == 128
     assert estimate["estimated_total_s"] == pytest.approx(10000 * 128 / estimate["images_per_s"])
-    warnings = [line for line in stdout.splitlines() if line.startswith("warning: ") and "--config debug" in line]
-    assert len(warnings) == 1, stdout
+    warnings = json.loads((run_dir / "result.json").read_text())["warnings"]  # the warning as data, not its line
+    assert [w["kind"] for w in warnings] == ["cpu_estimate"] and "--config debug" in warnings[0]["suggestion"], warnings
+    assert warnings[0]["estimated_total_s"] == estimate["estimated_total_s"]
     # The preset's 4 loader workers are more than this machine's CPUs: lowered once, and torch does not warn.
     assert "This DataLoader will create" not in stderr, stderr
     if available_cpus() < 4:

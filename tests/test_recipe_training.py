@@ -59,6 +59,14 @@ def test_conditional_two_workers_equal_one_worker_with_the_global_batch(loss):
     assert diffs["G_rank_disagreement"] == 0.0 and diffs["D_rank_disagreement"] == 0.0
 
 
+@pytest.mark.parametrize("loss", ["hinge", "ls"])
+def test_unconditional_two_workers_equal_one_worker_with_the_global_batch(loss):
+    """The other objectives' N x B == 1 x NB equivalence on the unconditional models (bce: tests/test_sync_bn.py)."""
+    diffs = run(Spec(world_size=2, batch=4, steps=3, dtype="float64", loss=loss))["max_abs_diff"]
+    assert max(v for k, v in diffs.items() if not k.endswith("rank_disagreement")) < FLOAT64_TOLERANCE, diffs
+    assert diffs["G_rank_disagreement"] == 0.0 and diffs["D_rank_disagreement"] == 0.0
+
+
 def test_conditional_without_sync_the_runs_differ():
     diffs = run(Spec(world_size=2, batch=4, steps=3, dtype="float64", num_classes=3, sync_bn=False))["max_abs_diff"]
     assert diffs["G_forward"] > 1e-3 and diffs["D_forward"] > 1e-3, diffs

@@ -228,3 +228,19 @@ def test_tensorboard_events_of_a_run_in_an_object_store_are_uploaded_into_its_te
     events = tensorboard_events(copy)
     assert [(e.step, e.value) for e in events.Scalars("loss_d")] == [(s, s + 0.5 * (s > 5)) for s in range(1, 10)]
     assert [e.step for e in events.Images("samples")] == [9]  # step 7's purged with the rest past 5
+
+
+def test_tensorboard_gets_swd_per_class_as_a_scalar_per_class(tmp_path):
+    """A record's nested dict (swd_per_class: {class: value}, conditional runs) becomes swd_per_class/<class>."""
+    pytest.importorskip("tensorboard", reason="tensorboard is a dependency: pip install -e .")
+    from dcgan_dist.config import build_config
+    from dcgan_dist.training.sinks.tensorboard import TensorBoardSink
+
+    run_dir = tmp_path / "run"
+    sink = TensorBoardSink(SinkContext(build_config(None, []), RunStorage(str(run_dir)), run_dir, print))
+    sink.start(0)
+    sink.scalars({"step": 4, "swd": 0.5, "swd_per_class": {"red": 0.25, "blue": 0.75}, "resumed": True})
+    sink.close(4, None)
+    events = tensorboard_events(run_dir / "tensorboard")
+    assert sorted(events.Tags()["scalars"]) == ["swd", "swd_per_class/blue", "swd_per_class/red"]
+    assert [(e.step, e.value) for e in events.Scalars("swd_per_class/red")] == [(4, 0.25)]

@@ -21,7 +21,7 @@ from dcgan_dist.cli import args as cli
 from dcgan_dist.config import DataSection, ModelSection, allowed_values
 from dcgan_dist.data.convert import convert
 from dcgan_dist.data.inspect import SHOWN_BAD_SAMPLES, default_preview, inspect
-from dcgan_dist.data.shards import FORMATS, expand_shards
+from dcgan_dist.data.shards import FORMATS, DatasetInfo, expand_shards
 from dcgan_dist.data.synth import LABELS, write_synthetic_shards
 from dcgan_dist.errors import RunError
 from dcgan_dist.stopping import StoppedBySignal
@@ -43,9 +43,26 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def written(command: str, info: DatasetInfo, out: str) -> dict:
+    """synth's and convert's --json result: what they wrote (dataset.json's figures). classes and class_counts:
+    None for unlabelled shards, as inspect reports them."""
+    return {
+        "command": command,
+        "out": str(out),
+        "shards": info.num_shards,
+        "samples": info.num_samples,
+        "image_size": info.image_size,
+        "channels": info.channels,
+        "format": info.format,
+        "skipped": info.skipped,
+        "classes": list(info.classes) or None,
+        "class_counts": dict(info.class_counts) if info.classes else None,
+    }
+
+
 def run(argv: list[str], outcome: dict) -> int:
-    """The command; outcome: filled with inspect's report (the counts per shard, and per class for labelled
-    shards), which --json prints."""
+    """The command; outcome: filled with what synth/convert wrote (written) or inspect's report (the counts per
+    shard, and per class for labelled shards), which --json prints."""
     parser = cli.OneLineParser(
         prog="python -m dcgan_dist.data",
         description="Write, convert and inspect face shards.",
@@ -138,8 +155,9 @@ def run(argv: list[str], outcome: dict) -> int:
                 f"in {info.num_shards} shard(s) to {args.out}"
                 + (f", labelled {', '.join(f'{k}: {v}' for k, v in info.class_counts.items())}" if info.classes else "")
             )
+            outcome.update(written("data synth", info, args.out))
         elif args.command == "convert":
-            convert(
+            info = convert(
                 args.src,
                 args.out,
                 args.size,
@@ -150,6 +168,7 @@ def run(argv: list[str], outcome: dict) -> int:
                 fmt=args.format,
                 classes=args.classes,
             )
+            outcome.update(written("data convert", info, args.out))
         else:
             expand_shards(args.shards)  # no shards there: the one line, before anything is said about a preview
             preview = args.preview or default_preview(args.shards)

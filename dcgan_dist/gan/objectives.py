@@ -9,7 +9,7 @@
   of its targets 0 and 1). For every objective 1 = all judged real, 0 = all judged fake, so the metrics read alike.
 
 Adding a loss: a subclass here with `@register("name")`, and the name in config.LOSSES (gan.loss's allowed values;
-config.py cannot import this layer, tests/unit/test_objectives.py keeps the two lists equal).
+config.py cannot import this layer, tests/unit/test_recipes.py keeps the two lists equal).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Users have the address in several forms: RAY_ADDRESS as `cluster/ray-cluster.sh env` prints it for
 `ray job submit` (the job server, `http://HOST:8265`), a GCS address (`HOST:6379`, what Ray itself sets inside
-a `ray job submit` job), `auto`, or nothing (a cluster `ray start` left in <ray temp dir>/ray_current_cluster,
-else a private local instance). `ray.init` takes only some of them, and waits many minutes, saying little, for
+a `ray job submit` job), `auto`, or nothing (a cluster `ray start` left in <ray temp dir>/ray_current_cluster
+or, for cluster/ray-cluster.sh's nodes, in their own temp dirs under $RAY_CLUSTER_DIR; else a private local
+instance). `ray.init` takes only some of them, and waits many minutes, saying little, for
 a cluster that does not answer: a stale ray_current_cluster left by a cluster that was killed (not `ray stop`ped)
 or a machine that restarted. Here every form becomes a GCS address whose port answers, or None (start a private
 instance), or a ConfigError whose one line says what was found and what to do.
@@ -46,6 +47,45 @@ def address_file() -> Path:
     return ray_temp_dir() / "ray_current_cluster"
 
 
+def script_dir() -> str:
+    """Where cluster/ray-cluster.sh keeps its nodes' state (its STATE): $RAY_CLUSTER_DIR, default
+    /tmp/dcgan-ray-<GCS port> (any port here)."""
+    return os.environ.get("RAY_CLUSTER_DIR") or "/tmp/dcgan-ray-*"
+
+
+def _running(pid_file: Path) -> bool:
+    """Whether the process in a pid file still runs."""
+    try:
+        os.kill(int(pid_file.read_text().strip()), 0)
+    except PermissionError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def script_address_files() -> list[Path]:
+    """The address files of the nodes cluster/ray-cluster.sh started on this machine that still run, newest first.
+    Each node has its own --temp-dir, <script_dir()>/<node>, where `ray start` writes its ray_current_cluster (not
+    in Ray's temp dir), beside <node>.pid. A node whose process has gone (`ray stop --force`, a reboot) is no
+    cluster: its file is passed over (ray.init never reads it, so it cannot make a driver wait)."""
+    state = os.environ.get("RAY_CLUSTER_DIR")
+    found = Path(state or "/tmp").glob("*/ray_current_cluster" if state else "dcgan-ray-*/*/ray_current_cluster")
+    stamped = []
+    for path in found:
+        try:
+            if _running(path.parent.parent / f"{path.parent.name}.pid"):
+                stamped.append((path.stat().st_mtime, path))
+        except OSError:
+            continue
+    return [path for _, path in sorted(stamped, key=lambda item: item[0], reverse=True)]
+
+
+def address_files() -> list[Path]:
+    """Where a cluster started on this machine records its address: Ray's temp dir, then the cluster script's."""
+    return [address_file(), *script_address_files()]
+
+
 def answers(address: str, timeout: float = ANSWER_TIMEOUT_S) -> str:
     """'' when something accepts a TCP connection at HOST:PORT within timeout, else why not."""
     host, _, port = address.rpartition(":")
@@ -69,14 +109,23 @@ def _host_port(address: str) -> str:
     return address
 
 
+def recorded() -> list[tuple[Path, str]]:
+    """(file, address) of every cluster a `ray start` on this machine recorded (address_files), one per address."""
+    found: dict[str, Path] = {}
+    for path in address_files():
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text:
+            found.setdefault(text, path)
+    return [(path, address) for address, path in found.items()]
+
+
 def from_file() -> str | None:
-    """The address a `ray start` on this machine recorded, if the file is there."""
-    path = address_file()
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return text or None
+    """The address a `ray start` on this machine recorded (the first of address_files that has one), if any."""
+    found = recorded()
+    return found[0][1] if found else None
 
 
 def gcs_refusal(address: str, timeout: float = GCS_TIMEOUT_S) -> str:
@@ -152,22 +201,23 @@ def _cluster_address(env: str) -> str | None:
                 "for a private local Ray instance"
             )
         return env
-    recorded = from_file()
-    if recorded is None:
+    found = recorded()
+    if not found:
         if env == "auto":
             raise ConfigError(
-                f"RAY_ADDRESS=auto but no Ray cluster was started on this machine ({address_file()} is missing): "
-                f"{START_HINT}, or unset RAY_ADDRESS for a private local Ray instance"
+                f"RAY_ADDRESS=auto but no Ray cluster was started on this machine ({address_file()} is missing, and "
+                f"no node of cluster/ray-cluster.sh runs in {script_dir()}): {START_HINT}, or unset RAY_ADDRESS "
+                "for a private local Ray instance"
             )
         return None
-    why = answers(recorded)
+    path, address = found[0]  # Ray's own file first (what ray.init itself would read), else the newest node's
+    why = answers(address)
     if why:
         raise ConfigError(
-            f"{address_file()} names a Ray cluster at {recorded} that does not answer ({why}): it was stopped "
-            f"without `ray stop` (or the machine restarted); {START_HINT} again, or delete that file to use a "
-            "private local Ray instance"
+            f"{path} names a Ray cluster at {address} that does not answer ({why}): it was stopped without `ray stop` "
+            f"(or the machine restarted); {START_HINT} again, or delete that file to use a private local Ray instance"
         )
-    return recorded
+    return address
 
 
 def _from_job_server(url: str) -> str:
@@ -175,10 +225,11 @@ def _from_job_server(url: str) -> str:
     recorded on this machine when it is on the same host, else the default head port on that host."""
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
-    recorded = from_file()
-    candidates = []
-    if recorded and recorded.rpartition(":")[0] in (host, "127.0.0.1" if host == "localhost" else host):
-        candidates.append(recorded)
+    candidates = [
+        address
+        for _, address in recorded()
+        if address.rpartition(":")[0] in (host, "127.0.0.1" if host == "localhost" else host)
+    ]
     candidates.append(f"{host}:{os.environ.get('RAY_GCS_PORT') or GCS_PORT}")
     reasons = []
     for candidate in dict.fromkeys(candidates):

@@ -59,7 +59,8 @@ from dcgan_dist.training.checkpoint import (
     step_name,
     to_bytes,
 )
-from dcgan_dist.training.metrics import NonFiniteLoss, emit
+from dcgan_dist.training.metrics import NonFiniteLoss
+from dcgan_dist.training.sinks.base import emit
 from dcgan_dist.training.trainer import StepHook, Trainer
 
 # Driver environment variables that workers need (Ray does not copy the driver's environment to workers): W&B's,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dcgan_dist.config import Config, from_dict, to_dict
+from dcgan_dist.config import Config, ConfigError, from_dict, to_dict
 from dcgan_dist.data import normalise, resolve_data
 from dcgan_dist.distributed.env import DistEnv
 from dcgan_dist.gan.models import build_models
@@ -30,6 +30,7 @@ from dcgan_dist.training.trainer import (
     distribute,
     make_loader,
     resolve_speed,
+    with_classes,
 )
 
 
@@ -206,6 +207,19 @@ def measure_checkpoint(cfg: Config, device: torch.device) -> dict:
     seconds = time.perf_counter() - started
     storage.delete(".bench-checkpoint.pt")
     return {"checkpoint_mib": len(data) / 2**20, "checkpoint_write_s": seconds}
+
+
+def labelled_data(cfg: Config) -> tuple[Config, str]:
+    """(cfg with a conditional model's num_classes/class_names from the shards, the shard spec): what the Trainer
+    fills in before it builds the models (with_classes). ConfigError (one line, exit 2): a conditional model
+    without labelled shards; the embedded synthetic faces (data.shards empty) are refused before they are drawn."""
+    if cfg.model.conditional and not cfg.data.shards:
+        raise ConfigError(
+            "model.conditional=true needs labelled shards, and data.shards is empty (the embedded "
+            "synthetic faces, unlabelled): give data.shards (data convert/synth with labels)"
+        )
+    shards = resolve_data(cfg.data, cfg.model)[0]
+    return with_classes(cfg, shards), shards
 
 
 def any_labels(cfg: Config, batch: int, device: torch.device) -> torch.Tensor | None:
@@ -386,6 +400,7 @@ def _ray_bench_worker(config: dict) -> dict:
     alone = DistEnv(rank=0, world_size=1, device=env.device)
     shards = resolve_data(cfg.data, cfg.model)[0] if env.is_main else None
     shards = env.gather_objects(shards)[0]  # rank 0 generates the synthetic set once; the others reuse it
+    cfg = with_classes(cfg, shards)  # a conditional model's classes (run_bench checked the shards carry them)
     out: dict[str, Any] = {}
     # One after the other; the barriers keep every worker's run b (and a) side by side.
     out["c"] = measure_train(cfg, alone, shards, steps, warmup, data_env=env) if env.is_main else None
@@ -456,8 +471,8 @@ Row = tuple[str, float, str]  # a line of the table: what was measured, images/s
 def run_bench(setting: Config, say: Callable[[str], None] = print) -> tuple[dict, list[Row], str]:
     """The bench command's measurements on this machine (the local launcher) or its Ray workers (dist.launcher=ray),
     as the bench.* settings ask: (the JSON line's dict, the table's rows, run.dir). say: told the speed settings
-    resolved, before the measurements. Raises RunError (bad data, an object store that stopped answering) and
-    StoreError."""
+    resolved, before the measurements. Raises ConfigError (a conditional model without labelled shards), RunError
+    (bad data, an object store that stopped answering) and StoreError."""
     bench = setting.bench
     if setting.train.num_threads:
         torch.set_num_threads(setting.train.num_threads)
@@ -482,7 +497,7 @@ def run_bench(setting: Config, say: Callable[[str], None] = print) -> tuple[dict
         "steps": bench.steps,
     }
     result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} threads)"
-    shards = resolve_data(cfg.data, cfg.model)[0]
+    cfg, shards = labelled_data(cfg)
     env = DistEnv(device=device)
     rows: list[Row] = []
     if bench.measure != "step":

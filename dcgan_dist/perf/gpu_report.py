@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 
 from dcgan_dist.config import Config
-from dcgan_dist.data import resolve_data
 from dcgan_dist.distributed.env import DistEnv
 from dcgan_dist.gan.precision import native_bf16, pick_device, resolved
 from dcgan_dist.perf import bench, equivalence
@@ -494,7 +493,7 @@ def write_report(
     cfg, speed = resolved(setting, device)
     use_compile = compile is True or (compile == "auto" and device.type == "cuda")
     swd_steps = swd_steps if swd_steps is not None else (600 if device.type == "cuda" else 200)
-    shards = resolve_data(cfg.data, cfg.model)[0]
+    cfg, shards = bench.labelled_data(cfg)
     m = cfg.model
     report = Report(machine=machine(device))
     report.setup = {

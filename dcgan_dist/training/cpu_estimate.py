@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from dcgan_dist.config import Config
 from dcgan_dist.storage.filesystem import RunStorage
-from dcgan_dist.training.metrics import duration
+from dcgan_dist.training.sinks.base import duration
 
 ESTIMATE_FILE = "estimate.json"
 # Measured over the steps after the first (which pays for warm-up), for at least this long and this many steps,

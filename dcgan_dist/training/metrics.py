@@ -21,11 +21,8 @@ from dcgan_dist.errors import RunError
 from dcgan_dist.storage.filesystem import AppendLog, RunStorage, is_remote
 from dcgan_dist.training import sinks as sink_registry
 from dcgan_dist.training.schedule import Schedule
-from dcgan_dist.training.sinks.base import Sink, SinkContext, duration, emit
-
-__all__ = ["duration", "emit"]  # here for the callers of old
-
-METRICS_FILE = "metrics.jsonl"
+from dcgan_dist.training.sinks.base import Sink, SinkContext, emit
+from dcgan_dist.training.sinks.jsonl import METRICS_FILE
 
 
 def parse_metrics(text: str) -> list[dict]:

@@ -30,6 +30,7 @@ from dcgan_dist.data import shards as shard_sets
 from dcgan_dist.data.loader import check_batch, dataset_size, loader_death_as_run_error, slot_seed
 from dcgan_dist.distributed.ddp import wrap_models
 from dcgan_dist.distributed.env import DistEnv
+from dcgan_dist.distributed.groups import BNGroups, bn_groups
 from dcgan_dist.gan.ema import EMA
 from dcgan_dist.gan.models import build_models, unwrap
 from dcgan_dist.gan.objectives import objective
@@ -83,12 +84,14 @@ def check_settings(
     installed. Raises ConfigError: one line naming the setting."""
     for name in cfg.log.sinks:
         try:
-            library = sinks.sink_class(name).library
+            sink = sinks.sink_class(name)
         except ValueError as exc:
             raise ConfigError(f"log.sinks={config_lib.show(cfg.log.sinks)}: {exc}") from None
-        if library and importlib.util.find_spec(library) is None:
-            extra = f'pip install -e ".[{name}]"' if name == "mlflow" else "pip install -e ."
-            raise ConfigError(f"log.sinks has {name}, but {library} is not installed: {extra}, or leave {name} out")
+        if sink.library and importlib.util.find_spec(sink.library) is None:
+            install = f'pip install -e ".[{sink.extra}]"' if sink.extra else "pip install -e ."
+            raise ConfigError(
+                f"log.sinks has {name}, but {sink.library} is not installed: {install}, or leave {name} out"
+            )
     chw = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     if cfg.data.shards:
         try:
@@ -168,14 +171,17 @@ def build_networks(cfg: Config, device: torch.device):
     return G, D, opt_g, opt_d, Precision(cfg.train.precision, device.type)
 
 
-def distribute(G: nn.Module, D: nn.Module, cfg: Config, env: DistEnv) -> tuple[nn.Module, nn.Module]:
+def distribute(
+    G: nn.Module, D: nn.Module, cfg: Config, env: DistEnv, groups: BNGroups | None = None
+) -> tuple[nn.Module, nn.Module]:
     """What runs the steps: memory layout, synchronised batch norm + DDP (several workers), torch.compile.
-    cfg: with train.channels_last resolved (resolve_speed)."""
+    cfg: with train.channels_last resolved (resolve_speed); groups: the BN groups made already (bn_groups), else
+    made here from dist.sync_bn."""
     if cfg.train.channels_last:
         # Module.to takes memory_format (documented, and passed on to every tensor); torch's overloads leave it out.
         G = G.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         D = D.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    G, D = wrap_models(G, D, env, sync_bn=cfg.dist.sync_bn)
+    G, D = wrap_models(G, D, env, sync_bn=cfg.dist.sync_bn, groups=groups)
     if cfg.train.compile:  # a module compiles to a module (OptimizedModule); torch types the result as a callable
         G, D = cast(nn.Module, torch.compile(G)), cast(nn.Module, torch.compile(D))
     return G, D
@@ -344,7 +350,8 @@ class Trainer:
                 resumed_from=resumed_from,
                 stop_reason="already_trained",
             )
-        G, D = distribute(self.G, self.D, cfg, env)
+        self.bn_groups = bn_groups(env, cfg.dist.sync_bn)  # a collective: every rank, here
+        G, D = distribute(self.G, self.D, cfg, env, self.bn_groups)
         self.describe()
         self.metrics.start(step)
         last_record: dict = {}
@@ -448,7 +455,7 @@ class Trainer:
         m = cfg.model
         self.say(
             f"Run dir: {self.storage.location}  |  {env.world_size} worker(s), device {env.device}"
-            + (f", synchronised batch norm: {cfg.dist.sync_bn}" if env.distributed else "")
+            + (f", synchronised batch norm: {self.bn_groups.describe(env.rank)}" if env.distributed else "")
             + f"  |  G {params[0]:.2f}M params, D {params[1]:.2f}M params"
         )
         self.say(f"Speed: {self.speed.reason}")

@@ -7,6 +7,7 @@ is in `state_dict`, which travels in every checkpoint. Any method may be left as
 
 from __future__ import annotations
 
+import numbers
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,21 @@ def emit(text: str) -> None:
     sys.stdout.flush()
 
 
+def scalar_items(record: dict, prefix: str = "") -> list[tuple[str, float]]:
+    """A step record's numbers as (name, value) for a sink that takes scalars only (TensorBoard, MLflow): "step"
+    and what is not a number (bools, text) left out; a nested dict (swd_per_class: {class: value}) flattened to
+    swd_per_class/<class>."""
+    items: list[tuple[str, float]] = []
+    for key, value in record.items():
+        if not prefix and key == "step":
+            continue
+        if isinstance(value, dict):
+            items += scalar_items(value, f"{prefix}{key}/")
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            items.append((f"{prefix}{key}", float(value)))
+    return items
+
+
 @dataclass
 class SinkContext:
     """What a sink may use: the run's settings (cfg, train.max_steps etc.), its storage (run.dir, local or s3://),
@@ -44,6 +60,7 @@ class SinkContext:
 
 class Sink:
     library: str | None = None  # the module it needs, checked before a run starts (an optional extra)
+    extra: str | None = None  # the pip extra that installs it (pyproject.toml); None: a dependency of the package
 
     def __init__(self, ctx: SinkContext):
         self.ctx = ctx

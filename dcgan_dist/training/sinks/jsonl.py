@@ -1,5 +1,5 @@
 """The metrics.jsonl sink: one JSON object per logged step, the run's own record of its curves (resume, tune and
-the tests read it back with `training.metrics.read_run_metrics`). Appended to on a disk; numbered segments in
+the tests read it back with `training.metrics.read_metrics`). Appended to on a disk; numbered segments in
 an object store (storage/filesystem.py AppendLog), so a log step costs the same late in a run as early. A
 resumed run first drops the records past its checkpoint: no step appears twice."""
 

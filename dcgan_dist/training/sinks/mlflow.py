@@ -16,13 +16,14 @@ import time
 from typing import Any
 
 from dcgan_dist.config import flat_settings, show
-from dcgan_dist.training.sinks.base import Sink
+from dcgan_dist.training.sinks.base import Sink, scalar_items
 
 EXPERIMENT = "dcgan_dist"
 
 
 class MlflowSink(Sink):
     library = "mlflow"
+    extra = "mlflow"
     client: Any = None
     run_id: str | None = None
 
@@ -62,11 +63,7 @@ class MlflowSink(Sink):
         if self.client is None:
             return
         now, step = int(time.time() * 1000), record["step"]
-        metrics = [
-            Metric(k, float(v), now, step)
-            for k, v in record.items()
-            if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)
-        ]
+        metrics = [Metric(k, v, now, step) for k, v in scalar_items(record)]  # swd_per_class: swd_per_class/<class>
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def image(self, key: str, image, step: int, caption: str = "") -> None:

@@ -11,13 +11,12 @@ that loses the current session's events there; its metrics.jsonl is complete).
 
 from __future__ import annotations
 
-import numbers
 import time
 
 import numpy as np
 
 from dcgan_dist.config import to_yaml
-from dcgan_dist.training.sinks.base import Sink
+from dcgan_dist.training.sinks.base import Sink, scalar_items
 
 FOLDER = "tensorboard"
 
@@ -44,9 +43,8 @@ class TensorBoardSink(Sink):
         if self.writer is None:
             return
         step = record["step"]
-        for key, value in record.items():
-            if key != "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
-                self.writer.add_scalar(key, value, global_step=step)
+        for key, value in scalar_items(record):  # swd_per_class: swd_per_class/<class>
+            self.writer.add_scalar(key, value, global_step=step)
         self.writer.flush()
 
     def image(self, key: str, image, step: int, caption: str = "") -> None:
