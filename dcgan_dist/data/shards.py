@@ -707,8 +707,10 @@ _MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's <key>.<exte
 # Local raw shards mapped into this process's memory, kept across passes (mapping anew costs a page fault per
 # 4 KiB on each pass, as much as copying the images out): path -> ((device, inode, size, mtime), mapping). Page
 # cache, not memory of the process's own: the kernel drops it under pressure and reads it again. A file replaced
-# or changed in size is mapped again.
+# or changed in size is mapped again; beyond MAPPED_FILES the oldest mapping is let go (a mapped file that was
+# deleted keeps its disk space until then).
 _MAPPED: dict[str, tuple[tuple[int, int, int, int], memoryview]] = {}
+MAPPED_FILES = 256
 
 
 def _mapped(path: str, file) -> memoryview:
@@ -716,6 +718,9 @@ def _mapped(path: str, file) -> memoryview:
     stamp = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
     known = _MAPPED.get(path)
     if known is None or known[0] != stamp:
+        _MAPPED.pop(path, None)
+        while len(_MAPPED) >= MAPPED_FILES:
+            del _MAPPED[next(iter(_MAPPED))]  # unmapped once the last chunk viewing it is gone
         known = _MAPPED[path] = (stamp, memoryview(mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)))
     return known[1]
 
