@@ -155,9 +155,9 @@ def measure_data(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int
     process), its uint8 batches as it hands them over (host memory), what a loader must keep up with; then
     data_normalised_images_per_s, those batches to normalised tensors on the device (on a CPU the float
     conversion, ~4x the bytes, costs more than raw shards' loading); with data.cache=device also
-    data_cached_images_per_s, normalised batches of the passes drawn from the cache. The CPU-second figure is
-    the loader's cost per core when it runs in this process (data.num_workers=0), whatever else the machine is
-    doing."""
+    data_cached_images_per_s, the uint8 batches of the passes drawn from the cache (already on the device).
+    The CPU-second figure is the loader's cost per core when it runs in this process (data.num_workers=0),
+    whatever else the machine is doing."""
     batches = make_loader(cfg, env, shards)
     result: dict[str, float] = {}
     try:
@@ -183,7 +183,7 @@ def measure_data(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int
                 if i == warmup:
                     sync_device(env.device)
                     started = time.perf_counter()
-                normalise(next(batches)[0], env.device, bool(cfg.train.channels_last))
+                next(batches)
             sync_device(env.device)
             result["data_cached_images_per_s"] = steps * cfg.train.batch_size / (time.perf_counter() - started)
         return result
@@ -513,7 +513,7 @@ def run_bench(setting: Config, say: Callable[[str], None] = print) -> tuple[dict
         )
         if "data_cached_images_per_s" in data:
             result["data_cached_images_per_s"] = data["data_cached_images_per_s"]
-            rows.append(("data.cache=device, later passes (-> float tensors)", data["data_cached_images_per_s"], ""))
+            rows.append(("data.cache=device, later passes (uint8 batches)", data["data_cached_images_per_s"], ""))
     if bench.checkpoint:
         result.update(measure_checkpoint(cfg, device))
     if bench.measure == "loader":
