@@ -474,8 +474,8 @@ class ShardStream(IterableDataset):
                     )
                     offset = emitted - int(np.count_nonzero(ready_pass == pass_index))
                     yield self._with_meta(batch, report, bad, slot, pass_index, offset)
-                live = np.unique(np.concatenate([pool_chunk, ready_chunk]))
-                for cid in [cid for cid in chunks if cid not in set(live.tolist())]:
+                live = set(np.unique(np.concatenate([pool_chunk, ready_chunk])).tolist())
+                for cid in [cid for cid in chunks if cid not in live]:
                     del chunks[cid]
             # The pass's last images, in a random order.
             mixed = generator.permutation(len(pool_chunk))
