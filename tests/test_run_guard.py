@@ -216,6 +216,9 @@ def test_under_ray_the_driver_holds_the_run_dir_for_the_whole_job(tmp_path, tiny
         return 0
 
     monkeypatch.setattr(ray_launcher, "launch", launch)
+    # No cluster is joined either: not one another test has running (the cluster script's, found by an unset
+    # RAY_ADDRESS), whose token this process may not have.
+    monkeypatch.setattr(train, "cluster_address", lambda **kwargs: None)
     assert train.main(args) == 0
     assert seen["holder"]["pid"] == os.getpid()
     line = one_error_line(seen["second"], 2)

@@ -9,7 +9,6 @@ keep across a resume (a W&B or MLflow run id) is in the checkpoint, under `metri
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,24 +21,7 @@ from dcgan_dist.storage.filesystem import AppendLog, RunStorage, is_remote
 from dcgan_dist.training import sinks as sink_registry
 from dcgan_dist.training.schedule import Schedule
 from dcgan_dist.training.sinks.base import Sink, SinkContext, emit
-from dcgan_dist.training.sinks.jsonl import METRICS_FILE
-
-
-def parse_metrics(text: str) -> list[dict]:
-    """The records of a metrics.jsonl; a line that is not one (cut short by a crash or a full disk) is left out.
-    A record of a step at or before an earlier one's (a resume interrupted before it had dropped what it trains
-    again) replaces that one and everything after it: each step once, the newest."""
-    records: list[dict] = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            while records and records[-1]["step"] >= record["step"]:
-                records.pop()
-            records.append(record)
-    return records
+from dcgan_dist.training.sinks.jsonl import METRICS_FILE, parse_metrics
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -13,12 +13,27 @@ from dcgan_dist.training.sinks.base import Sink
 METRICS_FILE = "metrics.jsonl"
 
 
+def parse_metrics(text: str) -> list[dict]:
+    """The records of a metrics.jsonl; a line that is not one (cut short by a crash or a full disk) is left out.
+    A record of a step at or before an earlier one's (a resume interrupted before it had dropped what it trains
+    again) replaces that one and everything after it: each step once, the newest."""
+    records: list[dict] = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            while records and records[-1]["step"] >= record["step"]:
+                records.pop()
+            records.append(record)
+    return records
+
+
 class JsonlSink(Sink):
     log: AppendLog | None = None
 
     def start(self, step: int) -> None:
-        from dcgan_dist.training.metrics import parse_metrics  # the reader beside the aggregator
-
         self.log = AppendLog(self.ctx.storage, METRICS_FILE)
         text = self.log.read().decode(errors="replace")
         if text:  # records past the checkpoint resumed from are trained again: dropped (a cut line too)
