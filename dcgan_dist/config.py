@@ -104,6 +104,12 @@ class DataSection:
         "samples in the data set, for epoch accounting; 0: read from the shards' dataset.json when there is one",
         at_least=0,
     )
+    cache: str = setting(
+        "off",
+        "device: keep the rank's decoded uint8 images (and labels) on the training device after the first pass "
+        "(host memory on a CPU) and draw later passes there, in a seeded order per pass; taken only where they fit "
+        "in half the free memory (the decision is printed); off: stream from the shards every pass",
+    )  # a str, not a Literal: YAML reads a bare off as false (cache_mode)
     synth_num: int = setting(20000, "size of the embedded synthetic face set", at_least=1)
     cache_dir: str = setting("~/.cache/dcgan_dist", "where the synthetic faces are generated (train, bench, evaluate)")
 
@@ -521,6 +527,7 @@ def validate(cfg: Config) -> None:
             f"({cfg.dist.num_workers}); elastic training runs between the two"
         )
     cfg.dist.sync_bn = sync_bn_mode(cfg.dist.sync_bn)
+    cfg.data.cache = cache_mode(cfg.data.cache)
     if cfg.dist.sync_bn.isdigit() and cfg.dist.num_workers % int(cfg.dist.sync_bn):
         raise ConfigError(
             f"config key 'dist.sync_bn' is a group size of {cfg.dist.sync_bn} ranks, which does not divide "
@@ -531,6 +538,14 @@ def validate(cfg: Config) -> None:
             f"config key 'dist.num_workers' is {cfg.dist.num_workers} but dist.launcher=local runs one process; "
             "use dist.launcher=ray for several workers"
         )
+
+
+def cache_mode(value: Any) -> str:
+    """data.cache in its one spelling: 'off' or 'device' (a bare off reads as false). ConfigError otherwise."""
+    text = {"false": "off", "no": "off"}.get(str(value).strip().lower(), str(value).strip().lower())
+    if text in ("off", "device"):
+        return text
+    raise ConfigError(f"config key 'data.cache' is {value!r}; it expects off or device")
 
 
 def sync_bn_mode(value: Any) -> str:

@@ -155,6 +155,7 @@ def test_bench_can_time_the_loader_alone(tiny_shards):
     )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["data_images_per_s"] > 0 and result["data_images_per_cpu_s"] > 0
+    assert result["data_normalised_images_per_s"] > 0
     assert "train_images_per_s" not in result
 
 

@@ -4,8 +4,9 @@
     python -m dcgan_dist.bench --config default bench.measure=loader data.num_workers=2
     python -m dcgan_dist.bench --gpu-report docs/gpu-report.md --config default   # see gpu_report.py
 
-Local launcher: data_images_per_s (shards -> normalised tensors on the device, the real loader; with
-data.num_workers=0 also data_images_per_cpu_s, the same per CPU-second: the loader's cost per core) and
+Local launcher: data_images_per_s (shards -> the uint8 batches the real loader hands over; with
+data.num_workers=0 also data_images_per_cpu_s, the same per CPU-second: the loader's cost per core),
+data_normalised_images_per_s (those batches on to normalised float tensors on the device) and
 train_images_per_s (the real training step on batches from that loader: what the Trainer runs, without its
 parts, in the precision and layout that train.precision/channels_last resolve to, printed first).
 bench.baseline=true also times the minimal DCGAN loop of PyTorch's example on in-memory random tensors, always

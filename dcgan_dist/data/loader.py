@@ -52,10 +52,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dcgan_dist.data.images import to_unit_range
 from dcgan_dist.data.shards import (
     ImagesNotShards,
+    RawChunk,
     decode_label,
     decode_sample,
     expand_shards,
     is_url,
+    iter_raw_chunks,
     iter_samples,
     read_classes,
     shard_counts,
@@ -105,8 +107,8 @@ class _BadSamples:
         self.shards: list[str] = []
         self.first: str | None = None
 
-    def add(self, url: str, reason: str) -> None:
-        self.count += 1
+    def add(self, url: str, reason: str, count: int = 1) -> None:
+        self.count += count
         self.first = self.first or reason.splitlines()[0][:300]
         name = os.path.basename(url)
         if name not in self.shards:
@@ -122,6 +124,70 @@ class _BadSamples:
             f"data.max_bad_fraction={max_fraction:g}: in {shards}; the first: {self.first}; fix or remove those "
             "shards (`python -m dcgan_dist.data inspect` lists them), or raise data.max_bad_fraction"
         )
+
+
+class _SlotReport:
+    """The raw path's counts and warning lines of one loader slot (as _batches keeps them): counted only while
+    `counting` (a resumed pass does not count again what it met before its position); warnings wait for the next
+    batch, at most SHOWN_WARNINGS lines per slot and run."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.counts = dict.fromkeys(_COUNTERS, 0)
+        self.counting = True
+        self.warned: set[str] = set()
+        self.shard_errors: list[str] = []
+        self.pending: list[str] = []
+        self.shown = 0
+        self.bad_reported = False
+
+    def on_shard_error(self, exc: Exception) -> bool:
+        reason = shard_error_text(exc)
+        if len(self.shard_errors) < 3:
+            self.shard_errors.append(reason)
+        if self.counting:
+            self.counts["bad_shards"] += 1
+            if reason not in self.warned:
+                self.warned.add(reason)
+                self.pending.append(
+                    f"skipping unreadable shard data ({self.where}), counted in metrics.jsonl's bad_shards: {reason}"
+                )
+        return True  # keep going with the next shard
+
+    def bad(self, count: int) -> None:
+        if self.counting:
+            self.counts["bad_samples"] += count
+
+    def first_bad(self, first: str | None) -> None:
+        if first is not None and not self.bad_reported and self.counts["bad_samples"]:
+            self.bad_reported = True
+            self.pending.append(
+                f"skipping unusable samples ({self.where}), each counted in metrics.jsonl's bad_samples; the "
+                f"first: {first}"
+            )
+
+    def shortfall(self, url: str, got: int, want: int) -> None:
+        if got < want:
+            self.counts["missing_samples"] += want - got
+            if url not in self.warned:
+                self.warned.add(url)
+                self.pending.append(
+                    f"shard {url} gave {got} of its {want} samples (dataset.json); check it with "
+                    "`python -m dcgan_dist.data inspect`"
+                )
+
+    def flush(self) -> None:
+        for message in self.pending:
+            self.shown += 1
+            if self.shown <= SHOWN_WARNINGS:
+                log.warning("%s", message)
+            elif self.shown == SHOWN_WARNINGS + 1:
+                log.warning(
+                    "more unreadable shards or unusable samples (%s) are skipped and counted in metrics.jsonl, "
+                    "without a line each",
+                    self.where,
+                )
+        self.pending.clear()
 
 
 def slot_seed(*parts: int) -> int:
@@ -161,6 +227,8 @@ class ShardStream(IterableDataset):
     # A labelled set's number of classes (dataset.json's classes): every sample then needs a label below it, and
     # batches carry the labels. 0: unlabelled, any label members ignored.
     num_classes: int = 0
+    # A raw set (every part's dataset.json says format raw): batches are cut from whole chunks (_chunk_batches).
+    raw_chunks: bool = False
 
     def _label(self, sample: dict) -> int | str:
         """A labelled set's sample's class index, or why it has none usable (a str)."""
@@ -196,7 +264,7 @@ class ShardStream(IterableDataset):
         # Whatever stops this slot reaches the training process as one line, in the stream (an exception would
         # arrive there as a worker's traceback); it shuts the loader down and ends the run (RunError).
         try:
-            yield from self._batches(slot, where)
+            yield from (self._chunk_batches if self.raw_chunks else self._batches)(slot, where)
         except MemoryError:
             yield LoaderFailure(
                 f"out of memory in the data loader ({where}): lower train.batch_size, "
@@ -332,6 +400,199 @@ class ShardStream(IterableDataset):
                         )
             pass_index, skip = pass_index + 1, 0
 
+    def _chunk_batches(self, slot: int, where: str) -> Iterator[tuple[torch.Tensor, ...] | LoaderFailure]:
+        """The raw path (raw_chunks): whole chunks in, batches cut out by indexing, no per-image Python.
+
+        A pass reads its shards' chunks (shard order shuffled as in _batches) into a pool of the images of whole
+        chunks, views of the mapped shards, never copied; each chunk added, the pool is permuted by the pass's
+        seeded generator and what it holds beyond `shuffle_buffer` images is emitted, so each image leaves at a
+        uniformly random place among those held; the pass's last pool is permuted and emitted whole. Batches are
+        cut from the emitted order (the last one of a pass finishes with the next pass's first images), and each
+        is gathered from its chunks with one copy, grouped by chunk within the batch. A batch's position is
+        (pass, images of the pass emitted up to its end); a resumed pass reads its chunks again and leaves its
+        first `skip` emitted images out, uncopied. The ledger, unusable samples (a damaged chunk is one), unreadable
+        shards and shortfalls as in _batches; what a resumed pass meets before its position is not counted again.
+        """
+        urls = self.rank_urls[slot :: self.num_slots]
+        pass_index, skip = self.positions.get(slot, (0, 0))
+        report = _SlotReport(where)
+        last_resized_pass = max((p for p, _ in self.trained_before.values()), default=-1)
+        # chunk id -> (images N x H x W x C, labels or None, ordinal of row 0, shard id)
+        chunks: dict[int, tuple[np.ndarray, np.ndarray | None, int, int]] = {}
+        next_chunk = 0
+        empty = np.zeros(0, np.int64)
+        # Emitted and not yet batched: chunk id, row and pass of each image (a pass's leftover first).
+        ready_chunk, ready_row, ready_pass = empty, empty, empty
+        while True:
+            rng = random.Random(slot_seed(self.seed, self.rank, slot, pass_index))
+            order = list(urls)
+            rng.shuffle(order)
+            order = [u for u in order if self.trained_before.get(u, (pass_index,))[0] <= pass_index]
+            generator = np.random.default_rng(rng.getrandbits(63))
+            known = all(u in self.shard_counts for u in order)
+            pass_total = sum(self.shard_counts[u] for u in order) if known else None
+            per_shard = dict.fromkeys(order, 0)
+            bad = _BadSamples()
+            pool_chunk, pool_row = empty, empty
+            emitted = 0  # images of this pass emitted, the first `skip` of them left out (trained before)
+            read = 0  # images of this pass read (a damaged chunk: one), less what the ledger left out
+            report.counting = skip == 0
+            for chunk in iter_raw_chunks(order, handler=report.on_shard_error):
+                per_shard[chunk.url] = per_shard.get(chunk.url, 0) + chunk.count
+                rows, unusable, reason = self._usable_rows(chunk, pass_index)
+                read += len(rows) + unusable
+                if unusable:
+                    bad.add(chunk.url, reason or "", unusable)
+                    report.bad(unusable)
+                    if pass_total is not None and bad.too_many(max(pass_total, read), self.max_bad_fraction):
+                        yield LoaderFailure(
+                            bad.message(pass_index, where, max(pass_total, read), self.max_bad_fraction)
+                        )
+                        return
+                if len(rows):
+                    chunks[next_chunk] = (chunk.images, chunk.labels, chunk.first, self.shard_ids.get(chunk.url, -1))
+                    pool_chunk = np.concatenate([pool_chunk, np.full(len(rows), next_chunk)])
+                    pool_row = np.concatenate([pool_row, rows])
+                    next_chunk += 1
+                out = len(pool_chunk) - self.shuffle_buffer
+                if out <= 0:
+                    continue
+                mixed = generator.permutation(len(pool_chunk))
+                pool_chunk, pool_row = pool_chunk[mixed], pool_row[mixed]
+                c, r = pool_chunk[:out], pool_row[:out]
+                pool_chunk, pool_row = pool_chunk[out:], pool_row[out:]
+                drop = min(out, max(0, skip - emitted))
+                emitted += out
+                report.counting = emitted >= skip
+                ready_chunk = np.concatenate([ready_chunk, c[drop:]])
+                ready_row = np.concatenate([ready_row, r[drop:]])
+                ready_pass = np.concatenate([ready_pass, np.full(out - drop, pass_index)])
+                while len(ready_chunk) >= self.batch_size:
+                    batch = self._cut(chunks, ready_chunk, ready_row, ready_pass)
+                    ready_chunk, ready_row, ready_pass = (
+                        a[self.batch_size :] for a in (ready_chunk, ready_row, ready_pass)
+                    )
+                    offset = emitted - int(np.count_nonzero(ready_pass == pass_index))
+                    yield self._with_meta(batch, report, bad, slot, pass_index, offset)
+                live = set(np.unique(np.concatenate([pool_chunk, ready_chunk])).tolist())
+                for cid in [cid for cid in chunks if cid not in live]:
+                    del chunks[cid]
+            # The pass's last images, in a random order.
+            mixed = generator.permutation(len(pool_chunk))
+            c, r = pool_chunk[mixed], pool_row[mixed]
+            drop = min(len(c), max(0, skip - emitted))
+            emitted += len(c)
+            report.counting = True
+            ready_chunk = np.concatenate([ready_chunk, c[drop:]])
+            ready_row = np.concatenate([ready_row, r[drop:]])
+            ready_pass = np.concatenate([ready_pass, np.full(len(c) - drop, pass_index)])
+            while len(ready_chunk) >= self.batch_size:
+                batch = self._cut(chunks, ready_chunk, ready_row, ready_pass)
+                ready_chunk, ready_row, ready_pass = (
+                    a[self.batch_size :] for a in (ready_chunk, ready_row, ready_pass)
+                )
+                offset = emitted - int(np.count_nonzero(ready_pass == pass_index))
+                yield self._with_meta(batch, report, bad, slot, pass_index, offset)
+            live = set(ready_chunk.tolist())
+            for cid in [cid for cid in chunks if cid not in live]:
+                del chunks[cid]
+            if read == 0 and pass_index > last_resized_pass:
+                names = ", ".join(os.path.basename(u) for u in order[:3]) + (", ..." if len(order) > 3 else "")
+                yield LoaderFailure(
+                    f"no readable samples in the {len(order)} shard(s) of {where} ({names}): "
+                    f"{report.shard_errors[0] if report.shard_errors else 'they hold no samples'}; check them with "
+                    "`python -m dcgan_dist.data inspect`"
+                )
+                return
+            pass_size = max(read, pass_total or 0)
+            if bad.too_many(pass_size, self.max_bad_fraction):
+                yield LoaderFailure(bad.message(pass_index, where, pass_size, self.max_bad_fraction))
+                return
+            for url, got in per_shard.items():  # a shard that ended early (truncated at a member boundary)
+                report.shortfall(url, got, self.shard_counts.get(url, got))
+            pass_index, skip = pass_index + 1, 0
+
+    def _usable_rows(self, chunk: RawChunk, pass_index: int) -> tuple[np.ndarray, int, str | None]:
+        """(rows of a chunk to train on, how many more are unusable, why) less those the ledger of a resized run
+        says were trained in this pass."""
+        rows = np.arange(chunk.count)
+        before = self.trained_before.get(chunk.url)
+        if before is not None and before[0] == pass_index and len(before[1]):
+            ordinals = chunk.first + rows
+            trained = before[1][np.minimum(ordinals, len(before[1]) - 1)] & (ordinals < len(before[1]))
+            rows = rows[~trained]
+        if not len(rows):
+            return rows, 0, None
+        if chunk.images is None:
+            return rows[:0], len(rows), chunk.error
+        n, h, w, c = chunk.images.shape
+        if self.expect_chw is not None and (h, w, c) != tuple(self.expect_chw[1:]) + (self.expect_chw[0],):
+            ec, eh, ew = self.expect_chw
+            return (
+                rows[:0],
+                len(rows),
+                (
+                    f"sample '{chunk.key}' in {chunk.url}: {h}x{w} with {c} channel(s), the model expects {eh}x{ew} "
+                    f"with {ec}"
+                ),
+            )
+        if self.num_classes:
+            if chunk.labels is None:
+                return (
+                    rows[:0],
+                    len(rows),
+                    chunk.label_error
+                    or (
+                        f"sample '{chunk.key}' in {chunk.url} has no label, the set's dataset.json has "
+                        f"{self.num_classes} classes"
+                    ),
+                )
+            labels = chunk.labels[rows]
+            ok = (labels >= 0) & (labels < self.num_classes)
+            if not ok.all():
+                first = int(np.flatnonzero(~ok)[0])
+                return (
+                    rows[ok],
+                    int(np.count_nonzero(~ok)),
+                    (
+                        f"sample '{chunk.key}/{rows[first]}' in {chunk.url} has label {labels[first]}, the set's "
+                        f"dataset.json has {self.num_classes} classes"
+                    ),
+                )
+        return rows, 0, None
+
+    def _cut(
+        self, chunks: dict, chunk_ids: np.ndarray, rows: np.ndarray, passes: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The next batch_size emitted images gathered from their chunks (one copy, grouped by chunk): (images
+        B x H x W x C, ids B x (pass, shard id, ordinal), labels or None)."""
+        size = self.batch_size
+        order = np.argsort(chunk_ids[:size], kind="stable")
+        chunk_ids, rows, passes = chunk_ids[:size][order], rows[:size][order], passes[:size][order]
+        bounds = [0, *(np.flatnonzero(np.diff(chunk_ids)) + 1).tolist(), size]
+        images = np.empty((size, *chunks[int(chunk_ids[0])][0].shape[1:]), np.uint8)
+        ids = np.empty((size, 3), np.int64)
+        ids[:, 0] = passes
+        labels = np.empty(size, np.int64) if self.num_classes else None
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            chunk_images, chunk_labels, first, shard = chunks[int(chunk_ids[start])]
+            np.take(chunk_images, rows[start:end], axis=0, out=images[start:end])
+            ids[start:end, 1] = shard
+            ids[start:end, 2] = rows[start:end] + first
+            if labels is not None:
+                labels[start:end] = chunk_labels[rows[start:end]]
+        return images, ids, labels
+
+    def _with_meta(self, batch, report: _SlotReport, bad: _BadSamples, slot: int, pass_index: int, offset: int):
+        """A cut batch as the stream yields it, with its position and the counts since the last one."""
+        images, ids, labels = batch
+        report.first_bad(bad.first)
+        report.flush()
+        meta = torch.tensor([slot, pass_index, offset, *(report.counts[k] for k in _COUNTERS)])
+        report.counts = dict.fromkeys(_COUNTERS, 0)
+        labels = torch.from_numpy(labels) if labels is not None else torch.zeros(0, dtype=torch.int64)
+        return torch.from_numpy(images).permute(0, 3, 1, 2), meta, torch.from_numpy(ids), labels
+
     def _untrained(self, samples: Iterator[dict], pass_index: int, per_shard: dict[str, int]) -> Iterator[dict]:
         """Count what each shard gives, and leave out what the ledger of a resized run says was trained in this
         pass already (by each sample's ordinal in its shard, `__index__`)."""
@@ -347,6 +608,138 @@ class ShardStream(IterableDataset):
             if trained is not None and index < len(trained) and trained[index]:
                 continue
             yield sample
+
+
+# data.cache=device: the slice is cached where it fits in this fraction of the free memory of the device.
+CACHE_FRACTION = 0.5
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for a cache on `device`: torch.cuda.mem_get_info on CUDA, MemAvailable of the host otherwise."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+class DeviceCache:
+    """data.cache=device: the rank's decoded uint8 images (and labels) on the training device, in the order of
+    their (shard id, ordinal), and the passes drawn from them.
+
+    The first pass streams as data.cache=off does, and its images are kept as they go by. Once every loader slot
+    is past the pass it started in, batches come from the cache: pass p is a permutation of the cached samples
+    drawn from (seed, rank, p) (numpy, so the same on every device), the passes one after the other (a batch
+    may finish one and start the next, as streamed ones do); the first cached pass leaves out the samples the
+    stream already gave in it. `drawn` (cached batches so far), the first cached pass and those samples are the
+    whole state: a resume rebuilds the cache by reading the rank's shards once (not trained on) and continues
+    with the next batch of the same sequence. Every cached batch is entered in the ledger like a streamed one, so
+    a resize re-deals the shards as always: the cache is dropped and rebuilt from the new slice, and its passes
+    go on without what the ledger says was trained."""
+
+    def __init__(self, seed: int, rank: int, batch_size: int, device: torch.device):
+        self.seed, self.rank, self.batch_size, self.device = seed, rank, batch_size, torch.device(device)
+        self.filled = False  # the cache holds the whole slice
+        self.active = False  # batches come from the cache
+        self.first_pass: dict[int, int] = {}  # slot -> the pass of its first streamed batch
+        self.seen: list[tuple[int, int]] = []  # (pass, key) of samples streamed after a slot's first pass
+        self.start_pass = 0  # the first cached pass
+        self.drawn = 0
+        self._parts: list[tuple[torch.Tensor, np.ndarray, torch.Tensor | None]] = []
+        self._perms: dict[int, np.ndarray] = {}
+
+    @staticmethod
+    def keys(ids: np.ndarray) -> np.ndarray:
+        return ids[:, 1] * (1 << 32) + ids[:, 2]
+
+    def keep(self, images: torch.Tensor, ids: np.ndarray, labels: torch.Tensor | None, first: bool) -> None:
+        """A streamed batch: its samples of their slot's first pass (`first`: of pass 0 ... as the ids say)."""
+        take = ids[:, 0] == first
+        if not take.any():
+            return
+        hwc = images.permute(0, 2, 3, 1).numpy()  # N x H x W x C, as the shards hold them (the batch's memory)
+        kept = torch.from_numpy(hwc[take] if not take.all() else hwc.copy()).to(self.device)
+        kept_labels = torch.from_numpy(labels.numpy()[take]).to(self.device) if labels is not None else None
+        self._parts.append((kept, self.keys(ids[take]), kept_labels))
+
+    def finish(self) -> None:
+        """The whole slice kept: into one tensor, in key order (so the order does not depend on the stream's)."""
+        keys = np.concatenate([k for _, k, _ in self._parts])
+        keys, unique = np.unique(keys, return_index=True)  # a sample kept twice (a shard read twice) once
+        has_labels = self._parts[0][2] is not None
+        if self.device.type == "cpu":  # numpy: torch's cat and indexing of uint8 rows are slow here
+            self.images = torch.from_numpy(np.take(np.concatenate([i.numpy() for i, _, _ in self._parts]), unique, 0))
+            labels = np.concatenate([lab.numpy() for _, _, lab in self._parts])[unique] if has_labels else None
+            self.labels = torch.from_numpy(labels) if labels is not None else None
+        else:
+            order = torch.from_numpy(unique).to(self.device)
+            self.images = torch.cat([i for i, _, _ in self._parts])[order]
+            self.labels = torch.cat([lab for _, _, lab in self._parts])[order] if has_labels else None
+        self.sample_keys = keys
+        self._parts, self.filled = [], True
+
+    def start(self, start_pass: int) -> None:
+        self.start_pass, self.active = start_pass, True
+
+    def _perm(self, pass_index: int) -> np.ndarray:
+        """The cached samples (indices) of a pass in its order; the first cached pass without what was seen."""
+        perm = self._perms.get(pass_index)
+        if perm is None:
+            perm = np.random.default_rng(slot_seed(self.seed, self.rank, 1 << 20, pass_index)).permutation(
+                len(self.sample_keys)
+            )
+            if pass_index == self.start_pass and self.seen:
+                seen = np.array([k for p, k in self.seen if p == pass_index], dtype=np.int64)
+                perm = perm[~np.isin(self.sample_keys[perm], seen)]
+            self._perms = {p: v for p, v in self._perms.items() if p >= pass_index - 1}
+            self._perms[pass_index] = perm
+        return perm
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
+        """(images B x C x H x W over channels-last memory, labels or None, ids B x (pass, shard, ordinal))."""
+        position, pass_index = self.drawn * self.batch_size, self.start_pass
+        while position >= len(self._perm(pass_index)):
+            position -= len(self._perm(pass_index))
+            pass_index += 1
+        picked, passes = [], []
+        need = self.batch_size
+        while need:
+            part = self._perm(pass_index)[position : position + need]
+            picked.append(part)
+            passes.append(np.full(len(part), pass_index))
+            need -= len(part)
+            position, pass_index = 0, pass_index + 1
+        index_np = np.concatenate(picked)
+        keys = self.sample_keys[index_np]
+        ids = np.stack([np.concatenate(passes), keys >> 32, keys & 0xFFFFFFFF], axis=1)
+        self.drawn += 1
+        if self.device.type == "cpu":  # numpy's gather copies whole rows; torch's indexing goes byte by byte
+            images = torch.from_numpy(np.take(self.images.numpy(), index_np, axis=0))
+            labels = torch.from_numpy(self.labels.numpy()[index_np]) if self.labels is not None else None
+        else:
+            index = torch.from_numpy(index_np).to(self.device)
+            images, labels = self.images[index], (self.labels[index] if self.labels is not None else None)
+        return images.permute(0, 3, 1, 2), labels, ids
+
+    def state_dict(self) -> dict:
+        return {
+            "active": self.active,
+            "first_pass": {str(k): v for k, v in self.first_pass.items()},
+            "seen": [list(s) for s in self.seen],
+            "start_pass": self.start_pass,
+            "drawn": self.drawn,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.active = bool(state["active"])
+        self.first_pass = {int(k): int(v) for k, v in state["first_pass"].items()}
+        self.seen = [(int(p), int(k)) for p, k in state["seen"]]
+        self.start_pass, self.drawn = int(state["start_pass"]), int(state["drawn"])
 
 
 @dataclass
@@ -381,7 +774,21 @@ class ImageBatches:
         expect_chw: tuple[int, int, int] | None = None,
         pin_memory: bool = False,
         max_bad_fraction: float = MAX_BAD_FRACTION,
+        cache: str = "off",
+        device: torch.device | str = "cpu",
     ):
+        # What a cache's filling pass needs to read the same slice again (DeviceCache).
+        self._args = dict(
+            shards=shards,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            num_workers=num_workers,
+            shuffle_buffer=shuffle_buffer,
+            expect_chw=expect_chw,
+            max_bad_fraction=max_bad_fraction,
+        )
         urls = expand_shards(shards) if isinstance(shards, str) else list(shards)
         self.classes = read_classes(shards) if isinstance(shards, str) else None
         counts, missing = shard_counts(shards) if isinstance(shards, str) else ({}, [])
@@ -437,6 +844,7 @@ class ImageBatches:
             shard_ids={u: i for i, u in enumerate(urls)},
             max_bad_fraction=max_bad_fraction,
             num_classes=len(self.classes or []),
+            raw_chunks=isinstance(shards, str) and all(info and info.format == "raw" for _, info in spec_parts(shards)),
         )
         self.layout = {
             "world_size": world_size,
@@ -444,11 +852,38 @@ class ImageBatches:
             "slots": self.num_slots,
             "batch_size": batch_size,
             "seed": seed,
+            # Raw sets are batched from whole chunks, where a position counts other things: a checkpoint of the
+            # per-image reader resumes through the ledger, like a resize.
+            **({"reader": "chunks"} if self.stream.raw_chunks else {}),
         }
         self.counters = LoaderCounters()
         self.positions: dict[int, tuple[int, int]] = {}
         self.ledger: dict[int, tuple[int, np.ndarray]] = {}  # shard id -> (pass, trained[ordinal]) of this rank
         self._it: Iterator | None = None
+        self.last_slot, self.last_ids = 0, np.zeros((0, 3), np.int64)  # the latest streamed batch's
+        self.cache = self._cache_decision(counts, expect_chw, batch_size, seed, device) if cache == "device" else None
+        self._needs_fill = False  # a resumed cache is filled by a pass of its own first
+
+    def _cache_decision(self, counts, expect_chw, batch_size: int, seed: int, device) -> DeviceCache | None:
+        """data.cache=device: a DeviceCache if the rank's slice fits in CACHE_FRACTION of the device's free memory;
+        the decision printed either way."""
+        device = torch.device(device)
+        known = expect_chw is not None and all(u in counts for u in self.rank_urls)
+        what = f"data.cache=device (rank {self.rank})"
+        if not known:
+            print(f"{what}: not cached, the slice's size is unknown (no dataset.json): streamed every pass", flush=True)
+            return None
+        c, h, w = expect_chw
+        samples = sum(counts[u] for u in self.rank_urls)
+        need = samples * (c * h * w + 8)
+        free = free_memory(device)
+        fits = need <= CACHE_FRACTION * free
+        print(
+            f"{what}: {samples} images need {need / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB free on {device}: "
+            + ("cached after the first pass" if fits else f"not cached (more than {CACHE_FRACTION:g} of it)"),
+            flush=True,
+        )
+        return DeviceCache(seed, self.rank, batch_size, device) if fits else None
 
     def _start(self) -> Iterator:
         # Rotating the slots' roles on resume keeps the DataLoader's round-robin order that of the interrupted run.
@@ -472,6 +907,15 @@ class ImageBatches:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = self.cache
+        if cache is not None and self._needs_fill:
+            self._needs_fill = False
+            self._fill()
+        if cache is not None and cache.active:
+            images, labels, ids = cache.next_batch()
+            self.counters.batches += 1
+            self._mark_trained(ids)
+            return images, (labels if self.classes else None)
         if self._it is None:
             self._it = self._start()
         try:
@@ -496,23 +940,61 @@ class ImageBatches:
         self.counters.batches += 1
         for name, value in zip(_COUNTERS, counts):
             setattr(self.counters, name, getattr(self.counters, name) + value)
-        self._mark_trained(ids.numpy())
+        self.last_slot, self.last_ids = slot, ids.numpy()
+        self._mark_trained(self.last_ids)
+        if cache is not None:
+            self._cache_streamed(images, labels if self.classes else None)
         return images, (labels if self.classes else None)
 
+    def _cache_streamed(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """A streamed batch seen by the cache: kept while it fills, and the switch to cached batches once every
+        slot is past the pass it started in."""
+        cache, ids, slot = self.cache, self.last_ids, self.last_slot
+        first = cache.first_pass.setdefault(slot, int(ids[:, 0].min()))
+        if not cache.filled:
+            cache.keep(images, ids, labels, first)
+        later = ids[:, 0] > first
+        cache.seen += list(zip(ids[later, 0].tolist(), DeviceCache.keys(ids[later]).tolist()))
+        done = len(cache.first_pass) == self.num_slots and all(
+            self.positions[s][0] > p for s, p in cache.first_pass.items()
+        )
+        if done:
+            if not cache.filled:
+                cache.finish()
+            cache.start(min(self.positions[s][0] for s in cache.first_pass))
+            self.close()  # the stream's loader processes are not needed any more
+
+    def _fill(self) -> None:
+        """A resumed cache: the rank's slice read once (a pass of a loader of its own, not trained on)."""
+        reader = ImageBatches(**self._args)
+        firsts: dict[int, int] = {}
+        try:
+            while True:
+                images, labels = next(reader)
+                first = firsts.setdefault(reader.last_slot, int(reader.last_ids[:, 0].min()))
+                self.cache.keep(images, reader.last_ids, labels, first)
+                if len(firsts) == reader.num_slots and all(reader.positions[s][0] > p for s, p in firsts.items()):
+                    break
+        finally:
+            reader.close()
+        self.cache.finish()
+
     def _mark_trained(self, ids: np.ndarray) -> None:
-        """Enter a batch's (pass, shard id, ordinal) rows in the ledger."""
-        for shard in np.unique(ids[:, 1]):
-            rows = ids[ids[:, 1] == shard]
-            for pass_index in np.unique(rows[:, 0]):  # a batch that spans the end of a pass holds two
-                ordinals = rows[rows[:, 0] == pass_index, 2]
-                entry = self.ledger.get(int(shard))
-                if entry is None or entry[0] < pass_index:  # the shard's first sample of a new pass
-                    entry = (int(pass_index), np.zeros(0, dtype=bool))
-                trained = entry[1]
-                if ordinals.max() >= len(trained):
-                    trained = np.concatenate([trained, np.zeros(int(ordinals.max()) + 1 - len(trained), dtype=bool)])
-                trained[ordinals] = True
-                self.ledger[int(shard)] = (entry[0], trained)
+        """Enter a batch's (pass, shard id, ordinal) rows in the ledger: one group per (shard, pass) in the batch
+        (a batch that spans the end of a pass holds two passes)."""
+        groups, which = np.unique(ids[:, 1] * (1 << 32) + ids[:, 0], return_inverse=True)
+        for group, key in enumerate(groups.tolist()):
+            shard, pass_index = key >> 32, key & 0xFFFFFFFF
+            ordinals = ids[which == group, 2] if len(groups) > 1 else ids[:, 2]
+            entry = self.ledger.get(shard)
+            if entry is None or entry[0] < pass_index:  # the shard's first sample of a new pass
+                entry = (pass_index, np.zeros(0, dtype=bool))
+            trained = entry[1]
+            top = int(ordinals.max())
+            if top >= len(trained):
+                trained = np.concatenate([trained, np.zeros(top + 1 - len(trained), dtype=bool)])
+            trained[ordinals] = True
+            self.ledger[shard] = (entry[0], trained)
 
     def state_dict(self) -> dict:
         return {
@@ -522,6 +1004,7 @@ class ImageBatches:
             "ledger": _ledger_to_state({self.urls[i]: entry for i, entry in self.ledger.items()}),
             # What this layout's streams started without (a resized run); an exact resume needs it again.
             "trained_before": _ledger_to_state(self.stream.trained_before),
+            **({"cache": self.cache.state_dict()} if self.cache is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -534,6 +1017,9 @@ class ImageBatches:
             raise RuntimeError("load_state_dict must come before the first batch")
         mine = states.get(self.rank)
         ids = {u: i for i, u in enumerate(self.urls)}
+        self._needs_fill = self.cache is not None  # whatever the state, a resumed cache is read anew
+        if self.cache is not None and mine is not None and mine.get("layout") == self.layout and "cache" in mine:
+            self.cache.load_state_dict(mine["cache"])
         if mine is not None and mine.get("layout") == self.layout:
             self.positions = {int(k): (int(v[0]), int(v[1])) for k, v in mine["positions"].items()}
             self.counters.batches = int(mine["batches"])

@@ -150,20 +150,43 @@ def mfu(images_per_s: float, flops_per_image: float, peak: float | None) -> floa
 # --- the loops that are timed ----------------------------------------------------------------------------------
 
 
-def measure_data(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int) -> tuple[float, float]:
-    """(images/s, images per CPU-second of this process) from the real loader to normalised tensors on the
-    device. The second figure is the loader's cost per core when it runs in this process (data.num_workers=0),
+def measure_data(cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int) -> dict[str, float]:
+    """The real loader, timed twice: data_images_per_s and data_images_per_cpu_s (images per CPU-second of this
+    process), its uint8 batches as it hands them over (host memory), what a loader must keep up with; then
+    data_normalised_images_per_s, those batches to normalised tensors on the device (on a CPU the float
+    conversion, ~4x the bytes, costs more than raw shards' loading); with data.cache=device also
+    data_cached_images_per_s, the uint8 batches of the passes drawn from the cache (already on the device).
+    The CPU-second figure is the loader's cost per core when it runs in this process (data.num_workers=0),
     whatever else the machine is doing."""
     batches = make_loader(cfg, env, shards)
+    result: dict[str, float] = {}
     try:
-        for i in range(warmup + steps):
-            if i == warmup:
-                sync_device(env.device)
-                started, cpu_started = time.perf_counter(), time.process_time()
-            normalise(next(batches)[0], env.device, bool(cfg.train.channels_last))
-        sync_device(env.device)
-        images = steps * cfg.train.batch_size
-        return images / (time.perf_counter() - started), images / (time.process_time() - cpu_started)
+        for normalised in (False, True):
+            for i in range(warmup + steps):
+                if i == warmup:
+                    sync_device(env.device)
+                    started, cpu_started = time.perf_counter(), time.process_time()
+                images = next(batches)[0]
+                if normalised:
+                    normalise(images, env.device, bool(cfg.train.channels_last))
+            sync_device(env.device)
+            images_done = steps * cfg.train.batch_size
+            if normalised:
+                result["data_normalised_images_per_s"] = images_done / (time.perf_counter() - started)
+            else:
+                result["data_images_per_s"] = images_done / (time.perf_counter() - started)
+                result["data_images_per_cpu_s"] = images_done / (time.process_time() - cpu_started)
+        if batches.cache is not None:  # data.cache=device: then the later passes, drawn from the cache
+            while not batches.cache.active:
+                next(batches)
+            for i in range(warmup + steps):
+                if i == warmup:
+                    sync_device(env.device)
+                    started = time.perf_counter()
+                next(batches)
+            sync_device(env.device)
+            result["data_cached_images_per_s"] = steps * cfg.train.batch_size / (time.perf_counter() - started)
+        return result
     finally:
         batches.close()
 
@@ -478,11 +501,19 @@ def run_bench(setting: Config, say: Callable[[str], None] = print) -> tuple[dict
     env = DistEnv(device=device)
     rows: list[Row] = []
     if bench.measure != "step":
-        result["data_images_per_s"], per_cpu_s = measure_data(cfg, env, shards, bench.steps * 2, bench.warmup)
-        rows.append(("loader alone (shards -> normalised tensors)", result["data_images_per_s"], ""))
+        data = measure_data(cfg, env, shards, bench.steps * 2, bench.warmup)
+        result["data_images_per_s"] = data["data_images_per_s"]
+        rows.append(("loader alone (shards -> uint8 batches)", result["data_images_per_s"], ""))
         if cfg.data.num_workers == 0:  # else the loader's processes do the work, and their CPU time is not counted
-            result["data_images_per_cpu_s"] = per_cpu_s
-            rows.append(("loader alone, per CPU-second of this process", per_cpu_s, ""))
+            result["data_images_per_cpu_s"] = data["data_images_per_cpu_s"]
+            rows.append(("loader alone, per CPU-second of this process", result["data_images_per_cpu_s"], ""))
+        result["data_normalised_images_per_s"] = data["data_normalised_images_per_s"]
+        rows.append(
+            ("loader + normalise (shards -> float tensors on the device)", data["data_normalised_images_per_s"], "")
+        )
+        if "data_cached_images_per_s" in data:
+            result["data_cached_images_per_s"] = data["data_cached_images_per_s"]
+            rows.append(("data.cache=device, later passes (uint8 batches)", data["data_cached_images_per_s"], ""))
     if bench.checkpoint:
         result.update(measure_checkpoint(cfg, device))
     if bench.measure == "loader":

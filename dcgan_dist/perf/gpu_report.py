@@ -245,7 +245,7 @@ def training_steps(
 
 def loader_rate(cfg: Config, device: torch.device, shards: str, steps: int, warmup: int) -> dict:
     try:
-        rate, _ = bench.measure_data(cfg, DistEnv(device=device), shards, steps, warmup)
+        rate = bench.measure_data(cfg, DistEnv(device=device), shards, steps, warmup)["data_normalised_images_per_s"]
     except Exception as exc:  # noqa: BLE001
         return {"note": f"failed: {_error(exc)}"}
     processes = max(cfg.data.num_workers, 1)

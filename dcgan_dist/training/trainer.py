@@ -200,6 +200,8 @@ def make_loader(cfg: Config, env: DistEnv, shards: str) -> ImageBatches:
         expect_chw=(cfg.model.channels, cfg.model.image_size, cfg.model.image_size),
         pin_memory=env.device.type == "cuda",
         max_bad_fraction=cfg.data.max_bad_fraction,
+        cache=cfg.data.cache,
+        device=env.device,
     )
 
 

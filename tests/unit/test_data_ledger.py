@@ -7,15 +7,17 @@ import torch
 
 from dcgan_dist.data import ImageBatches, write_synthetic_shards
 from dcgan_dist.data.loader import slot_seed, split_for_rank
-from dcgan_dist.data.shards import decode_label, decode_sample, expand_shards, iter_samples, shard_counts
+from dcgan_dist.data.shards import decode_label, decode_sample, expand_shards, iter_samples, read_info, shard_counts
 
 NUM, PER_SHARD, BATCH = 16, 4, 4
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+@pytest.fixture(scope="module", params=["png", "raw"])  # raw: the chunk path (loader._chunk_batches)
+def shards(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("ledger") / "faces"
-    write_synthetic_shards(out, NUM, shard_size=PER_SHARD, size=32, seed=5, processes=1, progress=False, labels="skin")
+    write_synthetic_shards(
+        out, NUM, shard_size=PER_SHARD, size=32, seed=5, processes=1, progress=False, labels="skin", fmt=request.param
+    )
     return out
 
 
@@ -102,6 +104,7 @@ def test_a_pass_trains_each_sample_of_the_rank_once(shards, truth):
     urls = sorted(str(p) for p in shards.glob("*.tar"))
     for rank in range(2):
         loader = batches(shards, rank=rank, world_size=2)
+        assert loader.stream.raw_chunks == (read_info(str(shards)).format == "raw")  # raw: batched from chunks
         assert loader.rank_urls == urls[rank::2]
         first_pass = take(loader, 2)  # 2 shards x 4 samples = one pass of this rank
         assert len(set(image_keys(first_pass))) == 8

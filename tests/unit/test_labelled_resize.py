@@ -18,11 +18,11 @@ def label_of(index: int) -> int:
     return (index * 7 + index // 5) % len(CLASSES)  # not the shard layout's pattern
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+@pytest.fixture(scope="module", params=["png", "raw"])  # raw: the chunk path (loader._chunk_batches)
+def shards(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("labelled-resize") / "tagged"
     rng = np.random.default_rng(0)
-    with ShardWriter(out, shard_size=PER_SHARD, classes=CLASSES) as writer:
+    with ShardWriter(out, shard_size=PER_SHARD, classes=CLASSES, fmt=request.param, raw_chunk=4) as writer:
         for i in range(NUM):
             image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
             image[0, 0, 0] = i  # its tag

@@ -1,0 +1,19 @@
+"""data.cache=device through training (issue 29): a run interrupted in its cached passes and resumed ends with the
+weights of the uninterrupted run, bit for bit (the cache is rebuilt at the resume and the same batches follow)."""
+
+import torch
+
+from .conftest import TINY, run_cli
+
+
+def test_a_resumed_cached_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_shards, tmp_path):
+    # 512 images, batch 16: 32 steps a pass; step 40 is in the first cached pass
+    common = ["--config", "debug", *TINY, f"data.shards={tiny_shards}", "data.cache=device"]
+    whole = run_cli("-m", "dcgan_dist.train", *common, "train.max_steps=48", f"run.dir={tmp_path / 'a'}")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert "cached after the first pass" in whole.stdout + whole.stderr
+    for steps in (40, 48):
+        part = run_cli("-m", "dcgan_dist.train", *common, f"train.max_steps={steps}", f"run.dir={tmp_path / 'b'}")
+        assert part.returncode == 0, part.stderr[-2000:]
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "step_0000048.pt", weights_only=False) for d in "ab")
+    assert all(torch.equal(a[net][k], b[net][k]) for net in ("G", "D") for k in a[net])
