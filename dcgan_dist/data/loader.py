@@ -450,6 +450,7 @@ class ShardStream(IterableDataset):
                         )
                         return
                 if len(rows):
+                    assert chunk.images is not None  # rows were cut from it
                     chunks[next_chunk] = (chunk.images, chunk.labels, chunk.first, self.shard_ids.get(chunk.url, -1))
                     pool_chunk = np.concatenate([pool_chunk, np.full(len(rows), next_chunk)])
                     pool_row = np.concatenate([pool_row, rows])
@@ -657,7 +658,7 @@ class DeviceCache:
     def keys(ids: np.ndarray) -> np.ndarray:
         return ids[:, 1] * (1 << 32) + ids[:, 2]
 
-    def keep(self, images: torch.Tensor, ids: np.ndarray, labels: torch.Tensor | None, first: bool) -> None:
+    def keep(self, images: torch.Tensor, ids: np.ndarray, labels: torch.Tensor | None, first: int) -> None:
         """A streamed batch: its samples of their slot's first pass (`first`: of pass 0 ... as the ids say)."""
         take = ids[:, 0] == first
         if not take.any():
@@ -674,12 +675,18 @@ class DeviceCache:
         has_labels = self._parts[0][2] is not None
         if self.device.type == "cpu":  # numpy: torch's cat and indexing of uint8 rows are slow here
             self.images = torch.from_numpy(np.take(np.concatenate([i.numpy() for i, _, _ in self._parts]), unique, 0))
-            labels = np.concatenate([lab.numpy() for _, _, lab in self._parts])[unique] if has_labels else None
+            labels = (
+                np.concatenate([lab.numpy() for _, _, lab in self._parts if lab is not None])[unique]
+                if has_labels
+                else None
+            )
             self.labels = torch.from_numpy(labels) if labels is not None else None
         else:
             order = torch.from_numpy(unique).to(self.device)
             self.images = torch.cat([i for i, _, _ in self._parts])[order]
-            self.labels = torch.cat([lab for _, _, lab in self._parts])[order] if has_labels else None
+            self.labels = (
+                torch.cat([lab for _, _, lab in self._parts if lab is not None])[order] if has_labels else None
+            )
         self.sample_keys = keys
         self._parts, self.filled = [], True
 
@@ -778,7 +785,7 @@ class ImageBatches:
         device: torch.device | str = "cpu",
     ):
         # What a cache's filling pass needs to read the same slice again (DeviceCache).
-        self._args = dict(
+        self._args: dict[str, Any] = dict(
             shards=shards,
             batch_size=batch_size,
             rank=rank,
@@ -950,6 +957,7 @@ class ImageBatches:
         """A streamed batch seen by the cache: kept while it fills, and the switch to cached batches once every
         slot is past the pass it started in."""
         cache, ids, slot = self.cache, self.last_ids, self.last_slot
+        assert cache is not None  # data.cache=device
         first = cache.first_pass.setdefault(slot, int(ids[:, 0].min()))
         if not cache.filled:
             cache.keep(images, ids, labels, first)
@@ -966,18 +974,20 @@ class ImageBatches:
 
     def _fill(self) -> None:
         """A resumed cache: the rank's slice read once (a pass of a loader of its own, not trained on)."""
+        cache = self.cache
+        assert cache is not None  # data.cache=device
         reader = ImageBatches(**self._args)
         firsts: dict[int, int] = {}
         try:
             while True:
                 images, labels = next(reader)
                 first = firsts.setdefault(reader.last_slot, int(reader.last_ids[:, 0].min()))
-                self.cache.keep(images, reader.last_ids, labels, first)
+                cache.keep(images, reader.last_ids, labels, first)
                 if len(firsts) == reader.num_slots and all(reader.positions[s][0] > p for s, p in firsts.items()):
                     break
         finally:
             reader.close()
-        self.cache.finish()
+        cache.finish()
 
     def _mark_trained(self, ids: np.ndarray) -> None:
         """Enter a batch's (pass, shard id, ordinal) rows in the ledger: one group per (shard, pass) in the batch
