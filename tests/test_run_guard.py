@@ -201,7 +201,15 @@ def test_under_ray_the_driver_holds_the_run_dir_for_the_whole_job(tmp_path, tiny
     no_ray = tmp_path / "no-ray" / "ray"
     no_ray.mkdir(parents=True)
     (no_ray / "__init__.py").write_text("raise ImportError('Ray is blocked in this test')\n")
-    env = {**os.environ, "PYTHONPATH": f"{no_ray.parent}{os.pathsep}{ROOT}"}
+    # Nor does it find a cluster that another test has running (an unset RAY_ADDRESS looks for one).
+    nowhere = str(tmp_path / "no-cluster")
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{no_ray.parent}{os.pathsep}{ROOT}",
+        "RAY_TMPDIR": nowhere,
+        "RAY_CLUSTER_DIR": nowhere,
+    }
+    env.pop("RAY_ADDRESS", None)
 
     def launch(cfg, argv, hooks, outcome=None):
         seen["holder"] = json.loads((run_dir / LOCK_FILE).read_text())  # reading it leaves the lock held
