@@ -31,6 +31,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 SETTINGS_USAGE = "[--config FILE] [key=value ...]"
+# The settings a training run reads (train, and every trial of tune): not the eval.* ones only the evaluate command
+# uses, nor sample.*, bench.*, tune.*.
+TRAINING_SETTINGS = (
+    *("run", "data", "model", "gan", "train", "optim"),
+    *("eval.num", "eval.nhoods_per_image", "dist", "wandb", "log"),
+)
 HELP_WIDTH = 110
 
 

@@ -23,6 +23,7 @@ from dcgan_dist import stopping
 from dcgan_dist.cli.args import (
     JSON_FLAG,
     SETTINGS_USAGE,
+    TRAINING_SETTINGS,
     check_overrides,
     json_stdout,
     one_line_errors,
@@ -39,20 +40,7 @@ from dcgan_dist.storage.runlock import run_lock
 from dcgan_dist.training.checkpoint import SPACE_ERRORS, CheckpointError, CheckpointWriteError
 from dcgan_dist.training.trainer import StepHook, Trainer, check_settings
 
-# The settings training uses (the eval.* ones of the evaluate command and sample.*, bench.*, tune.* are not).
-SETTINGS = [
-    "run",
-    "data",
-    "model",
-    "gan",
-    "train",
-    "optim",
-    "eval.num",
-    "eval.nhoods_per_image",
-    "dist",
-    "wandb",
-    "log",
-]
+SETTINGS = list(TRAINING_SETTINGS)
 
 
 PROG = "python -m dcgan_dist.train"

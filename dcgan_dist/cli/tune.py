@@ -33,20 +33,7 @@ from dcgan_dist.config import ConfigError
 COMMAND = cli.Command(
     "python -m dcgan_dist.tune",
     __doc__,
-    settings=[
-        "tune",
-        "run",
-        "data",
-        "model",
-        "gan",
-        "train",
-        "optim",
-        "eval.num",
-        "eval.nhoods_per_image",
-        "dist",
-        "wandb",
-        "log",
-    ],
+    settings=["tune", *cli.TRAINING_SETTINGS],
     moved={
         "--trials": "tune.trials=N",
         "--scheduler": "tune.scheduler=asha|pbt|fifo",

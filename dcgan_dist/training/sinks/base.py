@@ -8,6 +8,7 @@ is in `state_dict`, which travels in every checkpoint. Any method may be left as
 from __future__ import annotations
 
 import numbers
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,3 +90,20 @@ class Sink:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class RunIdSink(Sink):
+    """A sink that continues a run of its own service (W&B, MLflow) across resumes: the run id is its state. A
+    checkpoint is untrusted data: the id names the service's files and run, so only an id of the kind they make."""
+
+    service = ""
+    run_id: str | None = None
+
+    def state_dict(self) -> dict:
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        run_id = state.get("run_id")
+        if run_id is not None and not (isinstance(run_id, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,128}", run_id)):
+            raise ValueError(f"{self.service} run id {str(run_id)[:80]!r} is not one {self.service} would make")
+        self.run_id = run_id

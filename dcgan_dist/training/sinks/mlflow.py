@@ -11,30 +11,20 @@ the sink's state (saved in checkpoints): a resumed run continues the same MLflow
 from __future__ import annotations
 
 import os
-import re
 import time
 from typing import Any
 
 from dcgan_dist.config import flat_settings, show
-from dcgan_dist.training.sinks.base import Sink, scalar_items
+from dcgan_dist.training.sinks.base import RunIdSink, scalar_items
 
 EXPERIMENT = "dcgan_dist"
 
 
-class MlflowSink(Sink):
+class MlflowSink(RunIdSink):
     library = "mlflow"
     extra = "mlflow"
+    service = "MLflow"
     client: Any = None
-    run_id: str | None = None
-
-    def state_dict(self) -> dict:
-        return {"run_id": self.run_id}
-
-    def load_state_dict(self, state: dict) -> None:
-        run_id = state.get("run_id")
-        if run_id is not None and not (isinstance(run_id, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,128}", run_id)):
-            raise ValueError(f"MLflow run id {str(run_id)[:80]!r} is not one MLflow would make")
-        self.run_id = run_id
 
     def start(self, step: int) -> None:
         from mlflow.entities import Param

@@ -12,26 +12,15 @@ from __future__ import annotations
 
 import io
 import os
-import re
 from typing import Any
 
 from dcgan_dist.config import to_dict
-from dcgan_dist.training.sinks.base import Sink
+from dcgan_dist.training.sinks.base import RunIdSink
 
 
-class WandbSink(Sink):
+class WandbSink(RunIdSink):
+    service = "W&B"
     run: Any = None
-    run_id: str | None = None
-
-    def state_dict(self) -> dict:
-        return {"run_id": self.run_id}
-
-    def load_state_dict(self, state: dict) -> None:
-        run_id = state.get("run_id")
-        # A checkpoint is untrusted data: the id names W&B's files and run, so only an id of the kind W&B makes.
-        if run_id is not None and not (isinstance(run_id, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,128}", run_id)):
-            raise ValueError(f"W&B run id {str(run_id)[:80]!r} is not one W&B would make")
-        self.run_id = run_id
 
     def start(self, step: int) -> None:
         cfg = self.ctx.cfg
