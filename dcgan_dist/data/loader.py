@@ -375,18 +375,11 @@ class ShardStream(IterableDataset):
                     labels = torch.tensor(batch_labels if self.num_classes else [], dtype=torch.int64)
                     yield images, meta, torch.tensor(batch_ids), labels
                     batch, batch_ids, batch_labels = [], [], []
-            if consumed == 0 and pass_index > last_resized_pass:
-                names = ", ".join(os.path.basename(u) for u in order[:3]) + (", ..." if len(order) > 3 else "")
-                yield LoaderFailure(
-                    f"no readable samples in the {len(order)} shard(s) of {where} ({names}): "
-                    f"{shard_errors[0] if shard_errors else 'they hold no samples'}; check them with "
-                    "`python -m dcgan_dist.data inspect`"
-                )
-                return
-            # Over the whole pass: a resumed (or, after a resize, shortened) pass counts what it skipped as read.
-            pass_size = max(consumed, pass_total or 0)
-            if bad.too_many(pass_size, self.max_bad_fraction):
-                yield LoaderFailure(bad.message(pass_index, where, pass_size, self.max_bad_fraction))
+            failure = self._pass_failure(
+                consumed, pass_index > last_resized_pass, order, where, shard_errors, pass_total, bad, pass_index
+            )
+            if failure is not None:
+                yield failure
                 return
             for url, got in per_shard.items():  # a shard that ended early (truncated at a member boundary)
                 want = self.shard_counts.get(url, got)
@@ -497,17 +490,11 @@ class ShardStream(IterableDataset):
             live = set(ready_chunk.tolist())
             for cid in [cid for cid in chunks if cid not in live]:
                 del chunks[cid]
-            if read == 0 and pass_index > last_resized_pass:
-                names = ", ".join(os.path.basename(u) for u in order[:3]) + (", ..." if len(order) > 3 else "")
-                yield LoaderFailure(
-                    f"no readable samples in the {len(order)} shard(s) of {where} ({names}): "
-                    f"{report.shard_errors[0] if report.shard_errors else 'they hold no samples'}; check them with "
-                    "`python -m dcgan_dist.data inspect`"
-                )
-                return
-            pass_size = max(read, pass_total or 0)
-            if bad.too_many(pass_size, self.max_bad_fraction):
-                yield LoaderFailure(bad.message(pass_index, where, pass_size, self.max_bad_fraction))
+            failure = self._pass_failure(
+                read, pass_index > last_resized_pass, order, where, report.shard_errors, pass_total, bad, pass_index
+            )
+            if failure is not None:
+                yield failure
                 return
             for url, got in per_shard.items():  # a shard that ended early (truncated at a member boundary)
                 report.shortfall(url, got, self.shard_counts.get(url, got))
@@ -583,6 +570,32 @@ class ShardStream(IterableDataset):
             if labels is not None:
                 labels[start:end] = chunk_labels[rows[start:end]]
         return images, ids, labels
+
+    def _pass_failure(
+        self,
+        read: int,
+        must_read: bool,
+        order: list[str],
+        where: str,
+        shard_errors: list[str],
+        pass_total: int | None,
+        bad: _BadSamples,
+        pass_index: int,
+    ) -> LoaderFailure | None:
+        """At the end of a pass (either reader): nothing readable in the slot's shards (must_read: not a pass a
+        resize left empty), or too many unusable samples over the whole pass (a resumed, or after a resize
+        shortened, pass counts what it skipped as read)."""
+        if read == 0 and must_read:
+            names = ", ".join(os.path.basename(u) for u in order[:3]) + (", ..." if len(order) > 3 else "")
+            return LoaderFailure(
+                f"no readable samples in the {len(order)} shard(s) of {where} ({names}): "
+                f"{shard_errors[0] if shard_errors else 'they hold no samples'}; check them with "
+                "`python -m dcgan_dist.data inspect`"
+            )
+        pass_size = max(read, pass_total or 0)
+        if bad.too_many(pass_size, self.max_bad_fraction):
+            return LoaderFailure(bad.message(pass_index, where, pass_size, self.max_bad_fraction))
+        return None
 
     def _with_meta(self, batch, report: _SlotReport, bad: _BadSamples, slot: int, pass_index: int, offset: int):
         """A cut batch as the stream yields it, with its position and the counts since the last one."""
