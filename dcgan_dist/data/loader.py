@@ -410,12 +410,9 @@ class ShardStream(IterableDataset):
         pass_index, skip = self.positions.get(slot, (0, 0))
         report = _SlotReport(where)
         last_resized_pass = max((p for p, _ in self.trained_before.values()), default=-1)
-        # chunk id -> (images N x H x W x C, labels or None, ordinal of row 0, shard id)
-        chunks: dict[int, tuple[np.ndarray, np.ndarray | None, int, int]] = {}
+        chunks: dict[int, np.ndarray] = {}  # chunk id -> its images N x H x W x C (a view of the mapped shard)
         next_chunk = 0
-        empty = np.zeros(0, np.int64)
-        # Emitted and not yet batched: chunk id, row and pass of each image (a pass's leftover first).
-        ready_chunk, ready_row, ready_pass = empty, empty, empty
+        ready = _Ready(self.batch_size, self.num_classes > 0)
         while True:
             rng = random.Random(slot_seed(self.seed, self.rank, slot, pass_index))
             order = list(urls)
@@ -426,7 +423,7 @@ class ShardStream(IterableDataset):
             pass_total = sum(self.shard_counts[u] for u in order) if known else None
             per_shard = dict.fromkeys(order, 0)
             bad = _BadSamples()
-            pool_chunk, pool_row = empty, empty
+            pool = np.zeros((0, 5), np.int64)  # images read and not yet emitted, one row each (_CHUNK ... _LABEL)
             emitted = 0  # images of this pass emitted, the first `skip` of them left out (trained before)
             read = 0  # images of this pass read (a damaged chunk: one), less what the ledger left out
             report.counting = skip == 0
@@ -444,50 +441,36 @@ class ShardStream(IterableDataset):
                         return
                 if len(rows):
                     assert chunk.images is not None  # rows were cut from it
-                    chunks[next_chunk] = (chunk.images, chunk.labels, chunk.first, self.shard_ids.get(chunk.url, -1))
-                    pool_chunk = np.concatenate([pool_chunk, np.full(len(rows), next_chunk)])
-                    pool_row = np.concatenate([pool_row, rows])
+                    chunks[next_chunk] = chunk.images
+                    block = np.empty((len(rows), 5), np.int64)
+                    block[:, _CHUNK], block[:, _ROW] = next_chunk, rows
+                    block[:, _SHARD], block[:, _ORDINAL] = self.shard_ids.get(chunk.url, -1), chunk.first + rows
+                    block[:, _LABEL] = chunk.labels[rows] if chunk.labels is not None else -1
+                    pool = np.concatenate([pool, block])
                     next_chunk += 1
-                out = len(pool_chunk) - self.shuffle_buffer
+                out = len(pool) - self.shuffle_buffer
                 if out <= 0:
                     continue
-                mixed = generator.permutation(len(pool_chunk))
-                pool_chunk, pool_row = pool_chunk[mixed], pool_row[mixed]
-                c, r = pool_chunk[:out], pool_row[:out]
-                pool_chunk, pool_row = pool_chunk[out:], pool_row[out:]
+                pool = pool[generator.permutation(len(pool))]
                 drop = min(out, max(0, skip - emitted))
                 emitted += out
                 report.counting = emitted >= skip
-                ready_chunk = np.concatenate([ready_chunk, c[drop:]])
-                ready_row = np.concatenate([ready_row, r[drop:]])
-                ready_pass = np.concatenate([ready_pass, np.full(out - drop, pass_index)])
-                while len(ready_chunk) >= self.batch_size:
-                    batch = self._cut(chunks, ready_chunk, ready_row, ready_pass)
-                    ready_chunk, ready_row, ready_pass = (
-                        a[self.batch_size :] for a in (ready_chunk, ready_row, ready_pass)
-                    )
-                    offset = emitted - int(np.count_nonzero(ready_pass == pass_index))
+                ready.add(pool[drop:out], pass_index)
+                pool = pool[out:]
+                for batch, offset in ready.batches(chunks, emitted, pass_index):
                     yield self._with_meta(batch, report, bad, slot, pass_index, offset)
-                live = set(np.unique(np.concatenate([pool_chunk, ready_chunk])).tolist())
+                live = set(np.unique(np.concatenate([pool[:, _CHUNK], ready.images[:, _CHUNK]])).tolist())
                 for cid in [cid for cid in chunks if cid not in live]:
                     del chunks[cid]
             # The pass's last images, in a random order.
-            mixed = generator.permutation(len(pool_chunk))
-            c, r = pool_chunk[mixed], pool_row[mixed]
-            drop = min(len(c), max(0, skip - emitted))
-            emitted += len(c)
+            pool = pool[generator.permutation(len(pool))]
+            drop = min(len(pool), max(0, skip - emitted))
+            emitted += len(pool)
             report.counting = True
-            ready_chunk = np.concatenate([ready_chunk, c[drop:]])
-            ready_row = np.concatenate([ready_row, r[drop:]])
-            ready_pass = np.concatenate([ready_pass, np.full(len(c) - drop, pass_index)])
-            while len(ready_chunk) >= self.batch_size:
-                batch = self._cut(chunks, ready_chunk, ready_row, ready_pass)
-                ready_chunk, ready_row, ready_pass = (
-                    a[self.batch_size :] for a in (ready_chunk, ready_row, ready_pass)
-                )
-                offset = emitted - int(np.count_nonzero(ready_pass == pass_index))
+            ready.add(pool[drop:], pass_index)
+            for batch, offset in ready.batches(chunks, emitted, pass_index):
                 yield self._with_meta(batch, report, bad, slot, pass_index, offset)
-            live = set(ready_chunk.tolist())
+            live = set(ready.images[:, _CHUNK].tolist())
             for cid in [cid for cid in chunks if cid not in live]:
                 del chunks[cid]
             failure = self._pass_failure(
@@ -549,28 +532,6 @@ class ShardStream(IterableDataset):
                 )
         return rows, 0, None
 
-    def _cut(
-        self, chunks: dict, chunk_ids: np.ndarray, rows: np.ndarray, passes: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """The next batch_size emitted images gathered from their chunks (one copy, grouped by chunk): (images
-        B x H x W x C, ids B x (pass, shard id, ordinal), labels or None)."""
-        size = self.batch_size
-        order = np.argsort(chunk_ids[:size], kind="stable")
-        chunk_ids, rows, passes = chunk_ids[:size][order], rows[:size][order], passes[:size][order]
-        bounds = [0, *(np.flatnonzero(np.diff(chunk_ids)) + 1).tolist(), size]
-        images = np.empty((size, *chunks[int(chunk_ids[0])][0].shape[1:]), np.uint8)
-        ids = np.empty((size, 3), np.int64)
-        ids[:, 0] = passes
-        labels = np.empty(size, np.int64) if self.num_classes else None
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            chunk_images, chunk_labels, first, shard = chunks[int(chunk_ids[start])]
-            np.take(chunk_images, rows[start:end], axis=0, out=images[start:end])
-            ids[start:end, 1] = shard
-            ids[start:end, 2] = rows[start:end] + first
-            if labels is not None:
-                labels[start:end] = chunk_labels[rows[start:end]]
-        return images, ids, labels
-
     def _pass_failure(
         self,
         read: int,
@@ -622,6 +583,47 @@ class ShardStream(IterableDataset):
             if trained is not None and index < len(trained) and trained[index]:
                 continue
             yield sample
+
+
+# Columns of the raw path's per-image bookkeeping (_chunk_batches' pool, _Ready): the chunk an image is in, its row
+# there, its shard id, its ordinal in that shard, its class (-1: unlabelled set); _Ready adds its pass.
+_CHUNK, _ROW, _SHARD, _ORDINAL, _LABEL, _PASS = range(6)
+
+
+class _Ready:
+    """The raw path's emitted images not yet batched (a pass's leftover first), one row each (_CHUNK ... _PASS),
+    and the batches cut from them."""
+
+    def __init__(self, batch_size: int, labelled: bool):
+        self.batch_size, self.labelled = batch_size, labelled
+        self.images = np.zeros((0, 6), np.int64)
+
+    def add(self, pooled: np.ndarray, pass_index: int) -> None:
+        """Emitted pool rows (_CHUNK ... _LABEL) of pass `pass_index`."""
+        block = np.empty((len(pooled), 6), np.int64)
+        block[:, :_PASS], block[:, _PASS] = pooled, pass_index
+        self.images = np.concatenate([self.images, block])
+
+    def batches(self, chunks: dict, emitted: int, pass_index: int):
+        """Each full batch that is ready, with its position: this pass's images emitted up to its end."""
+        while len(self.images) >= self.batch_size:
+            batch = self._cut(chunks, self.images[: self.batch_size])
+            self.images = self.images[self.batch_size :]
+            yield batch, emitted - int(np.count_nonzero(self.images[:, _PASS] == pass_index))
+
+    def _cut(self, chunks: dict, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """A batch's images gathered from their chunks, one copy, grouped by chunk: (images B x H x W x C,
+        ids B x (pass, shard id, ordinal), labels or None)."""
+        rows = rows[np.argsort(rows[:, _CHUNK], kind="stable")]
+        size = len(rows)
+        bounds = [0, *(np.flatnonzero(np.diff(rows[:, _CHUNK])) + 1).tolist(), size]
+        images = np.empty((size, *chunks[int(rows[0, _CHUNK])].shape[1:]), np.uint8)
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            # mode="clip" (the rows are in range): numpy buffers `out` under the default "raise", a second copy
+            # that costs a third of the loader's time
+            np.take(chunks[int(rows[start, _CHUNK])], rows[start:end, _ROW], axis=0, out=images[start:end], mode="clip")
+        labels = rows[:, _LABEL].copy() if self.labelled else None
+        return images, rows[:, [_PASS, _SHARD, _ORDINAL]], labels
 
 
 # data.cache=device: the slice is cached where it fits in this fraction of the free memory of the device.
