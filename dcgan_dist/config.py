@@ -252,6 +252,9 @@ class BenchSection:
     report_swd_steps: int = setting(
         0, "--gpu-report: training steps of each SWD run; 0: 600 on CUDA, 200 on CPU", at_least=0
     )
+    report_feed_images: int = setting(
+        4096, "--gpu-report: synthetic faces written as PNG and as raw shards for the feeding rows", at_least=64
+    )
 
 
 @dataclass

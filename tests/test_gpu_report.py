@@ -2,6 +2,7 @@
 that do not say why (no timing assertions)."""
 
 import json
+import math
 import re
 
 from .conftest import TINY, run_cli
@@ -32,6 +33,7 @@ def test_gpu_report_on_cpu(tmp_path, tiny_shards):
         "bench.report_swd_steps=4",
         "eval.num=16",
         "eval.nhoods_per_image=4",
+        "bench.report_feed_images=256",
         check=True,
     )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -43,6 +45,7 @@ def test_gpu_report_on_cpu(tmp_path, tiny_shards):
         "## Synchronised batch norm",
         "## Synchronised batch norm: cost of global, node and off",
         "## Quality",
+        "## Feeding the step",
         "## Skipped or failed",
     ):
         assert heading in text, heading
@@ -74,3 +77,15 @@ def test_gpu_report_on_cpu(tmp_path, tiny_shards):
     assert re.search(r"\| fp32 \| [0-9.]+ \| [0-9.]+ s \|", text) and re.search(
         r"\| bf16 \| [0-9.]+ \| [0-9.]+ s \|", text
     )
+
+    feed = result["feeding"]  # the fastest step that ran, fed from PNG, raw and the device cache
+    fastest = max((r for r in result["steps"][: len(ROWS)] if r["images_per_s"]), key=lambda r: r["images_per_s"])
+    assert feed["step"] == fastest["name"] and feed["images"] == 256
+    for fmt in ("png", "raw"):
+        row = feed[fmt]
+        assert row["images_per_s"] > 0 and row["per_cpu_s"] > 0, row
+        assert row["processes_needed"] == math.ceil(fastest["images_per_s"] / row["per_cpu_s"])
+    assert feed["raw"]["per_cpu_s"] > feed["png"]["per_cpu_s"]  # no decoding: even tiny images load faster raw
+    cache = feed["cache"]
+    assert cache["images_per_s"] > 0 and cache["step_images_per_s"] > 0 and cache["step_vs_alone"] > 0, cache
+    assert re.search(r"\| raw shards \| [0-9]+ \| [0-9]+ \| [0-9]+ \|", text)

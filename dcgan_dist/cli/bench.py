@@ -95,6 +95,7 @@ def _bench(argv: list[str] | None) -> int:
                 warmup=bench.warmup,
                 compile=bench.report_compile,
                 swd_steps=bench.report_swd_steps or None,
+                feed_images=bench.report_feed_images,
                 command=" ".join(["python -m dcgan_dist.bench", *(sys.argv[1:] if argv is None else argv)]),
             )
         except ReportWriteError as exc:

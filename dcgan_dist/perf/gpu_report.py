@@ -15,7 +15,10 @@ Sized to finish in under 10 minutes on one GPU with the default preset (compilat
    two ranks on one device); on CPU with CrossProcessBatchNorm over gloo;
 4. the cost of dist.sync_bn global, node and off: ms per step with a GPU per rank (NCCL; one GPU: skipped,
    saying why), or 2 gloo ranks on a CPU;
-5. the SWD after a short run of the same model in fp32 and in bf16 (the real Trainer, same steps and seed).
+5. the SWD after a short run of the same model in fp32 and in bf16 (the real Trainer, same steps and seed);
+6. feeding the fastest step that ran: the same synthetic faces (bench.report_feed_images) as PNG and as raw
+   shards, each loader's uint8 batches in one process and per CPU-second, the loader processes each needs to keep
+   up with that step; data.cache=device's batches drawn on the device; and our bf16 step trained from the cache.
 
 On a CPU it does what applies and says, row by row, what it skipped and why: CUDA graphs need CUDA, and
 compilation (minutes on a small CPU) runs only with bench.report_compile=true. A row that fails records its error
@@ -25,6 +28,7 @@ and the report goes on. The last line printed is one JSON object with everything
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import tempfile
@@ -35,6 +39,7 @@ from pathlib import Path
 import torch
 
 from dcgan_dist.config import Config
+from dcgan_dist.data.synth import write_synthetic_shards
 from dcgan_dist.distributed.env import DistEnv
 from dcgan_dist.gan.precision import native_bf16, pick_device, resolved
 from dcgan_dist.perf import bench, equivalence
@@ -66,6 +71,7 @@ class Report:
     sync_bn: dict = field(default_factory=dict)
     sync_bn_cost: dict = field(default_factory=dict)
     swd: dict = field(default_factory=dict)
+    feeding: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {
@@ -76,6 +82,7 @@ class Report:
             "sync_bn": self.sync_bn,
             "sync_bn_cost": self.sync_bn_cost,
             "swd": self.swd,
+            "feeding": self.feeding,
         }
 
 
@@ -365,6 +372,99 @@ def swd_after_training(cfg: Config, shards: str, steps: int) -> dict:
     return out
 
 
+FAST_STEP = "our step, bf16 + channels_last"  # the eager setting the real-loader and device-cache rows train with
+
+
+def fastest_step(rows: list[Row]) -> Row | None:
+    """The fastest step on a batch held on the device (the rows before the real loader's): what a loader must
+    keep up with."""
+    held = [r for r in rows if r.ran and "real loader" not in r.name]
+    return max(held, key=lambda r: r.images_per_s or 0.0, default=None)
+
+
+def feeding(cfg: Config, device: torch.device, rows: list[Row], images: int, steps: int, warmup: int) -> dict:
+    """Section 6: `images` synthetic faces of the model's size, written as PNG and as raw shards; for each, the
+    loader alone in this process (uint8 batches, as it hands them over; per CPU-second: one loader process's
+    capacity) and the loader processes needed to keep up with the fastest step in `rows`; then the raw set with
+    data.cache=device (batches drawn where the images are cached) and our bf16 step trained from that cache."""
+    m = cfg.model
+    fast = fastest_step(rows)
+    out: dict = {"images": images, "image_size": m.image_size, "channels": m.channels}
+    if fast is not None:
+        out["step"], out["step_images_per_s"] = fast.name, fast.images_per_s
+    # The loader alone needs no labels or model: an unconditional model reads any set.
+    base = replace(
+        cfg,
+        model=replace(m, conditional=False, num_classes=0, class_names=[]),
+        data=replace(cfg.data, num_workers=0, cache="off"),
+    )
+    env = DistEnv(device=device)
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in ("png", "raw"):
+            where = str(Path(tmp) / fmt)
+            try:
+                write_synthetic_shards(
+                    where, images, shard_size=max(images // 4, 1), size=m.image_size, channels=m.channels, fmt=fmt,
+                    progress=False,
+                )  # fmt: skip
+                rates = bench.measure_data(
+                    replace(base, data=replace(base.data, shards=where)), env, where, steps, warmup
+                )
+            except Exception as exc:  # noqa: BLE001 - the row says why; the others run
+                out[fmt] = {"note": f"failed: {_error(exc)}"}
+                continue
+            per_cpu = rates["data_images_per_cpu_s"]
+            out[fmt] = {"images_per_s": rates["data_images_per_s"], "per_cpu_s": per_cpu}
+            if fast is not None and fast.images_per_s and per_cpu > 0:
+                out[fmt]["processes_needed"] = math.ceil(fast.images_per_s / per_cpu)
+        raw = str(Path(tmp) / "raw")
+        if "images_per_s" in out["raw"]:
+            cached = replace(base, data=replace(base.data, shards=raw, cache="device"))
+            out["cache"] = _cache_rows(
+                cached,
+                replace(cfg, data=replace(cfg.data, shards=raw, num_workers=0, cache="device")),
+                env,
+                raw,
+                steps,
+                warmup,
+                rows,
+            )
+        else:
+            out["cache"] = {"note": "skipped: the raw shards could not be measured"}
+    return out
+
+
+def _cache_rows(
+    loader_cfg: Config, step_cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int, rows: list[Row]
+) -> dict:
+    """data.cache=device on the raw set: its batches drawn on the device, and our bf16 step trained from them."""
+    try:
+        rates = bench.measure_data(loader_cfg, env, shards, steps, warmup)
+    except Exception as exc:  # noqa: BLE001
+        return {"note": f"failed: {_error(exc)}"}
+    if "data_cached_images_per_s" not in rates:
+        return {"note": "skipped: the raw set does not fit in half the free memory of the device (not cached)"}
+    out: dict = {"images_per_s": rates["data_cached_images_per_s"]}
+    fast = replace(step_cfg, train=replace(step_cfg.train, precision="bf16", channels_last=True, compile=False))
+    alone = next((r.images_per_s for r in rows if r.name == FAST_STEP and r.ran), None)
+    try:
+        loop = bench.TrainLoop(fast, env, shards, fused=not fused_adam_support(env.device))
+        try:
+            assert loop.batches is not None and loop.batches.cache is not None  # it fitted above
+            while not loop.batches.cache.active:  # past the streamed first pass, untrained
+                next(loop.batches)
+            rate = bench.time_side_by_side({"cache": loop}, fast.train.batch_size, env.device, steps, warmup)["cache"]
+        finally:
+            loop.close()
+    except Exception as exc:  # noqa: BLE001
+        out["step_note"] = f"failed: {_error(exc)}"
+        return out
+    out["step_images_per_s"] = rate
+    out["step_vs_alone"] = rate / alone if alone else None
+    out["step_data_wait_ms"] = loop.data_wait / (steps + warmup) * 1e3
+    return out
+
+
 def _num(value: float | None, fmt: str) -> str:
     return format(value, fmt) if value is not None else "-"
 
@@ -462,9 +562,61 @@ def to_markdown(report: Report) -> str:
         )
     if "bf16_vs_fp32" in sw:
         lines += ["", f"bf16 / fp32: {sw['bf16_vs_fp32']:.3f}."]
+    lines += _feeding_markdown(report.feeding)
     skipped = [f"- {r.name}: {r.note}" for r in report.steps if r.note.startswith(("skipped", "failed"))]
     lines += ["", "## Skipped or failed", "", *(skipped or ["Nothing."]), ""]
     return "\n".join(lines)
+
+
+def _feeding_markdown(fd: dict) -> list[str]:
+    size = f"{fd['image_size']}x{fd['image_size']}x{fd['channels']}"
+    step = (
+        f"the fastest step above ({fd['step']}: {fd['step_images_per_s']:.0f} images/s)"
+        if "step" in fd
+        else "no step (none ran)"
+    )
+    lines = [
+        "",
+        "## Feeding the step: loader processes, raw shards, the device cache",
+        "",
+        f"{fd['images']} synthetic faces ({size}) written as PNG and as raw shards; the loader alone in one process "
+        "(`data.num_workers=0`), its uint8 batches as it hands them over (the step's process copies them to the "
+        f"device), timed past its first pass; processes needed: {step} over one process's images per "
+        "CPU-second (a lower bound: loader processes also pass their batches through shared memory).",
+        "",
+        "| data | loader images/s, one process | per CPU-second | loader processes to keep up |",
+        "|---|---|---|---|",
+    ]
+    for fmt, name in (("png", "PNG shards"), ("raw", "raw shards")):
+        row = fd.get(fmt, {})
+        if "images_per_s" in row:
+            lines.append(
+                f"| {name} | {row['images_per_s']:.0f} | {row['per_cpu_s']:.0f} | {row.get('processes_needed', '-')} |"
+            )
+        else:
+            lines.append(f"| {name} | - | - | - ({row.get('note', 'not run')}) |")
+    cache = fd.get("cache", {})
+    if "images_per_s" in cache:
+        lines.append(
+            f"| raw, `data.cache=device`, later passes (drawn on the device) | {cache['images_per_s']:.0f} | - | "
+            "0 after the first pass |"
+        )
+        lines.append("")
+        if "step_images_per_s" in cache:
+            versus = (
+                f" ({cache['step_vs_alone']:.2f} of the same step on one batch held on the device)"
+                if cache.get("step_vs_alone")
+                else ""
+            )
+            lines.append(
+                f"{FAST_STEP}, trained from the device cache: **{cache['step_images_per_s']:.1f} images/s**{versus}, "
+                f"waiting for data {cache['step_data_wait_ms']:.2f} ms of each step."
+            )
+        else:
+            lines.append(f"{FAST_STEP}, trained from the device cache: {cache.get('step_note', 'not run')}.")
+    else:
+        lines.append(f"| raw, `data.cache=device` | - | - | - ({cache.get('note', 'not run')}) |")
+    return lines
 
 
 class ReportWriteError(Exception):
@@ -483,6 +635,7 @@ def write_report(
     compile: bool | str = "auto",
     swd_steps: int | None = None,
     command: str = "",
+    feed_images: int = 4096,
 ) -> Report:
     """Run everything and write the Markdown report to `out` (setting: the report's model, batch, data;
     command: the command line, for the report's first line)."""
@@ -521,6 +674,8 @@ def write_report(
     say(f"  loader and sync-BN check: {time.perf_counter() - started:.0f} s")
     report.swd = swd_after_training(cfg, shards, swd_steps)
     say(f"  SWD runs: {time.perf_counter() - started:.0f} s")
+    report.feeding = feeding(cfg, device, report.steps, feed_images, steps * 2, warmup)
+    say(f"  feeding rows: {time.perf_counter() - started:.0f} s")
     path = Path(out)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
