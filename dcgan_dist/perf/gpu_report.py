@@ -403,10 +403,10 @@ def feeding(cfg: Config, device: torch.device, rows: list[Row], images: int, ste
         for fmt in ("png", "raw"):
             where = str(Path(tmp) / fmt)
             try:
+                # shards of images/16: the drawing runs in up to 16 processes
                 write_synthetic_shards(
-                    where, images, shard_size=max(images // 4, 1), size=m.image_size, channels=m.channels, fmt=fmt,
-                    progress=False,
-                )  # fmt: skip
+                    where, images, max(images // 16, 16), m.image_size, channels=m.channels, fmt=fmt, progress=False
+                )
                 rates = bench.measure_data(
                     replace(base, data=replace(base.data, shards=where)), env, where, steps, warmup
                 )
@@ -420,24 +420,19 @@ def feeding(cfg: Config, device: torch.device, rows: list[Row], images: int, ste
         raw = str(Path(tmp) / "raw")
         if "images_per_s" in out["raw"]:
             cached = replace(base, data=replace(base.data, shards=raw, cache="device"))
-            out["cache"] = _cache_rows(
-                cached,
-                replace(cfg, data=replace(cfg.data, shards=raw, num_workers=0, cache="device")),
-                env,
-                raw,
-                steps,
-                warmup,
-                rows,
-            )
+            # A conditional model's step needs labels these faces do not have: its unconditional twin trains here.
+            step_cfg = cached if m.conditional else replace(cfg, data=cached.data)
+            out["cache"] = _cache_rows(cached, step_cfg, env, raw, steps, warmup, None if m.conditional else rows)
         else:
             out["cache"] = {"note": "skipped: the raw shards could not be measured"}
     return out
 
 
 def _cache_rows(
-    loader_cfg: Config, step_cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int, rows: list[Row]
+    loader_cfg: Config, step_cfg: Config, env: DistEnv, shards: str, steps: int, warmup: int, rows: list[Row] | None
 ) -> dict:
-    """data.cache=device on the raw set: its batches drawn on the device, and our bf16 step trained from them."""
+    """data.cache=device on the raw set: its batches drawn on the device, and our bf16 step trained from them
+    (rows: the step rows to compare with, None: not the same model)."""
     try:
         rates = bench.measure_data(loader_cfg, env, shards, steps, warmup)
     except Exception as exc:  # noqa: BLE001
@@ -446,7 +441,7 @@ def _cache_rows(
         return {"note": "skipped: the raw set does not fit in half the free memory of the device (not cached)"}
     out: dict = {"images_per_s": rates["data_cached_images_per_s"]}
     fast = replace(step_cfg, train=replace(step_cfg.train, precision="bf16", channels_last=True, compile=False))
-    alone = next((r.images_per_s for r in rows if r.name == FAST_STEP and r.ran), None)
+    alone = next((r.images_per_s for r in rows or [] if r.name == FAST_STEP and r.ran), None)
     try:
         loop = bench.TrainLoop(fast, env, shards, fused=not fused_adam_support(env.device))
         try:
@@ -461,6 +456,8 @@ def _cache_rows(
         return out
     out["step_images_per_s"] = rate
     out["step_vs_alone"] = rate / alone if alone else None
+    if rows is None:
+        out["step_model"] = "the model's unconditional twin: these faces have no labels"
     out["step_data_wait_ms"] = loop.data_wait / (steps + warmup) * 1e3
     return out
 
@@ -608,8 +605,10 @@ def _feeding_markdown(fd: dict) -> list[str]:
                 if cache.get("step_vs_alone")
                 else ""
             )
+            twin = f" ({cache['step_model']})" if "step_model" in cache else ""
             lines.append(
-                f"{FAST_STEP}, trained from the device cache: **{cache['step_images_per_s']:.1f} images/s**{versus}, "
+                f"{FAST_STEP}{twin}, trained from the device cache: **{cache['step_images_per_s']:.1f} images/s**"
+                f"{versus}, "
                 f"waiting for data {cache['step_data_wait_ms']:.2f} ms of each step."
             )
         else:
