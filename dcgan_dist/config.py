@@ -106,9 +106,10 @@ class DataSection:
     )
     cache: str = setting(
         "off",
-        "device: keep the rank's decoded uint8 images (and labels) on the training device after the first pass "
-        "(host memory on a CPU) and draw later passes there, in a seeded order per pass; taken only where they fit "
-        "in half the free memory (the decision is printed); off: stream from the shards every pass",
+        "device or auto: keep the rank's decoded uint8 images (and labels) on the training device after the first "
+        "pass (host memory on a CPU) and draw later passes there, in a seeded order per pass; taken only where they "
+        "fit in half the free memory, decided once per run (printed; a resume keeps the checkpoint's decision); "
+        "off: stream from the shards every pass",
     )  # a str, not a Literal: YAML reads a bare off as false (cache_mode)
     synth_num: int = setting(20000, "size of the embedded synthetic face set", at_least=1)
     cache_dir: str = setting("~/.cache/dcgan_dist", "where the synthetic faces are generated (train, bench, evaluate)")
@@ -544,11 +545,12 @@ def validate(cfg: Config) -> None:
 
 
 def cache_mode(value: Any) -> str:
-    """data.cache in its one spelling: 'off' or 'device' (a bare off reads as false). ConfigError otherwise."""
+    """data.cache in its one spelling: 'off', 'device' or 'auto' (a bare off reads as false). ConfigError
+    otherwise."""
     text = {"false": "off", "no": "off"}.get(str(value).strip().lower(), str(value).strip().lower())
-    if text in ("off", "device"):
+    if text in ("off", "device", "auto"):
         return text
-    raise ConfigError(f"config key 'data.cache' is {value!r}; it expects off or device")
+    raise ConfigError(f"config key 'data.cache' is {value!r}; it expects off, device or auto")
 
 
 def sync_bn_mode(value: Any) -> str:

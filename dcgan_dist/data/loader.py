@@ -883,29 +883,52 @@ class ImageBatches:
         self.ledger: dict[int, tuple[int, np.ndarray]] = {}  # shard id -> (pass, trained[ordinal]) of this rank
         self._it: Iterator | None = None
         self.last_slot, self.last_ids = 0, np.zeros((0, 3), np.int64)  # the latest streamed batch's
-        self.cache = self._cache_decision(counts, expect_chw, batch_size, seed, device) if cache == "device" else None
+        # data.cache: the decision is made once per run. A fresh run's is made here (and printed before the first
+        # batch); a resume of the same layout under the same setting keeps the checkpoint's (load_rank_states).
+        self.cache_setting = cache
+        self._cache_args = (seed, batch_size, torch.device(device))
+        self._announce: str | None = None  # the decision's line, printed once, before the first batch
+        self.cache = self._cache_decision(counts, expect_chw) if cache in ("device", "auto") else None
         self._needs_fill = False  # a resumed cache is filled by a pass of its own first
 
-    def _cache_decision(self, counts, expect_chw, batch_size: int, seed: int, device) -> DeviceCache | None:
-        """data.cache=device: a DeviceCache if the rank's slice fits in CACHE_FRACTION of the device's free memory;
-        the decision printed either way."""
-        device = torch.device(device)
+    def _cache_decision(self, counts, expect_chw) -> DeviceCache | None:
+        """data.cache=device or auto: a DeviceCache if the rank's slice fits in CACHE_FRACTION of the device's free
+        memory, else None; the decision is printed either way (before the first batch)."""
+        seed, batch_size, device = self._cache_args
         known = expect_chw is not None and all(u in counts for u in self.rank_urls)
-        what = f"data.cache=device (rank {self.rank})"
+        what = f"data.cache={self.cache_setting} (rank {self.rank})"
         if not known:
-            print(f"{what}: not cached, the slice's size is unknown (no dataset.json): streamed every pass", flush=True)
+            self._announce = f"{what}: not cached, the slice's size is unknown (no dataset.json): streamed every pass"
             return None
         c, h, w = expect_chw
         samples = sum(counts[u] for u in self.rank_urls)
         need = samples * (c * h * w + 8)
         free = free_memory(device)
         fits = need <= CACHE_FRACTION * free
-        print(
+        self._announce = (
             f"{what}: {samples} images need {need / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB free on {device}: "
-            + ("cached after the first pass" if fits else f"not cached (more than {CACHE_FRACTION:g} of it)"),
-            flush=True,
+            + ("cached after the first pass" if fits else f"not cached (more than {CACHE_FRACTION:g} of it)")
         )
         return DeviceCache(seed, self.rank, batch_size, device) if fits else None
+
+    def _resume_cache_decision(self, mine: dict) -> bool:
+        """A resume of this layout: the checkpoint's cache decision where it was made under this setting (a
+        checkpoint without the record: the setting it names is taken to be this one). Streamed stays streamed,
+        even where the slice would fit now (a bit-exact resume); cached is cached again (rebuilt), unless the slice
+        does not fit now. A changed setting is a new decision (the one made in __init__). True when the checkpoint
+        cached and this run does not: its stream positions are then behind what it trained (load_rank_states)."""
+        saved, cached = mine.get("cache_setting", self.cache_setting), "cache" in mine
+        what = f"data.cache={self.cache_setting} (rank {self.rank})"
+        if saved != self.cache_setting:
+            if self._announce is None:  # data.cache=off now
+                self._announce = f"{what}: streamed every pass"
+            self._announce += f" (a new decision: the checkpoint's run had data.cache={saved})"
+        elif not cached and self.cache is not None:
+            self.cache = None
+            self._announce = f"{what}: not cached, as the checkpoint's run (streamed every pass, a bit-exact resume)"
+        elif cached and self.cache is not None:
+            self._announce = f"{what}: cached, as the checkpoint's run (rebuilt by reading the slice once)"
+        return cached and self.cache is None
 
     def _start(self) -> Iterator:
         # Rotating the slots' roles on resume keeps the DataLoader's round-robin order that of the interrupted run.
@@ -929,6 +952,9 @@ class ImageBatches:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._announce is not None:
+            print(self._announce, flush=True)
+            self._announce = None
         cache = self.cache
         if cache is not None and self._needs_fill:
             self._needs_fill = False
@@ -1029,6 +1055,8 @@ class ImageBatches:
             "ledger": _ledger_to_state({self.urls[i]: entry for i, entry in self.ledger.items()}),
             # What this layout's streams started without (a resized run); an exact resume needs it again.
             "trained_before": _ledger_to_state(self.stream.trained_before),
+            # The run's cache decision: the setting it was made under, and "cache" where this rank caches.
+            "cache_setting": self.cache_setting,
             **({"cache": self.cache.state_dict()} if self.cache is not None else {}),
         }
 
@@ -1043,13 +1071,17 @@ class ImageBatches:
         mine = states.get(self.rank)
         ids = {u: i for i, u in enumerate(self.urls)}
         self._needs_fill = self.cache is not None  # whatever the state, a resumed cache is read anew
-        if self.cache is not None and mine is not None and mine.get("layout") == self.layout and "cache" in mine:
-            self.cache.load_state_dict(mine["cache"])
         if mine is not None and mine.get("layout") == self.layout:
+            uncached = self._resume_cache_decision(mine)
+            self._needs_fill = self.cache is not None
+            if self.cache is not None and "cache" in mine:
+                self.cache.load_state_dict(mine["cache"])
             self.positions = {int(k): (int(v[0]), int(v[1])) for k, v in mine["positions"].items()}
             self.counters.batches = int(mine["batches"])
             self.ledger = {ids[u]: e for u, e in _ledger_from_state(mine.get("ledger", {})).items() if u in ids}
             self.stream.trained_before = _ledger_from_state(mine.get("trained_before", {}))
+            if uncached:
+                self._stream_after_cache(mine)
             return
         ledgers = [state["ledger"] for state in states.values() if state.get("ledger") is not None]
         old = next(iter(states.values()), {}).get("layout")
@@ -1075,6 +1107,30 @@ class ImageBatches:
                 self.layout["world_size"],
                 self.layout["batch_size"],
             )
+
+    def _stream_after_cache(self, mine: dict) -> None:
+        """The checkpoint's run cached and this one streams (its slice does not fit now, or data.cache=off now).
+        Before its cache took over, the stream positions are exact; after, they are behind what the cached batches
+        trained, so the stream starts over through the ledger, as after a resize: each pass goes on without what
+        the ledger says was trained (every sample of the interrupted pass is still trained once)."""
+        why = "does not fit now" if self.cache_setting != "off" else "is off now (data.cache=off)"
+        if not mine["cache"].get("active"):  # still in the streamed first pass
+            log.warning(
+                "rank %d: the checkpoint's run cached its data on the device, which %s: streamed every pass; the "
+                "passes after the first are in another order than an uninterrupted run's",
+                self.rank,
+                why,
+            )
+            return
+        self.positions = {}
+        self.stream.trained_before = {self.urls[i]: entry for i, entry in self.ledger.items()}
+        log.warning(
+            "rank %d: the checkpoint's run drew its batches from a device cache, which %s: streamed from the shards, "
+            "each pass without what the ledger says was trained; the batch order now differs from an uninterrupted "
+            "run's (every sample of the interrupted pass is still trained once)",
+            self.rank,
+            why,
+        )
 
     def close(self) -> None:
         # Dropping the iterator shuts the loader's worker processes down, unless an error raised through it (e.g.

@@ -1,14 +1,18 @@
-"""data.cache=device on the CPU (issue 29), in-process on tagged, labelled raw and PNG shards: after the first
-pass the batches come from the cache; every sample of each pass is trained once, with its own label; a resume
+"""data.cache=device and auto on the CPU (issue 29), in-process on tagged, labelled raw and PNG shards: after the
+first pass the batches come from the cache; every sample of each pass is trained once, with its own label; a resume
 in the streamed first pass and one in the cached passes continue bit-exactly; a resize rebuilds the cache and
-finishes the pass without what the ledger says was trained."""
+finishes the pass without what the ledger says was trained. auto caches where the slice fits and streams where
+not; a resume keeps the checkpoint's decision (streamed stays streamed, cached is cached again), and a cached run
+resumed where its slice no longer fits streams each pass on without what the ledger says was trained."""
 
+import logging
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
+from dcgan_dist.config import ConfigError, build_config
 from dcgan_dist.data import ImageBatches, ShardWriter
 
 NUM, PER_SHARD, BATCH, SIZE = 36, 9, 4, 8  # 4 shards, 9 batches a pass
@@ -60,8 +64,8 @@ def tags(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[int, in
 
 def test_each_pass_trains_every_sample_once_and_later_passes_come_from_the_cache(shards, capsys):
     batches = loader(shards)
-    assert "cached after the first pass" in capsys.readouterr().out
     passes = [tags(take(batches, NUM // BATCH)) for _ in range(4)]
+    assert "cached after the first pass" in capsys.readouterr().out
     assert batches.cache is not None and batches.cache.active and batches.cache.drawn > 0
     for got in passes:
         assert Counter(got) == Counter((i, i % 3) for i in range(NUM))  # each sample once, with its label
@@ -105,5 +109,99 @@ def test_a_resize_drops_the_cache_and_finishes_the_pass_once(shards):
 def test_a_slice_that_does_not_fit_is_streamed_and_the_decision_printed(shards, monkeypatch, capsys):
     monkeypatch.setattr("dcgan_dist.data.loader.free_memory", lambda device: 1000)
     batches = loader(shards)
-    assert batches.cache is None and "not cached" in capsys.readouterr().out
+    assert batches.cache is None
     assert Counter(tags(take(batches, 18))) == Counter((i, i % 3) for i in range(NUM) for _ in range(2))
+    assert "not cached" in capsys.readouterr().out
+
+
+ALL = Counter((i, i % 3) for i in range(NUM))  # each sample once, with its label
+PASS = NUM // BATCH  # batches a pass (whole: no batch spans two passes here)
+
+
+def same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+def no_room(monkeypatch) -> None:
+    monkeypatch.setattr("dcgan_dist.data.loader.free_memory", lambda device: 1000)
+
+
+def test_auto_caches_where_the_slice_fits_and_streams_where_not(shards, monkeypatch):
+    auto = loader(shards, cache="auto")
+    assert auto.cache is not None
+    assert same(take(auto, 3 * PASS), take(loader(shards, cache="device"), 3 * PASS)) and auto.cache.active
+    no_room(monkeypatch)
+    auto = loader(shards, cache="auto")
+    assert auto.cache is None
+    assert same(take(auto, 3 * PASS), take(loader(shards, cache="off"), 3 * PASS))
+
+
+@pytest.mark.parametrize("setting", ["device", "auto"])
+def test_a_resume_keeps_a_streamed_checkpoint_streamed_where_the_slice_fits_now(shards, monkeypatch, setting):
+    with monkeypatch.context() as patch:
+        no_room(patch)
+        whole = take(loader(shards, cache=setting), 3 * PASS)
+        first = loader(shards, cache=setting)
+        take(first, PASS + 3)
+    resumed = loader(shards, cache=setting, state=first.state_dict())  # fits now
+    assert resumed.cache is None
+    assert same(take(resumed, 2 * PASS - 3), whole[PASS + 3 :])
+
+
+@pytest.mark.parametrize("setting", ["device", "auto"])
+def test_a_resume_keeps_a_cached_checkpoint_cached(shards, setting):
+    whole = take(loader(shards, cache=setting), 3 * PASS)
+    first = loader(shards, cache=setting)
+    take(first, PASS + 3)
+    resumed = loader(shards, cache=setting, state=first.state_dict())
+    assert same(take(resumed, 2 * PASS - 3), whole[PASS + 3 :]) and resumed.cache.active
+
+
+@pytest.mark.parametrize("stop", [PASS + 7, 2 * PASS + 2])  # in the first cached pass; in a later one
+def test_a_cached_checkpoint_that_does_not_fit_now_streams_each_pass_once(shards, monkeypatch, caplog, stop):
+    first = loader(shards, cache="auto")
+    before = tags(take(first, stop))
+    assert first.cache.active
+    no_room(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="dcgan_dist.data"):
+        resumed = loader(shards, cache="auto", state=first.state_dict())
+    assert resumed.cache is None and [r for r in caplog.records if r.levelno == logging.WARNING]
+    done = stop % PASS
+    after = tags(take(resumed, PASS - done + PASS))
+    interrupted = before[len(before) - done * BATCH :] + after[: (PASS - done) * BATCH]
+    assert Counter(interrupted) == ALL  # the interrupted pass: every sample once
+    assert Counter(after[(PASS - done) * BATCH :]) == ALL  # then a whole pass
+    # ... the streamed run's: the pass after the interrupted one is that of a run that never cached
+    assert after[(PASS - done) * BATCH :] == tags(take(loader(shards, cache="off"), (stop // PASS + 2) * PASS))[-NUM:]
+    # The streamed run goes on as any streamed one: its own resume is bit-exact and stays streamed.
+    again = loader(shards, cache="auto", state=resumed.state_dict())
+    assert again.cache is None
+    assert same(take(again, PASS), take(resumed, PASS))
+
+
+def test_a_cached_checkpoint_in_its_streamed_first_pass_that_does_not_fit_now_streams_on_exactly(shards, monkeypatch):
+    first = loader(shards)
+    take(first, 5)
+    no_room(monkeypatch)
+    resumed = loader(shards, state=first.state_dict())
+    assert resumed.cache is None
+    assert same(take(resumed, 2 * PASS - 5), take(loader(shards, cache="off"), 2 * PASS)[5:])
+
+
+def test_a_changed_setting_is_a_new_decision(shards):
+    first = loader(shards, cache="off")
+    take(first, PASS + 3)
+    resumed = loader(shards, cache="auto", state=first.state_dict())
+    assert resumed.cache is not None  # off -> auto: cached from the next pass on
+    got = tags(take(resumed, 2 * PASS - 3))  # the rest of pass 1 streamed, pass 2 mostly cached
+    assert Counter(got[-NUM:]) == ALL and resumed.cache.active
+    back = loader(shards, cache="off", state=resumed.state_dict())  # auto -> off: streamed, each pass once
+    assert back.cache is None and Counter(tags(take(back, PASS))) == ALL
+
+
+@pytest.mark.parametrize("value", ["on", "gpu", "true", "1"])
+def test_a_data_cache_value_other_than_off_device_or_auto_is_a_config_error(value):
+    assert build_config("debug", ["data.cache=auto"]).data.cache == "auto"
+    assert build_config("debug", ["data.cache=false"]).data.cache == "off"
+    with pytest.raises(ConfigError):
+        build_config("debug", [f"data.cache={value}"])
