@@ -72,6 +72,35 @@ def test_default_sinks_leave_tensorboard_events_that_match_metrics_jsonl_after_a
     assert "config/text_summary" in events.Tags()["tensors"]  # the resolved config, as text
 
 
+def wandb_ending(run_dir: Path) -> list[tuple[list[int], bool]]:
+    """Each W&B session of a run (offline, oldest first): its exit codes and whether it was marked preempting."""
+    from .wandb_offline import records
+
+    sessions = []
+    for folder in sorted((run_dir / "wandb").glob("offline-run-*")):
+        kinds = [(r.WhichOneof("record_type"), r) for r in records(next(folder.glob("run-*.wandb")))]
+        sessions.append(([r.exit.exit_code for k, r in kinds if k == "exit"], any(k == "preempting" for k, _ in kinds)))
+    return sessions
+
+
+def test_wandb_run_states_follow_how_the_run_ended(tmp_path, tiny_shards):
+    """W&B (offline, its own record log read back): a diverged run exits 1 (failed); a run stopped by SIGTERM after
+    a step is marked preempting and exits 0, and its resume (the same W&B run) exits 0, not preempting."""
+    sinks = ("log.sinks=[console,jsonl,wandb]", "wandb.mode=offline")
+    diverged_dir = tmp_path / "diverged"
+    diverged = run_cli("-m", "dcgan_dist.train", *train_args(tiny_shards, diverged_dir, *sinks, "optim.lr=1e30"))
+    assert diverged.returncode == 1, diverged.stderr[-2000:]
+    assert wandb_ending(diverged_dir) == [([1], False)]
+
+    run_dir = tmp_path / "stopped"
+    args = train_args(tiny_shards, run_dir, *sinks, "train.max_steps=4")
+    stopped = run_cli(str(ROOT / "tests" / "step_hooks.py"), "--signal=TERM", "--after=2", *args)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert read_result(run_dir)["stop_reason"] == "signal"
+    run_cli("-m", "dcgan_dist.train", *args, check=True)
+    assert wandb_ending(run_dir) == [([0], True), ([0], False)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,6 +193,37 @@ def test_mlflow_sink_logs_params_every_step_and_grids_to_a_real_server_and_a_res
     assert "progress.gif" in {a.path for a in client.list_artifacts(run.info.run_id)}
     grid = Path(client.download_artifacts(run.info.run_id, "samples/step_0000008.png", str(tmp_path)))
     assert grid.read_bytes() == (run_dir / "samples" / "step_0000008.png").read_bytes()
+
+
+@pytest.mark.slow  # the MLflow server (shared with the test above) and three training processes
+def test_mlflow_run_states_follow_how_the_run_ended(mlflow_server, tmp_path, tiny_shards, monkeypatch):
+    """A diverged run is FAILED; a run stopped by SIGTERM after a step is KILLED, and its resume continues the same
+    MLflow run to FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "run-states")
+    client = MlflowClient(mlflow_server)
+
+    def states() -> dict[str, list[str]]:
+        experiment = client.get_experiment_by_name("run-states")
+        found: dict[str, list[str]] = {}
+        for run in client.search_runs([experiment.experiment_id]):
+            found.setdefault(run.info.run_name, []).append(run.info.status)
+        return found
+
+    sinks = "log.sinks=[console,jsonl,mlflow]"
+    diverged = run_cli(
+        "-m", "dcgan_dist.train", *train_args(tiny_shards, tmp_path / "d", sinks, "run.name=diverged", "optim.lr=1e30")
+    )
+    assert diverged.returncode == 1, diverged.stderr[-2000:]
+    assert states() == {"diverged": ["FAILED"]}
+    args = train_args(tiny_shards, tmp_path / "s", sinks, "run.name=stopped", "train.max_steps=4")
+    stopped = run_cli(str(ROOT / "tests" / "step_hooks.py"), "--signal=TERM", "--after=2", *args)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert states() == {"diverged": ["FAILED"], "stopped": ["KILLED"]}
+    run_cli("-m", "dcgan_dist.train", *args, check=True)
+    assert states() == {"diverged": ["FAILED"], "stopped": ["FINISHED"]}  # one MLflow run, resumed
 
 
 def test_metrics_in_an_object_store_cost_the_same_per_log_step_and_read_back_as_one_stream(s3_env, monkeypatch):

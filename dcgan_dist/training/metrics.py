@@ -127,6 +127,8 @@ class Metrics:
         self.reporter = Reporter(self)
         # The newest checkpoint at the end of the run (the Trainer sets where to ask), for the sinks' close.
         self.last_checkpoint: Callable[[], str | None] = lambda: None
+        # How the run ended (sinks.base.OUTCOMES), for the sinks' close; the Trainer sets it as the run unwinds.
+        self.outcome = "finished"
         self.step = 0
         # The losses since the last finiteness check, kept rather than tested each step (a test is a device sync,
         # or extra kernels every step); checked where the host reads the device anyway: at log steps (the means'
@@ -251,7 +253,7 @@ class Metrics:
         checkpoint = self.last_checkpoint()
         for sink in reversed(list(self.sinks.values())):
             try:
-                sink.close(step, checkpoint)
+                sink.close(step, checkpoint, self.outcome)
             except Exception as exc:  # noqa: BLE001 - the others still close
                 error = error or exc
         if error is not None:

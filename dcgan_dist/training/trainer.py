@@ -365,6 +365,7 @@ class Trainer:
             closing.push(loader_death_as_run_error)  # runs after the parts close: a dead loader process -> RunError
             for part in self.parts:
                 closing.push(_closer(part, lambda: step))
+            closing.push(self._outcome(lambda: bool(stop) and step < cfg.train.max_steps))  # before the parts close
             while step < cfg.train.max_steps and not stop:
                 step_started = time.perf_counter()
                 images, labels = next(self.batches)
@@ -431,6 +432,21 @@ class Trainer:
             signal=signal.Signals(stopped).name if stopped else None,
             warnings=self.estimate.warnings,
         )
+
+    def _outcome(self, stopped: Callable[[], bool]):
+        """An ExitStack exit callback that tells the metrics part (and so its sinks) how the run ended: stopped by a
+        signal (after a step, or at once by a second SIGINT), failed (any other error), or finished."""
+
+        def record(exc_type, exc, tb) -> bool:
+            if exc_type is None:
+                self.metrics.outcome = "stopped" if stopped() else "finished"
+            elif issubclass(exc_type, (KeyboardInterrupt, stopping.StoppedBySignal)):
+                self.metrics.outcome = "stopped"
+            else:
+                self.metrics.outcome = "failed"
+            return False
+
+        return record
 
     def check_finite(self, step: int) -> None:
         """NonFiniteLoss on every rank alike when a loss since the last check, or now a weight, is nan or inf: a

@@ -59,6 +59,9 @@ class SinkContext:
     say: Callable[[str], None]
 
 
+OUTCOMES = ("finished", "stopped", "failed")  # how a run ends, as Sink.close hears it
+
+
 class Sink:
     library: str | None = None  # the module it needs, checked before a run starts (an optional extra)
     extra: str | None = None  # the pip extra that installs it (pyproject.toml); None: a dependency of the package
@@ -82,8 +85,9 @@ class Sink:
         """A line for the user; True when this sink showed it (the console)."""
         return False
 
-    def close(self, step: int, checkpoint: str | None) -> None:
-        """The end of the run (also a failing one): the last step trained, the newest checkpoint."""
+    def close(self, step: int, checkpoint: str | None, outcome: str) -> None:
+        """The end of the run (also a failing one): the last step trained, the newest checkpoint, and how it
+        ended (OUTCOMES: finished at train.max_steps, stopped by a signal (a resume continues it), failed)."""
 
     def state_dict(self) -> dict:
         return {}

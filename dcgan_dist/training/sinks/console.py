@@ -59,7 +59,7 @@ class ConsoleSink(Sink):
         self.progress.message(text)
         return True
 
-    def close(self, step: int, checkpoint: str | None) -> None:
+    def close(self, step: int, checkpoint: str | None, outcome: str) -> None:
         if self.progress:
             self.progress.close()
 

@@ -73,13 +73,14 @@ class MlflowSink(RunIdSink):
             path.write_bytes(data)
             self.client.log_artifact(self.run_id, str(path))
 
-    def close(self, step: int, checkpoint: str | None) -> None:
+    def close(self, step: int, checkpoint: str | None, outcome: str) -> None:
         if self.client is None:
             return
         if checkpoint:
             self.client.set_tag(self.run_id, "final_checkpoint", checkpoint)
         self.client.set_tag(self.run_id, "final_step", str(step))
-        self.client.set_terminated(self.run_id, "FINISHED")
+        # MLflow's run states: a stopped run is KILLED until a resume sets it RUNNING again
+        self.client.set_terminated(self.run_id, {"finished": "FINISHED", "stopped": "KILLED"}.get(outcome, "FAILED"))
         self.client = None
 
 

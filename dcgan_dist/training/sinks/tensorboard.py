@@ -53,7 +53,7 @@ class TensorBoardSink(Sink):
             self.writer.add_image(key, pixels, global_step=step, dataformats="HWC" if pixels.ndim == 3 else "HW")
             self.writer.flush()
 
-    def close(self, step: int, checkpoint: str | None) -> None:
+    def close(self, step: int, checkpoint: str | None, outcome: str) -> None:
         if self.writer is None:
             return
         self.writer.close()

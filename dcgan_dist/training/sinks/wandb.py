@@ -58,9 +58,11 @@ class WandbSink(RunIdSink):
         if self.run is not None:
             self.run.log({key: self._wandb.Video(io.BytesIO(gif), format="gif")}, step=step)
 
-    def close(self, step: int, checkpoint: str | None) -> None:
+    def close(self, step: int, checkpoint: str | None, outcome: str) -> None:
         if self.run is not None:
-            self.run.finish()
+            if outcome == "stopped":
+                self.run.mark_preempting()  # W&B shows it preempted, not finished; a resume continues it
+            self.run.finish(exit_code=1 if outcome == "failed" else 0)
             self.run = None
 
 
