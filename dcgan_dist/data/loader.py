@@ -668,6 +668,7 @@ class DeviceCache:
         self.drawn = 0
         self._parts: list[tuple[torch.Tensor, np.ndarray, torch.Tensor | None]] = []
         self._perms: dict[int, np.ndarray] = {}
+        self._on_device: dict[int, torch.Tensor] = {}  # CUDA: _perms' entries on the device
 
     @staticmethod
     def keys(ids: np.ndarray) -> np.ndarray:
@@ -684,26 +685,30 @@ class DeviceCache:
         self._parts.append((kept, self.keys(ids[take]), kept_labels))
 
     def finish(self) -> None:
-        """The whole slice kept: into one tensor, in key order (so the order does not depend on the stream's)."""
-        keys = np.concatenate([k for _, k, _ in self._parts])
-        keys, unique = np.unique(keys, return_index=True)  # a sample kept twice (a shard read twice) once
-        has_labels = self._parts[0][2] is not None
-        if self.device.type == "cpu":  # numpy: torch's cat and indexing of uint8 rows are slow here
-            self.images = torch.from_numpy(np.take(np.concatenate([i.numpy() for i, _, _ in self._parts]), unique, 0))
-            labels = (
-                np.concatenate([lab.numpy() for _, _, lab in self._parts if lab is not None])[unique]
-                if has_labels
-                else None
-            )
-            self.labels = torch.from_numpy(labels) if labels is not None else None
-        else:
-            order = torch.from_numpy(unique).to(self.device)
-            self.images = torch.cat([i for i, _, _ in self._parts])[order]
-            self.labels = (
-                torch.cat([lab for _, _, lab in self._parts if lab is not None])[order] if has_labels else None
-            )
+        """The whole slice kept: into one tensor, in key order (so the order does not depend on the stream's).
+        Each kept part is written into its place and let go, so the peak is about twice the slice (the part list
+        and the tensor): CACHE_FRACTION leaves room for it."""
+        keys = np.unique(np.concatenate([k for _, k, _ in self._parts]))  # a sample kept twice (read twice): once
+        first_images, _, first_labels = self._parts[0]
+        self.images = torch.empty((len(keys), *first_images.shape[1:]), dtype=torch.uint8, device=self.device)
+        labelled = first_labels is not None
+        self.labels = torch.empty(len(keys), dtype=torch.int64, device=self.device) if labelled else None
+        parts, self._parts = self._parts, []
+        while parts:
+            images, part_keys, labels = parts.pop(0)
+            where = np.searchsorted(keys, part_keys)
+            if self.device.type == "cpu":  # numpy: torch's indexing of uint8 rows is slow here
+                self.images.numpy()[where] = images.numpy()
+                if self.labels is not None and labels is not None:
+                    self.labels.numpy()[where] = labels.numpy()
+            else:
+                index = torch.from_numpy(where).to(self.device)
+                self.images[index] = images
+                if self.labels is not None and labels is not None:
+                    self.labels[index] = labels
+            del images, labels
         self.sample_keys = keys
-        self._parts, self.filled = [], True
+        self.filled = True
 
     def start(self, start_pass: int) -> None:
         self.start_pass, self.active = start_pass, True
@@ -722,18 +727,29 @@ class DeviceCache:
             self._perms[pass_index] = perm
         return perm
 
+    def _device_perm(self, pass_index: int) -> torch.Tensor:
+        """A pass's permutation on the device, copied there once per pass."""
+        perm = self._perm(pass_index)
+        cached = self._on_device.get(pass_index)
+        if cached is None:
+            cached = torch.from_numpy(perm).to(self.device)
+            self._on_device = {p: v for p, v in self._on_device.items() if p >= pass_index - 1}
+            self._on_device[pass_index] = cached
+        return cached
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
         """(images B x C x H x W over channels-last memory, labels or None, ids B x (pass, shard, ordinal))."""
         position, pass_index = self.drawn * self.batch_size, self.start_pass
         while position >= len(self._perm(pass_index)):
             position -= len(self._perm(pass_index))
             pass_index += 1
-        picked, passes = [], []
+        picked, passes, spans = [], [], []
         need = self.batch_size
         while need:
             part = self._perm(pass_index)[position : position + need]
             picked.append(part)
             passes.append(np.full(len(part), pass_index))
+            spans.append((pass_index, position, position + len(part)))
             need -= len(part)
             position, pass_index = 0, pass_index + 1
         index_np = np.concatenate(picked)
@@ -743,8 +759,8 @@ class DeviceCache:
         if self.device.type == "cpu":  # numpy's gather copies whole rows; torch's indexing goes byte by byte
             images = torch.from_numpy(np.take(self.images.numpy(), index_np, axis=0))
             labels = torch.from_numpy(self.labels.numpy()[index_np]) if self.labels is not None else None
-        else:
-            index = torch.from_numpy(index_np).to(self.device)
+        else:  # the index from the pass's permutation already on the device: no blocking host-to-device copy
+            index = torch.cat([self._device_perm(p)[a:b] for p, a, b in spans])
             images, labels = self.images[index], (self.labels[index] if self.labels is not None else None)
         return images.permute(0, 3, 1, 2), labels, ids
 
@@ -913,11 +929,12 @@ class ImageBatches:
 
     def _resume_cache_decision(self, mine: dict) -> bool:
         """A resume of this layout: the checkpoint's cache decision where it was made under this setting (a
-        checkpoint without the record: the setting it names is taken to be this one). Streamed stays streamed,
+        checkpoint without the record: device where it cached, else off). Streamed stays streamed,
         even where the slice would fit now (a bit-exact resume); cached is cached again (rebuilt), unless the slice
         does not fit now. A changed setting is a new decision (the one made in __init__). True when the checkpoint
         cached and this run does not: its stream positions are then behind what it trained (load_rank_states)."""
-        saved, cached = mine.get("cache_setting", self.cache_setting), "cache" in mine
+        cached = "cache" in mine
+        saved = mine.get("cache_setting", "device" if cached else "off")  # before the record: what it did says
         what = f"data.cache={self.cache_setting} (rank {self.rank})"
         if saved != self.cache_setting:
             if self._announce is None:  # data.cache=off now

@@ -578,8 +578,9 @@ def _feeding_markdown(fd: dict) -> list[str]:
         "",
         f"{fd['images']} synthetic faces ({size}) written as PNG and as raw shards; the loader alone in one process "
         "(`data.num_workers=0`), its uint8 batches as it hands them over (the step's process copies them to the "
-        f"device), timed past its first pass; processes needed: {step} over one process's images per "
-        "CPU-second (a lower bound: loader processes also pass their batches through shared memory).",
+        f"device; on CUDA the loader also pins each batch, one more copy, counted here), timed past its first "
+        f"pass; processes needed: {step} over one process's images per CPU-second, rounded up (loader processes "
+        "also pass their batches through shared memory, which this does not count).",
         "",
         "| data | loader images/s, one process | per CPU-second | loader processes to keep up |",
         "|---|---|---|---|",
