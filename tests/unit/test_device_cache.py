@@ -199,6 +199,23 @@ def test_a_changed_setting_is_a_new_decision(shards):
     assert back.cache is None and Counter(tags(take(back, PASS))) == ALL
 
 
+def test_a_checkpoint_from_before_the_decision_was_recorded_is_read_by_what_it_did(shards):
+    """No cache_setting in the state (older checkpoints): one with a cache entry was device, one without was off;
+    so off -> device caches (a new decision), and device -> device is rebuilt bit-exactly."""
+    streamed = loader(shards, cache="off")
+    take(streamed, PASS + 3)
+    state = streamed.state_dict()
+    del state["cache_setting"]
+    assert loader(shards, cache="device", state=state).cache is not None
+    whole = take(loader(shards), 3 * PASS)
+    cached = loader(shards)
+    take(cached, PASS + 3)
+    state = cached.state_dict()
+    del state["cache_setting"]
+    resumed = loader(shards, state=state)
+    assert same(take(resumed, 2 * PASS - 3), whole[PASS + 3 :]) and resumed.cache.active
+
+
 @pytest.mark.parametrize("value", ["on", "gpu", "true", "1"])
 def test_a_data_cache_value_other_than_off_device_or_auto_is_a_config_error(value):
     assert build_config("debug", ["data.cache=auto"]).data.cache == "auto"
