@@ -277,7 +277,7 @@ def test_tensorboard_events_of_a_run_in_an_object_store_are_uploaded_into_its_te
         for step in range(start + 1, end + 1):
             sink.scalars({"step": step, "loss_d": step + 0.5 * session})
         sink.image("samples", Image.new("RGB", (8, 8)), end)
-        sink.close(end, None)
+        sink.close(end, None, "finished")
         time.sleep(1.1)  # event files are named by the second they were opened in
     names = [name for name, _ in storage.list("tensorboard")]
     assert len(names) == 2 and all(name.startswith("events.out.tfevents.") for name in names), names
@@ -290,6 +290,37 @@ def test_tensorboard_events_of_a_run_in_an_object_store_are_uploaded_into_its_te
     assert [e.step for e in events.Images("samples")] == [9]  # step 7's purged with the rest past 5
 
 
+def test_tensorboard_events_of_a_run_in_an_object_store_are_there_before_it_ends(s3_env, tmp_path, monkeypatch):
+    """A run killed outright (no close) has left its events in the bucket up to its last sample grid, and up to a
+    log step once UPLOAD_EVERY_S has passed since the last upload."""
+    pytest.importorskip("tensorboard", reason="tensorboard is a dependency: pip install -e .")
+    from PIL import Image
+
+    from dcgan_dist.config import build_config
+    from dcgan_dist.training.sinks import tensorboard
+
+    storage = RunStorage("s3://dcgan-test/tensorboard-killed")
+    sink = tensorboard.TensorBoardSink(SinkContext(build_config(None, []), storage, tmp_path / "local", print))
+    sink.start(0)
+    for step in range(1, 5):
+        sink.scalars({"step": step, "loss_d": float(step)})
+    sink.image("samples", Image.new("RGB", (8, 8)), 4)
+    sink.scalars({"step": 5, "loss_d": 5.0})  # not uploaded yet
+    monkeypatch.setattr(tensorboard, "UPLOAD_EVERY_S", 0.0)
+    sink.scalars({"step": 6, "loss_d": 6.0})  # due: uploaded with steps 5 and 6
+
+    def in_the_bucket():
+        copy = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        copy.mkdir()
+        for name, _ in storage.list("tensorboard"):
+            (copy / name).write_bytes(storage.read(f"tensorboard/{name}"))
+        return tensorboard_events(copy)
+
+    events = in_the_bucket()  # and the session is never closed
+    assert [e.step for e in events.Scalars("loss_d")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in events.Images("samples")] == [4]
+
+
 def test_tensorboard_gets_swd_per_class_as_a_scalar_per_class(tmp_path):
     """A record's nested dict (swd_per_class: {class: value}, conditional runs) becomes swd_per_class/<class>."""
     pytest.importorskip("tensorboard", reason="tensorboard is a dependency: pip install -e .")
@@ -300,7 +331,7 @@ def test_tensorboard_gets_swd_per_class_as_a_scalar_per_class(tmp_path):
     sink = TensorBoardSink(SinkContext(build_config(None, []), RunStorage(str(run_dir)), run_dir, print))
     sink.start(0)
     sink.scalars({"step": 4, "swd": 0.5, "swd_per_class": {"red": 0.25, "blue": 0.75}, "resumed": True})
-    sink.close(4, None)
+    sink.close(4, None, "finished")
     events = tensorboard_events(run_dir / "tensorboard")
     assert sorted(events.Tags()["scalars"]) == ["swd", "swd_per_class/blue", "swd_per_class/red"]
     assert [(e.step, e.value) for e in events.Scalars("swd_per_class/red")] == [(4, 0.25)]
