@@ -459,9 +459,7 @@ class ShardStream(IterableDataset):
                 pool = pool[out:]
                 for batch, offset in ready.batches(chunks, emitted, pass_index):
                     yield self._with_meta(batch, report, bad, slot, pass_index, offset)
-                live = set(np.unique(np.concatenate([pool[:, _CHUNK], ready.images[:, _CHUNK]])).tolist())
-                for cid in [cid for cid in chunks if cid not in live]:
-                    del chunks[cid]
+                _drop_unused(chunks, pool[:, _CHUNK], ready.images[:, _CHUNK])
             # The pass's last images, in a random order.
             pool = pool[generator.permutation(len(pool))]
             drop = min(len(pool), max(0, skip - emitted))
@@ -470,9 +468,7 @@ class ShardStream(IterableDataset):
             ready.add(pool[drop:], pass_index)
             for batch, offset in ready.batches(chunks, emitted, pass_index):
                 yield self._with_meta(batch, report, bad, slot, pass_index, offset)
-            live = set(ready.images[:, _CHUNK].tolist())
-            for cid in [cid for cid in chunks if cid not in live]:
-                del chunks[cid]
+            _drop_unused(chunks, ready.images[:, _CHUNK])
             failure = self._pass_failure(
                 read, pass_index > last_resized_pass, order, where, report.shard_errors, pass_total, bad, pass_index
             )
@@ -588,6 +584,13 @@ class ShardStream(IterableDataset):
 # Columns of the raw path's per-image bookkeeping (_chunk_batches' pool, _Ready): the chunk an image is in, its row
 # there, its shard id, its ordinal in that shard, its class (-1: unlabelled set); _Ready adds its pass.
 _CHUNK, _ROW, _SHARD, _ORDINAL, _LABEL, _PASS = range(6)
+
+
+def _drop_unused(chunks: dict[int, np.ndarray], *in_use: np.ndarray) -> None:
+    """Let go of the chunks no pooled or ready image is in (their mapped pages stay in the page cache)."""
+    live = set(np.unique(np.concatenate(in_use)).tolist())
+    for cid in [cid for cid in chunks if cid not in live]:
+        del chunks[cid]
 
 
 class _Ready:

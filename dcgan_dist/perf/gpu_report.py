@@ -46,6 +46,14 @@ from dcgan_dist.perf import bench, equivalence
 from dcgan_dist.perf.collectives import StepSpec, time_modes
 from dcgan_dist.training.trainer import Trainer
 
+FAST_STEP = "our step, bf16 + channels_last"  # the eager setting the real-loader and device-cache rows train with
+
+
+def fast_setting(cfg: Config) -> Config:
+    """FAST_STEP's setting: bf16 + channels_last, eager."""
+    return replace(cfg, train=replace(cfg.train, precision="bf16", channels_last=True, compile=False))
+
+
 SYNC_BN_TOLERANCE = 1e-9  # float64: differences are rounding (~1e-15 measured on CPU); a real mismatch is >1e-3
 
 
@@ -150,7 +158,7 @@ def training_steps(
     of one step, "ours" and "minimal")."""
     env = DistEnv(device=device)
     fp32 = replace(cfg, train=replace(cfg.train, precision="fp32", channels_last=False, compile=False))
-    fast = replace(cfg, train=replace(cfg.train, precision="bf16", channels_last=True, compile=False))
+    fast = fast_setting(cfg)
     fused_missing = fused_adam_support(device)
     fused = not fused_missing
     fused_note = "fused Adam" if fused else "foreach Adam (" + fused_missing + ")"
@@ -164,7 +172,7 @@ def training_steps(
         plan["our step, fp32 + fused Adam"] = (lambda: bench.TrainLoop(fp32, env, None, fused=True), fp32, "fused Adam")
     else:
         plan["our step, fp32 + fused Adam"] = (None, None, f"skipped: {fused_missing}")
-    plan["our step, bf16 + channels_last"] = (
+    plan[FAST_STEP] = (
         lambda: bench.TrainLoop(fast, env, None, fused=fused),
         fast,
         f"{fused_note}; {bf16_why}" + ("" if bf16_native else " (emulated: slow)"),
@@ -234,7 +242,7 @@ def training_steps(
 
     # Our fastest eager setting on batches from the real loader: does the loader keep up with the step?
     n = cfg.data.num_workers
-    loader_row = Row(f"our step, bf16 + channels_last, real loader ({n} loader process{'es' if n != 1 else ''})")
+    loader_row = Row(f"{FAST_STEP}, real loader ({n} loader process{'es' if n != 1 else ''})")
     try:
         loop = bench.TrainLoop(fast, env, shards, fused=fused)
         try:
@@ -372,9 +380,6 @@ def swd_after_training(cfg: Config, shards: str, steps: int) -> dict:
     return out
 
 
-FAST_STEP = "our step, bf16 + channels_last"  # the eager setting the real-loader and device-cache rows train with
-
-
 def fastest_step(rows: list[Row]) -> Row | None:
     """The fastest step on a batch held on the device (the rows before the real loader's): what a loader must
     keep up with."""
@@ -440,7 +445,7 @@ def _cache_rows(
     if "data_cached_images_per_s" not in rates:
         return {"note": "skipped: the raw set does not fit in half the free memory of the device (not cached)"}
     out: dict = {"images_per_s": rates["data_cached_images_per_s"]}
-    fast = replace(step_cfg, train=replace(step_cfg.train, precision="bf16", channels_last=True, compile=False))
+    fast = fast_setting(step_cfg)
     alone = next((r.images_per_s for r in rows or [] if r.name == FAST_STEP and r.ran), None)
     try:
         loop = bench.TrainLoop(fast, env, shards, fused=not fused_adam_support(env.device))
